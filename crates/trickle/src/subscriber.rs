@@ -1,1 +1,369 @@
-//! TODO(owner): see the crate docs.
+//! The trickle subscriber: reads a channel's segments in order, following the live edge.
+//!
+//! Reference behaviour (go-livepeer `trickle_subscriber.go`, pytrickle `subscriber.py`):
+//! - Starts at seq `-2` by default (the segment being written now).
+//! - While segment `n` is read, the GET of `n+1` is already open (preconnected).
+//! - 470 ("channel exists, segment does not"): jump to `Lp-Trickle-Latest`, unless that is behind the
+//!   seq asked for (the server is behind us, e.g. it restarted); then wait 250 ms and ask again.
+//! - 404 ends the subscription ([`Subscriber::next_segment`] returns `Ok(None)`).
+//! - Other failures (no connection, 5xx...) are retried: [`SubscriberOptions::retries`] attempts,
+//!   [`SubscriberOptions::retry_delay`] apart, then an error.
+//! - A segment larger than [`SubscriberOptions::max_segment_bytes`] is an error for that segment
+//!   (counted); the next segment reads normally.
+//!
+//! One deliberate difference: an empty answer marked `Lp-Trickle-Closed` (the channel was closed
+//! while we waited) is confirmed with one more request after `retry_delay` instead of ending at once.
+//! A 404 then ends the subscription as usual, but a server that was merely restarting (and closed its
+//! channels on the way down) is followed to its new incarnation, so subscribers survive restarts.
+
+use bytes::Bytes;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::task::JoinHandle;
+
+use crate::headers;
+use crate::publisher::{http_client, root_cause, snippet};
+
+/// Pause before asking again when the server's live edge is behind the seq we want.
+const BEHIND_DELAY: Duration = Duration::from_millis(250);
+
+/// Options of a [`Subscriber`].
+#[derive(Debug, Clone)]
+pub struct SubscriberOptions {
+    /// First seq to ask for: `-2` the segment being written now, `-1` the next one, or `n >= 0`.
+    pub start_seq: i64,
+    /// Largest segment accepted; a bigger one is cut and reported as an error.
+    pub max_segment_bytes: usize,
+    /// Attempts per segment for failures other than 404 / 470.
+    pub retries: u32,
+    /// Pause between those attempts.
+    pub retry_delay: Duration,
+}
+
+impl Default for SubscriberOptions {
+    fn default() -> Self {
+        SubscriberOptions {
+            start_seq: -2,
+            max_segment_bytes: 64 << 20,
+            retries: 5,
+            retry_delay: Duration::from_millis(500),
+        }
+    }
+}
+
+/// Why subscribing failed. Every message names the URL and, where there is one, the fix.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum SubscribeError {
+    /// No connection after all retries: the server is down or the URL is wrong.
+    #[error("cannot reach {url} ({cause}): is the trickle server running?")]
+    Unreachable {
+        /// The request URL.
+        url: String,
+        /// The lowest-level cause, e.g. `connection refused`.
+        cause: String,
+    },
+    /// A non-200 answer other than 404 / 470, after all retries.
+    #[error("{url} answered HTTP {status}: {body}")]
+    Http {
+        /// The request URL.
+        url: String,
+        /// The status.
+        status: u16,
+        /// The start of the answer's body.
+        body: String,
+    },
+    /// The segment outgrew [`SubscriberOptions::max_segment_bytes`]; the rest of it is skipped.
+    #[error("segment {seq} of {url} exceeds {limit} bytes: skipped the rest (raise max_segment_bytes if it is legitimate)")]
+    SegmentTooLarge {
+        /// The channel URL.
+        url: String,
+        /// The segment.
+        seq: i64,
+        /// The limit.
+        limit: usize,
+    },
+    /// The segment's body broke off (connection lost mid-segment).
+    #[error("segment {seq} of {url} broke off: {cause}")]
+    Body {
+        /// The channel URL.
+        url: String,
+        /// The segment.
+        seq: i64,
+        /// The lowest-level cause.
+        cause: String,
+    },
+    /// A background task died (a bug, or the runtime is shutting down).
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+/// Counters of a [`Subscriber`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SubscriberStats {
+    /// Segments opened.
+    pub segments: u64,
+    /// Bytes read.
+    pub bytes: u64,
+    /// 470 answers that made it jump forward to the live edge.
+    pub jumps: u64,
+    /// Segments skipped by those jumps (sum of `latest - requested`).
+    pub skipped_segments: u64,
+    /// Requests retried after a failure.
+    pub retries: u64,
+    /// Waits because the server's live edge was behind the seq asked for.
+    pub behind_waits: u64,
+    /// Segments cut for exceeding the byte cap.
+    pub oversize_segments: u64,
+    /// Segments whose body broke off.
+    pub broken_segments: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    segments: AtomicU64,
+    bytes: AtomicU64,
+    jumps: AtomicU64,
+    skipped_segments: AtomicU64,
+    retries: AtomicU64,
+    behind_waits: AtomicU64,
+    oversize_segments: AtomicU64,
+    broken_segments: AtomicU64,
+}
+
+struct Shared {
+    client: reqwest::Client,
+    url: String,
+    opts: SubscriberOptions,
+    counters: Counters,
+}
+
+/// What a GET loop found.
+enum Found {
+    Segment { resp: reqwest::Response, seq: i64 },
+    End,
+}
+
+/// Reads segments of one channel in order. See the module docs for the protocol it follows.
+pub struct Subscriber {
+    shared: Arc<Shared>,
+    next_seq: i64,
+    pending: Option<JoinHandle<Result<Found, SubscribeError>>>,
+    ended: bool,
+}
+
+impl Subscriber {
+    /// A subscriber of the channel at `url` (e.g. `http://host:port/name`). Connects lazily.
+    pub fn new(url: impl Into<String>, opts: SubscriberOptions) -> Subscriber {
+        let url = url.into().trim_end_matches('/').to_string();
+        let next_seq = opts.start_seq;
+        Subscriber {
+            shared: Arc::new(Shared {
+                client: http_client(),
+                url,
+                opts,
+                counters: Counters::default(),
+            }),
+            next_seq,
+            pending: None,
+            ended: false,
+        }
+    }
+
+    /// The channel URL.
+    pub fn url(&self) -> &str {
+        &self.shared.url
+    }
+
+    /// The next segment, or `None` once the channel is gone (404). Preconnects the one after it.
+    /// After an error the subscriber stays usable: the next call tries again.
+    pub async fn next_segment(&mut self) -> Result<Option<SegmentReader>, SubscribeError> {
+        if self.ended {
+            return Ok(None);
+        }
+        let found = match self.pending.take() {
+            Some(task) => task
+                .await
+                .map_err(|e| SubscribeError::Internal(format!("preconnect task failed: {e}")))?,
+            None => fetch(self.shared.clone(), self.next_seq).await,
+        }?;
+        match found {
+            Found::End => {
+                self.ended = true;
+                Ok(None)
+            }
+            Found::Segment { resp, seq } => {
+                self.next_seq = if seq >= 0 { seq + 1 } else { -1 };
+                self.shared.counters.segments.fetch_add(1, Ordering::Relaxed);
+                self.pending = Some(tokio::spawn(fetch(self.shared.clone(), self.next_seq)));
+                Ok(Some(SegmentReader {
+                    shared: self.shared.clone(),
+                    seq,
+                    resp: Some(resp),
+                    bytes: 0,
+                }))
+            }
+        }
+    }
+
+    /// Counters so far.
+    pub fn stats(&self) -> SubscriberStats {
+        let c = &self.shared.counters;
+        SubscriberStats {
+            segments: c.segments.load(Ordering::Relaxed),
+            bytes: c.bytes.load(Ordering::Relaxed),
+            jumps: c.jumps.load(Ordering::Relaxed),
+            skipped_segments: c.skipped_segments.load(Ordering::Relaxed),
+            retries: c.retries.load(Ordering::Relaxed),
+            behind_waits: c.behind_waits.load(Ordering::Relaxed),
+            oversize_segments: c.oversize_segments.load(Ordering::Relaxed),
+            broken_segments: c.broken_segments.load(Ordering::Relaxed),
+        }
+    }
+}
+
+impl Drop for Subscriber {
+    fn drop(&mut self) {
+        if let Some(task) = self.pending.take() {
+            task.abort();
+        }
+    }
+}
+
+/// GETs `seq` until it yields a segment or the end, following 470s and retrying failures.
+async fn fetch(shared: Arc<Shared>, mut seq: i64) -> Result<Found, SubscribeError> {
+    let opts = &shared.opts;
+    let c = &shared.counters;
+    let mut failures = 0u32;
+    let mut confirming_close = false;
+    loop {
+        let url = format!("{}/{}", shared.url, seq);
+        let err = match shared.client.get(&url).send().await {
+            Err(e) => SubscribeError::Unreachable {
+                url,
+                cause: root_cause(&e),
+            },
+            Ok(resp) => match resp.status().as_u16() {
+                200 if resp.headers().contains_key(headers::CLOSED) => {
+                    if confirming_close {
+                        return Ok(Found::End);
+                    }
+                    // Closed under us: gone for good (404 next) or a restarting server?
+                    tracing::debug!(%url, "segment closed with the channel; confirming");
+                    confirming_close = true;
+                    tokio::time::sleep(opts.retry_delay).await;
+                    continue;
+                }
+                200 => {
+                    let served = header_i64(&resp, headers::SEQ).unwrap_or(seq);
+                    return Ok(Found::Segment { resp, seq: served });
+                }
+                404 => {
+                    tracing::debug!(%url, "channel not found; subscription ends");
+                    return Ok(Found::End);
+                }
+                headers::STATUS_SEGMENT_GONE => {
+                    match header_i64(&resp, headers::LATEST) {
+                        Some(latest) if latest > seq || (seq < 0 && latest >= 0) => {
+                            tracing::debug!(%url, latest, "segment gone; jumping to the live edge");
+                            c.jumps.fetch_add(1, Ordering::Relaxed);
+                            if seq >= 0 {
+                                c.skipped_segments.fetch_add((latest - seq) as u64, Ordering::Relaxed);
+                            }
+                            seq = latest;
+                        }
+                        Some(_) => {
+                            c.behind_waits.fetch_add(1, Ordering::Relaxed);
+                            tokio::time::sleep(BEHIND_DELAY).await;
+                        }
+                        None => seq = -1,
+                    }
+                    continue;
+                }
+                status => {
+                    let body = resp.text().await.unwrap_or_default();
+                    SubscribeError::Http {
+                        url,
+                        status,
+                        body: snippet(&body),
+                    }
+                }
+            },
+        };
+        failures += 1;
+        if failures >= opts.retries.max(1) {
+            tracing::warn!(error = %err, attempts = failures, "trickle subscriber gave up");
+            return Err(err);
+        }
+        tracing::debug!(error = %err, attempt = failures, "trickle GET failed; retrying");
+        c.retries.fetch_add(1, Ordering::Relaxed);
+        tokio::time::sleep(opts.retry_delay).await;
+    }
+}
+
+fn header_i64(resp: &reqwest::Response, name: &str) -> Option<i64> {
+    resp.headers()
+        .get(name)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse::<i64>()
+        .ok()
+}
+
+/// One segment being read; [`SegmentReader::chunk`] yields its bytes as they arrive.
+pub struct SegmentReader {
+    shared: Arc<Shared>,
+    seq: i64,
+    resp: Option<reqwest::Response>,
+    bytes: usize,
+}
+
+impl SegmentReader {
+    /// The segment's sequence number (from `Lp-Trickle-Seq`).
+    pub fn seq(&self) -> i64 {
+        self.seq
+    }
+
+    /// Bytes read from this segment so far.
+    pub fn bytes_read(&self) -> usize {
+        self.bytes
+    }
+
+    /// The next piece of the segment, or `None` at its end. After an error the segment is over.
+    pub async fn chunk(&mut self) -> Result<Option<Bytes>, SubscribeError> {
+        let Some(resp) = self.resp.as_mut() else {
+            return Ok(None);
+        };
+        match resp.chunk().await {
+            Ok(Some(chunk)) => {
+                self.bytes += chunk.len();
+                let limit = self.shared.opts.max_segment_bytes;
+                if self.bytes > limit {
+                    self.resp = None;
+                    self.shared.counters.oversize_segments.fetch_add(1, Ordering::Relaxed);
+                    return Err(SubscribeError::SegmentTooLarge {
+                        url: self.shared.url.clone(),
+                        seq: self.seq,
+                        limit,
+                    });
+                }
+                self.shared.counters.bytes.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+                Ok(Some(chunk))
+            }
+            Ok(None) => {
+                self.resp = None;
+                Ok(None)
+            }
+            Err(e) => {
+                self.resp = None;
+                self.shared.counters.broken_segments.fetch_add(1, Ordering::Relaxed);
+                Err(SubscribeError::Body {
+                    url: self.shared.url.clone(),
+                    seq: self.seq,
+                    cause: root_cause(&e),
+                })
+            }
+        }
+    }
+}

@@ -1,10 +1,271 @@
-//! `trickle-relay bench fanout` (not built yet).
+//! `trickle-relay bench fanout`: trickle server fan-out of one segment to many subscribers.
+//!
+//! Throughput: one publisher streams one large segment in fixed-size chunks to subscribers that
+//! preconnected to it (GET of the write head before the POST starts); the figure is aggregate
+//! delivered payload bytes per second (subscribers × segment bytes / wall time).
+//! Latency: a subscriber preconnects to the next seq, a small segment is published, and the time
+//! from POST start to the subscriber's first body byte is recorded.
+
+use anyhow::{bail, Context as _};
+use bytes::Bytes;
+use serde_json::json;
+use std::time::{Duration, Instant};
+use trickle::server::{random_channel_name, Server, ServerConfig};
 
 /// Arguments of this benchmark.
 #[derive(clap::Args, Debug)]
-pub struct Args {}
+pub struct Args {
+    /// Benchmark this server (base URL, with autocreate on) instead of an in-process one.
+    #[arg(long)]
+    pub server: Option<String>,
+    /// Size of the segment streamed in the throughput part, in bytes.
+    #[arg(long, default_value_t = 256 * 1024 * 1024)]
+    pub bytes: u64,
+    /// Size of each publisher write, in bytes.
+    #[arg(long, default_value_t = 64 * 1024)]
+    pub chunk_bytes: usize,
+    /// Preconnected subscribers reading the segment.
+    #[arg(long, default_value_t = 10)]
+    pub subscribers: usize,
+    /// Runs of the throughput part (median and spread are reported).
+    #[arg(long, default_value_t = 3)]
+    pub repeat: usize,
+    /// Segments published in the first-byte latency part.
+    #[arg(long, default_value_t = 200)]
+    pub latency_iters: usize,
+    /// Print a JSON summary instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// One throughput run.
+struct Run {
+    secs: f64,
+    delivered: u64,
+}
 
 /// Runs this benchmark.
-pub async fn run(_args: Args) -> anyhow::Result<()> {
-    anyhow::bail!("this benchmark is not built yet")
+pub async fn run(args: Args) -> anyhow::Result<()> {
+    if args.subscribers == 0 || args.repeat == 0 || args.chunk_bytes == 0 || args.bytes == 0 {
+        bail!("--subscribers, --repeat, --chunk-bytes and --bytes must be at least 1");
+    }
+    let (server, base) = match &args.server {
+        Some(url) => (None, url.trim_end_matches('/').to_string()),
+        None => {
+            let config = ServerConfig {
+                autocreate: true,
+                max_segment_bytes: args.bytes.max(64 * 1024 * 1024),
+                max_connections: args.subscribers + 64,
+                ..ServerConfig::default()
+            };
+            let server = Server::bind("127.0.0.1:0".parse()?, config)
+                .await
+                .context("cannot start the in-process server")?;
+            let url = server.url();
+            (Some(server), url)
+        }
+    };
+    let client = reqwest::Client::builder()
+        .no_gzip()
+        .pool_max_idle_per_host(args.subscribers + 8)
+        .build()?;
+
+    let mut runs = Vec::with_capacity(args.repeat);
+    for _ in 0..args.repeat {
+        runs.push(throughput_run(&client, &base, &args).await?);
+    }
+    let latencies = if args.latency_iters > 0 {
+        latency_run(&client, &base, args.latency_iters).await?
+    } else {
+        Vec::new()
+    };
+    if let Some(server) = server {
+        server.shutdown().await;
+    }
+    report(&args, &runs, &latencies);
+    Ok(())
+}
+
+async fn create(client: &reqwest::Client, base: &str) -> anyhow::Result<String> {
+    let ch = random_channel_name();
+    client
+        .post(format!("{base}/{ch}"))
+        .send()
+        .await
+        .and_then(reqwest::Response::error_for_status)
+        .with_context(|| format!("cannot create a channel on {base} (is autocreate on?)"))?;
+    Ok(ch)
+}
+
+async fn subscriber(client: reqwest::Client, url: String) -> anyhow::Result<u64> {
+    let mut resp = client.get(&url).send().await?.error_for_status()?;
+    let mut n = 0u64;
+    while let Some(chunk) = resp.chunk().await? {
+        n += chunk.len() as u64;
+    }
+    Ok(n)
+}
+
+async fn throughput_run(client: &reqwest::Client, base: &str, args: &Args) -> anyhow::Result<Run> {
+    let ch = create(client, base).await?;
+    let url = format!("{base}/{ch}/0");
+    let mut subs = tokio::task::JoinSet::new();
+    for _ in 0..args.subscribers {
+        subs.spawn(subscriber(client.clone(), url.clone()));
+    }
+    // Let every subscriber's GET reach the server and precreate the segment.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let chunk = Bytes::from((0..args.chunk_bytes).map(|i| i as u8).collect::<Vec<u8>>());
+    let step = args.chunk_bytes as u64;
+    let body = futures::stream::unfold(args.bytes, move |left| {
+        let chunk = chunk.clone();
+        async move {
+            if left == 0 {
+                return None;
+            }
+            let n = left.min(step);
+            Some((
+                Ok::<Bytes, std::io::Error>(chunk.slice(..n as usize)),
+                left - n,
+            ))
+        }
+    });
+    let start = Instant::now();
+    client
+        .post(&url)
+        .body(reqwest::Body::wrap_stream(body))
+        .send()
+        .await
+        .and_then(reqwest::Response::error_for_status)
+        .context("publishing the segment failed")?;
+    let mut delivered = 0u64;
+    while let Some(r) = subs.join_next().await {
+        let n = r.context("subscriber task failed")??;
+        if n != args.bytes {
+            bail!("a subscriber got {n} bytes, expected {}", args.bytes);
+        }
+        delivered += n;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let _ = client.delete(format!("{base}/{ch}")).send().await;
+    Ok(Run { secs, delivered })
+}
+
+async fn latency_run(
+    client: &reqwest::Client,
+    base: &str,
+    iters: usize,
+) -> anyhow::Result<Vec<Duration>> {
+    let ch = create(client, base).await?;
+    let mut out = Vec::with_capacity(iters);
+    for seq in 0..iters {
+        let url = format!("{base}/{ch}/{seq}");
+        let sub = {
+            let (client, url) = (client.clone(), url.clone());
+            tokio::spawn(async move {
+                let mut resp = client.get(&url).send().await?.error_for_status()?;
+                let first = resp.chunk().await?;
+                let at = Instant::now();
+                if first.is_none() {
+                    bail!("segment {url} ended without data");
+                }
+                while resp.chunk().await?.is_some() {}
+                anyhow::Ok(at)
+            })
+        };
+        // Let the subscriber preconnect before the segment is published.
+        tokio::time::sleep(Duration::from_millis(3)).await;
+        let start = Instant::now();
+        client
+            .post(&url)
+            .body(format!(
+                "{{\"seq\":{seq},\"pad\":\"{}\"}}\n",
+                "x".repeat(64)
+            ))
+            .send()
+            .await
+            .and_then(reqwest::Response::error_for_status)
+            .context("publishing a small segment failed")?;
+        let first = sub.await.context("subscriber task failed")??;
+        out.push(first.saturating_duration_since(start));
+    }
+    let _ = client.delete(format!("{base}/{ch}")).send().await;
+    Ok(out)
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() - 1) as f64 * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+/// Peak resident memory of this process (Linux), in bytes.
+fn peak_rss() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+fn report(args: &Args, runs: &[Run], latencies: &[Duration]) {
+    let mut rates: Vec<f64> = runs.iter().map(|r| r.delivered as f64 / r.secs).collect();
+    rates.sort_by(f64::total_cmp);
+    let mut lat_us: Vec<f64> = latencies.iter().map(|d| d.as_secs_f64() * 1e6).collect();
+    lat_us.sort_by(f64::total_cmp);
+    let median_rate = percentile(&rates, 0.5);
+    let (min_rate, max_rate) = (rates[0], rates[rates.len() - 1]);
+    let rss = peak_rss();
+    let where_ = args.server.as_deref().unwrap_or("in-process server");
+    if args.json {
+        let summary = json!({
+            "bench": "fanout",
+            "server": where_,
+            "subscribers": args.subscribers,
+            "segment_bytes": args.bytes,
+            "chunk_bytes": args.chunk_bytes,
+            "runs": runs.len(),
+            "aggregate_bytes_per_sec": { "median": median_rate, "min": min_rate, "max": max_rate },
+            "run_secs": runs.iter().map(|r| r.secs).collect::<Vec<_>>(),
+            "first_byte_latency_us": {
+                "samples": lat_us.len(),
+                "median": percentile(&lat_us, 0.5),
+                "p99": percentile(&lat_us, 0.99),
+                "max": lat_us.last().copied().unwrap_or(0.0),
+            },
+            "peak_rss_bytes": rss,
+        });
+        println!("{summary}");
+        return;
+    }
+    println!(
+        "fanout ({where_}): {} subscribers x {} MiB segment in {} KiB writes, {} run(s)",
+        args.subscribers,
+        args.bytes as f64 / (1024.0 * 1024.0),
+        args.chunk_bytes / 1024,
+        runs.len()
+    );
+    println!(
+        "  aggregate delivered: median {:.2} GB/s (min {:.2}, max {:.2})",
+        median_rate / 1e9,
+        min_rate / 1e9,
+        max_rate / 1e9
+    );
+    if !lat_us.is_empty() {
+        println!(
+            "  first-byte latency over {} segments: median {:.0} us, p99 {:.0} us, max {:.0} us",
+            lat_us.len(),
+            percentile(&lat_us, 0.5),
+            percentile(&lat_us, 0.99),
+            lat_us.last().copied().unwrap_or(0.0)
+        );
+    }
+    if let Some(rss) = rss {
+        println!(
+            "  peak RSS of this process (server and clients): {:.0} MiB",
+            rss as f64 / (1024.0 * 1024.0)
+        );
+    }
 }

@@ -1,10 +1,91 @@
-//! `trickle-relay runner` (not built yet).
+//! `trickle-relay runner`: the runner role, as its own process.
+
+use anyhow::Context as _;
+use relay::runner::{self, RunnerConfig};
+use relay::SessionIds;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
 
 /// Arguments of `trickle-relay runner`.
 #[derive(clap::Args, Debug)]
-pub struct Args {}
+pub struct Args {
+    /// The control channel to subscribe to (client to runner), e.g. http://127.0.0.1:2939/abc-control.
+    #[arg(long, env = "TRICKLE_CONTROL_URL")]
+    pub control_url: String,
+    /// The events channel to publish to (runner to client).
+    #[arg(long, env = "TRICKLE_EVENTS_URL")]
+    pub events_url: String,
+    /// Session id stamped on every event (else taken from `start_stream` params).
+    #[arg(long, env = "SCOPE_SESSION_ID")]
+    pub session_id: Option<String>,
+    /// Connection id stamped on every event (else taken from `start_stream` params).
+    #[arg(long, env = "SCOPE_CONNECTION_ID")]
+    pub connection_id: Option<String>,
+    /// Job id reported in `runner_ready`.
+    #[arg(long, env = "RUNNER_JOB_ID")]
+    pub runner_job_id: Option<String>,
+    /// Telemetry queue capacity; beyond it heartbeats are shed first, and every drop is reported.
+    #[arg(long, default_value_t = 256)]
+    pub queue_capacity: usize,
+    /// Interval of `stream_heartbeat` while a stream runs, in milliseconds.
+    #[arg(long, default_value_t = 1000)]
+    pub heartbeat_ms: u64,
+    /// Serve the loopback ingest endpoint (POST /v1/events) here, for local processes.
+    #[arg(long)]
+    pub ingest: Option<SocketAddr>,
+    /// Do not forward this process's log lines to the client.
+    #[arg(long)]
+    pub no_forward_logs: bool,
+    /// This runner restarted: its first events segment resets the channel's older segments.
+    #[arg(long)]
+    pub reset: bool,
+    /// Write the final counters as JSON to this file on exit.
+    #[arg(long)]
+    pub report: Option<PathBuf>,
+}
 
-/// Runs `trickle-relay runner`.
-pub async fn run(_args: Args) -> anyhow::Result<()> {
-    anyhow::bail!("`trickle-relay runner` is not built yet")
+/// Runs the runner until the control channel ends or Ctrl-C / SIGTERM.
+pub async fn run(args: Args) -> anyhow::Result<()> {
+    let started_at = Instant::now();
+    let mut config = RunnerConfig::new(args.control_url, args.events_url);
+    config.session = SessionIds {
+        session_id: args.session_id,
+        connection_id: args.connection_id,
+    };
+    config.runner_job_id = args.runner_job_id;
+    config.queue_capacity = args.queue_capacity.max(1);
+    config.heartbeat_interval = Duration::from_millis(args.heartbeat_ms.max(1));
+    config.ingest = args.ingest;
+    config.forward_logs = !args.no_forward_logs;
+    config.reset_events = args.reset;
+    config.started_at = started_at;
+    let shutdown = CancellationToken::new();
+    super::cancel_on_signal(shutdown.clone());
+    let report = runner::run(config, shutdown).await?;
+    eprintln!(
+        "runner: {} control messages ({} bad lines skipped); telemetry emitted {}, delivered {}, dropped {}; {} log lines forwarded",
+        report.control_messages,
+        report.bad_control_lines,
+        report.sink.emitted,
+        report.sink.delivered,
+        report.sink.dropped(),
+        report.log_lines
+    );
+    if let Some(path) = args.report {
+        let json = serde_json::json!({
+            "control_messages": report.control_messages,
+            "bad_control_lines": report.bad_control_lines,
+            "emitted": report.sink.emitted,
+            "delivered": report.sink.delivered,
+            "dropped": report.sink.dropped(),
+            "dropped_high": report.sink.dropped_high,
+            "dropped_low": report.sink.dropped_low,
+            "log_lines": report.log_lines,
+        });
+        std::fs::write(&path, json.to_string())
+            .with_context(|| format!("cannot write the report to {}", path.display()))?;
+    }
+    Ok(())
 }

@@ -1,1 +1,386 @@
-//! TODO(owner): the trickle server.
+//! The trickle server: a hand-written HTTP/1.1 server that speaks the protocol byte for byte as
+//! go-livepeer's reference does (see `shared/spec/trickle.md`).
+//!
+//! ```no_run
+//! # async fn demo() -> std::io::Result<()> {
+//! use trickle::server::{Server, ServerConfig};
+//! let server = Server::bind("127.0.0.1:0".parse().unwrap(), ServerConfig::default()).await?;
+//! server.channels().create("events", Some("application/jsonl")).ok();
+//! println!("serving {}", server.url());
+//! server.shutdown().await;
+//! # Ok(()) }
+//! ```
+//!
+//! Modules: `http` (request heads, bodies, responses), `segment` (one growing segment),
+//! `channel` (the five-segment ring and the registry), `routes` (the handlers).
+
+mod channel;
+mod http;
+mod routes;
+mod segment;
+
+use channel::Registry;
+use http::{error_response, read_head, Conn, HeadError};
+use routes::Outcome;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use tokio::task::{JoinHandle, JoinSet};
+
+/// How long a keep-alive connection may sit idle between requests.
+const IDLE_CONNECTION: Duration = Duration::from_secs(300);
+/// How long shutdown waits for connections to finish before cutting them.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+
+/// Server settings. Build with `ServerConfig { autocreate: true, ..Default::default() }`.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Path prefix of every route, e.g. `/` or `/ai/trickle/`.
+    pub base_path: String,
+    /// Allow channel creation over HTTP (`POST /{ch}`, and a first `POST /{ch}/{seq}`).
+    pub autocreate: bool,
+    /// Largest segment accepted; a POST past it gets 413 and the segment is closed.
+    pub max_segment_bytes: u64,
+    /// Most channels at once; creating one more gets 503 (HTTP) or `TooManyChannels`.
+    pub max_channels: usize,
+    /// Most open connections; one more is answered 503 and closed.
+    pub max_connections: usize,
+    /// A channel with no new segment for this long is closed (`_`-prefixed ones never are).
+    pub idle_timeout: Duration,
+    /// Interval of `100 Continue` keepalives on a preconnected POST that has sent no byte.
+    pub keepalive_interval: Duration,
+    /// Run the `_changes` feed channel (`{"added":[..]}` / `{"removed":[..]}` segments).
+    pub changes_feed: bool,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            base_path: "/".to_string(),
+            autocreate: false,
+            max_segment_bytes: 64 * 1024 * 1024,
+            max_channels: 10_000,
+            max_connections: 4096,
+            idle_timeout: Duration::from_secs(300),
+            keepalive_interval: Duration::from_secs(10),
+            changes_feed: false,
+        }
+    }
+}
+
+/// Why a channel could not be created.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ServerError {
+    /// The server holds `max_channels` channels already.
+    #[error("too many channels (limit {limit}); close idle channels or raise max_channels")]
+    TooManyChannels {
+        /// The configured limit.
+        limit: usize,
+    },
+    /// The name is empty, too long, or has characters that need escaping in a URL path.
+    #[error("invalid channel name {0:?}: use 1 to 256 characters from A-Z a-z 0-9 and -._~!$&'()*+,;=:@")]
+    InvalidName(String),
+}
+
+/// A random channel name with 128 bits of randomness (32 hex digits), hard to guess.
+pub fn random_channel_name() -> String {
+    use rand::RngCore;
+    let mut bytes = [0u8; 16];
+    rand::thread_rng().fill_bytes(&mut bytes);
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The in-process API to a server's channels (what an orchestrator uses). Cheap to clone.
+#[derive(Clone)]
+pub struct Channels {
+    registry: Arc<Registry>,
+}
+
+impl Channels {
+    /// Creates a channel (ok if it already exists; its MIME type is then unchanged).
+    pub fn create(&self, name: &str, mime: Option<&str>) -> Result<(), ServerError> {
+        channel::validate_name(name)?;
+        match self.registry.get_or_create(name, mime.unwrap_or(""), true) {
+            Ok(_) => Ok(()),
+            Err(channel::Lookup::Refused(e)) => Err(e),
+            // Only reachable during shutdown, when the channel would be closed at once anyway.
+            Err(channel::Lookup::NotFound | channel::Lookup::ShuttingDown) => Ok(()),
+        }
+    }
+
+    /// Closes a channel, waking every reader and preconnected publisher; true if it existed.
+    pub fn close(&self, name: &str) -> bool {
+        self.registry.close(name)
+    }
+
+    /// Names of all channels, sorted.
+    pub fn list(&self) -> Vec<String> {
+        self.registry.list()
+    }
+}
+
+/// What every connection task shares.
+pub(crate) struct Ctx {
+    pub(crate) registry: Arc<Registry>,
+    /// Base path, with leading and trailing `/`.
+    pub(crate) base: String,
+    pub(crate) autocreate: bool,
+    pub(crate) max_segment_bytes: u64,
+    pub(crate) keepalive: Duration,
+}
+
+/// A running trickle server; serves in background tasks until [`Server::shutdown`] or drop.
+pub struct Server {
+    local_addr: SocketAddr,
+    url: String,
+    registry: Arc<Registry>,
+    stop: watch::Sender<bool>,
+    accept: Option<JoinHandle<()>>,
+    sweeper: Option<JoinHandle<()>>,
+}
+
+fn normalize_base(base: &str) -> String {
+    let trimmed = base.trim_matches('/');
+    if trimmed.is_empty() {
+        "/".to_string()
+    } else {
+        format!("/{trimmed}/")
+    }
+}
+
+impl Server {
+    /// Binds `addr` and starts serving in background tasks.
+    pub async fn bind(addr: SocketAddr, config: ServerConfig) -> std::io::Result<Server> {
+        let listener = TcpListener::bind(addr).await?;
+        let local_addr = listener.local_addr()?;
+        let base = normalize_base(&config.base_path);
+        let shown_ip = match local_addr.ip() {
+            IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+            IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
+            ip => ip,
+        };
+        let url = format!(
+            "http://{}{}",
+            SocketAddr::new(shown_ip, local_addr.port()),
+            base.trim_end_matches('/')
+        );
+        let registry = Arc::new(Registry::new(
+            config.max_channels.max(1),
+            config.changes_feed,
+        ));
+        let ctx = Arc::new(Ctx {
+            registry: registry.clone(),
+            base,
+            autocreate: config.autocreate,
+            max_segment_bytes: config.max_segment_bytes,
+            keepalive: config.keepalive_interval,
+        });
+        let (stop, stop_rx) = watch::channel(false);
+        let limit = Arc::new(Semaphore::new(config.max_connections.max(1)));
+        let accept = tokio::spawn(accept_loop(
+            listener,
+            ctx,
+            limit,
+            config.max_connections,
+            stop_rx.clone(),
+        ));
+        let sweeper = tokio::spawn(sweep_loop(registry.clone(), config.idle_timeout, stop_rx));
+        tracing::info!(%url, "trickle server listening");
+        Ok(Server {
+            local_addr,
+            url,
+            registry,
+            stop,
+            accept: Some(accept),
+            sweeper: Some(sweeper),
+        })
+    }
+
+    /// The bound address (useful after binding port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Base URL of the server, without trailing slash, e.g. `http://127.0.0.1:4000/ai/trickle`.
+    pub fn url(&self) -> String {
+        self.url.clone()
+    }
+
+    /// A handle to create, close and list channels in process.
+    pub fn channels(&self) -> Channels {
+        Channels {
+            registry: self.registry.clone(),
+        }
+    }
+
+    /// Stops accepting, closes every channel (so every waiter returns), and waits briefly for
+    /// connections to finish before cutting the rest.
+    pub async fn shutdown(mut self) {
+        let _ = self.stop.send(true);
+        let closed = self.registry.close_all();
+        if let Some(sweeper) = self.sweeper.take() {
+            let _ = sweeper.await;
+        }
+        if let Some(accept) = self.accept.take() {
+            let _ = accept.await;
+        }
+        tracing::info!(channels = closed, "trickle server stopped");
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        // Dropped without shutdown(): still stop serving and wake every waiter.
+        let _ = self.stop.send(true);
+        self.registry.close_all();
+    }
+}
+
+/// Resolves once shutdown is signalled (or the server is gone).
+async fn stopped_signal(rx: &mut watch::Receiver<bool>) {
+    let _ = rx.wait_for(|s| *s).await;
+}
+
+async fn sweep_loop(registry: Arc<Registry>, idle: Duration, mut stop: watch::Receiver<bool>) {
+    let every = (idle / 4).clamp(Duration::from_millis(10), Duration::from_secs(60));
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stopped_signal(&mut stop) => return,
+            _ = tick.tick() => {
+                registry.sweep(idle);
+            }
+        }
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    ctx: Arc<Ctx>,
+    limit: Arc<Semaphore>,
+    max_connections: usize,
+    stop: watch::Receiver<bool>,
+) {
+    let mut conns = JoinSet::new();
+    let mut stopped = stop.clone();
+    loop {
+        tokio::select! {
+            _ = stopped_signal(&mut stopped) => break,
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+            r = listener.accept() => match r {
+                Ok((stream, _)) => match limit.clone().try_acquire_owned() {
+                    Ok(permit) => {
+                        conns.spawn(serve_conn(stream, ctx.clone(), permit, stop.clone()));
+                    }
+                    Err(_) => {
+                        conns.spawn(reject_conn(stream, max_connections));
+                    }
+                },
+                Err(e) => {
+                    // Usually out of file descriptors: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+        }
+    }
+    drop(listener);
+    let deadline = tokio::time::Instant::now() + SHUTDOWN_GRACE;
+    while !conns.is_empty() {
+        match tokio::time::timeout_at(deadline, conns.join_next()).await {
+            Ok(_) => {}
+            Err(_) => break,
+        }
+    }
+    conns.abort_all();
+    while conns.join_next().await.is_some() {}
+}
+
+async fn reject_conn(stream: TcpStream, limit: usize) {
+    let mut conn = Conn::new(stream);
+    let msg = format!(
+        "too many connections (limit {limit}); retry later or raise the server's max_connections"
+    );
+    if conn
+        .write(&error_response(503, &[], &msg, true))
+        .await
+        .is_ok()
+    {
+        conn.linger_close().await;
+    }
+}
+
+async fn serve_conn(
+    stream: TcpStream,
+    ctx: Arc<Ctx>,
+    _permit: OwnedSemaphorePermit,
+    mut stop: watch::Receiver<bool>,
+) {
+    let _ = stream.set_nodelay(true);
+    let mut conn = Conn::new(stream);
+    loop {
+        let head = tokio::select! {
+            biased;
+            _ = stopped_signal(&mut stop) => return,
+            r = tokio::time::timeout(IDLE_CONNECTION, read_head(&mut conn)) => match r {
+                Ok(r) => r,
+                Err(_) => return,
+            },
+        };
+        let head = match head {
+            Ok(head) => head,
+            Err(HeadError::Closed) => return,
+            Err(e) => {
+                let (status, msg) = match e {
+                    HeadError::TooLarge => {
+                        (431, "request head too large (limit 16 KiB, 64 headers)")
+                    }
+                    HeadError::Unsupported => (501, "unsupported transfer encoding"),
+                    HeadError::Bad(msg) => (400, msg),
+                    HeadError::Closed => return,
+                };
+                if conn
+                    .write(&error_response(status, &[], msg, true))
+                    .await
+                    .is_ok()
+                {
+                    conn.linger_close().await;
+                }
+                return;
+            }
+        };
+        match routes::handle(&ctx, &mut conn, head).await {
+            Outcome::KeepAlive if !*stop.borrow() => {}
+            Outcome::KeepAlive | Outcome::Abort => return,
+            Outcome::Close => {
+                conn.linger_close().await;
+                return;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base_paths() {
+        assert_eq!(normalize_base("/"), "/");
+        assert_eq!(normalize_base(""), "/");
+        assert_eq!(normalize_base("/ai/trickle"), "/ai/trickle/");
+        assert_eq!(normalize_base("ai/trickle/"), "/ai/trickle/");
+    }
+
+    #[test]
+    fn random_names() {
+        let a = random_channel_name();
+        let b = random_channel_name();
+        assert_eq!(a.len(), 32);
+        assert!(a.chars().all(|c| c.is_ascii_hexdigit()));
+        assert_ne!(a, b);
+    }
+}

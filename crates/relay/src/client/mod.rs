@@ -1,0 +1,527 @@
+//! The client role: the local side of a session, and its single telemetry egress point.
+//!
+//! The events loop reads the events channel and dispatches every message type of the spec:
+//! - `telemetry`: the envelope is checked against this session (a runner must not speak for
+//!   another: a foreign `session_id`/`connection_id` is rejected and counted), annotated with
+//!   `"relayed_via":"trickle"` (every original byte kept) and emitted to the egress sink;
+//!   `telemetry_dropped` envelopes also add their `dropped` count to [`ClientStats`];
+//! - `runner_ready` marks the runner ready; `notification` is re-broadcast to local listeners;
+//!   `logs` lines are re-emitted as local log records at their parsed level; `pong` logs the
+//!   round trip;
+//! - `api_response`, `stream_started`, `error` (and `stream_stopped`, `parameters_ack` when they
+//!   carry one) complete the pending request with that `request_id`;
+//! - anything else is logged at debug level and skipped.
+//!
+//! The client also pings the runner every 10 s, and exposes requests (`start_stream`,
+//! `stop_stream`, `api`...) that wait for their answer with a timeout.
+
+pub mod http;
+
+use crate::logtail::parse_level;
+use crate::SessionIds;
+use bytes::Bytes;
+use hdrhistogram::Histogram;
+use parking_lot::Mutex;
+use serde_json::{Map, Value};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::Duration;
+use telemetry::{Event, RawEnvelope, Sink};
+use tokio::sync::{broadcast, oneshot, watch};
+use tokio::task::JoinHandle;
+use trickle::jsonl::{JsonlReader, JsonlReaderOptions, JsonlWriter, JsonlWriterOptions};
+use trickle::messages::{
+    ApiRequest, ControlMessage, EventMessage, Parameters, Ping, StartStream, StopStream,
+};
+use trickle::publisher::{Publisher, PublisherOptions};
+use trickle::subscriber::{Subscriber, SubscriberOptions};
+
+/// How the client is set up.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// The control channel URL (the client publishes).
+    pub control_url: String,
+    /// The events channel URL (the client subscribes).
+    pub events_url: String,
+    /// This session's ids; telemetry claiming others is rejected.
+    pub session: SessionIds,
+    /// How long a request waits for its answer.
+    pub request_timeout: Duration,
+    /// How often the client pings the runner.
+    pub ping_interval: Duration,
+    /// The largest event line accepted on the events channel (the seed's is 5 MiB).
+    pub max_event_bytes: usize,
+    /// Where the events subscription starts (`-2`: the segment being written now).
+    pub events_start_seq: i64,
+}
+
+impl ClientConfig {
+    /// A client for these two channels with the seed application's defaults.
+    pub fn new(control_url: impl Into<String>, events_url: impl Into<String>) -> ClientConfig {
+        ClientConfig {
+            control_url: control_url.into(),
+            events_url: events_url.into(),
+            session: SessionIds::default(),
+            request_timeout: Duration::from_secs(30),
+            ping_interval: Duration::from_secs(10),
+            max_event_bytes: 5 * 1024 * 1024,
+            events_start_seq: -2,
+        }
+    }
+}
+
+/// Counters of one client, all monotonic.
+#[derive(Debug, Default)]
+pub struct ClientStats {
+    /// `telemetry` messages received.
+    pub telemetry_received: AtomicU64,
+    /// Envelopes handed to the egress sink.
+    pub relayed: AtomicU64,
+    /// Envelopes rejected because they claim another session or connection.
+    pub rejected_foreign: AtomicU64,
+    /// `telemetry` messages whose envelope is not a valid envelope.
+    pub rejected_invalid: AtomicU64,
+    /// Sum of the `dropped` counts of the runner's `telemetry_dropped` events.
+    pub dropped_reported: AtomicU64,
+    /// Messages of a type this version does not know, skipped.
+    pub unknown_messages: AtomicU64,
+    /// Runner log lines re-emitted locally.
+    pub log_lines: AtomicU64,
+    /// Notifications re-broadcast.
+    pub notifications: AtomicU64,
+    /// Pongs received.
+    pub pongs: AtomicU64,
+    /// Requests that got no answer in time.
+    pub request_timeouts: AtomicU64,
+}
+
+/// A point-in-time copy of [`ClientStats`] plus what the events reader counted.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct ClientReport {
+    /// `telemetry` messages received.
+    pub telemetry_received: u64,
+    /// Envelopes handed to the egress sink.
+    pub relayed: u64,
+    /// Envelopes claiming another session or connection.
+    pub rejected_foreign: u64,
+    /// Invalid envelopes.
+    pub rejected_invalid: u64,
+    /// Drops the runner reported through `telemetry_dropped`.
+    pub dropped_reported: u64,
+    /// Unknown message types skipped.
+    pub unknown_messages: u64,
+    /// Bad lines on the events channel (not JSON, not an object, oversized...), skipped.
+    pub bad_lines: u64,
+    /// Runner log lines re-emitted.
+    pub log_lines: u64,
+    /// Requests that timed out.
+    pub request_timeouts: u64,
+    /// Origin-to-client latency of relayed envelopes, in ms: median, p99, max.
+    pub latency_ms: Option<[u64; 3]>,
+}
+
+/// Why a request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    /// No answer within the timeout.
+    #[error("no answer from the runner within {0:?}; is the runner subscribed to the control channel?")]
+    Timeout(Duration),
+    /// The runner answered `error`.
+    #[error("the runner answered with an error: {0}")]
+    Runner(Value),
+    /// The control channel could not be written.
+    #[error("cannot write to the control channel: {0}")]
+    Control(String),
+    /// The client is shutting down.
+    #[error("the client closed before the answer arrived")]
+    Closed,
+}
+
+type Pending = Mutex<HashMap<String, oneshot::Sender<EventMessage>>>;
+
+struct Shared {
+    session: SessionIds,
+    egress: Option<Arc<dyn Sink>>,
+    pending: Pending,
+    stats: ClientStats,
+    bad_lines: AtomicU64,
+    latency: Mutex<Histogram<u64>>,
+    ready: watch::Sender<Option<u64>>,
+    notifications: broadcast::Sender<Value>,
+    events_ended: AtomicBool,
+}
+
+/// A connected client: the control writer, the events loop and the pinger.
+pub struct Client {
+    config: ClientConfig,
+    control: JsonlWriter,
+    shared: Arc<Shared>,
+    events: JoinHandle<()>,
+    pinger: JoinHandle<()>,
+}
+
+impl Client {
+    /// Connects to both channels and starts the events loop and the pinger.
+    ///
+    /// `egress` receives every accepted envelope; `None` makes the client count and drop them
+    /// (as the seed does when no sink is installed).
+    pub fn connect(config: ClientConfig, egress: Option<Arc<dyn Sink>>) -> Client {
+        let control = JsonlWriter::new(
+            Publisher::new(
+                config.control_url.clone(),
+                PublisherOptions {
+                    content_type: "application/jsonl".into(),
+                    ..PublisherOptions::default()
+                },
+            ),
+            JsonlWriterOptions::default(),
+        );
+        // Constant, valid bounds: 1 ms to 1 h at 3 significant figures.
+        let latency = Histogram::new_with_bounds(1, 3_600_000, 3).expect("valid histogram bounds");
+        let shared = Arc::new(Shared {
+            session: config.session.clone(),
+            egress,
+            pending: Mutex::new(HashMap::new()),
+            stats: ClientStats::default(),
+            bad_lines: AtomicU64::new(0),
+            latency: Mutex::new(latency),
+            ready: watch::channel(None).0,
+            notifications: broadcast::channel(256).0,
+            events_ended: AtomicBool::new(false),
+        });
+        let events = tokio::spawn(events_loop(config.clone(), shared.clone()));
+        let pinger = tokio::spawn(ping_loop(control.clone(), config.ping_interval));
+        Client {
+            config,
+            control,
+            shared,
+            events,
+            pinger,
+        }
+    }
+
+    /// Waits until the runner reported `runner_ready`; returns its `startup_ms`.
+    pub async fn wait_ready(&self, timeout: Duration) -> Option<u64> {
+        let mut rx = self.shared.ready.subscribe();
+        let ready = tokio::time::timeout(timeout, rx.wait_for(Option::is_some)).await;
+        match ready {
+            Ok(Ok(v)) => *v,
+            _ => None,
+        }
+    }
+
+    /// Local listeners of the runner's notifications.
+    pub fn notifications(&self) -> broadcast::Receiver<Value> {
+        self.shared.notifications.subscribe()
+    }
+
+    /// Starts the stream and waits for `stream_started`.
+    pub async fn start_stream(&self, params: Value) -> Result<EventMessage, RequestError> {
+        let request_id = new_request_id();
+        let msg = ControlMessage::StartStream(StartStream {
+            request_id: request_id.clone(),
+            params,
+            extra: Map::new(),
+        });
+        self.request(request_id, msg).await
+    }
+
+    /// Stops the stream and waits for `stream_stopped`.
+    pub async fn stop_stream(&self) -> Result<EventMessage, RequestError> {
+        let request_id = new_request_id();
+        let msg = ControlMessage::StopStream(StopStream {
+            request_id: Some(request_id.clone()),
+            extra: Map::new(),
+        });
+        self.request(request_id, msg).await
+    }
+
+    /// Sends new pipeline parameters (answered by an informational `parameters_ack`).
+    pub async fn set_parameters(&self, params: Value) -> Result<(), RequestError> {
+        self.send(&ControlMessage::Parameters(Parameters {
+            params,
+            extra: Map::new(),
+        }))
+        .await
+    }
+
+    /// Calls the runner app's HTTP API and waits for `api_response`.
+    pub async fn api(&self, method: &str, path: &str, body: Option<Value>) -> Result<EventMessage, RequestError> {
+        let request_id = new_request_id();
+        let msg = ControlMessage::Api(ApiRequest {
+            request_id: request_id.clone(),
+            method: method.into(),
+            path: path.into(),
+            body,
+            extra: Map::new(),
+        });
+        self.request(request_id, msg).await
+    }
+
+    /// Sends `msg` and waits for the answer carrying `request_id`.
+    pub async fn request(&self, request_id: String, msg: ControlMessage) -> Result<EventMessage, RequestError> {
+        let (tx, rx) = oneshot::channel();
+        self.shared.pending.lock().insert(request_id.clone(), tx);
+        if let Err(e) = self.send(&msg).await {
+            self.shared.pending.lock().remove(&request_id);
+            return Err(e);
+        }
+        let answer = tokio::time::timeout(self.config.request_timeout, rx).await;
+        match answer {
+            Ok(Ok(EventMessage::Error(e))) => Err(RequestError::Runner(Value::Object(e.extra))),
+            Ok(Ok(msg)) => Ok(msg),
+            Ok(Err(_)) => Err(RequestError::Closed),
+            Err(_) => {
+                self.shared.pending.lock().remove(&request_id);
+                self.shared.stats.request_timeouts.fetch_add(1, Relaxed);
+                Err(RequestError::Timeout(self.config.request_timeout))
+            }
+        }
+    }
+
+    async fn send(&self, msg: &ControlMessage) -> Result<(), RequestError> {
+        self.control
+            .write(msg)
+            .await
+            .map_err(|e| RequestError::Control(e.to_string()))
+    }
+
+    /// The counters so far.
+    pub fn report(&self) -> ClientReport {
+        self.shared.report()
+    }
+
+    /// A cheap handle that reads the counters, for endpoints that outlive a borrow of the client.
+    pub fn reporter(&self) -> Arc<dyn Fn() -> ClientReport + Send + Sync> {
+        let shared = self.shared.clone();
+        Arc::new(move || shared.report())
+    }
+
+    /// Whether the events channel has ended (the runner closed it, or it failed).
+    pub fn events_ended(&self) -> bool {
+        self.shared.events_ended.load(Relaxed)
+    }
+
+    /// Ends the session: closes the control channel (so the runner stops), then waits up to
+    /// `drain` for the runner to flush and close the events channel, and returns the counters.
+    pub async fn close(self, drain: Duration) -> ClientReport {
+        self.pinger.abort();
+        if let Err(e) = self.control.close().await {
+            tracing::warn!(error = %e, "closing the control channel failed");
+        }
+        let mut events = self.events;
+        if tokio::time::timeout(drain, &mut events).await.is_err() {
+            tracing::warn!(?drain, "the events channel did not end in time; stopping the events loop");
+            events.abort();
+        }
+        self.shared.report()
+    }
+}
+
+fn new_request_id() -> String {
+    uuid::Uuid::new_v4().simple().to_string()
+}
+
+impl Shared {
+    fn report(&self) -> ClientReport {
+        let s = &self.stats;
+        let latency = {
+            let h = self.latency.lock();
+            (!h.is_empty()).then(|| [h.value_at_quantile(0.5), h.value_at_quantile(0.99), h.max()])
+        };
+        ClientReport {
+            telemetry_received: s.telemetry_received.load(Relaxed),
+            relayed: s.relayed.load(Relaxed),
+            rejected_foreign: s.rejected_foreign.load(Relaxed),
+            rejected_invalid: s.rejected_invalid.load(Relaxed),
+            dropped_reported: s.dropped_reported.load(Relaxed),
+            unknown_messages: s.unknown_messages.load(Relaxed),
+            bad_lines: self.bad_lines.load(Relaxed),
+            log_lines: s.log_lines.load(Relaxed),
+            request_timeouts: s.request_timeouts.load(Relaxed),
+            latency_ms: latency,
+        }
+    }
+
+    /// Handles one events-channel message.
+    fn dispatch(&self, msg: EventMessage) {
+        match msg {
+            EventMessage::Telemetry(t) => self.relay(Bytes::copy_from_slice(t.event.get().as_bytes())),
+            EventMessage::RunnerReady(r) => {
+                let startup_ms = r.startup_ms.as_ref().and_then(|n| n.as_u64()).unwrap_or(0);
+                tracing::info!(startup_ms, job = r.runner_job_id.as_deref().unwrap_or("-"), "runner ready");
+                self.ready.send_replace(Some(startup_ms));
+            }
+            EventMessage::Notification(n) => {
+                self.stats.notifications.fetch_add(1, Relaxed);
+                // No listener is fine: notifications are best effort locally.
+                let _ = self.notifications.send(n.payload);
+            }
+            EventMessage::Logs(logs) => {
+                self.stats.log_lines.fetch_add(logs.lines.len() as u64, Relaxed);
+                for line in logs.lines {
+                    match parse_level(&line) {
+                        tracing::Level::ERROR => tracing::error!(target: "runner", "{line}"),
+                        tracing::Level::WARN => tracing::warn!(target: "runner", "{line}"),
+                        tracing::Level::DEBUG => tracing::debug!(target: "runner", "{line}"),
+                        _ => tracing::info!(target: "runner", "{line}"),
+                    }
+                }
+            }
+            EventMessage::Pong(p) => {
+                self.stats.pongs.fetch_add(1, Relaxed);
+                if let Some(sent) = p.timestamp.as_u64() {
+                    tracing::debug!(rtt_ms = crate::unix_ms().saturating_sub(sent), "pong");
+                }
+            }
+            EventMessage::Unknown(m) => {
+                self.stats.unknown_messages.fetch_add(1, Relaxed);
+                let kind = m.get("type").and_then(Value::as_str).unwrap_or("-");
+                tracing::debug!(r#type = kind, "unknown events message skipped");
+            }
+            other => self.complete(other),
+        }
+    }
+
+    /// Completes the pending request an answer names, if any.
+    fn complete(&self, msg: EventMessage) {
+        let Some(id) = msg.request_id().map(str::to_string) else {
+            if let EventMessage::Error(e) = &msg {
+                let error = Value::Object(e.extra.clone());
+                tracing::warn!(%error, "runner error");
+            } else {
+                tracing::debug!(r#type = msg.type_name(), "runner message");
+            }
+            return;
+        };
+        let waiter = self.pending.lock().remove(&id);
+        match waiter {
+            // The requester may have timed out meanwhile; nothing else waits for it.
+            Some(tx) => {
+                let _ = tx.send(msg);
+            }
+            None => tracing::debug!(request_id = %id, r#type = msg.type_name(), "answer for no pending request"),
+        }
+    }
+
+    /// Checks, annotates and egresses one envelope.
+    fn relay(&self, bytes: Bytes) {
+        self.stats.telemetry_received.fetch_add(1, Relaxed);
+        let mut envelope = match RawEnvelope::parse(bytes) {
+            Ok(e) => e,
+            Err(e) => {
+                self.stats.rejected_invalid.fetch_add(1, Relaxed);
+                tracing::warn!(error = %e, "invalid telemetry envelope skipped");
+                return;
+            }
+        };
+        if !self.session.admits(envelope.session_id(), envelope.connection_id()) {
+            self.stats.rejected_foreign.fetch_add(1, Relaxed);
+            tracing::warn!(
+                id = envelope.id(),
+                session = envelope.session_id().unwrap_or("-"),
+                connection = envelope.connection_id().unwrap_or("-"),
+                "telemetry claiming another session rejected"
+            );
+            return;
+        }
+        if envelope.event_type() == Some(DROPPED_EVENT_TYPE) {
+            let dropped = dropped_count(&envelope);
+            self.stats.dropped_reported.fetch_add(dropped, Relaxed);
+            tracing::warn!(dropped, "the runner reported dropped telemetry");
+        }
+        if let Some(ts) = envelope.timestamp().and_then(|t| t.parse::<u64>().ok()) {
+            let lag = crate::unix_ms().saturating_sub(ts).max(1);
+            let _ = self.latency.lock().record(lag);
+        }
+        envelope.annotate_relayed_via("trickle");
+        self.stats.relayed.fetch_add(1, Relaxed);
+        if let Some(egress) = &self.egress {
+            egress.emit(Event::Raw(envelope));
+        }
+    }
+}
+
+/// Creates a channel by `POST {url}` (servers that allow creation over HTTP), as a JSONL channel.
+///
+/// An orchestrator normally creates a job's channels; this is for servers run with autocreate.
+pub async fn create_channel(url: &str) -> anyhow::Result<()> {
+    let response = reqwest::Client::new()
+        .post(url)
+        .header(trickle::headers::EXPECT_CONTENT, "application/jsonl")
+        .send()
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot reach {url} to create the channel ({e}); is the trickle server running?"))?;
+    if !response.status().is_success() {
+        anyhow::bail!(
+            "creating channel {url} answered {}; does the server allow channel creation (serve --autocreate)?",
+            response.status()
+        );
+    }
+    Ok(())
+}
+
+/// The event type a sink emits to report what it dropped.
+pub const DROPPED_EVENT_TYPE: &str = "telemetry_dropped";
+
+/// The `dropped` count a `telemetry_dropped` envelope reports (0 when it is missing).
+fn dropped_count(envelope: &RawEnvelope) -> u64 {
+    serde_json::from_slice::<Value>(envelope.as_bytes())
+        .ok()
+        .and_then(|v| v.pointer("/data/dropped").and_then(Value::as_u64))
+        .unwrap_or(0)
+}
+
+/// Reads the events channel until it ends, dispatching each message.
+async fn events_loop(config: ClientConfig, shared: Arc<Shared>) {
+    let subscriber = Subscriber::new(
+        config.events_url.clone(),
+        SubscriberOptions {
+            start_seq: config.events_start_seq,
+            ..SubscriberOptions::default()
+        },
+    );
+    let mut reader = JsonlReader::new(
+        subscriber,
+        JsonlReaderOptions {
+            max_line_bytes: config.max_event_bytes,
+            ..JsonlReaderOptions::default()
+        },
+    );
+    loop {
+        let next = reader.next::<EventMessage>().await;
+        shared.bad_lines.store(reader.stats().bad_lines(), Relaxed);
+        match next {
+            Ok(Some(msg)) => shared.dispatch(msg),
+            Ok(None) => {
+                tracing::info!(events = %config.events_url, "events channel ended");
+                break;
+            }
+            Err(e) => {
+                tracing::error!(events = %config.events_url, error = %e, "events subscription failed");
+                break;
+            }
+        }
+    }
+    shared.events_ended.store(true, Relaxed);
+    // Wake every waiter: no answer can arrive any more.
+    shared.pending.lock().clear();
+}
+
+/// Pings the runner every `interval` (the seed's keepalive).
+async fn ping_loop(control: JsonlWriter, interval: Duration) {
+    let mut tick = tokio::time::interval(interval);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let ping = ControlMessage::Ping(Ping {
+            timestamp: crate::unix_ms().into(),
+            request_id: None,
+            extra: Map::new(),
+        });
+        if control.write(&ping).await.is_err() {
+            break;
+        }
+    }
+}

@@ -1,0 +1,156 @@
+//! The loopback ingest endpoint: the runner as a sidecar for a runner written in any language.
+//!
+//! `POST /v1/events` takes a JSON object or JSON lines, each one of:
+//! - a built envelope (`{"id":..., "type":"stream_trace", "timestamp":..., "data":{...}}`), relayed
+//!   verbatim (`publish_raw_event`): the sidecar never re-stamps what a process built;
+//! - a `publish_event` request (`{"event_type": "...", "session_id"?, "connection_id"?,
+//!   "pipeline_ids"?, "user_id"?, "error"?, "connection_info"?, "metadata"?: {...}}`), stamped here.
+//!
+//! The answer is `202 {"accepted": n, "rejected": m, "errors": [...]}`: a bad line is reported and
+//! skipped, never fatal to the rest of the body. It binds loopback addresses only: the endpoint
+//! trusts its callers, so it must not be reachable from the network.
+
+use anyhow::{bail, Context as _};
+use axum::extract::DefaultBodyLimit;
+use axum::http::StatusCode;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use bytes::Bytes;
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+use std::net::SocketAddr;
+use telemetry::{ErrorInfo, Fields, RawEnvelope};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// The largest request body accepted (the seed's per-event limit).
+pub const MAX_BODY_BYTES: usize = 5 * 1024 * 1024;
+
+/// Starts the endpoint on `addr` (a loopback address); the task ends when `stop` fires.
+pub async fn serve(addr: SocketAddr, stop: CancellationToken) -> anyhow::Result<JoinHandle<()>> {
+    if !addr.ip().is_loopback() {
+        bail!("the ingest endpoint trusts its callers, so it only binds loopback addresses; use 127.0.0.1:PORT instead of {addr}");
+    }
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen for ingest on {addr}"))?;
+    tracing::info!(addr = %listener.local_addr().unwrap_or(addr), "ingest endpoint listening");
+    Ok(tokio::spawn(async move {
+        let served = axum::serve(listener, router())
+            .with_graceful_shutdown(async move { stop.cancelled().await })
+            .await;
+        if let Err(e) = served {
+            tracing::warn!(error = %e, "ingest endpoint stopped");
+        }
+    }))
+}
+
+/// The endpoint's routes: `POST /v1/events` and `GET /health`.
+pub fn router() -> Router {
+    Router::new()
+        .route("/v1/events", post(ingest))
+        .route("/health", get(|| async { "ok" }))
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+}
+
+async fn ingest(body: Bytes) -> (StatusCode, Json<Value>) {
+    let outcome = ingest_body(&body);
+    (
+        StatusCode::ACCEPTED,
+        Json(json!({
+            "accepted": outcome.accepted,
+            "rejected": outcome.errors.len(),
+            "errors": outcome.errors,
+        })),
+    )
+}
+
+/// What one ingest body produced.
+#[derive(Debug, Default, PartialEq)]
+pub struct Outcome {
+    /// Events handed to the sink.
+    pub accepted: usize,
+    /// One message per rejected line (`line N: why`).
+    pub errors: Vec<String>,
+}
+
+/// Publishes every valid line of `body`; the plain function behind the handler.
+pub fn ingest_body(body: &[u8]) -> Outcome {
+    let mut outcome = Outcome::default();
+    for (n, line) in body.split(|b| *b == b'\n').enumerate() {
+        if line.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        match ingest_line(line) {
+            Ok(()) => outcome.accepted += 1,
+            Err(e) => outcome.errors.push(format!("line {}: {e}", n + 1)),
+        }
+    }
+    outcome
+}
+
+fn ingest_line(line: &[u8]) -> Result<(), String> {
+    let value: Map<String, Value> =
+        serde_json::from_slice(line).map_err(|e| format!("not a JSON object: {e}"))?;
+    if value.contains_key("id") && value.contains_key("data") {
+        let raw = RawEnvelope::parse(Bytes::copy_from_slice(line)).map_err(|e| e.to_string())?;
+        telemetry::publish_raw_event(raw);
+        return Ok(());
+    }
+    let request: EventRequest = serde_json::from_value(Value::Object(value))
+        .map_err(|e| format!("neither an envelope nor a publish_event request: {e}"))?;
+    let event_type = request.event_type.clone();
+    telemetry::publish_event(&event_type, request.into_fields());
+    Ok(())
+}
+
+/// A `publish_event` request from a local process.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EventRequest {
+    event_type: String,
+    session_id: Option<String>,
+    connection_id: Option<String>,
+    #[serde(default)]
+    pipeline_ids: Vec<String>,
+    user_id: Option<String>,
+    error: Option<ErrorRequest>,
+    connection_info: Option<Value>,
+    #[serde(default)]
+    metadata: Map<String, Value>,
+}
+
+#[derive(Debug, Deserialize)]
+struct ErrorRequest {
+    error_type: String,
+    message: String,
+    #[serde(default)]
+    exception_type: String,
+    #[serde(default)]
+    recoverable: bool,
+}
+
+impl EventRequest {
+    fn into_fields(self) -> Fields {
+        let mut fields = Fields::new().pipeline_ids(self.pipeline_ids);
+        if let Some(id) = self.session_id {
+            fields = fields.session_id(id);
+        }
+        if let Some(id) = self.connection_id {
+            fields = fields.connection_id(id);
+        }
+        if let Some(id) = self.user_id {
+            fields = fields.user_id(id);
+        }
+        if let Some(e) = self.error {
+            fields = fields.error(ErrorInfo::new(e.error_type, e.message, e.exception_type, e.recoverable));
+        }
+        if let Some(info) = self.connection_info {
+            fields = fields.connection_info(info);
+        }
+        for (key, value) in self.metadata {
+            fields = fields.meta(key, value);
+        }
+        fields
+    }
+}

@@ -1,0 +1,373 @@
+//! The runner role: the GPU side of a session.
+//!
+//! For the life of its control subscription the runner:
+//! - installs a [`TrickleEventsSink`] as the process's telemetry sink, so every `publish_event`
+//!   (its own, or a local process's through [`ingest`]) becomes a `telemetry` line on the events
+//!   channel;
+//! - writes `runner_ready` with its cold-start `startup_ms`;
+//! - answers the control channel: `ping` → `pong`, `start_stream` → `stream_started`,
+//!   `stop_stream` → `stream_stopped`, `parameters` → `parameters_ack`, `api` → `api_response`,
+//!   driving a simulated [`pipeline::Pipeline`] that emits lifecycle, heartbeat and error telemetry;
+//! - forwards its own log lines in `logs` batches (at most 50 lines, every 0.5 s).
+//!
+//! When the control channel ends (the client closed it) or on shutdown, it stops the stream, drains
+//! the sink (writing a final `telemetry_dropped` if anything was dropped), and closes the events
+//! channel so the client's events loop ends too.
+
+pub mod ingest;
+pub mod pipeline;
+pub mod vram;
+
+use crate::logtail::LogTail;
+use crate::SessionIds;
+use anyhow::Context as _;
+use pipeline::{Emit, Pipeline};
+use serde_json::{json, Value};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+use telemetry::sinks::{SessionContext, TrickleEventsSink};
+use telemetry::{Fields, SinkStats};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use trickle::jsonl::{JsonlReader, JsonlReaderOptions, JsonlWriter, JsonlWriterOptions};
+use trickle::messages::ControlMessage;
+use trickle::publisher::{Publisher, PublisherOptions};
+use trickle::subscriber::{Subscriber, SubscriberOptions};
+
+/// How the runner is set up.
+#[derive(Debug, Clone)]
+pub struct RunnerConfig {
+    /// The control channel URL (the runner subscribes).
+    pub control_url: String,
+    /// The events channel URL (the runner publishes).
+    pub events_url: String,
+    /// The job id reported in `runner_ready`.
+    pub runner_job_id: Option<String>,
+    /// The session this runner serves; unset ids are adopted from `start_stream` params
+    /// (`session_id`, `connection_id`).
+    pub session: SessionIds,
+    /// Capacity of the telemetry queue (the seed's is 256).
+    pub queue_capacity: usize,
+    /// How often a running stream emits `stream_heartbeat`.
+    pub heartbeat_interval: Duration,
+    /// The simulated pipeline's id and frame rate.
+    pub pipeline_id: String,
+    /// Nominal frames per second of the simulated pipeline.
+    pub pipeline_fps: f64,
+    /// Forward this process's log lines to the client in `logs` batches.
+    pub forward_logs: bool,
+    /// Serve the loopback ingest endpoint here (sidecar mode).
+    pub ingest: Option<SocketAddr>,
+    /// When the runner process started, for `runner_ready.startup_ms`.
+    pub started_at: Instant,
+    /// A restarted runner sets this so its first events segment resets the channel.
+    pub reset_events: bool,
+}
+
+impl RunnerConfig {
+    /// A runner for these two channels with the defaults of the seed application.
+    pub fn new(control_url: impl Into<String>, events_url: impl Into<String>) -> RunnerConfig {
+        RunnerConfig {
+            control_url: control_url.into(),
+            events_url: events_url.into(),
+            runner_job_id: None,
+            session: SessionIds::default(),
+            queue_capacity: 256,
+            heartbeat_interval: Duration::from_secs(1),
+            pipeline_id: "passthrough".into(),
+            pipeline_fps: 30.0,
+            forward_logs: true,
+            ingest: None,
+            started_at: Instant::now(),
+            reset_events: false,
+        }
+    }
+}
+
+/// What a runner did, returned when it ends.
+#[derive(Debug, Clone, Default)]
+pub struct RunnerReport {
+    /// Control messages handled (bad lines excluded).
+    pub control_messages: u64,
+    /// Control lines that were not valid messages, counted and skipped.
+    pub bad_control_lines: u64,
+    /// The telemetry sink's counters: emitted, delivered, dropped.
+    pub sink: SinkStats,
+    /// Log lines forwarded to the client.
+    pub log_lines: u64,
+}
+
+/// Runs the runner until its control channel ends or `shutdown` fires.
+pub async fn run(config: RunnerConfig, shutdown: CancellationToken) -> anyhow::Result<RunnerReport> {
+    let publisher = Publisher::new(
+        config.events_url.clone(),
+        PublisherOptions {
+            reset: config.reset_events,
+            content_type: "application/jsonl".into(),
+            ..PublisherOptions::default()
+        },
+    );
+    let events = JsonlWriter::new(publisher, JsonlWriterOptions::default());
+    let mut session = config.session.clone();
+    let sink = TrickleEventsSink::spawn(
+        events.clone(),
+        SessionContext {
+            session_id: session.session_id.clone(),
+            connection_id: session.connection_id.clone(),
+        },
+        config.queue_capacity,
+    )?;
+    let guard = telemetry::install_sink(sink.clone());
+
+    let startup_ms = config.started_at.elapsed().as_millis() as u64;
+    events
+        .write(&json!({
+            "type": "runner_ready",
+            "runner_job_id": config.runner_job_id,
+            "startup_ms": startup_ms,
+        }))
+        .await
+        .with_context(|| format!("cannot write to the events channel {}", config.events_url))?;
+    publish(
+        &session,
+        None,
+        Emit::new("runner_ready").with("startup_ms", json!(startup_ms)),
+    );
+    tracing::info!(startup_ms, events = %config.events_url, "runner ready");
+
+    let ingest = match config.ingest {
+        Some(addr) => Some(ingest::serve(addr, shutdown.child_token()).await?),
+        None => None,
+    };
+    let logs = config
+        .forward_logs
+        .then(|| tokio::spawn(forward_logs(LogTail::global().clone(), events.clone(), shutdown.child_token())));
+
+    let (control_tx, mut control_rx) = mpsc::channel(64);
+    // The reader runs in its own task so no select! ever cancels it mid-line.
+    let reader_task = tokio::spawn(read_control(config.control_url.clone(), control_tx));
+    let vram = vram::Vram::probe();
+    if let Some(name) = vram.as_ref().and_then(vram::Vram::device_name) {
+        tracing::info!(gpu = %name, "reading VRAM through NVML");
+    }
+    let mut pipeline = Pipeline::new(config.pipeline_id.clone(), config.pipeline_fps);
+    let mut heartbeat = tokio::time::interval(config.heartbeat_interval);
+    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut report = RunnerReport::default();
+
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            msg = control_rx.recv() => match msg {
+                Some(msg) => {
+                    report.control_messages += 1;
+                    handle(msg, &mut pipeline, &mut session, &events, &vram).await;
+                }
+                None => break,
+            },
+            _ = heartbeat.tick(), if pipeline.is_streaming() => {
+                if let Some(emit) = pipeline.heartbeat(Instant::now(), vram.as_ref().and_then(vram::Vram::read)) {
+                    publish(&session, Some(pipeline.id()), emit);
+                }
+            }
+        }
+    }
+
+    for emit in pipeline.stop(Instant::now()) {
+        publish(&session, Some(pipeline.id()), emit);
+    }
+    publish(&session, None, Emit::new("session_closed"));
+    reader_task.abort();
+    report.bad_control_lines = match reader_task.await {
+        Ok(bad) => bad,
+        Err(_) => 0,
+    };
+    drop(guard);
+    report.sink = sink.shutdown().await;
+    if let Some(task) = logs {
+        // Give the forwarder its last tick, then stop it.
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        task.abort();
+        if let Ok(n) = task.await {
+            report.log_lines = n;
+        }
+    }
+    if let Some(ingest) = ingest {
+        ingest.abort();
+    }
+    if let Err(e) = events.close().await {
+        tracing::warn!(error = %e, "closing the events channel failed");
+    }
+    tracing::info!(
+        emitted = report.sink.emitted,
+        dropped = report.sink.dropped(),
+        "runner stopped"
+    );
+    Ok(report)
+}
+
+/// Reads the control channel into `tx`; returns the count of bad lines when it ends.
+async fn read_control(url: String, tx: mpsc::Sender<ControlMessage>) -> u64 {
+    let subscriber = Subscriber::new(url.clone(), SubscriberOptions::default());
+    let mut reader = JsonlReader::new(subscriber, JsonlReaderOptions::default());
+    loop {
+        match reader.next::<ControlMessage>().await {
+            Ok(Some(msg)) => {
+                if tx.send(msg).await.is_err() {
+                    break;
+                }
+            }
+            Ok(None) => {
+                tracing::info!(control = %url, "control channel ended");
+                break;
+            }
+            Err(e) => {
+                tracing::error!(control = %url, error = %e, "control subscription failed");
+                break;
+            }
+        }
+    }
+    reader.stats().bad_lines()
+}
+
+/// Answers one control message.
+async fn handle(
+    msg: ControlMessage,
+    pipeline: &mut Pipeline,
+    session: &mut SessionIds,
+    events: &JsonlWriter,
+    vram: &Option<vram::Vram>,
+) {
+    let answer = match msg {
+        ControlMessage::Ping(ping) => json!({"type": "pong", "timestamp": ping.timestamp, "request_id": ping.request_id}),
+        ControlMessage::StartStream(start) => {
+            adopt_session(session, &start.params);
+            publish(session, None, Emit::new("session_created"));
+            for emit in pipeline.start(Instant::now()) {
+                publish(session, Some(pipeline.id()), emit);
+            }
+            // The first heartbeat carries the GPU's state at start.
+            if let Some(emit) = pipeline.heartbeat(Instant::now(), vram.as_ref().and_then(vram::Vram::read)) {
+                publish(session, Some(pipeline.id()), emit);
+            }
+            json!({"type": "stream_started", "request_id": start.request_id, "pipeline_id": pipeline.id()})
+        }
+        ControlMessage::StopStream(stop) => {
+            for emit in pipeline.stop(Instant::now()) {
+                publish(session, Some(pipeline.id()), emit);
+            }
+            json!({"type": "stream_stopped", "request_id": stop.request_id})
+        }
+        ControlMessage::Parameters(p) => {
+            // The simulated pipeline fails on demand, so the error path can be exercised end to end.
+            if let Some(message) = p.params.get("inject_error").and_then(Value::as_str) {
+                let media_loop = p.params.get("media_loop").and_then(Value::as_str);
+                for emit in pipeline.fail(message, media_loop) {
+                    publish(session, Some(pipeline.id()), emit);
+                }
+            }
+            json!({"type": "parameters_ack", "params": p.params})
+        }
+        ControlMessage::Api(api) => {
+            let (status, body) = api_answer(&api.method, &api.path, pipeline);
+            json!({"type": "api_response", "request_id": api.request_id, "status": status, "body": body})
+        }
+        ControlMessage::Unknown(m) => {
+            let kind = m.get("type").and_then(Value::as_str).unwrap_or("-");
+            tracing::debug!(r#type = kind, "unknown control message skipped");
+            return;
+        }
+    };
+    if let Err(e) = events.write(&strip_nulls(answer)).await {
+        tracing::warn!(error = %e, "cannot answer on the events channel");
+    }
+}
+
+/// The simulated app's HTTP API, reached through `api` control messages.
+fn api_answer(method: &str, path: &str, pipeline: &Pipeline) -> (u16, Value) {
+    match (method, path) {
+        ("GET", "/health") => (200, json!({"status": "ok"})),
+        ("GET", "/api/v1/pipeline/status") => (
+            200,
+            json!({"pipeline_id": pipeline.id(), "streaming": pipeline.is_streaming()}),
+        ),
+        _ => (404, json!({"detail": format!("no route {method} {path}")})),
+    }
+}
+
+/// Takes the session's ids from `start_stream` params where the runner was not given them.
+fn adopt_session(session: &mut SessionIds, params: &Value) {
+    let take = |key: &str| params.get(key).and_then(Value::as_str).map(str::to_string);
+    if session.session_id.is_none() {
+        session.session_id = take("session_id");
+    }
+    if session.connection_id.is_none() {
+        session.connection_id = take("connection_id");
+    }
+}
+
+/// Builds the envelope for `emit` and hands it to the installed sink.
+fn publish(session: &SessionIds, pipeline_id: Option<&str>, emit: Emit) {
+    let mut fields = Fields::new();
+    if let Some(id) = &session.session_id {
+        fields = fields.session_id(id.clone());
+    }
+    if let Some(id) = &session.connection_id {
+        fields = fields.connection_id(id.clone());
+    }
+    if let Some(id) = pipeline_id {
+        fields = fields.pipeline_ids([id.to_string()]);
+    }
+    if let Some(error) = emit.error {
+        fields = fields.error(error);
+    }
+    for (key, value) in emit.metadata {
+        fields = fields.meta(key, value);
+    }
+    telemetry::publish_event(emit.event_type, fields);
+}
+
+/// Drops `null` members so optional answer fields are omitted, as the Python runner omits them.
+fn strip_nulls(mut value: Value) -> Value {
+    if let Value::Object(map) = &mut value {
+        map.retain(|_, v| !v.is_null());
+    }
+    value
+}
+
+/// Forwards this process's log lines in batches of at most 50, every 0.5 s; returns lines sent.
+async fn forward_logs(tail: LogTail, events: JsonlWriter, stop: CancellationToken) -> u64 {
+    const BATCH: usize = 50;
+    let mut follow = tail.follow();
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    let mut batch: Vec<String> = Vec::with_capacity(BATCH);
+    let mut sent = 0u64;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            line = follow.recv() => match line {
+                Ok(line) => {
+                    batch.push(line);
+                    if batch.len() < BATCH {
+                        continue;
+                    }
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                    tracing::debug!(lost = n, "log forwarder lagged");
+                    continue;
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+            },
+            _ = tick.tick() => {}
+        }
+        if batch.is_empty() {
+            continue;
+        }
+        let lines = std::mem::take(&mut batch);
+        sent += lines.len() as u64;
+        if events.write(&json!({"type": "logs", "lines": lines})).await.is_err() {
+            break;
+        }
+    }
+    sent
+}

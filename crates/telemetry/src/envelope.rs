@@ -1,0 +1,904 @@
+//! The telemetry envelope: built once where the event happens ([`Envelope`]), forwarded verbatim
+//! everywhere after ([`RawEnvelope`]).
+//!
+//! Wire shape (`shared/spec/telemetry.md`):
+//!
+//! ```json
+//! {"id":"<uuid v4>","type":"stream_trace","timestamp":"<unix ms>",
+//!  "data":{"type":"<event type>","client_source":"scope","timestamp":"<same ms>",
+//!          "session_id":"..","connection_id":"..","pipeline_ids":[".."],"user_id":"..",
+//!          "error":{"error_type":"..","message":"..","exception_type":"..","recoverable":false},
+//!          "connection_info":{..},"<metadata key>":<value>, ..}}
+//! ```
+//!
+//! Optional fields are omitted when empty (absent, empty string, empty list, empty object), as the
+//! seed's `if session_id: ...` does. Metadata keys follow, in insertion order; a later entry with the
+//! same key replaces the earlier one (the seed's `dict.update`).
+//!
+//! **Reserved keys.** Metadata may not set any of [`RESERVED_DATA_KEYS`]: the three the spec names
+//! (`type`, `client_source`, `timestamp`) and also the six structural fields (`session_id`,
+//! `connection_id`, `pipeline_ids`, `user_id`, `error`, `connection_info`). The structural fields
+//! have typed setters on [`Fields`]; letting metadata set them too would let a metric silently
+//! re-attribute an event to another session, and sinks read `session_id` to route. A metadata entry
+//! with a reserved key is ignored.
+//!
+//! **Cost.** [`Envelope::new`] stamps the id (uuid v4, fast RNG) and the time and moves the
+//! [`Fields`] in; it does not serialize. The JSON is written later by the sink's drain
+//! ([`Envelope::write_json`]), off the caller's thread.
+
+use crate::priority::Priority;
+use bytes::{BufMut, Bytes, BytesMut};
+use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::ser::{SerializeMap, Serializer};
+use serde::Serialize;
+use serde_json::value::RawValue;
+use serde_json::Value;
+use std::borrow::Cow;
+use std::fmt;
+use std::time::{SystemTime, UNIX_EPOCH};
+use uuid::Uuid;
+
+/// Top-level `type` of every envelope.
+pub const ENVELOPE_TYPE: &str = "stream_trace";
+/// `data.client_source` of every envelope built here.
+pub const CLIENT_SOURCE: &str = "scope";
+/// Keys of `data` that metadata can never set (see the module docs for why all nine).
+pub const RESERVED_DATA_KEYS: [&str; 9] = [
+    "type",
+    "client_source",
+    "timestamp",
+    "session_id",
+    "connection_id",
+    "pipeline_ids",
+    "user_id",
+    "error",
+    "connection_info",
+];
+/// The annotation the client adds to a forwarded envelope.
+pub const RELAYED_VIA: &str = "relayed_via";
+
+/// Event types the seed application emits, kept as `&'static str` so stamping them allocates nothing.
+const KNOWN_EVENT_TYPES: [&str; 18] = [
+    "stream_heartbeat",
+    "session_created",
+    "session_closed",
+    "stream_started",
+    "stream_stopped",
+    "playback_ready",
+    "pipeline_load_start",
+    "pipeline_loaded",
+    "pipeline_unloaded",
+    "error",
+    "runner_ready",
+    "media_input_loop_failed",
+    "media_output_loop_failed",
+    "media_audio_output_loop_failed",
+    "telemetry_dropped",
+    "notification",
+    "logs",
+    "pong",
+];
+
+/// Whether `key` is one metadata may not set.
+pub fn is_reserved_data_key(key: &str) -> bool {
+    RESERVED_DATA_KEYS.contains(&key)
+}
+
+/// `data.error`: what went wrong, in the seed's four fields.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ErrorInfo {
+    /// Machine-readable kind, e.g. `pipeline_load_failed`.
+    pub error_type: String,
+    /// Human-readable message (`str(exc)` in the seed).
+    pub message: String,
+    /// The exception's class name in the seed; a Rust error's type name here.
+    pub exception_type: String,
+    /// Whether the session can go on.
+    pub recoverable: bool,
+}
+
+impl ErrorInfo {
+    /// All four fields, as the seed always sends them.
+    pub fn new(
+        error_type: impl Into<String>,
+        message: impl Into<String>,
+        exception_type: impl Into<String>,
+        recoverable: bool,
+    ) -> Self {
+        ErrorInfo {
+            error_type: error_type.into(),
+            message: message.into(),
+            exception_type: exception_type.into(),
+            recoverable,
+        }
+    }
+}
+
+/// The caller-supplied part of an envelope, builder style:
+/// `Fields::new().session_id(s).meta("fps_in", 29.97)`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Fields {
+    session_id: Option<String>,
+    connection_id: Option<String>,
+    pipeline_ids: Vec<String>,
+    user_id: Option<String>,
+    error: Option<Box<ErrorInfo>>,
+    connection_info: Option<Value>,
+    metadata: Vec<(Cow<'static, str>, Value)>,
+}
+
+fn non_empty(s: String) -> Option<String> {
+    if s.is_empty() {
+        None
+    } else {
+        Some(s)
+    }
+}
+
+impl Fields {
+    /// No fields set.
+    pub fn new() -> Self {
+        Fields::default()
+    }
+
+    /// `data.session_id` (omitted when empty).
+    pub fn session_id(mut self, id: impl Into<String>) -> Self {
+        self.session_id = non_empty(id.into());
+        self
+    }
+
+    /// `data.connection_id` (omitted when empty).
+    pub fn connection_id(mut self, id: impl Into<String>) -> Self {
+        self.connection_id = non_empty(id.into());
+        self
+    }
+
+    /// `data.pipeline_ids` (omitted when empty).
+    pub fn pipeline_ids<I, S>(mut self, ids: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.pipeline_ids = ids.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// `data.user_id` (omitted when empty).
+    pub fn user_id(mut self, id: impl Into<String>) -> Self {
+        self.user_id = non_empty(id.into());
+        self
+    }
+
+    /// `data.error`.
+    pub fn error(mut self, error: ErrorInfo) -> Self {
+        self.error = Some(Box::new(error));
+        self
+    }
+
+    /// `data.connection_info` (omitted when null or an empty object), e.g. `{"gpu_type": "H100"}`.
+    pub fn connection_info(mut self, info: Value) -> Self {
+        self.connection_info = match &info {
+            Value::Null => None,
+            Value::Object(m) if m.is_empty() => None,
+            _ => Some(info),
+        };
+        self
+    }
+
+    /// One metadata entry, merged into `data`. A reserved key ([`RESERVED_DATA_KEYS`]) is ignored;
+    /// a key already set is replaced in place (last write wins, like the seed's `dict.update`).
+    pub fn meta(mut self, key: impl Into<Cow<'static, str>>, value: impl Into<Value>) -> Self {
+        self.insert_meta(key.into(), value.into());
+        self
+    }
+
+    /// [`Fields::meta`] on a borrowed builder, for loops.
+    pub fn insert_meta(&mut self, key: Cow<'static, str>, value: Value) {
+        if is_reserved_data_key(&key) {
+            tracing::debug!(target: "telemetry", key = %key, "metadata key is reserved; ignored");
+            return;
+        }
+        if let Some(slot) = self.metadata.iter_mut().find(|(k, _)| *k == key) {
+            slot.1 = value;
+        } else {
+            self.metadata.push((key, value));
+        }
+    }
+
+    /// The session id, if set.
+    pub fn get_session_id(&self) -> Option<&str> {
+        self.session_id.as_deref()
+    }
+
+    /// The connection id, if set.
+    pub fn get_connection_id(&self) -> Option<&str> {
+        self.connection_id.as_deref()
+    }
+
+    /// A metadata value by key.
+    pub fn get_meta(&self, key: &str) -> Option<&Value> {
+        self.metadata.iter().find(|(k, _)| k == key).map(|(_, v)| v)
+    }
+
+    /// Metadata entries in insertion order.
+    pub fn metadata(&self) -> impl Iterator<Item = (&str, &Value)> {
+        self.metadata.iter().map(|(k, v)| (k.as_ref(), v))
+    }
+}
+
+/// An envelope built here: stamped once (id, time), serialized later by whoever delivers it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Envelope {
+    id: Uuid,
+    timestamp_ms: u64,
+    event_type: Cow<'static, str>,
+    priority: Priority,
+    fields: Fields,
+}
+
+/// Milliseconds since the Unix epoch (0 if the clock is before 1970).
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn intern_event_type(event_type: &str) -> Cow<'static, str> {
+    match KNOWN_EVENT_TYPES.iter().find(|t| **t == event_type) {
+        Some(t) => Cow::Borrowed(t),
+        None => Cow::Owned(event_type.to_owned()),
+    }
+}
+
+impl Envelope {
+    /// Stamps a new envelope now: a fresh uuid v4 and the current unix time in ms.
+    pub fn new(event_type: &str, fields: Fields) -> Self {
+        Envelope::with_stamp(Uuid::new_v4(), now_ms(), event_type, fields)
+    }
+
+    /// An envelope with a given id and time (replaying, tests).
+    pub fn with_stamp(id: Uuid, timestamp_ms: u64, event_type: &str, fields: Fields) -> Self {
+        let event_type = intern_event_type(event_type);
+        let priority = Priority::of(&event_type);
+        Envelope {
+            id,
+            timestamp_ms,
+            event_type,
+            priority,
+            fields,
+        }
+    }
+
+    /// The envelope id.
+    pub fn id(&self) -> Uuid {
+        self.id
+    }
+
+    /// Unix time in ms (`timestamp` and `data.timestamp`).
+    pub fn timestamp_ms(&self) -> u64 {
+        self.timestamp_ms
+    }
+
+    /// `data.type`.
+    pub fn event_type(&self) -> &str {
+        &self.event_type
+    }
+
+    /// The priority class of `data.type`.
+    pub fn priority(&self) -> Priority {
+        self.priority
+    }
+
+    /// The caller-supplied fields.
+    pub fn fields(&self) -> &Fields {
+        &self.fields
+    }
+
+    /// Appends the envelope's JSON (one object, no newline) to `out`.
+    pub fn write_json(&self, out: &mut Vec<u8>) {
+        let start = out.len();
+        if let Err(e) = serde_json::to_writer(&mut *out, self) {
+            // Unreachable with these types (string keys, finite numbers); never leave half an object.
+            out.truncate(start);
+            tracing::error!(target: "telemetry", error = %e, "cannot serialize envelope");
+        }
+    }
+
+    /// The envelope's JSON as bytes.
+    pub fn to_json(&self) -> Bytes {
+        let mut out = Vec::with_capacity(384);
+        self.write_json(&mut out);
+        Bytes::from(out)
+    }
+}
+
+struct Data<'a>(&'a Envelope, &'a str);
+
+impl Serialize for Data<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let (e, ts) = (self.0, self.1);
+        let f = &e.fields;
+        let mut m = s.serialize_map(None)?;
+        m.serialize_entry("type", e.event_type.as_ref())?;
+        m.serialize_entry("client_source", CLIENT_SOURCE)?;
+        m.serialize_entry("timestamp", ts)?;
+        if let Some(v) = &f.session_id {
+            m.serialize_entry("session_id", v)?;
+        }
+        if let Some(v) = &f.connection_id {
+            m.serialize_entry("connection_id", v)?;
+        }
+        if !f.pipeline_ids.is_empty() {
+            m.serialize_entry("pipeline_ids", &f.pipeline_ids)?;
+        }
+        if let Some(v) = &f.user_id {
+            m.serialize_entry("user_id", v)?;
+        }
+        if let Some(v) = &f.error {
+            m.serialize_entry("error", v.as_ref())?;
+        }
+        if let Some(v) = &f.connection_info {
+            m.serialize_entry("connection_info", v)?;
+        }
+        for (k, v) in &f.metadata {
+            m.serialize_entry(k.as_ref(), v)?;
+        }
+        m.end()
+    }
+}
+
+impl Serialize for Envelope {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut ts_buf = itoa::Buffer::new();
+        let ts = ts_buf.format(self.timestamp_ms);
+        let mut id_buf = [0u8; 36];
+        let id = self.id.hyphenated().encode_lower(&mut id_buf);
+        let mut m = s.serialize_map(Some(4))?;
+        m.serialize_entry("id", id)?;
+        m.serialize_entry("type", ENVELOPE_TYPE)?;
+        m.serialize_entry("timestamp", ts)?;
+        m.serialize_entry("data", &Data(self, ts))?;
+        m.end()
+    }
+}
+
+/// Why bytes are not a forwardable envelope.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EnvelopeError {
+    /// Not valid JSON, or JSON that is not one object.
+    #[error("not a telemetry envelope: {0}")]
+    Invalid(String),
+    /// A JSON object without a non-empty string `id`.
+    #[error("telemetry envelope has no `id` (a non-empty string is required to forward it)")]
+    MissingId,
+    /// A key that must be unique appears twice.
+    #[error("telemetry envelope has `{0}` twice")]
+    DuplicateKey(&'static str),
+    /// An annotation key that is not usable.
+    #[error("annotation key `{0}` already present in the envelope")]
+    AnnotationExists(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct RawMeta {
+    id: String,
+    timestamp: Option<String>,
+    event_type: Option<String>,
+    session_id: Option<String>,
+    connection_id: Option<String>,
+    relayed_via: Option<String>,
+    priority: Priority,
+}
+
+/// A forwarded envelope: the exact original JSON bytes plus the few fields sinks need.
+///
+/// It serializes to exactly its bytes. A hop only *adds* annotations ([`RawEnvelope::annotate`]),
+/// by inserting `,"key":"value"` before the final `}`, so every original byte survives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RawEnvelope {
+    bytes: Bytes,
+    meta: Box<RawMeta>,
+}
+
+impl RawEnvelope {
+    /// Parses untrusted bytes. Never panics; rejects anything but one JSON object with a non-empty
+    /// string `id`. Other fields are optional: a missing or non-string `data.type` is read as absent.
+    pub fn parse(bytes: Bytes) -> Result<RawEnvelope, EnvelopeError> {
+        // Skipped values are not UTF-8 checked by the parser; a forwarded envelope must be valid JSON text.
+        if let Err(e) = std::str::from_utf8(&bytes) {
+            return Err(EnvelopeError::Invalid(format!("not UTF-8: {e}")));
+        }
+        let meta = {
+            let mut de = serde_json::Deserializer::from_slice(&bytes);
+            let top = de
+                .deserialize_map(TopVisitor)
+                .map_err(|e| EnvelopeError::Invalid(e.to_string()))?;
+            de.end().map_err(|e| EnvelopeError::Invalid(e.to_string()))?;
+            let top = top?;
+            let id = match top.id {
+                Some(id) if !id.is_empty() => id,
+                _ => return Err(EnvelopeError::MissingId),
+            };
+            let priority = Priority::of_opt(top.event_type.as_deref());
+            RawMeta {
+                id,
+                timestamp: top.timestamp,
+                event_type: top.event_type,
+                session_id: top.session_id,
+                connection_id: top.connection_id,
+                relayed_via: top.relayed_via,
+                priority,
+            }
+        };
+        Ok(RawEnvelope {
+            bytes,
+            meta: Box::new(meta),
+        })
+    }
+
+    /// Parses the `event` of a `telemetry` message as decoded by `trickle::messages` (no copy).
+    pub fn from_raw_value(raw: Box<RawValue>) -> Result<RawEnvelope, EnvelopeError> {
+        let s: Box<str> = raw.into();
+        RawEnvelope::parse(Bytes::from(s.into_boxed_bytes()))
+    }
+
+    /// The exact bytes (original plus annotations).
+    pub fn as_bytes(&self) -> &Bytes {
+        &self.bytes
+    }
+
+    /// The exact bytes, owned.
+    pub fn into_bytes(self) -> Bytes {
+        self.bytes
+    }
+
+    /// `id`.
+    pub fn id(&self) -> &str {
+        &self.meta.id
+    }
+
+    /// `timestamp` as written by the origin (a number is given as its JSON text).
+    pub fn timestamp(&self) -> Option<&str> {
+        self.meta.timestamp.as_deref()
+    }
+
+    /// `data.type`, if it is a string.
+    pub fn event_type(&self) -> Option<&str> {
+        self.meta.event_type.as_deref()
+    }
+
+    /// `data.session_id`, if it is a string.
+    pub fn session_id(&self) -> Option<&str> {
+        self.meta.session_id.as_deref()
+    }
+
+    /// `data.connection_id`, if it is a string.
+    pub fn connection_id(&self) -> Option<&str> {
+        self.meta.connection_id.as_deref()
+    }
+
+    /// Top-level `relayed_via`, if present.
+    pub fn relayed_via(&self) -> Option<&str> {
+        self.meta.relayed_via.as_deref()
+    }
+
+    /// The priority class of `data.type` (High when absent).
+    pub fn priority(&self) -> Priority {
+        self.meta.priority
+    }
+
+    /// Adds the client's `"relayed_via": via` annotation. Returns false (and changes nothing) when
+    /// the envelope already carries one: the first hop's annotation is kept, never duplicated.
+    pub fn annotate_relayed_via(&mut self, via: &str) -> bool {
+        if self.meta.relayed_via.is_some() {
+            return false;
+        }
+        self.insert_member(RELAYED_VIA, &Value::from(via));
+        self.meta.relayed_via = Some(via.to_owned());
+        true
+    }
+
+    /// Adds a top-level annotation `key: value`. Fails if `key` is already a top-level key (the
+    /// original is never changed, and a duplicate key would make the JSON ambiguous).
+    pub fn annotate(&mut self, key: &str, value: &Value) -> Result<(), EnvelopeError> {
+        if key == RELAYED_VIA {
+            return match value.as_str() {
+                Some(v) if self.annotate_relayed_via(v) => Ok(()),
+                _ => Err(EnvelopeError::AnnotationExists(key.to_owned())),
+            };
+        }
+        if top_level_has_key(&self.bytes, key) {
+            return Err(EnvelopeError::AnnotationExists(key.to_owned()));
+        }
+        self.insert_member(key, value);
+        Ok(())
+    }
+
+    /// Inserts `,"key":value` before the final `}` (parse guaranteed an object with an `id`, so
+    /// there is a final `}` and at least one member before it).
+    fn insert_member(&mut self, key: &str, value: &Value) {
+        let b = &self.bytes;
+        let close = b
+            .iter()
+            .rposition(|c| !matches!(c, b' ' | b'\t' | b'\n' | b'\r'))
+            .unwrap_or(0);
+        let mut member = Vec::with_capacity(key.len() + 32);
+        member.push(b',');
+        // Serializing a str or a Value into a Vec cannot fail.
+        let _ = serde_json::to_writer(&mut member, key);
+        member.push(b':');
+        let _ = serde_json::to_writer(&mut member, value);
+        let mut out = BytesMut::with_capacity(b.len() + member.len());
+        out.put_slice(&b[..close]);
+        out.put_slice(&member);
+        out.put_slice(&b[close..]);
+        self.bytes = out.freeze();
+    }
+
+    /// Appends the exact bytes to `out`.
+    pub fn write_json(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.bytes);
+    }
+}
+
+/// Whether the JSON object in `bytes` has `key` at top level (only called on parsed envelopes).
+fn top_level_has_key(bytes: &[u8], key: &str) -> bool {
+    struct KeyFinder<'k>(&'k str);
+    impl<'de> Visitor<'de> for KeyFinder<'_> {
+        type Value = bool;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a JSON object")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<bool, A::Error> {
+            let mut found = false;
+            while let Some(k) = map.next_key::<Cow<'de, str>>()? {
+                found |= k == self.0;
+                map.next_value::<IgnoredAny>()?;
+            }
+            Ok(found)
+        }
+    }
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    de.deserialize_map(KeyFinder(key)).unwrap_or(false)
+}
+
+#[derive(Default)]
+struct Top {
+    id: Option<String>,
+    timestamp: Option<String>,
+    event_type: Option<String>,
+    session_id: Option<String>,
+    connection_id: Option<String>,
+    relayed_via: Option<String>,
+}
+
+/// Top-level keys of interest; everything else is skipped without allocating.
+enum TopKey {
+    Id,
+    Timestamp,
+    Data,
+    RelayedVia,
+    Other,
+}
+
+impl<'de> de::Deserialize<'de> for TopKey {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = TopKey;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("an object key")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<TopKey, E> {
+                Ok(match v {
+                    "id" => TopKey::Id,
+                    "timestamp" => TopKey::Timestamp,
+                    "data" => TopKey::Data,
+                    RELAYED_VIA => TopKey::RelayedVia,
+                    _ => TopKey::Other,
+                })
+            }
+        }
+        d.deserialize_identifier(V)
+    }
+}
+
+enum DataKey {
+    Type,
+    SessionId,
+    ConnectionId,
+    Other,
+}
+
+impl<'de> de::Deserialize<'de> for DataKey {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = DataKey;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("an object key")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<DataKey, E> {
+                Ok(match v {
+                    "type" => DataKey::Type,
+                    "session_id" => DataKey::SessionId,
+                    "connection_id" => DataKey::ConnectionId,
+                    _ => DataKey::Other,
+                })
+            }
+        }
+        d.deserialize_identifier(V)
+    }
+}
+
+/// A value read leniently: a string is kept, a number is kept as its text (`timestamp` only),
+/// anything else is skipped and read as absent.
+struct Lenient {
+    numbers: bool,
+}
+
+impl<'de> DeserializeSeed<'de> for Lenient {
+    type Value = Option<String>;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Option<String>, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Lenient {
+    type Value = Option<String>;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+        Ok(Some(v.to_owned()))
+    }
+    fn visit_string<E: de::Error>(self, v: String) -> Result<Self::Value, E> {
+        Ok(Some(v))
+    }
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<Self::Value, E> {
+        Ok(self.numbers.then(|| v.to_string()))
+    }
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<Self::Value, E> {
+        Ok(self.numbers.then(|| v.to_string()))
+    }
+    fn visit_f64<E: de::Error>(self, v: f64) -> Result<Self::Value, E> {
+        Ok(self.numbers.then(|| v.to_string()))
+    }
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        Ok(None)
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+        Ok(None)
+    }
+}
+
+/// `data`: an object yields its three routed fields; any other value yields none of them.
+#[derive(Default)]
+struct DataFields {
+    event_type: Option<String>,
+    session_id: Option<String>,
+    connection_id: Option<String>,
+}
+
+struct DataVisitor;
+
+impl<'de> DeserializeSeed<'de> for DataVisitor {
+    type Value = Result<DataFields, EnvelopeError>;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for DataVisitor {
+    type Value = Result<DataFields, EnvelopeError>;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut out = DataFields::default();
+        let (mut t, mut s, mut c) = (false, false, false);
+        while let Some(key) = map.next_key::<DataKey>()? {
+            let text = Lenient { numbers: false };
+            let (slot, seen, name) = match key {
+                DataKey::Type => (&mut out.event_type, &mut t, "data.type"),
+                DataKey::SessionId => (&mut out.session_id, &mut s, "data.session_id"),
+                DataKey::ConnectionId => (&mut out.connection_id, &mut c, "data.connection_id"),
+                DataKey::Other => {
+                    map.next_value::<IgnoredAny>()?;
+                    continue;
+                }
+            };
+            if *seen {
+                map.next_value::<IgnoredAny>()?;
+                while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                return Ok(Err(EnvelopeError::DuplicateKey(name)));
+            }
+            *seen = true;
+            *slot = map.next_value_seed(text)?;
+        }
+        Ok(Ok(out))
+    }
+    fn visit_str<E: de::Error>(self, _: &str) -> Result<Self::Value, E> {
+        Ok(Ok(DataFields::default()))
+    }
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
+        Ok(Ok(DataFields::default()))
+    }
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
+        Ok(Ok(DataFields::default()))
+    }
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
+        Ok(Ok(DataFields::default()))
+    }
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
+        Ok(Ok(DataFields::default()))
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+        Ok(Ok(DataFields::default()))
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        Ok(Ok(DataFields::default()))
+    }
+}
+
+struct TopVisitor;
+
+impl<'de> Visitor<'de> for TopVisitor {
+    type Value = Result<Top, EnvelopeError>;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a JSON object (a telemetry envelope)")
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut top = Top::default();
+        let (mut id, mut ts, mut data, mut rv) = (false, false, false, false);
+        let mut dup: Option<&'static str> = None;
+        while let Some(key) = map.next_key::<TopKey>()? {
+            let (seen, name) = match key {
+                TopKey::Id => (&mut id, "id"),
+                TopKey::Timestamp => (&mut ts, "timestamp"),
+                TopKey::Data => (&mut data, "data"),
+                TopKey::RelayedVia => (&mut rv, RELAYED_VIA),
+                TopKey::Other => {
+                    map.next_value::<IgnoredAny>()?;
+                    continue;
+                }
+            };
+            if *seen || dup.is_some() {
+                // Keep reading so that invalid JSON later on is still reported as invalid.
+                dup.get_or_insert(name);
+                map.next_value::<IgnoredAny>()?;
+                continue;
+            }
+            *seen = true;
+            match key {
+                TopKey::Id => top.id = map.next_value_seed(Lenient { numbers: false })?,
+                TopKey::Timestamp => top.timestamp = map.next_value_seed(Lenient { numbers: true })?,
+                TopKey::RelayedVia => {
+                    top.relayed_via = map.next_value_seed(Lenient { numbers: false })?
+                }
+                TopKey::Data => match map.next_value_seed(DataVisitor)? {
+                    Ok(d) => {
+                        top.event_type = d.event_type;
+                        top.session_id = d.session_id;
+                        top.connection_id = d.connection_id;
+                    }
+                    Err(e) => {
+                        dup.get_or_insert(match e {
+                            EnvelopeError::DuplicateKey(n) => n,
+                            _ => "data",
+                        });
+                    }
+                },
+                TopKey::Other => {}
+            }
+        }
+        Ok(match dup {
+            Some(name) => Err(EnvelopeError::DuplicateKey(name)),
+            None => Ok(top),
+        })
+    }
+}
+
+/// One telemetry event on its way through a sink: built here, or forwarded verbatim.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// Built by [`crate::publish_event`] on this process.
+    Built(Box<Envelope>),
+    /// Received from another hop; forwarded byte for byte.
+    Raw(RawEnvelope),
+}
+
+impl From<Envelope> for Event {
+    fn from(e: Envelope) -> Self {
+        Event::Built(Box::new(e))
+    }
+}
+
+impl From<RawEnvelope> for Event {
+    fn from(e: RawEnvelope) -> Self {
+        Event::Raw(e)
+    }
+}
+
+impl Event {
+    /// The envelope id, as written on the wire.
+    pub fn id(&self) -> Cow<'_, str> {
+        match self {
+            Event::Built(e) => Cow::Owned(e.id.hyphenated().to_string()),
+            Event::Raw(r) => Cow::Borrowed(r.id()),
+        }
+    }
+
+    /// `data.type` (absent only on a forwarded envelope that lacks it).
+    pub fn event_type(&self) -> Option<&str> {
+        match self {
+            Event::Built(e) => Some(e.event_type()),
+            Event::Raw(r) => r.event_type(),
+        }
+    }
+
+    /// `data.session_id`.
+    pub fn session_id(&self) -> Option<&str> {
+        match self {
+            Event::Built(e) => e.fields.get_session_id(),
+            Event::Raw(r) => r.session_id(),
+        }
+    }
+
+    /// `data.connection_id`.
+    pub fn connection_id(&self) -> Option<&str> {
+        match self {
+            Event::Built(e) => e.fields.get_connection_id(),
+            Event::Raw(r) => r.connection_id(),
+        }
+    }
+
+    /// Top-level `relayed_via` (only forwarded envelopes carry one).
+    pub fn relayed_via(&self) -> Option<&str> {
+        match self {
+            Event::Built(_) => None,
+            Event::Raw(r) => r.relayed_via(),
+        }
+    }
+
+    /// `timestamp`, as on the wire.
+    pub fn timestamp(&self) -> Option<Cow<'_, str>> {
+        match self {
+            Event::Built(e) => Some(Cow::Owned(e.timestamp_ms.to_string())),
+            Event::Raw(r) => r.timestamp().map(Cow::Borrowed),
+        }
+    }
+
+    /// The priority class.
+    pub fn priority(&self) -> Priority {
+        match self {
+            Event::Built(e) => e.priority,
+            Event::Raw(r) => r.priority(),
+        }
+    }
+
+    /// Appends the envelope JSON (one object, no newline) to `out`.
+    pub fn write_json(&self, out: &mut Vec<u8>) {
+        match self {
+            Event::Built(e) => e.write_json(out),
+            Event::Raw(r) => r.write_json(out),
+        }
+    }
+
+    /// The envelope JSON (a forwarded one: its exact bytes, without copying).
+    pub fn to_json(&self) -> Bytes {
+        match self {
+            Event::Built(e) => e.to_json(),
+            Event::Raw(r) => r.bytes.clone(),
+        }
+    }
+}

@@ -1,0 +1,299 @@
+//! The bounded two-class queue between `emit` (any thread, never blocks) and a sink's drain.
+//!
+//! Policy, with one capacity shared by both classes (256 by default, like the seed):
+//! 1. Room left: the event is queued.
+//! 2. Full, and at least one `Low` is queued: the **oldest `Low`** is dropped to make room (for a new
+//!    `High` or a new `Low`).
+//! 3. Full of `High` only, new `Low`: the new `Low` itself is dropped (a `High` is never dropped to
+//!    make room for a `Low`).
+//! 4. Full of `High` only, new `High`: the **oldest `High`** is dropped (the seed's drop-oldest).
+//!    We chose this over a reserved `High` capacity: with no `Low` to shed, the newest one-off event
+//!    (say `session_closed` after a burst) is worth more than the oldest, and it keeps one capacity
+//!    knob instead of two.
+//!
+//! Every drop is counted per class. Events leave in the order they were queued, across classes
+//! (each class is a FIFO tagged with a sequence number; [`PriorityQueue::drain_into`] merges them).
+//! Dropped events are handed back to the caller so they are freed outside any lock.
+
+use crate::envelope::Event;
+use crate::priority::Priority;
+use parking_lot::Mutex;
+use std::collections::VecDeque;
+use tokio::sync::Notify;
+
+/// Default capacity of a sink queue (the seed's).
+pub const DEFAULT_CAPACITY: usize = 256;
+
+/// Running totals of a queue, per class.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct QueueCounts {
+    /// `High` events offered to `push` (accepted or not).
+    pub pushed_high: u64,
+    /// `Low` events offered to `push` (accepted or not).
+    pub pushed_low: u64,
+    /// `High` events dropped by the queue (evicted, or refused after close).
+    pub dropped_high: u64,
+    /// `Low` events dropped by the queue (evicted, refused when full of `High`, or after close).
+    pub dropped_low: u64,
+    /// `High` events taken by `drain_into`.
+    pub taken_high: u64,
+    /// `Low` events taken by `drain_into`.
+    pub taken_low: u64,
+}
+
+impl QueueCounts {
+    /// All events offered.
+    pub fn pushed(&self) -> u64 {
+        self.pushed_high + self.pushed_low
+    }
+
+    /// All events dropped.
+    pub fn dropped(&self) -> u64 {
+        self.dropped_high + self.dropped_low
+    }
+
+    /// All events taken.
+    pub fn taken(&self) -> u64 {
+        self.taken_high + self.taken_low
+    }
+}
+
+/// What one `push` did.
+#[derive(Debug)]
+pub struct Pushed {
+    /// The queue was empty before this push (the consumer may be asleep: wake it).
+    pub was_empty: bool,
+    /// The class dropped by this push, if any (the new event's own class when it was refused).
+    pub dropped: Option<Priority>,
+    /// The dropped event, to be freed by the caller after releasing the lock.
+    pub dropped_event: Option<Event>,
+}
+
+/// The queue itself (not synchronized: see [`EventQueue`] for the shared version).
+#[derive(Debug)]
+pub struct PriorityQueue {
+    high: VecDeque<(u64, Event)>,
+    low: VecDeque<(u64, Event)>,
+    capacity: usize,
+    next_seq: u64,
+    closed: bool,
+    counts: QueueCounts,
+}
+
+impl PriorityQueue {
+    /// An empty queue holding at most `capacity` events (at least 1).
+    pub fn new(capacity: usize) -> Self {
+        let capacity = capacity.max(1);
+        PriorityQueue {
+            high: VecDeque::with_capacity(capacity.min(4096)),
+            low: VecDeque::with_capacity(capacity.min(4096)),
+            capacity,
+            next_seq: 0,
+            closed: false,
+            counts: QueueCounts::default(),
+        }
+    }
+
+    /// Offers one event; applies the policy in the module docs. Never blocks, never fails.
+    pub fn push(&mut self, event: Event) -> Pushed {
+        let class = event.priority();
+        match class {
+            Priority::High => self.counts.pushed_high += 1,
+            Priority::Low => self.counts.pushed_low += 1,
+        }
+        let was_empty = self.is_empty();
+        if self.closed {
+            self.count_drop(class);
+            return Pushed {
+                was_empty,
+                dropped: Some(class),
+                dropped_event: Some(event),
+            };
+        }
+        let mut dropped = None;
+        let mut dropped_event = None;
+        if self.len() >= self.capacity {
+            if let Some((_, old)) = self.low.pop_front() {
+                dropped = Some(Priority::Low);
+                dropped_event = Some(old);
+            } else if class == Priority::Low {
+                self.count_drop(Priority::Low);
+                return Pushed {
+                    was_empty,
+                    dropped: Some(Priority::Low),
+                    dropped_event: Some(event),
+                };
+            } else if let Some((_, old)) = self.high.pop_front() {
+                dropped = Some(Priority::High);
+                dropped_event = Some(old);
+            }
+        }
+        if let Some(c) = dropped {
+            self.count_drop(c);
+        }
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        match class {
+            Priority::High => self.high.push_back((seq, event)),
+            Priority::Low => self.low.push_back((seq, event)),
+        }
+        Pushed {
+            was_empty,
+            dropped,
+            dropped_event,
+        }
+    }
+
+    fn count_drop(&mut self, class: Priority) {
+        match class {
+            Priority::High => self.counts.dropped_high += 1,
+            Priority::Low => self.counts.dropped_low += 1,
+        }
+    }
+
+    /// Moves every queued event to `out`, oldest first across both classes; returns how many.
+    pub fn drain_into(&mut self, out: &mut Vec<Event>) -> usize {
+        let (nh, nl) = (self.high.len(), self.low.len());
+        out.reserve(nh + nl);
+        let mut high = self.high.drain(..).peekable();
+        let mut low = self.low.drain(..).peekable();
+        loop {
+            let take_high = match (high.peek(), low.peek()) {
+                (Some((sh, _)), Some((sl, _))) => sh < sl,
+                (Some(_), None) => true,
+                (None, Some(_)) => false,
+                (None, None) => break,
+            };
+            let next = if take_high { high.next() } else { low.next() };
+            if let Some((_, e)) = next {
+                out.push(e);
+            }
+        }
+        self.counts.taken_high += nh as u64;
+        self.counts.taken_low += nl as u64;
+        nh + nl
+    }
+
+    /// Refuses (and counts as dropped) every later push; what is queued stays to be drained.
+    pub fn close(&mut self) {
+        self.closed = true;
+    }
+
+    /// Whether [`PriorityQueue::close`] was called.
+    pub fn is_closed(&self) -> bool {
+        self.closed
+    }
+
+    /// Events queued now.
+    pub fn len(&self) -> usize {
+        self.high.len() + self.low.len()
+    }
+
+    /// `High` events queued now.
+    pub fn len_high(&self) -> usize {
+        self.high.len()
+    }
+
+    /// `Low` events queued now.
+    pub fn len_low(&self) -> usize {
+        self.low.len()
+    }
+
+    /// Nothing queued.
+    pub fn is_empty(&self) -> bool {
+        self.high.is_empty() && self.low.is_empty()
+    }
+
+    /// The capacity.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Running totals.
+    pub fn counts(&self) -> QueueCounts {
+        self.counts
+    }
+}
+
+/// What one [`EventQueue::drain_into`] saw.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Drained {
+    /// Events moved out.
+    pub taken: usize,
+    /// The queue was closed when drained: nothing more will ever arrive.
+    pub closed: bool,
+}
+
+/// A [`PriorityQueue`] shared between any number of producers and one async consumer.
+///
+/// Producers take a short `parking_lot` lock; the consumer is woken with [`Notify`] only on the
+/// empty-to-non-empty transition, so a busy consumer costs producers no wake-ups.
+#[derive(Debug)]
+pub struct EventQueue {
+    inner: Mutex<PriorityQueue>,
+    notify: Notify,
+}
+
+impl EventQueue {
+    /// An empty queue of `capacity` (at least 1).
+    pub fn new(capacity: usize) -> Self {
+        EventQueue {
+            inner: Mutex::new(PriorityQueue::new(capacity)),
+            notify: Notify::new(),
+        }
+    }
+
+    /// Offers one event (never blocks beyond the short lock); returns the class dropped, if any.
+    pub fn push(&self, event: Event) -> Option<Priority> {
+        let pushed = self.inner.lock().push(event);
+        // The dropped event (if any) is freed here, outside the lock.
+        drop(pushed.dropped_event);
+        if pushed.was_empty {
+            self.notify.notify_one();
+        }
+        pushed.dropped
+    }
+
+    /// Moves everything queued to `out`, in order, in one lock.
+    pub fn drain_into(&self, out: &mut Vec<Event>) -> Drained {
+        let mut q = self.inner.lock();
+        let taken = q.drain_into(out);
+        Drained {
+            taken,
+            closed: q.is_closed(),
+        }
+    }
+
+    /// Waits until a push lands in an empty queue, or [`EventQueue::close`] is called (may also
+    /// return spuriously: callers re-check by draining).
+    pub async fn wait(&self) {
+        self.notify.notified().await;
+    }
+
+    /// Closes the queue (later pushes are refused and counted) and wakes the consumer.
+    pub fn close(&self) {
+        self.inner.lock().close();
+        self.notify.notify_one();
+    }
+
+    /// Running totals.
+    pub fn counts(&self) -> QueueCounts {
+        self.inner.lock().counts()
+    }
+
+    /// Events queued now.
+    pub fn len(&self) -> usize {
+        self.inner.lock().len()
+    }
+
+    /// Nothing queued.
+    pub fn is_empty(&self) -> bool {
+        self.inner.lock().is_empty()
+    }
+
+    /// Totals and the current length, read together.
+    pub fn snapshot(&self) -> (QueueCounts, usize) {
+        let q = self.inner.lock();
+        (q.counts(), q.len())
+    }
+}

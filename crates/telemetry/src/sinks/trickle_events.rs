@@ -1,0 +1,359 @@
+//! [`TrickleEventsSink`]: the runner's sink, onto the session's trickle events channel.
+//!
+//! `emit` puts the event in a bounded two-class queue ([`crate::queue`]) and returns; a drain task
+//! takes everything queued per wake-up, serializes it off the caller's thread, and writes it as one
+//! batch of `{"type":"telemetry","event":<envelope>}` lines to the events writer.
+//!
+//! **Loss is reported, not just logged.** The sink counts every drop (queue eviction, failed write,
+//! emit after shutdown). Whenever drops happened since the last report, the drain task writes a
+//! `High`-priority `telemetry_dropped` envelope into the channel (at most one per
+//! [`TrickleEventsConfig::report_interval`], and always a final one on shutdown), built with the
+//! session's ids, with metadata `dropped` (this window), `dropped_high`, `dropped_low`,
+//! `window_start_ms`, `window_end_ms`, `sink` (`"trickle_events"`) and `dropped_total`. Reports go
+//! straight to the writer, not through the queue, so they are never themselves evicted; a report
+//! whose write fails is folded into the next one. Hence the `dropped` values the client receives sum
+//! to what the sink counted (drops after the final report, i.e. emits after shutdown, excepted).
+
+use crate::envelope::{now_ms, Envelope, Event, Fields};
+use crate::output::LineOutput;
+use crate::priority::Priority;
+use crate::queue::{EventQueue, DEFAULT_CAPACITY};
+use crate::sink::{Sink, SinkStats};
+use bytes::Bytes;
+use parking_lot::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::runtime::Handle;
+use tokio::task::JoinHandle;
+
+/// The sink's name, also the `sink` field of its loss reports.
+pub const SINK_NAME: &str = "trickle_events";
+
+const LINE_PREFIX: &[u8] = br#"{"type":"telemetry","event":"#;
+
+/// The session whose events channel this sink writes to; stamped on loss reports.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SessionContext {
+    /// The session id (`data.session_id` of loss reports).
+    pub session_id: Option<String>,
+    /// The connection id (`data.connection_id` of loss reports).
+    pub connection_id: Option<String>,
+}
+
+/// Tuning of a [`TrickleEventsSink`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TrickleEventsConfig {
+    /// Queue capacity shared by both priority classes (default 256, the seed's).
+    pub capacity: usize,
+    /// Minimum time between two loss reports (default 250 ms); shutdown always reports.
+    pub report_interval: Duration,
+}
+
+impl Default for TrickleEventsConfig {
+    fn default() -> Self {
+        TrickleEventsConfig {
+            capacity: DEFAULT_CAPACITY,
+            report_interval: Duration::from_millis(250),
+        }
+    }
+}
+
+/// Spawning needs a Tokio runtime for the drain task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("TrickleEventsSink::spawn needs a Tokio runtime: call it from within one, or use spawn_on")]
+pub struct NoRuntime;
+
+#[derive(Debug, Default)]
+struct Counters {
+    delivered: AtomicU64,
+    write_dropped_high: AtomicU64,
+    write_dropped_low: AtomicU64,
+    in_flight: AtomicU64,
+    reports: AtomicU64,
+    write_errors: AtomicU64,
+}
+
+#[derive(Debug)]
+struct Shared {
+    queue: EventQueue,
+    counters: Counters,
+}
+
+impl Shared {
+    /// (dropped_high, dropped_low) counted so far, all causes.
+    fn drop_totals(&self) -> (u64, u64) {
+        let q = self.queue.counts();
+        let c = &self.counters;
+        (
+            q.dropped_high + c.write_dropped_high.load(Ordering::Relaxed),
+            q.dropped_low + c.write_dropped_low.load(Ordering::Relaxed),
+        )
+    }
+}
+
+/// The runner's sink: bounded queue plus a drain task writing to the session's events channel.
+#[derive(Debug)]
+pub struct TrickleEventsSink {
+    shared: Arc<Shared>,
+    task: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl TrickleEventsSink {
+    /// Starts the sink and its drain task on the current Tokio runtime, with `capacity` and the
+    /// default report interval.
+    pub fn spawn<O: LineOutput>(
+        output: O,
+        session: SessionContext,
+        capacity: usize,
+    ) -> Result<Arc<TrickleEventsSink>, NoRuntime> {
+        let handle = Handle::try_current().map_err(|_| NoRuntime)?;
+        let config = TrickleEventsConfig {
+            capacity,
+            ..TrickleEventsConfig::default()
+        };
+        Ok(TrickleEventsSink::spawn_on(&handle, output, session, config))
+    }
+
+    /// Starts the sink with its drain task on `handle`.
+    pub fn spawn_on<O: LineOutput>(
+        handle: &Handle,
+        output: O,
+        session: SessionContext,
+        config: TrickleEventsConfig,
+    ) -> Arc<TrickleEventsSink> {
+        let shared = Arc::new(Shared {
+            queue: EventQueue::new(config.capacity),
+            counters: Counters::default(),
+        });
+        let task = handle.spawn(drain(
+            Arc::clone(&shared),
+            output,
+            session,
+            config.report_interval,
+        ));
+        Arc::new(TrickleEventsSink {
+            shared,
+            task: Mutex::new(Some(task)),
+        })
+    }
+
+    /// Stops accepting events (later emits are dropped and counted); the drain task writes what
+    /// is queued, a final loss report if needed, and ends. Does not wait: see [`Self::shutdown`].
+    pub fn close(&self) {
+        self.shared.queue.close();
+    }
+
+    /// [`Self::close`], then waits for the drain task to finish; returns the final totals.
+    pub async fn shutdown(&self) -> SinkStats {
+        self.close();
+        let task = self.task.lock().take();
+        if let Some(task) = task {
+            if let Err(e) = task.await {
+                tracing::error!(target: "telemetry", error = %e, "telemetry drain task failed");
+            }
+        }
+        self.stats()
+    }
+}
+
+impl Drop for TrickleEventsSink {
+    fn drop(&mut self) {
+        // The drain task owns the rest: it writes what is queued and ends.
+        self.shared.queue.close();
+    }
+}
+
+impl Sink for TrickleEventsSink {
+    fn emit(&self, event: Event) {
+        self.shared.queue.push(event);
+    }
+
+    fn stats(&self) -> SinkStats {
+        let (q, len) = self.shared.queue.snapshot();
+        let c = &self.shared.counters;
+        SinkStats {
+            emitted: q.pushed(),
+            delivered: c.delivered.load(Ordering::Relaxed),
+            dropped_high: q.dropped_high + c.write_dropped_high.load(Ordering::Relaxed),
+            dropped_low: q.dropped_low + c.write_dropped_low.load(Ordering::Relaxed),
+            queued: len as u64 + c.in_flight.load(Ordering::Relaxed),
+            reports: c.reports.load(Ordering::Relaxed),
+            write_errors: c.write_errors.load(Ordering::Relaxed),
+        }
+    }
+
+    fn name(&self) -> &'static str {
+        SINK_NAME
+    }
+}
+
+/// Loss-report bookkeeping of one drain task.
+struct Reporter {
+    session: SessionContext,
+    interval: Duration,
+    /// Drops already reported (high, low).
+    reported: (u64, u64),
+    window_start_ms: u64,
+    last_report: Option<Instant>,
+}
+
+impl Reporter {
+    fn due(&self, totals: (u64, u64), closing: bool) -> bool {
+        totals != self.reported
+            && (closing || self.last_report.is_none_or(|t| t.elapsed() >= self.interval))
+    }
+
+    /// Time until a pending report is due (None: nothing pending).
+    fn wait_for(&self, totals: (u64, u64)) -> Option<Duration> {
+        if totals == self.reported {
+            return None;
+        }
+        Some(
+            self.last_report
+                .map_or(Duration::ZERO, |t| self.interval.saturating_sub(t.elapsed())),
+        )
+    }
+
+    fn build(&self, totals: (u64, u64)) -> (Envelope, u64) {
+        let high = totals.0 - self.reported.0;
+        let low = totals.1 - self.reported.1;
+        let end_ms = now_ms();
+        let mut fields = Fields::new();
+        if let Some(s) = &self.session.session_id {
+            fields = fields.session_id(s.as_str());
+        }
+        if let Some(c) = &self.session.connection_id {
+            fields = fields.connection_id(c.as_str());
+        }
+        let fields = fields
+            .meta("dropped", high + low)
+            .meta("dropped_high", high)
+            .meta("dropped_low", low)
+            .meta("window_start_ms", self.window_start_ms)
+            .meta("window_end_ms", end_ms)
+            .meta("sink", SINK_NAME)
+            .meta("dropped_total", totals.0 + totals.1);
+        (Envelope::new("telemetry_dropped", fields), end_ms)
+    }
+}
+
+fn write_line(buf: &mut Vec<u8>, event: &Event) {
+    buf.extend_from_slice(LINE_PREFIX);
+    event.write_json(buf);
+    buf.push(b'}');
+}
+
+async fn drain<O: LineOutput>(
+    shared: Arc<Shared>,
+    mut output: O,
+    session: SessionContext,
+    interval: Duration,
+) {
+    let mut reporter = Reporter {
+        session,
+        interval,
+        reported: (0, 0),
+        window_start_ms: now_ms(),
+        last_report: None,
+    };
+    let mut batch: Vec<Event> = Vec::new();
+    let mut ends: Vec<usize> = Vec::new();
+    let mut warned_drop = false;
+    loop {
+        let drained = shared.queue.drain_into(&mut batch);
+        let totals = shared.drop_totals();
+        if totals != (0, 0) && !warned_drop {
+            warned_drop = true;
+            tracing::warn!(target: "telemetry",
+                "telemetry events queue overflowed: dropping events (counted, reported as telemetry_dropped)");
+        }
+        let report = reporter
+            .due(totals, drained.closed)
+            .then(|| reporter.build(totals));
+
+        if !batch.is_empty() || report.is_some() {
+            let n = batch.len();
+            shared.counters.in_flight.store(n as u64, Ordering::Relaxed);
+            // One buffer per batch, sliced into lines without copying.
+            let mut buf = Vec::with_capacity(n * 400 + 512);
+            ends.clear();
+            for event in &batch {
+                write_line(&mut buf, event);
+                ends.push(buf.len());
+            }
+            if let Some((envelope, _)) = &report {
+                buf.extend_from_slice(LINE_PREFIX);
+                envelope.write_json(&mut buf);
+                buf.push(b'}');
+                ends.push(buf.len());
+            }
+            let all = Bytes::from(buf);
+            let mut start = 0;
+            let lines: Vec<Bytes> = ends
+                .iter()
+                .map(|&end| {
+                    let line = all.slice(start..end);
+                    start = end;
+                    line
+                })
+                .collect();
+
+            let written = match output.write_lines(lines).await {
+                Ok(()) => ends.len(),
+                Err(e) => {
+                    let errors = shared.counters.write_errors.fetch_add(1, Ordering::Relaxed) + 1;
+                    if errors.is_power_of_two() {
+                        tracing::warn!(target: "telemetry", error = %e, errors,
+                            "cannot write telemetry to the events channel; events dropped (counted)");
+                    }
+                    e.written.min(ends.len())
+                }
+            };
+            let delivered = written.min(n);
+            shared
+                .counters
+                .delivered
+                .fetch_add(delivered as u64, Ordering::Relaxed);
+            for event in &batch[delivered..] {
+                let counter = match event.priority() {
+                    Priority::High => &shared.counters.write_dropped_high,
+                    Priority::Low => &shared.counters.write_dropped_low,
+                };
+                counter.fetch_add(1, Ordering::Relaxed);
+            }
+            if let Some((_, end_ms)) = report {
+                if written > n {
+                    shared.counters.reports.fetch_add(1, Ordering::Relaxed);
+                    reporter.reported = totals;
+                    reporter.window_start_ms = end_ms;
+                    reporter.last_report = Some(Instant::now());
+                }
+            }
+            shared.counters.in_flight.store(0, Ordering::Relaxed);
+            batch.clear();
+            if !drained.closed {
+                continue;
+            }
+        }
+        if drained.closed {
+            // Nothing more can be queued. One last report if this batch's write failures added drops.
+            let totals = shared.drop_totals();
+            if totals != reporter.reported && reporter.due(totals, true) {
+                let (envelope, _) = reporter.build(totals);
+                let mut buf = Vec::with_capacity(512);
+                write_line(&mut buf, &Event::from(envelope));
+                if output.write_lines(vec![Bytes::from(buf)]).await.is_ok() {
+                    shared.counters.reports.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            break;
+        }
+        match reporter.wait_for(totals) {
+            Some(d) => {
+                let _ = tokio::time::timeout(d, shared.queue.wait()).await;
+            }
+            None => shared.queue.wait().await,
+        }
+    }
+}

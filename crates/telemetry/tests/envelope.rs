@@ -1,0 +1,389 @@
+//! Envelope shape, forwarded-envelope byte fidelity, and parsing of untrusted bytes.
+
+use bytes::Bytes;
+use proptest::prelude::*;
+use serde_json::{json, Value};
+use telemetry::{Envelope, EnvelopeError, ErrorInfo, Event, Fields, Priority, RawEnvelope};
+
+fn to_value(e: &Envelope) -> Value {
+    serde_json::from_slice(&e.to_json()).expect("envelope JSON parses")
+}
+
+/// Keys of the object at `path` (top level when empty), in the order they appear in `bytes`.
+fn ordered_keys(bytes: &[u8], path: &[&str]) -> Vec<String> {
+    struct Ordered(Vec<(String, Box<serde_json::value::RawValue>)>);
+    impl<'de> serde::Deserialize<'de> for Ordered {
+        fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct V;
+            impl<'de> serde::de::Visitor<'de> for V {
+                type Value = Ordered;
+                fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                    f.write_str("object")
+                }
+                fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<Ordered, A::Error> {
+                    let mut v = Vec::new();
+                    while let Some(e) = m.next_entry()? {
+                        v.push(e);
+                    }
+                    Ok(Ordered(v))
+                }
+            }
+            d.deserialize_map(V)
+        }
+    }
+    let mut cur: Ordered = serde_json::from_slice(bytes).unwrap();
+    for p in path {
+        let raw = &cur.0.iter().find(|(k, _)| k == p).unwrap().1;
+        cur = serde_json::from_str(raw.get()).unwrap();
+    }
+    cur.0.into_iter().map(|(k, _)| k).collect()
+}
+
+fn keys(v: &Value) -> Vec<String> {
+    let bytes = serde_json::to_vec(v).unwrap();
+    let mut k = ordered_keys(&bytes, &[]);
+    k.sort();
+    k
+}
+
+#[test]
+fn envelope_has_exactly_the_spec_shape_with_all_fields() {
+    let fields = Fields::new()
+        .session_id("sess-1")
+        .connection_id("conn-1")
+        .pipeline_ids(["longlive", "rife"])
+        .user_id("user-1")
+        .error(ErrorInfo::new("pipeline_load_failed", "CUDA OOM", "RuntimeError", false))
+        .connection_info(json!({"gpu_type": "H100", "region": "us-east"}))
+        .meta("startup_ms", 1234)
+        .meta("mode", "video");
+    let env = Envelope::new("error", fields);
+    let raw = env.to_json();
+    let text = std::str::from_utf8(&raw).unwrap();
+    let v = to_value(&env);
+
+    // Top-level key order and set, and data key order, as the seed writes them.
+    assert_eq!(ordered_keys(&raw, &[]), ["id", "type", "timestamp", "data"]);
+    assert_eq!(
+        ordered_keys(&raw, &["data"]),
+        [
+            "type",
+            "client_source",
+            "timestamp",
+            "session_id",
+            "connection_id",
+            "pipeline_ids",
+            "user_id",
+            "error",
+            "connection_info",
+            "startup_ms",
+            "mode"
+        ]
+    );
+    assert_eq!(v["type"], "stream_trace");
+    assert_eq!(v["data"]["type"], "error");
+    assert_eq!(v["data"]["client_source"], "scope");
+    assert_eq!(v["data"]["pipeline_ids"], json!(["longlive", "rife"]));
+    assert_eq!(
+        v["data"]["error"],
+        json!({"error_type": "pipeline_load_failed", "message": "CUDA OOM",
+               "exception_type": "RuntimeError", "recoverable": false})
+    );
+    assert_eq!(v["data"]["connection_info"]["gpu_type"], "H100");
+    assert_eq!(v["data"]["startup_ms"], 1234);
+    // Compact JSON, one line.
+    assert!(!text.contains('\n'));
+    assert!(text.starts_with(r#"{"id":""#), "{text}");
+}
+
+#[test]
+fn timestamps_are_the_same_unix_ms_decimal_string_in_both_places() {
+    let before = telemetry::now_ms();
+    let env = Envelope::new("stream_started", Fields::new());
+    let after = telemetry::now_ms();
+    let v = to_value(&env);
+    let ts = v["timestamp"].as_str().expect("timestamp is a string");
+    assert_eq!(v["data"]["timestamp"].as_str(), Some(ts));
+    assert!(ts.bytes().all(|b| b.is_ascii_digit()), "{ts}");
+    let ms: u64 = ts.parse().unwrap();
+    assert!(before <= ms && ms <= after, "{before} <= {ms} <= {after}");
+    assert_eq!(ms, env.timestamp_ms());
+}
+
+#[test]
+fn id_is_a_fresh_lowercase_uuid_v4() {
+    let a = Envelope::new("stream_started", Fields::new());
+    let b = Envelope::new("stream_started", Fields::new());
+    assert_ne!(a.id(), b.id());
+    let v = to_value(&a);
+    let id = v["id"].as_str().unwrap();
+    let parsed = uuid::Uuid::parse_str(id).unwrap();
+    assert_eq!(parsed.get_version_num(), 4);
+    assert_eq!(id, id.to_lowercase());
+    assert_eq!(id.len(), 36);
+    assert_eq!(Event::from(a.clone()).id(), id);
+}
+
+#[test]
+fn empty_optionals_are_omitted() {
+    let fields = Fields::new()
+        .session_id("")
+        .connection_id("")
+        .user_id("")
+        .pipeline_ids(Vec::<String>::new())
+        .connection_info(json!({}));
+    let json = Envelope::new("session_closed", fields).to_json();
+    assert_eq!(ordered_keys(&json, &["data"]), ["type", "client_source", "timestamp"]);
+    let json = Envelope::new("session_closed", Fields::new().connection_info(Value::Null)).to_json();
+    assert_eq!(ordered_keys(&json, &["data"]), ["type", "client_source", "timestamp"]);
+}
+
+#[test]
+fn metadata_cannot_override_reserved_keys() {
+    let mut fields = Fields::new().session_id("real-session");
+    for key in telemetry::RESERVED_DATA_KEYS {
+        fields = fields.meta(key, "spoofed");
+    }
+    let fields = fields.meta("fps_in", 30.0);
+    let env = Envelope::with_stamp(uuid::Uuid::new_v4(), 1_700_000_000_123, "stream_heartbeat", fields);
+    let v = to_value(&env);
+    assert_eq!(v["data"]["type"], "stream_heartbeat");
+    assert_eq!(v["data"]["client_source"], "scope");
+    assert_eq!(v["data"]["timestamp"], "1700000000123");
+    assert_eq!(v["data"]["session_id"], "real-session");
+    // Reserved keys not set by a typed field stay absent rather than taking the metadata value.
+    for key in ["connection_id", "pipeline_ids", "user_id", "error", "connection_info"] {
+        assert!(v["data"].get(key).is_none(), "{key} leaked from metadata");
+    }
+    assert_eq!(v["data"]["fps_in"], 30.0);
+    assert_eq!(keys(&v["data"]).len(), 5);
+}
+
+#[test]
+fn metadata_last_write_wins_in_place() {
+    let fields = Fields::new().meta("a", 1).meta("b", 2).meta("a", 3);
+    let env = Envelope::new("stream_heartbeat", fields);
+    let v = to_value(&env);
+    assert_eq!(ordered_keys(&env.to_json(), &["data"])[3..], ["a", "b"]);
+    assert_eq!(v["data"]["a"], 3);
+}
+
+#[test]
+fn priority_follows_the_event_type() {
+    assert_eq!(Envelope::new("stream_heartbeat", Fields::new()).priority(), Priority::Low);
+    assert_eq!(Envelope::new("session_closed", Fields::new()).priority(), Priority::High);
+    assert_eq!(Envelope::new("custom_event", Fields::new()).priority(), Priority::High);
+}
+
+#[test]
+fn a_built_envelope_reparses_as_raw_with_the_same_fields() {
+    let env = Envelope::new(
+        "stream_started",
+        Fields::new().session_id("s").connection_id("c").meta("x", 1),
+    );
+    let raw = RawEnvelope::parse(env.to_json()).unwrap();
+    assert_eq!(raw.id(), env.id().to_string());
+    assert_eq!(raw.event_type(), Some("stream_started"));
+    assert_eq!(raw.session_id(), Some("s"));
+    assert_eq!(raw.connection_id(), Some("c"));
+    assert_eq!(raw.timestamp(), Some(env.timestamp_ms().to_string().as_str()));
+    assert_eq!(raw.priority(), Priority::High);
+    assert_eq!(raw.as_bytes(), &env.to_json());
+}
+
+const ODD: &str = "{ \"id\" : \"abc-1\",\n \"type\":\"stream_trace\", \"timestamp\": \"1700000000000\",\
+ \"data\": {\"type\": \"stream_heartbeat\", \"session_id\": \"s\\u00e9\", \"fps\": 29.970000000000001,\
+ \"nested\": {\"type\": \"inner\"}, \"big\": 123456789012345678901234567890}, \"extra\": [1, 2.50, null] }  \n";
+
+#[test]
+fn raw_envelope_keeps_every_original_byte() {
+    let bytes = Bytes::from_static(ODD.as_bytes());
+    let raw = RawEnvelope::parse(bytes.clone()).unwrap();
+    assert_eq!(raw.as_bytes(), &bytes);
+    assert_eq!(Event::Raw(raw.clone()).to_json(), bytes);
+    let mut out = Vec::new();
+    Event::Raw(raw.clone()).write_json(&mut out);
+    assert_eq!(out, bytes.as_ref());
+    assert_eq!(raw.id(), "abc-1");
+    assert_eq!(raw.event_type(), Some("stream_heartbeat"));
+    assert_eq!(raw.session_id(), Some("s\u{e9}"));
+    assert_eq!(raw.connection_id(), None);
+    assert_eq!(raw.priority(), Priority::Low);
+}
+
+#[test]
+fn relayed_via_annotation_is_inserted_before_the_final_brace() {
+    let bytes = Bytes::from_static(ODD.as_bytes());
+    let mut raw = RawEnvelope::parse(bytes.clone()).unwrap();
+    assert!(raw.annotate_relayed_via("trickle"));
+    let out = raw.as_bytes().clone();
+    let close = ODD.rfind('}').unwrap();
+    // Every original byte survives: prefix up to the final `}`, then the annotation, then the rest.
+    assert_eq!(&out[..close], &bytes[..close]);
+    assert_eq!(&out[close..close + 24], br#","relayed_via":"trickle""#);
+    assert_eq!(&out[close + 24..], &bytes[close..]);
+    let v: Value = serde_json::from_slice(&out).unwrap();
+    assert_eq!(v["relayed_via"], "trickle");
+    assert_eq!(raw.relayed_via(), Some("trickle"));
+    // Annotating twice never duplicates the key.
+    assert!(!raw.annotate_relayed_via("other"));
+    assert_eq!(raw.as_bytes(), &out);
+    // The annotated bytes parse again, keeping the annotation.
+    let again = RawEnvelope::parse(out.clone()).unwrap();
+    assert_eq!(again.relayed_via(), Some("trickle"));
+}
+
+#[test]
+fn generic_annotation_refuses_existing_keys() {
+    let mut raw =
+        RawEnvelope::parse(Bytes::from_static(br#"{"id":"1","data":{"type":"x"},"hop":1}"#)).unwrap();
+    assert_eq!(
+        raw.annotate("hop", &json!(2)),
+        Err(EnvelopeError::AnnotationExists("hop".into()))
+    );
+    assert_eq!(
+        raw.annotate("id", &json!("2")),
+        Err(EnvelopeError::AnnotationExists("id".into()))
+    );
+    raw.annotate("received_ms", &json!(5)).unwrap();
+    raw.annotate("relayed_via", &json!("trickle")).unwrap();
+    assert_eq!(
+        raw.as_bytes().as_ref(),
+        br#"{"id":"1","data":{"type":"x"},"hop":1,"received_ms":5,"relayed_via":"trickle"}"#
+    );
+}
+
+#[test]
+fn from_raw_value_keeps_the_exact_text() {
+    let text = r#"{"id":"q", "data": {"type":"pong"} }"#;
+    let rv = serde_json::value::RawValue::from_string(text.to_owned()).unwrap();
+    let raw = RawEnvelope::from_raw_value(rv).unwrap();
+    assert_eq!(raw.as_bytes().as_ref(), text.as_bytes());
+}
+
+#[test]
+fn parse_rejects_what_is_not_a_forwardable_envelope() {
+    let cases: &[&[u8]] = &[
+        b"",
+        b"   ",
+        b"[]",
+        b"\"id\"",
+        b"42",
+        b"null",
+        b"{",
+        b"{\"id\":\"a\"} trailing",
+        b"{\"id\":\"a\"}{\"id\":\"b\"}",
+        b"\xff\xfe",
+        b"{\"id\":\"\xff\"}",
+    ];
+    for c in cases {
+        let r = RawEnvelope::parse(Bytes::copy_from_slice(c));
+        assert!(matches!(r, Err(EnvelopeError::Invalid(_))), "{:?} -> {r:?}", String::from_utf8_lossy(c));
+    }
+    for c in [
+        &br#"{}"#[..],
+        br#"{"data":{"type":"x"}}"#,
+        br#"{"id":""}"#,
+        br#"{"id":7}"#,
+        br#"{"id":null}"#,
+        br#"{"id":{"a":1}}"#,
+    ] {
+        assert_eq!(RawEnvelope::parse(Bytes::copy_from_slice(c)), Err(EnvelopeError::MissingId));
+    }
+    assert_eq!(
+        RawEnvelope::parse(Bytes::from_static(br#"{"id":"a","id":"b"}"#)),
+        Err(EnvelopeError::DuplicateKey("id"))
+    );
+    assert_eq!(
+        RawEnvelope::parse(Bytes::from_static(br#"{"id":"a","data":{"type":"x","type":"y"}}"#)),
+        Err(EnvelopeError::DuplicateKey("data.type"))
+    );
+}
+
+#[test]
+fn parse_is_lenient_about_optional_fields() {
+    let raw = RawEnvelope::parse(Bytes::from_static(br#"{"id":"a","timestamp":1700,"data":[1,{"type":"x"}]}"#))
+        .unwrap();
+    assert_eq!(raw.timestamp(), Some("1700"));
+    assert_eq!(raw.event_type(), None);
+    assert_eq!(raw.priority(), Priority::High);
+    let raw = RawEnvelope::parse(Bytes::from_static(br#"{"id":"a","data":{"type":5,"session_id":["s"]}}"#))
+        .unwrap();
+    assert_eq!(raw.event_type(), None);
+    assert_eq!(raw.session_id(), None);
+}
+
+#[test]
+fn deeply_nested_input_is_an_error_not_a_crash() {
+    let mut s = String::from(r#"{"id":"a","data":"#);
+    s.push_str(&"[".repeat(100_000));
+    let r = RawEnvelope::parse(Bytes::from(s));
+    assert!(matches!(r, Err(EnvelopeError::Invalid(_))));
+}
+
+fn json_value() -> impl Strategy<Value = Value> {
+    let leaf = prop_oneof![
+        Just(Value::Null),
+        any::<bool>().prop_map(Value::from),
+        any::<i64>().prop_map(Value::from),
+        any::<f64>().prop_filter("finite", |f| f.is_finite()).prop_map(Value::from),
+        ".*".prop_map(Value::from),
+    ];
+    leaf.prop_recursive(4, 32, 6, |inner| {
+        prop_oneof![
+            prop::collection::vec(inner.clone(), 0..5).prop_map(Value::from),
+            prop::collection::btree_map(".*", inner, 0..5)
+                .prop_map(|m| Value::Object(m.into_iter().collect())),
+        ]
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+    #[test]
+    fn parse_of_random_bytes_never_panics(data in prop::collection::vec(any::<u8>(), 0..512)) {
+        let _ = RawEnvelope::parse(Bytes::from(data));
+    }
+
+    #[test]
+    fn parse_of_mutated_envelopes_never_panics(
+        cut in 0usize..400, flip in 0usize..400, byte in any::<u8>()
+    ) {
+        let mut b = Envelope::new("stream_heartbeat", Fields::new().session_id("s").meta("fps", 30.5))
+            .to_json()
+            .to_vec();
+        if !b.is_empty() {
+            let i = flip % b.len();
+            b[i] = byte;
+            b.truncate(cut.max(1).min(b.len()));
+        }
+        if let Ok(mut raw) = RawEnvelope::parse(Bytes::from(b)) {
+            // Whatever parsed must still be valid JSON after annotation.
+            raw.annotate_relayed_via("trickle");
+            prop_assert!(serde_json::from_slice::<Value>(raw.as_bytes()).is_ok());
+        }
+    }
+
+    #[test]
+    fn any_object_with_an_id_round_trips_byte_for_byte(
+        id in "[^\"\\\\]{1,40}", extra in prop::collection::btree_map("[a-z]{1,8}", json_value(), 0..6),
+        pretty in any::<bool>()
+    ) {
+        let mut obj = serde_json::Map::new();
+        for (k, v) in extra { obj.insert(k, v); }
+        obj.insert("id".into(), Value::from(id.clone()));
+        obj.remove("relayed_via");
+        let v = Value::Object(obj);
+        let text = if pretty { serde_json::to_vec_pretty(&v).unwrap() } else { serde_json::to_vec(&v).unwrap() };
+        let bytes = Bytes::from(text);
+        let mut raw = RawEnvelope::parse(bytes.clone()).unwrap();
+        prop_assert_eq!(raw.as_bytes(), &bytes);
+        prop_assert_eq!(raw.id(), id.as_str());
+        prop_assert!(raw.annotate_relayed_via("trickle"));
+        let mut back: Value = serde_json::from_slice(raw.as_bytes()).unwrap();
+        prop_assert_eq!(back.as_object_mut().unwrap().remove("relayed_via"), Some(Value::from("trickle")));
+        let original: Value = serde_json::from_slice(&bytes).unwrap();
+        prop_assert_eq!(back, original);
+    }
+}

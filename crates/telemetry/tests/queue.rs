@@ -1,0 +1,180 @@
+//! The bounded two-class queue: policy, order, counts, and concurrent producers.
+
+use proptest::prelude::*;
+use std::sync::Arc;
+use std::time::Duration;
+use telemetry::queue::{EventQueue, PriorityQueue};
+use telemetry::{Envelope, Event, Fields, Priority};
+
+fn ev(kind: Priority, n: u64) -> Event {
+    let t = match kind {
+        Priority::High => "stream_started",
+        Priority::Low => "stream_heartbeat",
+    };
+    Event::from(Envelope::new(t, Fields::new().meta("n", n)))
+}
+
+fn n_of(e: &Event) -> u64 {
+    match e {
+        Event::Built(b) => b.fields().get_meta("n").and_then(|v| v.as_u64()).unwrap(),
+        Event::Raw(_) => unreachable!(),
+    }
+}
+
+#[test]
+fn full_queue_drops_oldest_low_first() {
+    let mut q = PriorityQueue::new(4);
+    q.push(ev(Priority::Low, 0));
+    q.push(ev(Priority::High, 1));
+    q.push(ev(Priority::Low, 2));
+    q.push(ev(Priority::High, 3));
+    // Full: a new High evicts the oldest Low (0), a new Low evicts the next oldest Low (2).
+    assert_eq!(q.push(ev(Priority::High, 4)).dropped, Some(Priority::Low));
+    assert_eq!(q.push(ev(Priority::Low, 5)).dropped, Some(Priority::Low));
+    let mut out = Vec::new();
+    assert_eq!(q.drain_into(&mut out), 4);
+    assert_eq!(out.iter().map(n_of).collect::<Vec<_>>(), [1, 3, 4, 5]);
+    let c = q.counts();
+    assert_eq!((c.dropped_high, c.dropped_low), (0, 2));
+}
+
+#[test]
+fn new_low_is_refused_when_full_of_high() {
+    let mut q = PriorityQueue::new(2);
+    q.push(ev(Priority::High, 0));
+    q.push(ev(Priority::High, 1));
+    let p = q.push(ev(Priority::Low, 2));
+    assert_eq!(p.dropped, Some(Priority::Low));
+    assert_eq!(p.dropped_event.as_ref().map(n_of), Some(2));
+    assert_eq!(q.len_high(), 2);
+    // A new High when full of High evicts the oldest High.
+    let p = q.push(ev(Priority::High, 3));
+    assert_eq!(p.dropped, Some(Priority::High));
+    assert_eq!(p.dropped_event.as_ref().map(n_of), Some(0));
+    let mut out = Vec::new();
+    q.drain_into(&mut out);
+    assert_eq!(out.iter().map(n_of).collect::<Vec<_>>(), [1, 3]);
+    let c = q.counts();
+    assert_eq!((c.pushed_high, c.pushed_low, c.dropped_high, c.dropped_low), (3, 1, 1, 1));
+}
+
+#[test]
+fn closed_queue_refuses_and_counts() {
+    let mut q = PriorityQueue::new(8);
+    q.push(ev(Priority::High, 0));
+    q.close();
+    assert_eq!(q.push(ev(Priority::High, 1)).dropped, Some(Priority::High));
+    assert_eq!(q.push(ev(Priority::Low, 2)).dropped, Some(Priority::Low));
+    let mut out = Vec::new();
+    assert_eq!(q.drain_into(&mut out), 1);
+    let c = q.counts();
+    assert_eq!(c.pushed(), 3);
+    assert_eq!(c.dropped(), 2);
+    assert_eq!(c.taken(), 1);
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Push(bool),
+    Drain,
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![8 => any::<bool>().prop_map(Op::Push), 1 => Just(Op::Drain)]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    #[test]
+    fn policy_and_counts_hold_for_any_sequence(
+        cap in 1usize..12, ops in prop::collection::vec(op(), 0..300)
+    ) {
+        let mut q = PriorityQueue::new(cap);
+        let mut next = 0u64;
+        let mut delivered: Vec<Event> = Vec::new();
+        for o in ops {
+            match o {
+                Op::Push(high) => {
+                    let class = if high { Priority::High } else { Priority::Low };
+                    let lows_before = q.len_low();
+                    let full_before = q.len() >= cap;
+                    let p = q.push(ev(class, next));
+                    next += 1;
+                    prop_assert!(q.len() <= cap);
+                    match p.dropped {
+                        None => prop_assert!(!full_before),
+                        // High is never dropped while a Low is queued.
+                        Some(Priority::High) => {
+                            prop_assert!(full_before && lows_before == 0 && class == Priority::High)
+                        }
+                        Some(Priority::Low) => prop_assert!(full_before),
+                    }
+                    prop_assert_eq!(p.dropped.is_some(), p.dropped_event.is_some());
+                }
+                Op::Drain => { q.drain_into(&mut delivered); }
+            }
+        }
+        q.drain_into(&mut delivered);
+        let c = q.counts();
+        // Drops counted == pushed - delivered.
+        prop_assert_eq!(c.pushed(), next);
+        prop_assert_eq!(c.dropped(), c.pushed() - delivered.len() as u64);
+        prop_assert_eq!(c.taken(), delivered.len() as u64);
+        // Delivered in push order.
+        let ns: Vec<u64> = delivered.iter().map(n_of).collect();
+        prop_assert!(ns.windows(2).all(|w| w[0] < w[1]), "{:?}", ns);
+    }
+}
+
+#[test]
+fn four_threads_emit_without_blocking_and_counts_add_up() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let q = Arc::new(EventQueue::new(256));
+    const PER_THREAD: u64 = 20_000;
+    // A consumer that drains concurrently, as a sink's drain task does.
+    let consumer = {
+        let q = Arc::clone(&q);
+        rt.spawn(async move {
+            let mut total = 0u64;
+            let mut buf = Vec::new();
+            loop {
+                let d = q.drain_into(&mut buf);
+                total += d.taken as u64;
+                buf.clear();
+                if d.closed {
+                    return total;
+                }
+                if d.taken == 0 {
+                    let _ = tokio::time::timeout(Duration::from_millis(50), q.wait()).await;
+                }
+            }
+        })
+    };
+    let producers: Vec<_> = (0..4)
+        .map(|t| {
+            let q = Arc::clone(&q);
+            std::thread::spawn(move || {
+                for i in 0..PER_THREAD {
+                    let class = if i % 10 == 0 { Priority::High } else { Priority::Low };
+                    q.push(ev(class, t * PER_THREAD + i));
+                }
+            })
+        })
+        .collect();
+    for p in producers {
+        p.join().unwrap();
+    }
+    q.close();
+    let taken = rt.block_on(consumer).unwrap();
+    let c = q.counts();
+    assert_eq!(c.pushed(), 4 * PER_THREAD);
+    assert_eq!(c.pushed_high, 4 * PER_THREAD / 10);
+    assert_eq!(c.taken(), taken);
+    assert_eq!(c.pushed(), c.taken() + c.dropped());
+    assert!(q.is_empty());
+}

@@ -1,0 +1,253 @@
+//! TrickleEventsSink: order and byte fidelity, overload with loss reports, failed writes.
+
+use bytes::Bytes;
+use serde_json::Value;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use telemetry::output::LineCollector;
+use telemetry::sinks::{SessionContext, TrickleEventsConfig, TrickleEventsSink};
+use telemetry::{Envelope, Event, Fields, LineOutput, OutputError, RawEnvelope, Sink};
+use tokio::runtime::Handle;
+
+fn session() -> SessionContext {
+    SessionContext {
+        session_id: Some("sess-9".into()),
+        connection_id: Some("conn-9".into()),
+    }
+}
+
+fn parse(line: &Bytes) -> Value {
+    serde_json::from_slice(line).expect("line is JSON")
+}
+
+/// The envelope bytes inside a `{"type":"telemetry","event":...}` line.
+fn event_bytes(line: &Bytes) -> &[u8] {
+    let prefix = br#"{"type":"telemetry","event":"#;
+    assert!(line.starts_with(prefix), "{}", String::from_utf8_lossy(line));
+    assert!(line.ends_with(b"}"));
+    &line[prefix.len()..line.len() - 1]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn n_events_in_n_lines_out_in_order_with_ids_intact() {
+    let out = LineCollector::new();
+    let sink = TrickleEventsSink::spawn(out.clone(), session(), 8192).unwrap();
+    const N: usize = 5000;
+    let mut expected = Vec::with_capacity(N);
+    for i in 0..N {
+        let env = Envelope::new(
+            if i % 7 == 0 { "stream_started" } else { "stream_heartbeat" },
+            Fields::new().session_id("sess-9").meta("i", i),
+        );
+        expected.push(env.to_json());
+        sink.emit(Event::from(env));
+    }
+    // A forwarded envelope goes out byte for byte, odd spacing and all.
+    let raw = Bytes::from_static(b"{ \"id\": \"fwd-1\", \"data\": {\"type\": \"pong\", \"x\": 1.50} }");
+    sink.emit(Event::Raw(RawEnvelope::parse(raw.clone()).unwrap()));
+    expected.push(raw);
+    let stats = sink.shutdown().await;
+    let lines = out.lines();
+    assert_eq!(lines.len(), N + 1);
+    for (line, want) in lines.iter().zip(&expected) {
+        assert_eq!(event_bytes(line), want.as_ref());
+        assert_eq!(parse(line)["type"], "telemetry");
+    }
+    assert_eq!(
+        (stats.emitted, stats.delivered, stats.dropped(), stats.queued, stats.reports),
+        (N as u64 + 1, N as u64 + 1, 0, 0, 0)
+    );
+}
+
+/// An output that takes its time, so a burst overflows the queue.
+struct Slow {
+    inner: LineCollector,
+    delay: Duration,
+}
+
+impl LineOutput for Slow {
+    async fn write_lines(&mut self, lines: Vec<Bytes>) -> Result<(), OutputError> {
+        tokio::time::sleep(self.delay).await;
+        self.inner.write_lines(lines).await
+    }
+}
+
+fn reports(lines: &[Bytes]) -> Vec<Value> {
+    lines
+        .iter()
+        .map(parse)
+        .filter(|v| v["event"]["data"]["type"] == "telemetry_dropped")
+        .map(|v| v["event"].clone())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overload_keeps_every_lifecycle_event_and_reports_exact_losses() {
+    let out = LineCollector::new();
+    let config = TrickleEventsConfig {
+        capacity: 256,
+        report_interval: Duration::from_millis(20),
+    };
+    let sink = TrickleEventsSink::spawn_on(
+        &Handle::current(),
+        Slow {
+            inner: out.clone(),
+            delay: Duration::from_millis(2),
+        },
+        session(),
+        config,
+    );
+    const HEARTBEATS: usize = 20_000;
+    const LIFECYCLE: usize = 100;
+    let producers: Vec<_> = (0..2)
+        .map(|t| {
+            let sink = Arc::clone(&sink);
+            std::thread::spawn(move || {
+                for i in 0..HEARTBEATS / 2 {
+                    sink.emit(Event::from(Envelope::new(
+                        "stream_heartbeat",
+                        Fields::new().meta("t", t).meta("i", i),
+                    )));
+                    if i % (HEARTBEATS / LIFECYCLE) == 0 {
+                        sink.emit(Event::from(Envelope::new(
+                            "pipeline_loaded",
+                            Fields::new().meta("t", t).meta("i", i),
+                        )));
+                    }
+                }
+            })
+        })
+        .collect();
+    for p in producers {
+        p.join().unwrap();
+    }
+    let stats = sink.shutdown().await;
+    let lines = out.lines();
+
+    assert_eq!(stats.emitted, (HEARTBEATS + LIFECYCLE) as u64);
+    assert!(stats.dropped_low > 0, "the burst must overflow: {stats:?}");
+    assert_eq!(stats.dropped_high, 0, "High is never dropped while Low is queued");
+    assert_eq!(stats.emitted, stats.delivered + stats.dropped());
+    assert_eq!(stats.queued, 0);
+
+    let values: Vec<Value> = lines.iter().map(parse).collect();
+    let lifecycle = values
+        .iter()
+        .filter(|v| v["event"]["data"]["type"] == "pipeline_loaded")
+        .count();
+    assert_eq!(lifecycle, LIFECYCLE, "every lifecycle event arrives");
+
+    let reports = reports(&lines);
+    assert_eq!(reports.len() as u64, stats.reports);
+    assert_eq!(lines.len() as u64, stats.delivered + stats.reports);
+    let sum: u64 = reports.iter().map(|r| r["data"]["dropped"].as_u64().unwrap()).sum();
+    assert_eq!(sum, stats.dropped(), "reported losses equal counted losses");
+    let sum_low: u64 = reports.iter().map(|r| r["data"]["dropped_low"].as_u64().unwrap()).sum();
+    assert_eq!(sum_low, stats.dropped_low);
+    let last = reports.last().unwrap();
+    assert_eq!(last["data"]["dropped_total"].as_u64().unwrap(), stats.dropped());
+    let mut prev_end = 0;
+    for r in &reports {
+        let d = &r["data"];
+        assert_eq!(d["session_id"], "sess-9");
+        assert_eq!(d["connection_id"], "conn-9");
+        assert_eq!(d["sink"], "trickle_events");
+        let (start, end) = (d["window_start_ms"].as_u64().unwrap(), d["window_end_ms"].as_u64().unwrap());
+        assert!(start <= end && start >= prev_end, "windows are ordered and disjoint");
+        prev_end = end;
+        assert_eq!(
+            d["dropped"].as_u64().unwrap(),
+            d["dropped_high"].as_u64().unwrap() + d["dropped_low"].as_u64().unwrap()
+        );
+    }
+}
+
+/// Fails the first `fail` batches that carry any line, then works.
+struct Flaky {
+    inner: LineCollector,
+    fail: Arc<AtomicUsize>,
+}
+
+impl LineOutput for Flaky {
+    async fn write_lines(&mut self, lines: Vec<Bytes>) -> Result<(), OutputError> {
+        if self
+            .fail
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            // Write the first line only, then fail: a partial batch.
+            let first: Vec<Bytes> = lines.into_iter().take(1).collect();
+            let written = first.len();
+            self.inner.write_lines(first).await?;
+            return Err(OutputError {
+                written,
+                reason: "channel reset".into(),
+            });
+        }
+        self.inner.write_lines(lines).await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_writes_are_counted_and_reported_downstream() {
+    let out = LineCollector::new();
+    let sink = TrickleEventsSink::spawn_on(
+        &Handle::current(),
+        Flaky {
+            inner: out.clone(),
+            fail: Arc::new(AtomicUsize::new(3)),
+        },
+        session(),
+        TrickleEventsConfig {
+            capacity: 10_000,
+            report_interval: Duration::from_millis(1),
+        },
+    );
+    for round in 0..6 {
+        for i in 0..50 {
+            sink.emit(Event::from(Envelope::new(
+                "stream_started",
+                Fields::new().meta("round", round).meta("i", i),
+            )));
+        }
+        // Let the drain take each round as its own batch.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let stats = sink.shutdown().await;
+    assert!(stats.write_errors >= 1, "{stats:?}");
+    assert!(stats.dropped_high > 0, "{stats:?}");
+    assert_eq!(stats.emitted, 300);
+    assert_eq!(stats.emitted, stats.delivered + stats.dropped());
+    let lines = out.lines();
+    let reports = reports(&lines);
+    let sum: u64 = reports.iter().map(|r| r["data"]["dropped"].as_u64().unwrap()).sum();
+    assert_eq!(sum, stats.dropped());
+    assert_eq!(
+        lines.len() as u64,
+        stats.delivered + stats.reports,
+        "every line written is a delivered event or a report"
+    );
+}
+
+#[tokio::test]
+async fn emits_after_shutdown_are_counted_as_dropped() {
+    let out = LineCollector::new();
+    let sink = TrickleEventsSink::spawn(out.clone(), session(), 16).unwrap();
+    sink.emit(Event::from(Envelope::new("session_created", Fields::new())));
+    let before = sink.shutdown().await;
+    assert_eq!(before.delivered, 1);
+    sink.emit(Event::from(Envelope::new("session_closed", Fields::new())));
+    sink.emit(Event::from(Envelope::new("stream_heartbeat", Fields::new())));
+    let after = sink.stats();
+    assert_eq!((after.emitted, after.dropped_high, after.dropped_low), (3, 1, 1));
+    assert_eq!(out.len(), 1);
+    // Shutdown twice is harmless.
+    sink.shutdown().await;
+}
+
+#[test]
+fn spawn_outside_a_runtime_is_an_error_not_a_panic() {
+    let err = TrickleEventsSink::spawn(LineCollector::new(), session(), 16).unwrap_err();
+    assert!(err.to_string().contains("Tokio runtime"));
+}
