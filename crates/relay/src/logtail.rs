@@ -180,6 +180,10 @@ mod tests {
         });
         let lines = tail.tail(10);
         assert_eq!(lines.len(), 1);
-        assert!(lines[0].contains(" - relay::test - WARNING - disk is slow count=3"), "{}", lines[0]);
+        assert!(
+            lines[0].contains(" - relay::test - WARNING - disk is slow count=3"),
+            "{}",
+            lines[0]
+        );
     }
 }

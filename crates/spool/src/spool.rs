@@ -169,7 +169,7 @@ impl Spool {
             }
             SyncPolicy::Always | SyncPolicy::Never => None,
         };
-        if report != RecoveryReport::default() {
+        if report.records > 0 || report.truncated_bytes > 0 || report.ack_file_invalid {
             tracing::info!(dir = %shared.dir.display(), "disk buffer recovered: {report}");
         }
         Ok((Spool { shared, syncer }, report))

@@ -81,7 +81,19 @@ const KNOWN_EVENT_TYPES: [&str; 18] = [
 
 /// Whether `key` is one metadata may not set.
 pub fn is_reserved_data_key(key: &str) -> bool {
-    RESERVED_DATA_KEYS.contains(&key)
+    // A `match` compiles to a length switch plus one compare: cheaper than scanning the list.
+    matches!(
+        key,
+        "type"
+            | "client_source"
+            | "timestamp"
+            | "session_id"
+            | "connection_id"
+            | "pipeline_ids"
+            | "user_id"
+            | "error"
+            | "connection_info"
+    )
 }
 
 /// `data.error`: what went wrong, in the seed's four fields.
@@ -201,6 +213,10 @@ impl Fields {
         if let Some(slot) = self.metadata.iter_mut().find(|(k, _)| *k == key) {
             slot.1 = value;
         } else {
+            if self.metadata.capacity() == 0 {
+                // One allocation for a typical event (the seed's heartbeat has 8-10 entries).
+                self.metadata.reserve_exact(12);
+            }
             self.metadata.push((key, value));
         }
     }
@@ -295,13 +311,57 @@ impl Envelope {
     }
 
     /// Appends the envelope's JSON (one object, no newline) to `out`.
+    ///
+    /// Written by hand (fixed parts as literals, strings escaped by `serde_json`): about twice as
+    /// fast as the generic `Serialize` path, byte-identical to it (tested), and it is the drain's
+    /// hot loop.
     pub fn write_json(&self, out: &mut Vec<u8>) {
-        let start = out.len();
-        if let Err(e) = serde_json::to_writer(&mut *out, self) {
-            // Unreachable with these types (string keys, finite numbers); never leave half an object.
-            out.truncate(start);
-            tracing::error!(target: "telemetry", error = %e, "cannot serialize envelope");
+        let mut ts_buf = itoa::Buffer::new();
+        let ts = ts_buf.format(self.timestamp_ms).as_bytes();
+        let mut id_buf = [0u8; 36];
+        let id = self.id.hyphenated().encode_lower(&mut id_buf).as_bytes();
+        let f = &self.fields;
+        out.reserve(256 + f.metadata.len() * 32);
+        out.extend_from_slice(b"{\"id\":\"");
+        out.extend_from_slice(id);
+        out.extend_from_slice(b"\",\"type\":\"stream_trace\",\"timestamp\":\"");
+        out.extend_from_slice(ts);
+        out.extend_from_slice(b"\",\"data\":{\"type\":");
+        json_into(out, self.event_type.as_ref());
+        out.extend_from_slice(b",\"client_source\":\"scope\",\"timestamp\":\"");
+        out.extend_from_slice(ts);
+        out.push(b'"');
+        if let Some(v) = &f.session_id {
+            out.extend_from_slice(b",\"session_id\":");
+            json_into(out, v);
         }
+        if let Some(v) = &f.connection_id {
+            out.extend_from_slice(b",\"connection_id\":");
+            json_into(out, v);
+        }
+        if !f.pipeline_ids.is_empty() {
+            out.extend_from_slice(b",\"pipeline_ids\":");
+            json_into(out, &f.pipeline_ids);
+        }
+        if let Some(v) = &f.user_id {
+            out.extend_from_slice(b",\"user_id\":");
+            json_into(out, v);
+        }
+        if let Some(v) = &f.error {
+            out.extend_from_slice(b",\"error\":");
+            json_into(out, v.as_ref());
+        }
+        if let Some(v) = &f.connection_info {
+            out.extend_from_slice(b",\"connection_info\":");
+            json_into(out, v);
+        }
+        for (k, v) in &f.metadata {
+            out.push(b',');
+            json_into(out, k.as_ref());
+            out.push(b':');
+            json_into(out, v);
+        }
+        out.extend_from_slice(b"}}");
     }
 
     /// The envelope's JSON as bytes.
@@ -312,6 +372,18 @@ impl Envelope {
     }
 }
 
+/// Appends `v` as JSON. Cannot fail for the types used here (strings, string-keyed `Value`s,
+/// plain structs); if it ever did, `null` keeps the surrounding object valid.
+fn json_into<T: Serialize + ?Sized>(out: &mut Vec<u8>, v: &T) {
+    let start = out.len();
+    if let Err(e) = serde_json::to_writer(&mut *out, v) {
+        out.truncate(start);
+        out.extend_from_slice(b"null");
+        tracing::error!(target: "telemetry", error = %e, "cannot serialize an envelope field");
+    }
+}
+
+/// `data`, for the generic `Serialize` impl (which `write_json` matches byte for byte).
 struct Data<'a>(&'a Envelope, &'a str);
 
 impl Serialize for Data<'_> {

@@ -13,7 +13,11 @@
 //!
 //! Every drop is counted per class. Events leave in the order they were queued, across classes
 //! (each class is a FIFO tagged with a sequence number; [`PriorityQueue::drain_into`] merges them).
-//! Dropped events are handed back to the caller so they are freed outside any lock.
+//!
+//! Freeing a dropped event (a dozen small allocations) is kept off the caller's thread: dropped
+//! events go to a bounded "dead" list that the consumer frees with its next drain. Only when that
+//! list is full (the consumer is stalled) is a dropped event handed back to the caller to free,
+//! outside the lock; so memory stays bounded by twice the capacity.
 
 use crate::envelope::Event;
 use crate::priority::Priority;
@@ -61,11 +65,11 @@ impl QueueCounts {
 /// What one `push` did.
 #[derive(Debug)]
 pub struct Pushed {
-    /// The queue was empty before this push (the consumer may be asleep: wake it).
-    pub was_empty: bool,
+    /// Events queued after this push (a consumer is woken when it reaches the wake mark).
+    pub len: usize,
     /// The class dropped by this push, if any (the new event's own class when it was refused).
     pub dropped: Option<Priority>,
-    /// The dropped event, to be freed by the caller after releasing the lock.
+    /// The dropped event when the dead list is full: the caller frees it after releasing the lock.
     pub dropped_event: Option<Event>,
 }
 
@@ -74,6 +78,8 @@ pub struct Pushed {
 pub struct PriorityQueue {
     high: VecDeque<(u64, Event)>,
     low: VecDeque<(u64, Event)>,
+    /// Dropped events awaiting the consumer, who frees them (bounded by `capacity`).
+    dead: Vec<Event>,
     capacity: usize,
     next_seq: u64,
     closed: bool,
@@ -87,6 +93,7 @@ impl PriorityQueue {
         PriorityQueue {
             high: VecDeque::with_capacity(capacity.min(4096)),
             low: VecDeque::with_capacity(capacity.min(4096)),
+            dead: Vec::with_capacity(capacity.min(4096)),
             capacity,
             next_seq: 0,
             closed: false,
@@ -101,11 +108,11 @@ impl PriorityQueue {
             Priority::High => self.counts.pushed_high += 1,
             Priority::Low => self.counts.pushed_low += 1,
         }
-        let was_empty = self.is_empty();
         if self.closed {
+            // After close nobody drains the dead list: the caller frees its own event.
             self.count_drop(class);
             return Pushed {
-                was_empty,
+                len: self.len(),
                 dropped: Some(class),
                 dropped_event: Some(event),
             };
@@ -115,17 +122,17 @@ impl PriorityQueue {
         if self.len() >= self.capacity {
             if let Some((_, old)) = self.low.pop_front() {
                 dropped = Some(Priority::Low);
-                dropped_event = Some(old);
+                dropped_event = self.bury(old);
             } else if class == Priority::Low {
                 self.count_drop(Priority::Low);
                 return Pushed {
-                    was_empty,
                     dropped: Some(Priority::Low),
-                    dropped_event: Some(event),
+                    dropped_event: self.bury(event),
+                    len: self.len(),
                 };
             } else if let Some((_, old)) = self.high.pop_front() {
                 dropped = Some(Priority::High);
-                dropped_event = Some(old);
+                dropped_event = self.bury(old);
             }
         }
         if let Some(c) = dropped {
@@ -138,9 +145,27 @@ impl PriorityQueue {
             Priority::Low => self.low.push_back((seq, event)),
         }
         Pushed {
-            was_empty,
+            len: self.len(),
             dropped,
             dropped_event,
+        }
+    }
+
+    /// Keeps a dropped event for the consumer to free; hands it back when the dead list is full.
+    fn bury(&mut self, event: Event) -> Option<Event> {
+        if self.dead.len() < self.capacity {
+            self.dead.push(event);
+            None
+        } else {
+            Some(event)
+        }
+    }
+
+    /// Swaps the dead list with `spare` (pass an empty vector; its allocation is reused). The
+    /// consumer then frees the dropped events outside any lock.
+    pub fn swap_dead(&mut self, spare: &mut Vec<Event>) {
+        if !self.dead.is_empty() {
+            std::mem::swap(&mut self.dead, spare);
         }
     }
 
@@ -177,6 +202,7 @@ impl PriorityQueue {
     /// Refuses (and counts as dropped) every later push; what is queued stays to be drained.
     pub fn close(&mut self) {
         self.closed = true;
+        self.dead.clear();
     }
 
     /// Whether [`PriorityQueue::close`] was called.
@@ -226,20 +252,28 @@ pub struct Drained {
 
 /// A [`PriorityQueue`] shared between any number of producers and one async consumer.
 ///
-/// Producers take a short `parking_lot` lock; the consumer is woken with [`Notify`] only on the
-/// empty-to-non-empty transition, so a busy consumer costs producers no wake-ups.
+/// Producers take a short `parking_lot` lock and, as a rule, never wake the consumer: waking a
+/// parked runtime thread is a futex syscall, several microseconds on the caller's thread. Instead
+/// the consumer polls ([`EventQueue::wait_for`] with a few milliseconds' timeout), and a producer
+/// wakes it ([`Notify`]) only when the queue reaches its *wake mark* (half the capacity), so that
+/// a burst is drained before it overflows. At most one push per drain pays for a wake-up.
 #[derive(Debug)]
 pub struct EventQueue {
     inner: Mutex<PriorityQueue>,
     notify: Notify,
+    wake_mark: usize,
+    /// The consumer's spare dead list (only the consumer touches it; the lock is uncontended).
+    spare: Mutex<Vec<Event>>,
 }
 
 impl EventQueue {
-    /// An empty queue of `capacity` (at least 1).
+    /// An empty queue of `capacity` (at least 1); the wake mark is half of it.
     pub fn new(capacity: usize) -> Self {
         EventQueue {
             inner: Mutex::new(PriorityQueue::new(capacity)),
             notify: Notify::new(),
+            wake_mark: capacity.max(1).div_ceil(2),
+            spare: Mutex::new(Vec::with_capacity(capacity.clamp(1, 4096))),
         }
     }
 
@@ -248,26 +282,44 @@ impl EventQueue {
         let pushed = self.inner.lock().push(event);
         // The dropped event (if any) is freed here, outside the lock.
         drop(pushed.dropped_event);
-        if pushed.was_empty {
+        if pushed.len == self.wake_mark {
             self.notify.notify_one();
         }
         pushed.dropped
     }
 
-    /// Moves everything queued to `out`, in order, in one lock.
+    /// Moves everything queued to `out`, in order, in one lock; frees dropped events after it.
     pub fn drain_into(&self, out: &mut Vec<Event>) -> Drained {
-        let mut q = self.inner.lock();
-        let taken = q.drain_into(out);
-        Drained {
-            taken,
-            closed: q.is_closed(),
-        }
+        let mut spare = self.spare.lock();
+        let drained = {
+            let mut q = self.inner.lock();
+            let taken = q.drain_into(out);
+            q.swap_dead(&mut spare);
+            Drained {
+                taken,
+                closed: q.is_closed(),
+            }
+        };
+        // Frees the dropped events here, on the consumer, keeping the allocation for next time.
+        spare.clear();
+        drained
     }
 
-    /// Waits until a push lands in an empty queue, or [`EventQueue::close`] is called (may also
-    /// return spuriously: callers re-check by draining).
+    /// Waits until the queue reaches its wake mark or [`EventQueue::close`] is called (may also
+    /// return spuriously: callers re-check by draining). Pair it with a timeout: below the wake
+    /// mark nobody wakes the consumer ([`EventQueue::wait_for`]).
     pub async fn wait(&self) {
         self.notify.notified().await;
+    }
+
+    /// [`EventQueue::wait`], or `poll` elapsed, whichever comes first.
+    pub async fn wait_for(&self, poll: std::time::Duration) {
+        let _ = tokio::time::timeout(poll, self.notify.notified()).await;
+    }
+
+    /// The queue length at which a push wakes the consumer.
+    pub fn wake_mark(&self) -> usize {
+        self.wake_mark
     }
 
     /// Closes the queue (later pushes are refused and counted) and wakes the consumer.

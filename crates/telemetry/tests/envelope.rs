@@ -160,6 +160,16 @@ fn metadata_cannot_override_reserved_keys() {
 }
 
 #[test]
+fn reserved_key_check_matches_the_list() {
+    for key in telemetry::RESERVED_DATA_KEYS {
+        assert!(telemetry::envelope::is_reserved_data_key(key), "{key}");
+    }
+    for key in ["types", "Type", "", "session", "timestamp_ms", "errors", "id"] {
+        assert!(!telemetry::envelope::is_reserved_data_key(key), "{key}");
+    }
+}
+
+#[test]
 fn metadata_last_write_wins_in_place() {
     let fields = Fields::new().meta("a", 1).meta("b", 2).meta("a", 3);
     let env = Envelope::new("stream_heartbeat", fields);
@@ -340,6 +350,31 @@ fn json_value() -> impl Strategy<Value = Value> {
 
 proptest! {
     #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+    #[test]
+    fn hand_written_json_matches_serde_byte_for_byte(
+        event_type in "\\PC{0,20}",
+        session in "\\PC{0,12}",
+        pipelines in prop::collection::vec("\\PC{0,8}", 0..3),
+        with_error in any::<bool>(),
+        info in prop::option::of(json_value()),
+        meta in prop::collection::vec(("[a-z_\"\\\\]{1,10}", json_value()), 0..8),
+    ) {
+        let mut fields = Fields::new().session_id(session.clone()).pipeline_ids(pipelines).user_id(session);
+        if with_error {
+            fields = fields.error(ErrorInfo::new("e\"t", "line\nbreak", "ValueError", true));
+        }
+        if let Some(info) = info {
+            fields = fields.connection_info(info);
+        }
+        for (k, v) in meta {
+            fields = fields.meta(k, v);
+        }
+        let env = Envelope::new(&event_type, fields);
+        let via_serde = serde_json::to_vec(&env).unwrap();
+        prop_assert_eq!(env.to_json().as_ref(), via_serde.as_slice());
+        prop_assert!(serde_json::from_slice::<Value>(&via_serde).is_ok());
+    }
 
     #[test]
     fn parse_of_random_bytes_never_panics(data in prop::collection::vec(any::<u8>(), 0..512)) {

@@ -88,6 +88,7 @@ async fn overload_keeps_every_lifecycle_event_and_reports_exact_losses() {
     let config = TrickleEventsConfig {
         capacity: 256,
         report_interval: Duration::from_millis(20),
+        ..TrickleEventsConfig::default()
     };
     let sink = TrickleEventsSink::spawn_on(
         &Handle::current(),
@@ -202,6 +203,7 @@ async fn failed_writes_are_counted_and_reported_downstream() {
         TrickleEventsConfig {
             capacity: 10_000,
             report_interval: Duration::from_millis(1),
+            poll_interval: Duration::from_millis(1),
         },
     );
     for round in 0..6 {

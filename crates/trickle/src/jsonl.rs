@@ -77,7 +77,11 @@ pub fn decode_line<T: DeserializeOwned>(line: &[u8], max: usize) -> Result<T, Li
     }
     let line = line.strip_suffix(b"\r").unwrap_or(line);
     let text = std::str::from_utf8(line).map_err(|_| LineError::NotUtf8)?;
-    if text.bytes().find(|b| !matches!(b, b' ' | b'\t' | b'\r' | b'\n')) != Some(b'{') {
+    if text
+        .bytes()
+        .find(|b| !matches!(b, b' ' | b'\t' | b'\r' | b'\n'))
+        != Some(b'{')
+    {
         return Err(LineError::NotObject);
     }
     serde_json::from_str(text).map_err(|e| {
@@ -373,7 +377,10 @@ impl JsonlWriter {
             .send(Cmd::Line(line))
             .await
             .map_err(|_| self.stopped_error())?;
-        self.inner.counters.lines_accepted.fetch_add(1, Ordering::Relaxed);
+        self.inner
+            .counters
+            .lines_accepted
+            .fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
 
@@ -384,7 +391,10 @@ impl JsonlWriter {
         self.check_open()?;
         match self.inner.tx.try_send(Cmd::Line(line)) {
             Ok(()) => {
-                self.inner.counters.lines_accepted.fetch_add(1, Ordering::Relaxed);
+                self.inner
+                    .counters
+                    .lines_accepted
+                    .fetch_add(1, Ordering::Relaxed);
                 Ok(())
             }
             Err(mpsc::error::TrySendError::Full(_)) => Err(JsonlError::Full),
@@ -396,7 +406,9 @@ impl JsonlWriter {
     pub async fn write<T: Serialize + ?Sized>(&self, msg: &T) -> Result<(), JsonlError> {
         let line = serde_json::to_vec(msg).map_err(|e| JsonlError::NotObject(e.to_string()))?;
         if line.first() != Some(&b'{') {
-            return Err(JsonlError::NotObject(String::from_utf8_lossy(&line).chars().take(80).collect()));
+            return Err(JsonlError::NotObject(
+                String::from_utf8_lossy(&line).chars().take(80).collect(),
+            ));
         }
         self.write_line(Bytes::from(line)).await
     }
@@ -414,6 +426,9 @@ impl JsonlWriter {
 
     /// Writes what is queued, ends the open segment, and closes the publisher (DELETE).
     /// Errors if the publisher gave up or lines were lost. Later calls return `Ok`.
+    ///
+    /// As with the reference publisher, a reader more than one segment behind when the channel
+    /// is deleted misses the rest; readers that keep up (preconnected) receive everything.
     pub async fn close(&self) -> Result<(), JsonlError> {
         self.inner.closed.store(true, Ordering::SeqCst);
         let Some(task) = self.inner.task.lock().take() else {
@@ -487,7 +502,7 @@ struct WriterTask {
     counters: Arc<WriterCounters>,
     terminal: Arc<Mutex<Option<String>>>,
     seg: Option<OpenSegment>,
-    /// The previous segment's close, running in the background while the next one fills.
+    /// The previous segment's close, running in the background until the next segment opens.
     closing: Option<Closing>,
     /// When the open segment rotates by time.
     deadline: Option<Instant>,
@@ -526,7 +541,9 @@ impl WriterTask {
                     // Coalesce everything queued since the last write into one chunk.
                     while batch.len() < MAX_BATCH_BYTES {
                         match self.rx.try_recv() {
-                            Ok(Cmd::Line(line)) => self.add_line(&mut batch, &mut lines, &line).await,
+                            Ok(Cmd::Line(line)) => {
+                                self.add_line(&mut batch, &mut lines, &line).await
+                            }
                             Ok(other) => {
                                 stash = Some(other);
                                 break;
@@ -551,7 +568,9 @@ impl WriterTask {
             self.write_batch(batch, *lines).await;
             *lines = 0;
             if self.seg.is_some() {
-                self.counters.rotations_by_size.fetch_add(1, Ordering::Relaxed);
+                self.counters
+                    .rotations_by_size
+                    .fetch_add(1, Ordering::Relaxed);
                 self.rotate().await;
             }
         }
@@ -574,6 +593,13 @@ impl WriterTask {
                 return;
             }
             if self.seg.is_none() {
+                // Segments reach the server in order: segment n must be acknowledged before the
+                // first byte of n+1 (as the reference publisher does), else a reader asking for n
+                // could find n+1 already at the live edge and jump past n.
+                self.settle_closing().await;
+                if self.terminal.lock().is_some() {
+                    continue;
+                }
                 let Some(publisher) = self.publisher.as_mut() else {
                     self.lost(lines);
                     return;
@@ -594,7 +620,11 @@ impl WriterTask {
                     }
                 }
             }
-            if self.seg.as_ref().is_some_and(|s| s.bytes > 0 && s.writer.post_ended()) {
+            if self
+                .seg
+                .as_ref()
+                .is_some_and(|s| s.bytes > 0 && s.writer.post_ended())
+            {
                 // Its POST died (e.g. the server restarted): the close retries what it holds,
                 // and new lines go to the next segment, where readers that saw part of it look.
                 self.rotate().await;
@@ -609,7 +639,8 @@ impl WriterTask {
                     seg.bytes += data.len();
                     let c = &self.counters;
                     c.lines_written.fetch_add(lines, Ordering::Relaxed);
-                    c.bytes_written.fetch_add(data.len() as u64, Ordering::Relaxed);
+                    c.bytes_written
+                        .fetch_add(data.len() as u64, Ordering::Relaxed);
                     c.chunks.fetch_add(1, Ordering::Relaxed);
                     return;
                 }
@@ -617,7 +648,9 @@ impl WriterTask {
                     let failed_lines = seg.lines;
                     self.seg = None;
                     self.deadline = None;
-                    self.counters.segments_failed.fetch_add(1, Ordering::Relaxed);
+                    self.counters
+                        .segments_failed
+                        .fetch_add(1, Ordering::Relaxed);
                     self.lost(failed_lines);
                     self.publish_failed(&e);
                 }
@@ -644,10 +677,14 @@ impl WriterTask {
         };
         match closing.await {
             Ok((Ok(()), lines)) => {
-                self.counters.lines_acked.fetch_add(lines, Ordering::Relaxed);
+                self.counters
+                    .lines_acked
+                    .fetch_add(lines, Ordering::Relaxed);
             }
             Ok((Err(e), lines)) => {
-                self.counters.segments_failed.fetch_add(1, Ordering::Relaxed);
+                self.counters
+                    .segments_failed
+                    .fetch_add(1, Ordering::Relaxed);
                 self.lost(lines);
                 self.publish_failed(&e);
             }
@@ -749,7 +786,12 @@ pub struct ReaderStats {
 impl ReaderStats {
     /// All bad lines, every kind together.
     pub fn bad_lines(&self) -> u64 {
-        self.not_utf8 + self.not_json + self.not_object + self.mismatch + self.oversize + self.partial
+        self.not_utf8
+            + self.not_json
+            + self.not_object
+            + self.mismatch
+            + self.oversize
+            + self.partial
     }
 }
 
@@ -780,6 +822,7 @@ impl JsonlReader {
 
     /// The next good line decoded as `T`, or `None` when the channel ends. Bad lines are counted
     /// and skipped; an error means the subscriber gave up (see [`Subscriber::next_segment`]).
+    /// Cancel-safe: state changes only after each await completes, so it can be used in `select!`.
     pub async fn next<T: DeserializeOwned>(&mut self) -> Result<Option<T>, SubscribeError> {
         loop {
             while let Some(event) = self.splitter.next_event() {
@@ -846,7 +889,10 @@ impl JsonlReader {
                 }
                 Err(_) => {
                     self.stats.partial += 1;
-                    self.warn(&format!("segment ended in the middle of a {}-byte line", tail.len()));
+                    self.warn(&format!(
+                        "segment ended in the middle of a {}-byte line",
+                        tail.len()
+                    ));
                     None
                 }
             },
@@ -873,7 +919,10 @@ impl JsonlReader {
     /// At most one warning per second, saying how many were suppressed in between.
     fn warn(&mut self, what: &str) {
         let now = std::time::Instant::now();
-        if self.last_warn.is_some_and(|t| now.duration_since(t) < WARN_EVERY) {
+        if self
+            .last_warn
+            .is_some_and(|t| now.duration_since(t) < WARN_EVERY)
+        {
             self.suppressed += 1;
             return;
         }
@@ -908,16 +957,33 @@ mod tests {
     fn splitter_joins_lines_across_chunks() {
         let mut s = LineSplitter::new(100);
         let ev = split_all(&mut s, &[b"{\"a\"", b":1}\n{\"b\":2}\n{", b"\"c\":3}\n"]);
-        assert_eq!(ev, vec![line("{\"a\":1}"), line("{\"b\":2}"), line("{\"c\":3}")]);
+        assert_eq!(
+            ev,
+            vec![line("{\"a\":1}"), line("{\"b\":2}"), line("{\"c\":3}")]
+        );
     }
 
     #[test]
     fn splitter_skips_oversize_lines_without_buffering_them() {
         let mut s = LineSplitter::new(8);
-        let big = vec![b'x'; 30];
-        let ev = split_all(&mut s, &[b"{\"a\":1}\n", &big[..10], &big[10..], b"\n{\"b\":2}\n"]);
-        assert_eq!(ev, vec![line("{\"a\":1}"), SplitEvent::Oversize { len: 30 }, line("{\"b\":2}")]);
-        assert!(s.partial.capacity() <= 8, "kept {} bytes", s.partial.capacity());
+        let big = [b'x'; 30];
+        let ev = split_all(
+            &mut s,
+            &[b"{\"a\":1}\n", &big[..10], &big[10..], b"\n{\"b\":2}\n"],
+        );
+        assert_eq!(
+            ev,
+            vec![
+                line("{\"a\":1}"),
+                SplitEvent::Oversize { len: 30 },
+                line("{\"b\":2}")
+            ]
+        );
+        assert!(
+            s.partial.capacity() <= 8,
+            "kept {} bytes",
+            s.partial.capacity()
+        );
         // Exactly at the limit is fine; one over is not.
         let mut s = LineSplitter::new(7);
         let ev = split_all(&mut s, &[b"{\"a\":1}\n{\"a\":12}\n"]);
@@ -928,7 +994,13 @@ mod tests {
     fn splitter_reports_the_unterminated_tail_and_skips_blank_lines() {
         let mut s = LineSplitter::new(100);
         let ev = split_all(&mut s, &[b"\n\r\n{\"a\":1}\n  \n{\"b\""]);
-        assert_eq!(ev, vec![line("{\"a\":1}"), SplitEvent::Unterminated(Bytes::from_static(b"{\"b\""))]);
+        assert_eq!(
+            ev,
+            vec![
+                line("{\"a\":1}"),
+                SplitEvent::Unterminated(Bytes::from_static(b"{\"b\""))
+            ]
+        );
         // The splitter is reusable for the next segment.
         let ev = split_all(&mut s, &[b"{\"c\":1}\n"]);
         assert_eq!(ev, vec![line("{\"c\":1}")]);
@@ -937,7 +1009,10 @@ mod tests {
     #[test]
     fn splitter_reports_oversize_tail() {
         let mut s = LineSplitter::new(4);
-        assert_eq!(split_all(&mut s, &[b"{\"a\":1"]), vec![SplitEvent::Oversize { len: 6 }]);
+        assert_eq!(
+            split_all(&mut s, &[b"{\"a\":1"]),
+            vec![SplitEvent::Oversize { len: 6 }]
+        );
     }
 
     #[test]
@@ -946,11 +1021,23 @@ mod tests {
         assert!(decode_line::<Value>(b"{\"a\":1}", max).is_ok());
         assert!(decode_line::<Value>(b"  {\"a\":1}\r", max).is_ok());
         assert_eq!(decode_line::<Value>(b"[1]", max), Err(LineError::NotObject));
-        assert_eq!(decode_line::<Value>(b"\"x\"", max), Err(LineError::NotObject));
+        assert_eq!(
+            decode_line::<Value>(b"\"x\"", max),
+            Err(LineError::NotObject)
+        );
         assert_eq!(decode_line::<Value>(b"", max), Err(LineError::NotObject));
-        assert_eq!(decode_line::<Value>(b"{\"a\":\xff}", max), Err(LineError::NotUtf8));
-        assert!(matches!(decode_line::<Value>(b"{garbage", max), Err(LineError::NotJson(_))));
-        assert!(matches!(decode_line::<Value>(b"{\"a\":1} x", max), Err(LineError::NotJson(_))));
+        assert_eq!(
+            decode_line::<Value>(b"{\"a\":\xff}", max),
+            Err(LineError::NotUtf8)
+        );
+        assert!(matches!(
+            decode_line::<Value>(b"{garbage", max),
+            Err(LineError::NotJson(_))
+        ));
+        assert!(matches!(
+            decode_line::<Value>(b"{\"a\":1} x", max),
+            Err(LineError::NotJson(_))
+        ));
         assert!(matches!(
             decode_line::<Value>(&[b' '; 65], max),
             Err(LineError::Oversize { len: 65, max: 64 })
@@ -963,7 +1050,10 @@ mod tests {
 
     #[test]
     fn writer_rejects_lines_that_would_break_framing() {
-        assert!(matches!(check_line(b"{\"a\":\n1}"), Err(JsonlError::Newline)));
+        assert!(matches!(
+            check_line(b"{\"a\":\n1}"),
+            Err(JsonlError::Newline)
+        ));
         assert!(matches!(check_line(b""), Err(JsonlError::Empty)));
         assert!(check_line(b"{}").is_ok());
     }

@@ -300,9 +300,9 @@ impl EventMessage {
     /// The `request_id`, for the types that carry one.
     pub fn request_id(&self) -> Option<&str> {
         match self {
-            EventMessage::ApiResponse(r) | EventMessage::StreamStarted(r) | EventMessage::Error(r) => {
-                r.request_id.as_deref()
-            }
+            EventMessage::ApiResponse(r)
+            | EventMessage::StreamStarted(r)
+            | EventMessage::Error(r) => r.request_id.as_deref(),
             EventMessage::Pong(p) => p.request_id.as_deref(),
             EventMessage::StreamStopped(i) | EventMessage::ParametersAck(i) => {
                 i.extra.get("request_id").and_then(Value::as_str)
@@ -424,7 +424,10 @@ fn type_of(fields: &[(String, Box<RawValue>)]) -> Option<String> {
         .and_then(|(_, v)| serde_json::from_str::<String>(v.get()).ok())
 }
 
-fn to_map(fields: Vec<(String, Box<RawValue>)>, skip_type: bool) -> Result<Map<String, Value>, String> {
+fn to_map(
+    fields: Vec<(String, Box<RawValue>)>,
+    skip_type: bool,
+) -> Result<Map<String, Value>, String> {
     let mut map = Map::new();
     for (k, v) in fields {
         if skip_type && k == "type" {
@@ -448,6 +451,8 @@ fn known<T: serde::de::DeserializeOwned>(
 mod tests {
     use super::*;
 
+    type Case<T> = (&'static str, fn(&T) -> bool);
+
     /// serialize → parse → serialize must give identical bytes, and parse must pick `variant`.
     fn round_trip<T>(line: &str, check: impl Fn(&T) -> bool) -> String
     where
@@ -464,30 +469,43 @@ mod tests {
 
     #[test]
     fn control_messages_round_trip() {
-        let cases: &[(&str, fn(&ControlMessage) -> bool)] = &[
+        let cases: &[Case<ControlMessage>] = &[
             (
                 r#"{"type":"start_stream","request_id":"r1","params":{"prompt":"cat","seed":4}}"#,
                 |m| matches!(m, ControlMessage::StartStream(s) if s.request_id == "r1"),
             ),
-            (r#"{"type":"stop_stream"}"#, |m| matches!(m, ControlMessage::StopStream(s) if s.request_id.is_none())),
+            (
+                r#"{"type":"stop_stream"}"#,
+                |m| matches!(m, ControlMessage::StopStream(s) if s.request_id.is_none()),
+            ),
             (
                 r#"{"type":"stop_stream","request_id":"r2"}"#,
                 |m| matches!(m, ControlMessage::StopStream(s) if s.request_id.as_deref() == Some("r2")),
             ),
-            (r#"{"type":"parameters","params":{"noise":0.5}}"#, |m| matches!(m, ControlMessage::Parameters(_))),
+            (r#"{"type":"parameters","params":{"noise":0.5}}"#, |m| {
+                matches!(m, ControlMessage::Parameters(_))
+            }),
             (
                 r#"{"type":"api","request_id":"r3","method":"POST","path":"/api/v1/x","body":{"a":[1,2]}}"#,
                 |m| matches!(m, ControlMessage::Api(a) if a.method == "POST" && a.body.is_some()),
             ),
-            (r#"{"type":"api","request_id":"r4","method":"GET","path":"/h"}"#, |m| {
-                matches!(m, ControlMessage::Api(a) if a.body.is_none())
+            (
+                r#"{"type":"api","request_id":"r4","method":"GET","path":"/h"}"#,
+                |m| matches!(m, ControlMessage::Api(a) if a.body.is_none()),
+            ),
+            (r#"{"type":"ping","timestamp":1717171717.25}"#, |m| {
+                matches!(m, ControlMessage::Ping(_))
             }),
-            (r#"{"type":"ping","timestamp":1717171717.25}"#, |m| matches!(m, ControlMessage::Ping(_))),
-            (r#"{"type":"ping","timestamp":1717171717250,"request_id":"p"}"#, |m| {
-                matches!(m, ControlMessage::Ping(p) if p.timestamp.is_u64())
+            (
+                r#"{"type":"ping","timestamp":1717171717250,"request_id":"p"}"#,
+                |m| matches!(m, ControlMessage::Ping(p) if p.timestamp.is_u64()),
+            ),
+            (r#"{"type":"future_thing","x":1}"#, |m| {
+                matches!(m, ControlMessage::Unknown(_))
             }),
-            (r#"{"type":"future_thing","x":1}"#, |m| matches!(m, ControlMessage::Unknown(_))),
-            (r#"{"no_type":true}"#, |m| matches!(m, ControlMessage::Unknown(_))),
+            (r#"{"no_type":true}"#, |m| {
+                matches!(m, ControlMessage::Unknown(_))
+            }),
         ];
         for (line, check) in cases {
             round_trip::<ControlMessage>(line, check);
@@ -496,32 +514,49 @@ mod tests {
 
     #[test]
     fn event_messages_round_trip() {
-        let cases: &[(&str, fn(&EventMessage) -> bool)] = &[
+        let cases: &[Case<EventMessage>] = &[
             (
                 r#"{"type":"telemetry","event":{"id":"a","type":"stream_trace","timestamp":"1","data":{"type":"x"}}}"#,
                 |m| matches!(m, EventMessage::Telemetry(_)),
             ),
-            (r#"{"type":"runner_ready","runner_job_id":"j","startup_ms":1234}"#, |m| {
-                matches!(m, EventMessage::RunnerReady(r) if r.runner_job_id.as_deref() == Some("j"))
+            (
+                r#"{"type":"runner_ready","runner_job_id":"j","startup_ms":1234}"#,
+                |m| matches!(m, EventMessage::RunnerReady(r) if r.runner_job_id.as_deref() == Some("j")),
+            ),
+            (r#"{"type":"notification","payload":{"k":"v"}}"#, |m| {
+                matches!(m, EventMessage::Notification(_))
             }),
-            (r#"{"type":"notification","payload":{"k":"v"}}"#, |m| matches!(m, EventMessage::Notification(_))),
-            (r#"{"type":"logs","lines":["a - ERROR - b","c"]}"#, |m| {
-                matches!(m, EventMessage::Logs(l) if l.lines.len() == 2)
+            (
+                r#"{"type":"logs","lines":["a - ERROR - b","c"]}"#,
+                |m| matches!(m, EventMessage::Logs(l) if l.lines.len() == 2),
+            ),
+            (r#"{"type":"pong","timestamp":12.5}"#, |m| {
+                matches!(m, EventMessage::Pong(_))
             }),
-            (r#"{"type":"pong","timestamp":12.5}"#, |m| matches!(m, EventMessage::Pong(_))),
-            (r#"{"type":"api_response","request_id":"r","status":200,"body":{"ok":true}}"#, |m| {
-                matches!(m, EventMessage::ApiResponse(r) if r.extra.contains_key("status"))
+            (
+                r#"{"type":"api_response","request_id":"r","status":200,"body":{"ok":true}}"#,
+                |m| matches!(m, EventMessage::ApiResponse(r) if r.extra.contains_key("status")),
+            ),
+            (r#"{"type":"stream_started","request_id":"r"}"#, |m| {
+                matches!(m, EventMessage::StreamStarted(_))
             }),
-            (r#"{"type":"stream_started","request_id":"r"}"#, |m| matches!(m, EventMessage::StreamStarted(_))),
-            (r#"{"type":"error","request_id":"r","error":"boom"}"#, |m| matches!(m, EventMessage::Error(_))),
-            (r#"{"type":"error","error":"no request"}"#, |m| {
-                matches!(m, EventMessage::Error(r) if r.request_id.is_none())
+            (r#"{"type":"error","request_id":"r","error":"boom"}"#, |m| {
+                matches!(m, EventMessage::Error(_))
             }),
-            (r#"{"type":"stream_stopped"}"#, |m| matches!(m, EventMessage::StreamStopped(_))),
-            (r#"{"type":"parameters_ack","params":{"a":1}}"#, |m| matches!(m, EventMessage::ParametersAck(_))),
-            (r#"{"type":"brand_new","nested":{"b":[1,{"c":null}]},"a":"z"}"#, |m| {
-                matches!(m, EventMessage::Unknown(u) if u.len() == 3)
+            (
+                r#"{"type":"error","error":"no request"}"#,
+                |m| matches!(m, EventMessage::Error(r) if r.request_id.is_none()),
+            ),
+            (r#"{"type":"stream_stopped"}"#, |m| {
+                matches!(m, EventMessage::StreamStopped(_))
             }),
+            (r#"{"type":"parameters_ack","params":{"a":1}}"#, |m| {
+                matches!(m, EventMessage::ParametersAck(_))
+            }),
+            (
+                r#"{"type":"brand_new","nested":{"b":[1,{"c":null}]},"a":"z"}"#,
+                |m| matches!(m, EventMessage::Unknown(u) if u.len() == 3),
+            ),
         ];
         for (line, check) in cases {
             round_trip::<EventMessage>(line, check);
@@ -540,7 +575,10 @@ mod tests {
         assert_eq!(t.event.get(), event);
         assert_eq!(t.extra.get("hop"), Some(&Value::String("x".into())));
         let out = serde_json::to_string(&msg).unwrap();
-        assert_eq!(out, format!(r#"{{"type":"telemetry","event":{event},"hop":"x"}}"#));
+        assert_eq!(
+            out,
+            format!(r#"{{"type":"telemetry","event":{event},"hop":"x"}}"#)
+        );
         // And through the line decoder used by the JSONL reader.
         let again: EventMessage = crate::jsonl::decode_line(out.as_bytes(), 1 << 20).unwrap();
         assert_eq!(again, msg);
@@ -580,7 +618,10 @@ mod tests {
             r#""x""#,
             r#"{"type":"telemetry","event":"#,
         ] {
-            assert!(serde_json::from_str::<EventMessage>(line).is_err(), "{line}");
+            assert!(
+                serde_json::from_str::<EventMessage>(line).is_err(),
+                "{line}"
+            );
         }
         for line in [
             r#"{"type":"api","request_id":"r"}"#,
@@ -588,16 +629,21 @@ mod tests {
             r#"{"type":"start_stream"}"#,
             r#"null"#,
         ] {
-            assert!(serde_json::from_str::<ControlMessage>(line).is_err(), "{line}");
+            assert!(
+                serde_json::from_str::<ControlMessage>(line).is_err(),
+                "{line}"
+            );
         }
     }
 
     #[test]
     fn helpers_report_type_and_request_id() {
-        let m: EventMessage = serde_json::from_str(r#"{"type":"api_response","request_id":"q"}"#).unwrap();
+        let m: EventMessage =
+            serde_json::from_str(r#"{"type":"api_response","request_id":"q"}"#).unwrap();
         assert_eq!((m.type_name(), m.request_id()), ("api_response", Some("q")));
         let c: ControlMessage =
-            serde_json::from_str(r#"{"type":"api","request_id":"q2","method":"GET","path":"/"}"#).unwrap();
+            serde_json::from_str(r#"{"type":"api","request_id":"q2","method":"GET","path":"/"}"#)
+                .unwrap();
         assert_eq!((c.type_name(), c.request_id()), ("api", Some("q2")));
         let raw = RawValue::from_string(r#"{"id":"x"}"#.to_string()).unwrap();
         assert_eq!(

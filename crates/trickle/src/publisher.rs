@@ -76,7 +76,9 @@ pub enum PublishError {
         cause: String,
     },
     /// The channel does not exist (404) and the server does not create channels on POST.
-    #[error("channel {url} does not exist (HTTP 404): create it on the server or enable autocreate")]
+    #[error(
+        "channel {url} does not exist (HTTP 404): create it on the server or enable autocreate"
+    )]
     ChannelGone {
         /// The request URL.
         url: String,
@@ -208,7 +210,9 @@ impl Shared {
     }
 
     fn record_failure(&self, err: &PublishError) {
-        self.counters.segments_failed.fetch_add(1, Ordering::Relaxed);
+        self.counters
+            .segments_failed
+            .fetch_add(1, Ordering::Relaxed);
         let mut h = self.health.lock();
         h.consecutive_failures += 1;
         if h.consecutive_failures >= MAX_CONSECUTIVE_FAILURES && h.terminal.is_none() {
@@ -372,7 +376,10 @@ impl Publisher {
         };
         self.next_seq = Some(seq + 1);
         self.pending = Some(open_post(&self.shared, seq + 1, false));
-        self.shared.counters.segments.fetch_add(1, Ordering::Relaxed);
+        self.shared
+            .counters
+            .segments
+            .fetch_add(1, Ordering::Relaxed);
         Ok(SegmentWriter {
             shared: self.shared.clone(),
             seq,
@@ -449,7 +456,9 @@ impl Publisher {
                 tracing::warn!(url = %self.shared.url, error = %first, "GET /next failed; retrying once");
                 self.shared.counters.retries.fetch_add(1, Ordering::Relaxed);
                 tokio::time::sleep(self.shared.opts.retry_delay).await;
-                self.fetch_next().await.inspect_err(|e| self.shared.record_failure(e))
+                self.fetch_next()
+                    .await
+                    .inspect_err(|e| self.shared.record_failure(e))
             }
         }
     }
@@ -493,6 +502,10 @@ impl Publisher {
 
 /// One segment being written. Write with [`SegmentWriter::write`], finish with
 /// [`SegmentWriter::close`]; dropping it instead aborts the segment.
+///
+/// Close segment `n` before writing the first byte of `n+1` (as the reference publisher does):
+/// each segment has its own connection, so otherwise `n+1` may reach the server first, and a
+/// reader asking for `n` would then find `n+1` at the live edge.
 pub struct SegmentWriter {
     shared: Arc<Shared>,
     seq: i64,
@@ -542,12 +555,19 @@ impl SegmentWriter {
                 break;
             }
             // The POST ended before the segment did: learn why, then retry once.
-            let err = self.take_outcome().await.err().unwrap_or_else(|| self.ended_early());
+            let err = self
+                .take_outcome()
+                .await
+                .err()
+                .unwrap_or_else(|| self.ended_early());
             self.retry(err).await?;
         }
         let len = data.len();
         self.bytes += len as u64;
-        self.shared.counters.bytes.fetch_add(len as u64, Ordering::Relaxed);
+        self.shared
+            .counters
+            .bytes
+            .fetch_add(len as u64, Ordering::Relaxed);
         if self.retaining && self.retained_bytes + len <= self.shared.opts.max_retry_bytes {
             self.retained_bytes += len;
             self.retained.push(data);
@@ -612,7 +632,11 @@ impl SegmentWriter {
         for chunk in &self.retained {
             if !post.send(BodyMsg::Data(chunk.clone())).await {
                 self.post = Some(post);
-                let err = self.take_outcome().await.err().unwrap_or_else(|| self.ended_early());
+                let err = self
+                    .take_outcome()
+                    .await
+                    .err()
+                    .unwrap_or_else(|| self.ended_early());
                 return Err(self.fail(err));
             }
         }
@@ -639,6 +663,8 @@ pub(crate) fn http_client() -> reqwest::Client {
         .http1_only()
         .pool_max_idle_per_host(0)
         .connect_timeout(CONNECT_TIMEOUT)
+        // Preconnected requests wait indefinitely: keepalive detects a peer that vanished.
+        .tcp_keepalive(Duration::from_secs(15))
         .tcp_nodelay(true)
         .no_gzip()
         .build()
@@ -688,7 +714,10 @@ mod tests {
 
     #[test]
     fn root_cause_is_short_and_lowercase() {
-        let io = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "Connection refused (os error 111)");
+        let io = std::io::Error::new(
+            std::io::ErrorKind::ConnectionRefused,
+            "Connection refused (os error 111)",
+        );
         assert_eq!(root_cause(&io), "connection refused");
     }
 
@@ -701,7 +730,11 @@ mod tests {
     #[tokio::test]
     async fn unreachable_server_makes_the_publisher_terminal_after_three_segments() {
         // A port nobody listens on: bind, note the port, close.
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
         let url = format!("http://127.0.0.1:{port}/ch");
         let mut p = Publisher::new(
             url.clone(),
@@ -720,10 +753,19 @@ mod tests {
             last = Some(r.unwrap_err());
         }
         let last = last.unwrap();
-        assert!(matches!(last, PublishError::Terminal { failures: 3, .. }), "{last}");
-        assert!(last.to_string().contains("is the trickle server running?"), "{last}");
+        assert!(
+            matches!(last, PublishError::Terminal { failures: 3, .. }),
+            "{last}"
+        );
+        assert!(
+            last.to_string().contains("is the trickle server running?"),
+            "{last}"
+        );
         assert!(matches!(p.state(), PublisherState::Terminal { .. }));
-        assert!(matches!(p.next_segment().await, Err(PublishError::Terminal { .. })));
+        assert!(matches!(
+            p.next_segment().await,
+            Err(PublishError::Terminal { .. })
+        ));
         let s = p.stats();
         assert_eq!((s.segments_failed, s.retries), (3, 3));
     }

@@ -177,16 +177,22 @@ impl Subscriber {
 
     /// The next segment, or `None` once the channel is gone (404). Preconnects the one after it.
     /// After an error the subscriber stays usable: the next call tries again.
+    ///
+    /// Cancel-safe: if the future is dropped while waiting, the request keeps running and the
+    /// next call picks it up, so it can be used in `tokio::select!`.
     pub async fn next_segment(&mut self) -> Result<Option<SegmentReader>, SubscribeError> {
         if self.ended {
             return Ok(None);
         }
-        let found = match self.pending.take() {
-            Some(task) => task
-                .await
-                .map_err(|e| SubscribeError::Internal(format!("preconnect task failed: {e}")))?,
-            None => fetch(self.shared.clone(), self.next_seq).await,
-        }?;
+        let shared = self.shared.clone();
+        let seq = self.next_seq;
+        let task = self
+            .pending
+            .get_or_insert_with(|| tokio::spawn(fetch(shared, seq)));
+        let joined = task.await;
+        self.pending = None;
+        let found =
+            joined.map_err(|e| SubscribeError::Internal(format!("request task failed: {e}")))??;
         match found {
             Found::End => {
                 self.ended = true;
@@ -194,7 +200,10 @@ impl Subscriber {
             }
             Found::Segment { resp, seq } => {
                 self.next_seq = if seq >= 0 { seq + 1 } else { -1 };
-                self.shared.counters.segments.fetch_add(1, Ordering::Relaxed);
+                self.shared
+                    .counters
+                    .segments
+                    .fetch_add(1, Ordering::Relaxed);
                 self.pending = Some(tokio::spawn(fetch(self.shared.clone(), self.next_seq)));
                 Ok(Some(SegmentReader {
                     shared: self.shared.clone(),
@@ -268,7 +277,8 @@ async fn fetch(shared: Arc<Shared>, mut seq: i64) -> Result<Found, SubscribeErro
                             tracing::debug!(%url, latest, "segment gone; jumping to the live edge");
                             c.jumps.fetch_add(1, Ordering::Relaxed);
                             if seq >= 0 {
-                                c.skipped_segments.fetch_add((latest - seq) as u64, Ordering::Relaxed);
+                                c.skipped_segments
+                                    .fetch_add((latest - seq) as u64, Ordering::Relaxed);
                             }
                             seq = latest;
                         }
@@ -331,6 +341,7 @@ impl SegmentReader {
     }
 
     /// The next piece of the segment, or `None` at its end. After an error the segment is over.
+    /// Cancel-safe.
     pub async fn chunk(&mut self) -> Result<Option<Bytes>, SubscribeError> {
         let Some(resp) = self.resp.as_mut() else {
             return Ok(None);
@@ -341,14 +352,20 @@ impl SegmentReader {
                 let limit = self.shared.opts.max_segment_bytes;
                 if self.bytes > limit {
                     self.resp = None;
-                    self.shared.counters.oversize_segments.fetch_add(1, Ordering::Relaxed);
+                    self.shared
+                        .counters
+                        .oversize_segments
+                        .fetch_add(1, Ordering::Relaxed);
                     return Err(SubscribeError::SegmentTooLarge {
                         url: self.shared.url.clone(),
                         seq: self.seq,
                         limit,
                     });
                 }
-                self.shared.counters.bytes.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+                self.shared
+                    .counters
+                    .bytes
+                    .fetch_add(chunk.len() as u64, Ordering::Relaxed);
                 Ok(Some(chunk))
             }
             Ok(None) => {
@@ -357,7 +374,10 @@ impl SegmentReader {
             }
             Err(e) => {
                 self.resp = None;
-                self.shared.counters.broken_segments.fetch_add(1, Ordering::Relaxed);
+                self.shared
+                    .counters
+                    .broken_segments
+                    .fetch_add(1, Ordering::Relaxed);
                 Err(SubscribeError::Body {
                     url: self.shared.url.clone(),
                     seq: self.seq,

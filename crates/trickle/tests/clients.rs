@@ -75,12 +75,15 @@ async fn read_all(seg: &mut SegmentReader) -> Result<Vec<u8>, SubscribeError> {
     Ok(out)
 }
 
+/// One segment as read: its seq and its bytes.
+type Received = (i64, Vec<u8>);
+
 /// Reads segments until the channel ends, reporting how many arrived (for flow control: the
 /// server keeps only 5 segments, so the publishers below stay at most 3 ahead).
 fn spawn_reader(
     mut sub: Subscriber,
     progress: watch::Sender<usize>,
-) -> tokio::task::JoinHandle<(Vec<(i64, Vec<u8>)>, Subscriber)> {
+) -> tokio::task::JoinHandle<(Vec<Received>, Subscriber)> {
     tokio::spawn(async move {
         let mut got = Vec::new();
         loop {
@@ -121,7 +124,10 @@ async fn fifty_segments_round_trip_byte_exact_and_in_order() {
     }
     wait_progress(&mut rx, 50).await;
     let stats = p.stats();
-    assert_eq!((stats.segments_ok, stats.segments_failed, stats.retries), (50, 0, 0));
+    assert_eq!(
+        (stats.segments_ok, stats.segments_failed, stats.retries),
+        (50, 0, 0)
+    );
     within("close", p.close()).await.unwrap();
 
     let (got, sub) = within("reader end", reader).await.unwrap();
@@ -133,7 +139,10 @@ async fn fifty_segments_round_trip_byte_exact_and_in_order() {
     let s = sub.stats();
     assert_eq!(s.segments, 50);
     assert_eq!(s.jumps, 0);
-    assert_eq!(s.bytes, got.iter().map(|(_, d)| d.len() as u64).sum::<u64>());
+    assert_eq!(
+        s.bytes,
+        got.iter().map(|(_, d)| d.len() as u64).sum::<u64>()
+    );
     server.shutdown().await;
 }
 
@@ -147,14 +156,24 @@ async fn default_subscriber_starts_at_the_segment_being_written() {
     }
     // Segment 3 is open and half written when the subscriber arrives.
     let mut open = p.next_segment().await.unwrap();
-    open.write(Bytes::from_static(b"first half,")).await.unwrap();
+    open.write(Bytes::from_static(b"first half,"))
+        .await
+        .unwrap();
     wait_next_seq(&url, 4).await;
     let mut sub = Subscriber::new(&url, SubscriberOptions::default());
-    let mut seg = within("subscribe", sub.next_segment()).await.unwrap().unwrap();
+    let mut seg = within("subscribe", sub.next_segment())
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(seg.seq(), 3);
-    open.write(Bytes::from_static(b"second half")).await.unwrap();
+    open.write(Bytes::from_static(b"second half"))
+        .await
+        .unwrap();
     open.close().await.unwrap();
-    assert_eq!(within("read", read_all(&mut seg)).await.unwrap(), b"first half,second half");
+    assert_eq!(
+        within("read", read_all(&mut seg)).await.unwrap(),
+        b"first half,second half"
+    );
     p.close().await.unwrap();
     server.shutdown().await;
 }
@@ -167,7 +186,10 @@ async fn subscriber_falling_behind_jumps_to_the_live_edge() {
     publish_segment(&mut p, 0).await;
     let mut sub = Subscriber::new(&url, sub_from(0));
     let mut first = within("seg 0", sub.next_segment()).await.unwrap().unwrap();
-    assert_eq!(within("read 0", read_all(&mut first)).await.unwrap(), segment_bytes(0));
+    assert_eq!(
+        within("read 0", read_all(&mut first)).await.unwrap(),
+        segment_bytes(0)
+    );
     // The subscriber stalls while the publisher writes 14 more segments (the server keeps 5).
     for seq in 1..15 {
         publish_segment(&mut p, seq).await;
@@ -179,7 +201,12 @@ async fn subscriber_falling_behind_jumps_to_the_live_edge() {
             let mut seg = sub.next_segment().await.unwrap().unwrap();
             let data = read_all(&mut seg).await.unwrap();
             if seg.seq() >= 15 {
-                assert_eq!(data, segment_bytes(seg.seq()), "segment {} differs", seg.seq());
+                assert_eq!(
+                    data,
+                    segment_bytes(seg.seq()),
+                    "segment {} differs",
+                    seg.seq()
+                );
             }
             seqs.push(seg.seq());
             if seg.seq() >= 15 {
@@ -192,7 +219,10 @@ async fn subscriber_falling_behind_jumps_to_the_live_edge() {
     publish_segment(&mut p, 15).await;
     let (seqs, stats) = within("jump", reader).await.unwrap();
     assert_eq!(seqs.last(), Some(&15));
-    assert!(seqs.len() <= 2, "read old segments instead of jumping: {seqs:?}");
+    assert!(
+        seqs.len() <= 2,
+        "read old segments instead of jumping: {seqs:?}"
+    );
     assert!(stats.jumps >= 1, "{stats:?}");
     assert!(stats.skipped_segments >= 10, "{stats:?}");
     p.close().await.unwrap();
@@ -210,7 +240,9 @@ async fn hung_publisher_is_replaced_by_a_reset_publisher() {
     let mut p1 = Publisher::new(&url, fast_publisher());
     publish_segment(&mut p1, 0).await;
     let mut half = p1.next_segment().await.unwrap();
-    half.write(Bytes::from_static(b"half of one")).await.unwrap();
+    half.write(Bytes::from_static(b"half of one"))
+        .await
+        .unwrap();
     std::mem::forget(half);
     std::mem::forget(p1);
     wait_next_seq(&url, 2).await;
@@ -234,7 +266,10 @@ async fn hung_publisher_is_replaced_by_a_reset_publisher() {
     let (got, _) = within("reader end", reader).await.unwrap();
     let seqs: Vec<i64> = got.iter().map(|(s, _)| *s).collect();
     assert_eq!(seqs, vec![0, 1, 2, 3, 4]);
-    assert_eq!(got[1].1, b"half of one", "readers keep what the dead publisher sent");
+    assert_eq!(
+        got[1].1, b"half of one",
+        "readers keep what the dead publisher sent"
+    );
     for (seq, data) in &got[2..] {
         assert_eq!(data, &segment_bytes(*seq));
     }
@@ -350,8 +385,17 @@ async fn publisher_and_subscriber_survive_a_server_restart() {
         within("publish after restart", publish_segment(&mut p, seq)).await;
     }
     wait_progress(&mut rx, 20).await;
-    assert_eq!(p.state(), PublisherState::Active { consecutive_failures: 0 });
-    assert!(p.stats().retries >= 1, "the woken POST was retried: {:?}", p.stats());
+    assert_eq!(
+        p.state(),
+        PublisherState::Active {
+            consecutive_failures: 0
+        }
+    );
+    assert!(
+        p.stats().retries >= 1,
+        "the woken POST was retried: {:?}",
+        p.stats()
+    );
     p.close().await.unwrap();
     let (got, _) = within("reader end", reader).await.unwrap();
     let seqs: Vec<i64> = got.iter().map(|(s, _)| *s).collect();
@@ -413,11 +457,24 @@ async fn per_segment_byte_cap_cuts_only_the_runaway_segment() {
     let mut got = Vec::new();
     for _ in 0..3 {
         let mut seg = within("seg", sub.next_segment()).await.unwrap().unwrap();
-        got.push((seg.seq(), within("read", read_all(&mut seg)).await.map(|d| d.len())));
+        got.push((
+            seg.seq(),
+            within("read", read_all(&mut seg)).await.map(|d| d.len()),
+        ));
     }
     assert!(matches!(got[0], (0, Ok(500))));
     assert!(
-        matches!(&got[1], (1, Err(SubscribeError::SegmentTooLarge { seq: 1, limit: 1000, .. }))),
+        matches!(
+            &got[1],
+            (
+                1,
+                Err(SubscribeError::SegmentTooLarge {
+                    seq: 1,
+                    limit: 1000,
+                    ..
+                })
+            )
+        ),
         "{got:?}"
     );
     assert!(matches!(got[2], (2, Ok(700))));
@@ -444,7 +501,10 @@ async fn unreachable_server_is_a_clear_error_for_both_clients() {
     let err = within("subscribe", sub.next_segment()).await.err().unwrap();
     assert!(matches!(err, SubscribeError::Unreachable { .. }), "{err}");
     let msg = err.to_string();
-    assert!(msg.contains("connection refused") && msg.contains("is the trickle server running?"), "{msg}");
+    assert!(
+        msg.contains("connection refused") && msg.contains("is the trickle server running?"),
+        "{msg}"
+    );
     assert_eq!(sub.stats().retries, 4, "5 attempts");
 
     let p = Publisher::new(&url, fast_publisher());
@@ -472,6 +532,11 @@ async fn publisher_to_a_missing_channel_without_autocreate_reports_channel_gone(
     };
     let err = r.unwrap_err();
     assert!(err.to_string().contains("does not exist"), "{err}");
-    assert_eq!(p.state(), PublisherState::Active { consecutive_failures: 1 });
+    assert_eq!(
+        p.state(),
+        PublisherState::Active {
+            consecutive_failures: 1
+        }
+    );
     server.shutdown().await;
 }

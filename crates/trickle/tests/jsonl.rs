@@ -6,7 +6,8 @@ use serde_json::{json, Value};
 use std::future::Future;
 use std::time::Duration;
 use trickle::jsonl::{
-    JsonlError, JsonlReader, JsonlReaderOptions, JsonlWriter, JsonlWriterOptions, JSONL_CONTENT_TYPE,
+    JsonlError, JsonlReader, JsonlReaderOptions, JsonlWriter, JsonlWriterOptions,
+    JSONL_CONTENT_TYPE,
 };
 use trickle::messages::EventMessage;
 use trickle::publisher::{Publisher, PublisherOptions};
@@ -33,7 +34,10 @@ async fn start(name: &str) -> (Server, String) {
     )
     .await
     .unwrap();
-    server.channels().create(name, Some(JSONL_CONTENT_TYPE)).unwrap();
+    server
+        .channels()
+        .create(name, Some(JSONL_CONTENT_TYPE))
+        .unwrap();
     let url = format!("{}/{}", server.url(), name);
     (server, url)
 }
@@ -82,9 +86,20 @@ fn spawn_numbered_reader(
     })
 }
 
+/// `got` is exactly 0..total (reports the first difference, not the whole list).
+fn assert_in_order(got: &[u64], total: u64) {
+    if let Some(i) = (0..total as usize).find(|&i| got.get(i) != Some(&(i as u64))) {
+        panic!(
+            "message {i} is {:?} (got {} of {total})",
+            got.get(i),
+            got.len()
+        );
+    }
+    assert_eq!(got.len() as u64, total, "extra messages");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_messages_round_trip_across_size_rotations() {
-    let _ = tracing_subscriber::fmt().with_env_filter("trickle=debug").with_test_writer().try_init();
     let (server, url) = start("sized").await;
     let (tx, mut rx) = tokio::sync::watch::channel(0);
     let reading = spawn_numbered_reader(reader(&url, 1 << 20), tx);
@@ -98,20 +113,41 @@ async fn many_messages_round_trip_across_size_rotations() {
     let total = 5000u64;
     for i in 0..total {
         // The server keeps 5 segments: stay within ~2 segments of the reader.
-        if i % 50 == 0 && i >= 100 {
-            if tokio::time::timeout(Duration::from_secs(3), rx.wait_for(|n| *n + 100 >= i)).await.is_err() {
-                panic!("stalled at {i}: reader {} writer {:?}", *rx.borrow(), w.stats());
-            }
+        let behind = i % 50 == 0 && i >= 100;
+        if behind
+            && tokio::time::timeout(LIMIT, rx.wait_for(|n| *n + 100 >= i))
+                .await
+                .is_err()
+        {
+            panic!(
+                "stalled at {i}: reader {} writer {:?}",
+                *rx.borrow(),
+                w.stats()
+            );
         }
         let pad = "x".repeat((i % 40) as usize);
         w.write(&json!({"i": i, "pad": pad})).await.unwrap();
     }
+    // Lines arrive before their segment ends; closing deletes the channel, which would end a
+    // reader still more than a segment behind, so wait for it first.
+    within("flush", w.flush()).await.unwrap();
+    within("reader caught up", rx.wait_for(|n| *n == total))
+        .await
+        .unwrap();
     within("close", w.close()).await.unwrap();
     let (got, r) = within("reader end", reading).await.unwrap();
-    assert_eq!(got, (0..total).collect::<Vec<_>>());
+    assert_in_order(&got, total);
 
     let ws = w.stats();
-    assert_eq!((ws.lines_accepted, ws.lines_written, ws.lines_acked, ws.lines_lost), (total, total, total, 0));
+    assert_eq!(
+        (
+            ws.lines_accepted,
+            ws.lines_written,
+            ws.lines_acked,
+            ws.lines_lost
+        ),
+        (total, total, total, 0)
+    );
     assert!(ws.rotations_by_size >= 20, "{ws:?}");
     assert!(ws.chunks <= ws.lines_written, "{ws:?}");
     let rs = r.stats();
@@ -126,7 +162,7 @@ async fn many_messages_round_trip_across_size_rotations() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn time_based_rotation_delivers_everything_in_order() {
     let (server, url) = start("timed").await;
-    let (tx, _rx) = tokio::sync::watch::channel(0);
+    let (tx, mut rx) = tokio::sync::watch::channel(0);
     let reading = spawn_numbered_reader(reader(&url, 1 << 20), tx);
     let w = JsonlWriter::new(
         publisher(&url),
@@ -139,9 +175,12 @@ async fn time_based_rotation_delivers_everything_in_order() {
         w.write(&json!({"i": i})).await.unwrap();
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    within("reader caught up", rx.wait_for(|n| *n == 20))
+        .await
+        .unwrap();
     within("close", w.close()).await.unwrap();
     let (got, _) = within("reader end", reading).await.unwrap();
-    assert_eq!(got, (0..20).collect::<Vec<_>>());
+    assert_in_order(&got, 20);
     let ws = w.stats();
     assert!(ws.rotations_by_time >= 2, "{ws:?}");
     assert!(ws.segments >= 3, "{ws:?}");
@@ -160,7 +199,11 @@ async fn reader_yields_each_line_before_its_segment_ends() {
         let m: Numbered = within("line", r.next()).await.unwrap().unwrap();
         assert_eq!(m.i, i);
     }
-    assert_eq!(w.stats().segments, 1, "all three lines are in the one open segment");
+    assert_eq!(
+        w.stats().segments,
+        1,
+        "all three lines are in the one open segment"
+    );
     within("close", w.close()).await.unwrap();
     assert!(within("end", r.next::<Numbered>()).await.unwrap().is_none());
     server.shutdown().await;
@@ -190,16 +233,25 @@ async fn bad_lines_are_counted_by_kind_and_skipped() {
     seg.close().await.unwrap();
     // Segment 1 is independent: a good line, and a last line without its newline.
     let mut seg = p.next_segment().await.unwrap();
-    seg.write(Bytes::from_static(b"{\"i\":7}\n{\"i\":8}")).await.unwrap();
+    seg.write(Bytes::from_static(b"{\"i\":7}\n{\"i\":8}"))
+        .await
+        .unwrap();
     seg.close().await.unwrap();
-    p.close().await.unwrap();
 
     let mut r = reader(&url, max);
     let mut got = Vec::new();
-    while let Some(m) = within("read", r.next::<Numbered>()).await.unwrap() {
-        got.push(m.i);
+    for _ in 0..7 {
+        got.push(
+            within("read", r.next::<Numbered>())
+                .await
+                .unwrap()
+                .unwrap()
+                .i,
+        );
     }
     assert_eq!(got, vec![1, 2, 3, 4, 5, 7, 8]);
+    p.close().await.unwrap();
+    assert!(within("end", r.next::<Numbered>()).await.unwrap().is_none());
     let s = r.stats();
     assert_eq!(s.not_json, 1, "{s:?}");
     assert_eq!(s.not_object, 2, "{s:?}");
@@ -230,19 +282,33 @@ async fn typed_event_messages_cross_the_channel_byte_exact() {
     }
     let mut got = Vec::new();
     for _ in 0..lines.len() {
-        got.push(within("read", r.next::<EventMessage>()).await.unwrap().unwrap());
+        got.push(
+            within("read", r.next::<EventMessage>())
+                .await
+                .unwrap()
+                .unwrap(),
+        );
     }
     let EventMessage::Telemetry(t) = &got[0] else {
         panic!("{:?}", got[0])
     };
-    assert_eq!(t.event.get(), envelope, "the envelope is forwarded byte for byte");
-    assert!(matches!(&got[1], EventMessage::RunnerReady(r) if r.runner_job_id.as_deref() == Some("job-1")));
+    assert_eq!(
+        t.event.get(),
+        envelope,
+        "the envelope is forwarded byte for byte"
+    );
+    assert!(
+        matches!(&got[1], EventMessage::RunnerReady(r) if r.runner_job_id.as_deref() == Some("job-1"))
+    );
     assert!(matches!(&got[2], EventMessage::Logs(l) if l.lines.len() == 1));
     assert_eq!(got[3].type_name(), "from_the_future");
-    // Re-encoding is what went in, for every one of them.
-    for (line, msg) in lines.iter().zip(&got) {
+    // Re-encoding known types gives back what went in; an unknown type keeps every field (its
+    // keys come back sorted, which is the same JSON object).
+    for (line, msg) in lines.iter().zip(&got).take(3) {
         assert_eq!(&serde_json::to_string(msg).unwrap(), line);
     }
+    let unknown: Value = serde_json::from_str(&serde_json::to_string(&got[3]).unwrap()).unwrap();
+    assert_eq!(unknown, serde_json::from_str::<Value>(&lines[3]).unwrap());
     within("close", w.close()).await.unwrap();
     server.shutdown().await;
 }
@@ -251,13 +317,25 @@ async fn typed_event_messages_cross_the_channel_byte_exact() {
 async fn writer_rejects_bad_input_and_reports_close() {
     let (server, url) = start("strict").await;
     let w = JsonlWriter::new(publisher(&url), JsonlWriterOptions::default());
-    assert!(matches!(w.write_line(Bytes::from_static(b"{\"a\":\n1}")).await, Err(JsonlError::Newline)));
-    assert!(matches!(w.write(&json!([1, 2])).await, Err(JsonlError::NotObject(_))));
-    assert!(matches!(w.write(&Value::Null).await, Err(JsonlError::NotObject(_))));
+    assert!(matches!(
+        w.write_line(Bytes::from_static(b"{\"a\":\n1}")).await,
+        Err(JsonlError::Newline)
+    ));
+    assert!(matches!(
+        w.write(&json!([1, 2])).await,
+        Err(JsonlError::NotObject(_))
+    ));
+    assert!(matches!(
+        w.write(&Value::Null).await,
+        Err(JsonlError::NotObject(_))
+    ));
     w.write(&json!({"ok": true})).await.unwrap();
     let clone = w.clone();
     within("close", w.close()).await.unwrap();
-    assert!(matches!(clone.write(&json!({"late": 1})).await, Err(JsonlError::Closed)));
+    assert!(matches!(
+        clone.write(&json!({"late": 1})).await,
+        Err(JsonlError::Closed)
+    ));
     assert!(clone.close().await.is_ok(), "closing twice is fine");
     assert_eq!(w.stats().lines_acked, 1);
     server.shutdown().await;
@@ -289,6 +367,9 @@ async fn writer_to_an_unreachable_server_reports_every_lost_line() {
     assert!(msg.contains("is the trickle server running?"), "{msg}");
     let s = w.stats();
     assert_eq!(s.lines_accepted, 10);
-    assert_eq!(s.lines_lost, 10, "every accepted line is accounted for: {s:?}");
+    assert_eq!(
+        s.lines_lost, 10,
+        "every accepted line is accounted for: {s:?}"
+    );
     assert_eq!(s.lines_acked, 0);
 }

@@ -125,7 +125,9 @@ pub struct ClientReport {
 #[derive(Debug, thiserror::Error)]
 pub enum RequestError {
     /// No answer within the timeout.
-    #[error("no answer from the runner within {0:?}; is the runner subscribed to the control channel?")]
+    #[error(
+        "no answer from the runner within {0:?}; is the runner subscribed to the control channel?"
+    )]
     Timeout(Duration),
     /// The runner answered `error`.
     #[error("the runner answered with an error: {0}")]
@@ -247,7 +249,12 @@ impl Client {
     }
 
     /// Calls the runner app's HTTP API and waits for `api_response`.
-    pub async fn api(&self, method: &str, path: &str, body: Option<Value>) -> Result<EventMessage, RequestError> {
+    pub async fn api(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<EventMessage, RequestError> {
         let request_id = new_request_id();
         let msg = ControlMessage::Api(ApiRequest {
             request_id: request_id.clone(),
@@ -260,7 +267,11 @@ impl Client {
     }
 
     /// Sends `msg` and waits for the answer carrying `request_id`.
-    pub async fn request(&self, request_id: String, msg: ControlMessage) -> Result<EventMessage, RequestError> {
+    pub async fn request(
+        &self,
+        request_id: String,
+        msg: ControlMessage,
+    ) -> Result<EventMessage, RequestError> {
         let (tx, rx) = oneshot::channel();
         self.shared.pending.lock().insert(request_id.clone(), tx);
         if let Err(e) = self.send(&msg).await {
@@ -312,7 +323,10 @@ impl Client {
         }
         let mut events = self.events;
         if tokio::time::timeout(drain, &mut events).await.is_err() {
-            tracing::warn!(?drain, "the events channel did not end in time; stopping the events loop");
+            tracing::warn!(
+                ?drain,
+                "the events channel did not end in time; stopping the events loop"
+            );
             events.abort();
         }
         self.shared.report()
@@ -347,10 +361,16 @@ impl Shared {
     /// Handles one events-channel message.
     fn dispatch(&self, msg: EventMessage) {
         match msg {
-            EventMessage::Telemetry(t) => self.relay(Bytes::copy_from_slice(t.event.get().as_bytes())),
+            EventMessage::Telemetry(t) => {
+                self.relay(Bytes::copy_from_slice(t.event.get().as_bytes()))
+            }
             EventMessage::RunnerReady(r) => {
                 let startup_ms = r.startup_ms.as_ref().and_then(|n| n.as_u64()).unwrap_or(0);
-                tracing::info!(startup_ms, job = r.runner_job_id.as_deref().unwrap_or("-"), "runner ready");
+                tracing::info!(
+                    startup_ms,
+                    job = r.runner_job_id.as_deref().unwrap_or("-"),
+                    "runner ready"
+                );
                 self.ready.send_replace(Some(startup_ms));
             }
             EventMessage::Notification(n) => {
@@ -359,7 +379,9 @@ impl Shared {
                 let _ = self.notifications.send(n.payload);
             }
             EventMessage::Logs(logs) => {
-                self.stats.log_lines.fetch_add(logs.lines.len() as u64, Relaxed);
+                self.stats
+                    .log_lines
+                    .fetch_add(logs.lines.len() as u64, Relaxed);
                 for line in logs.lines {
                     match parse_level(&line) {
                         tracing::Level::ERROR => tracing::error!(target: "runner", "{line}"),
@@ -401,7 +423,9 @@ impl Shared {
             Some(tx) => {
                 let _ = tx.send(msg);
             }
-            None => tracing::debug!(request_id = %id, r#type = msg.type_name(), "answer for no pending request"),
+            None => {
+                tracing::debug!(request_id = %id, r#type = msg.type_name(), "answer for no pending request")
+            }
         }
     }
 
@@ -416,7 +440,10 @@ impl Shared {
                 return;
             }
         };
-        if !self.session.admits(envelope.session_id(), envelope.connection_id()) {
+        if !self
+            .session
+            .admits(envelope.session_id(), envelope.connection_id())
+        {
             self.stats.rejected_foreign.fetch_add(1, Relaxed);
             tracing::warn!(
                 id = envelope.id(),
@@ -452,7 +479,11 @@ pub async fn create_channel(url: &str) -> anyhow::Result<()> {
         .header(trickle::headers::EXPECT_CONTENT, "application/jsonl")
         .send()
         .await
-        .map_err(|e| anyhow::anyhow!("cannot reach {url} to create the channel ({e}); is the trickle server running?"))?;
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "cannot reach {url} to create the channel ({e}); is the trickle server running?"
+            )
+        })?;
     if !response.status().is_success() {
         anyhow::bail!(
             "creating channel {url} answered {}; does the server allow channel creation (serve --autocreate)?",

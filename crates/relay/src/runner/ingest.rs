@@ -54,7 +54,17 @@ pub fn router() -> Router {
 }
 
 async fn ingest(body: Bytes) -> (StatusCode, Json<Value>) {
-    let outcome = ingest_body(&body);
+    // Off the async workers: a big body is a burst, and the sink's drain task must keep running
+    // beside it rather than wait in this worker's queue until the burst is over.
+    let outcome = match tokio::task::spawn_blocking(move || ingest_body(&body)).await {
+        Ok(outcome) => outcome,
+        Err(e) => {
+            return (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                Json(json!({"error": format!("ingest failed: {e}")})),
+            )
+        }
+    };
     (
         StatusCode::ACCEPTED,
         Json(json!({
@@ -143,7 +153,12 @@ impl EventRequest {
             fields = fields.user_id(id);
         }
         if let Some(e) = self.error {
-            fields = fields.error(ErrorInfo::new(e.error_type, e.message, e.exception_type, e.recoverable));
+            fields = fields.error(ErrorInfo::new(
+                e.error_type,
+                e.message,
+                e.exception_type,
+                e.recoverable,
+            ));
         }
         if let Some(info) = self.connection_info {
             fields = fields.connection_info(info);

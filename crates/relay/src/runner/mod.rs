@@ -24,9 +24,10 @@ use anyhow::Context as _;
 use pipeline::{Emit, Pipeline};
 use serde_json::{json, Value};
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use telemetry::sinks::{SessionContext, TrickleEventsSink};
-use telemetry::{Fields, SinkStats};
+use telemetry::{Event, Fields, Sink, SinkStats};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use trickle::jsonl::{JsonlReader, JsonlReaderOptions, JsonlWriter, JsonlWriterOptions};
@@ -35,7 +36,7 @@ use trickle::publisher::{Publisher, PublisherOptions};
 use trickle::subscriber::{Subscriber, SubscriberOptions};
 
 /// How the runner is set up.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct RunnerConfig {
     /// The control channel URL (the runner subscribes).
     pub control_url: String,
@@ -62,6 +63,8 @@ pub struct RunnerConfig {
     pub started_at: Instant,
     /// A restarted runner sets this so its first events segment resets the channel.
     pub reset_events: bool,
+    /// Also hand every event the runner emits to this sink (a record of what left, for audits).
+    pub emitted_copy: Option<Arc<dyn Sink>>,
 }
 
 impl RunnerConfig {
@@ -80,6 +83,7 @@ impl RunnerConfig {
             ingest: None,
             started_at: Instant::now(),
             reset_events: false,
+            emitted_copy: None,
         }
     }
 }
@@ -98,7 +102,10 @@ pub struct RunnerReport {
 }
 
 /// Runs the runner until its control channel ends or `shutdown` fires.
-pub async fn run(config: RunnerConfig, shutdown: CancellationToken) -> anyhow::Result<RunnerReport> {
+pub async fn run(
+    config: RunnerConfig,
+    shutdown: CancellationToken,
+) -> anyhow::Result<RunnerReport> {
     let publisher = Publisher::new(
         config.events_url.clone(),
         PublisherOptions {
@@ -117,7 +124,14 @@ pub async fn run(config: RunnerConfig, shutdown: CancellationToken) -> anyhow::R
         },
         config.queue_capacity,
     )?;
-    let guard = telemetry::install_sink(sink.clone());
+    let installed: Arc<dyn Sink> = match &config.emitted_copy {
+        Some(copy) => Arc::new(Tee {
+            primary: sink.clone(),
+            copy: copy.clone(),
+        }),
+        None => sink.clone(),
+    };
+    let guard = telemetry::install_sink(installed);
 
     let startup_ms = config.started_at.elapsed().as_millis() as u64;
     events
@@ -139,9 +153,13 @@ pub async fn run(config: RunnerConfig, shutdown: CancellationToken) -> anyhow::R
         Some(addr) => Some(ingest::serve(addr, shutdown.child_token()).await?),
         None => None,
     };
-    let logs = config
-        .forward_logs
-        .then(|| tokio::spawn(forward_logs(LogTail::global().clone(), events.clone(), shutdown.child_token())));
+    let logs = config.forward_logs.then(|| {
+        tokio::spawn(forward_logs(
+            LogTail::global().clone(),
+            events.clone(),
+            shutdown.child_token(),
+        ))
+    });
 
     let (control_tx, mut control_rx) = mpsc::channel(64);
     // The reader runs in its own task so no select! ever cancels it mid-line.
@@ -239,7 +257,9 @@ async fn handle(
     vram: &Option<vram::Vram>,
 ) {
     let answer = match msg {
-        ControlMessage::Ping(ping) => json!({"type": "pong", "timestamp": ping.timestamp, "request_id": ping.request_id}),
+        ControlMessage::Ping(ping) => {
+            json!({"type": "pong", "timestamp": ping.timestamp, "request_id": ping.request_id})
+        }
         ControlMessage::StartStream(start) => {
             adopt_session(session, &start.params);
             publish(session, None, Emit::new("session_created"));
@@ -247,7 +267,9 @@ async fn handle(
                 publish(session, Some(pipeline.id()), emit);
             }
             // The first heartbeat carries the GPU's state at start.
-            if let Some(emit) = pipeline.heartbeat(Instant::now(), vram.as_ref().and_then(vram::Vram::read)) {
+            if let Some(emit) =
+                pipeline.heartbeat(Instant::now(), vram.as_ref().and_then(vram::Vram::read))
+            {
                 publish(session, Some(pipeline.id()), emit);
             }
             json!({"type": "stream_started", "request_id": start.request_id, "pipeline_id": pipeline.id()})
@@ -365,9 +387,39 @@ async fn forward_logs(tail: LogTail, events: JsonlWriter, stop: CancellationToke
         }
         let lines = std::mem::take(&mut batch);
         sent += lines.len() as u64;
-        if events.write(&json!({"type": "logs", "lines": lines})).await.is_err() {
+        if events
+            .write(&json!({"type": "logs", "lines": lines}))
+            .await
+            .is_err()
+        {
             break;
         }
     }
     sent
+}
+
+/// Hands each event to the events sink and to a copy (`RunnerConfig::emitted_copy`).
+struct Tee {
+    primary: Arc<TrickleEventsSink>,
+    copy: Arc<dyn Sink>,
+}
+
+impl Sink for Tee {
+    fn emit(&self, event: Event) {
+        self.copy.emit(event.clone());
+        self.primary.emit(event);
+    }
+
+    fn stats(&self) -> SinkStats {
+        self.primary.stats()
+    }
+
+    fn name(&self) -> &'static str {
+        "tee"
+    }
+
+    fn flush(&self) {
+        self.primary.flush();
+        self.copy.flush();
+    }
 }

@@ -6,8 +6,8 @@
 //! turns its [`Emit`]s into envelopes.
 
 use serde_json::{json, Map, Value};
-use telemetry::ErrorInfo;
 use std::time::{Duration, Instant};
+use telemetry::ErrorInfo;
 
 /// One event the pipeline wants published: its type, metadata, and an optional error.
 #[derive(Debug, Clone, PartialEq)]
@@ -131,7 +131,12 @@ impl Pipeline {
     /// names one (`input`, `output` or `audio_output`).
     pub fn fail(&mut self, message: &str, media_loop: Option<&str>) -> Vec<Emit> {
         let mut emits = vec![Emit {
-            error: Some(ErrorInfo::new("pipeline_error", message, "RuntimeError", true)),
+            error: Some(ErrorInfo::new(
+                "pipeline_error",
+                message,
+                "RuntimeError",
+                true,
+            )),
             ..Emit::new("error")
         }];
         let loop_event = match media_loop {
@@ -191,9 +196,16 @@ mod tests {
         let types: Vec<_> = p.start(t0).iter().map(|e| e.event_type).collect();
         assert_eq!(
             types,
-            ["pipeline_load_start", "pipeline_loaded", "stream_started", "playback_ready"]
+            [
+                "pipeline_load_start",
+                "pipeline_loaded",
+                "stream_started",
+                "playback_ready"
+            ]
         );
-        let hb = p.heartbeat(t0 + Duration::from_secs(2), Some((812.5, 1024.0))).unwrap();
+        let hb = p
+            .heartbeat(t0 + Duration::from_secs(2), Some((812.5, 1024.0)))
+            .unwrap();
         assert_eq!(hb.metadata["frames_in"], json!(60));
         assert_eq!(hb.metadata["frames_out"], json!(59));
         assert_eq!(hb.metadata["vram_allocated_mb"], json!(812.5));
@@ -203,7 +215,11 @@ mod tests {
         let fail = p.fail("boom", Some("output"));
         assert_eq!(fail[0].event_type, "error");
         assert_eq!(fail[1].event_type, "media_output_loop_failed");
-        let types: Vec<_> = p.stop(t0 + Duration::from_secs(4)).iter().map(|e| e.event_type).collect();
+        let types: Vec<_> = p
+            .stop(t0 + Duration::from_secs(4))
+            .iter()
+            .map(|e| e.event_type)
+            .collect();
         assert_eq!(types, ["stream_stopped", "pipeline_unloaded"]);
         assert!(p.stop(t0).is_empty(), "stopping twice emits nothing");
     }

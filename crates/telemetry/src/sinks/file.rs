@@ -21,6 +21,9 @@ use std::time::Duration;
 /// Default queue capacity of a file sink (disk is fast; this absorbs bursts).
 pub const DEFAULT_FILE_CAPACITY: usize = 65_536;
 
+/// How often the writer thread looks for events below the wake mark (nobody wakes it for them).
+const POLL_INTERVAL: Duration = Duration::from_millis(5);
+
 /// How long [`FileSink::flush`] waits for the writer thread before giving up.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -40,6 +43,7 @@ struct Shared {
     state: Mutex<State>,
     work: Condvar,
     flushed: Condvar,
+    wake_mark: usize,
     delivered: AtomicU64,
     write_dropped_high: AtomicU64,
     write_dropped_low: AtomicU64,
@@ -80,6 +84,7 @@ impl FileSink {
             }),
             work: Condvar::new(),
             flushed: Condvar::new(),
+            wake_mark: capacity.max(1).div_ceil(2),
             delivered: AtomicU64::new(0),
             write_dropped_high: AtomicU64::new(0),
             write_dropped_low: AtomicU64::new(0),
@@ -161,7 +166,8 @@ impl Sink for FileSink {
     fn emit(&self, event: Event) {
         let pushed = self.shared.state.lock().queue.push(event);
         drop(pushed.dropped_event);
-        if pushed.was_empty {
+        // Like `EventQueue`: the writer polls; only a filling queue pays for a wake-up.
+        if pushed.len == self.shared.wake_mark {
             self.shared.work.notify_one();
         }
     }
@@ -197,15 +203,18 @@ impl Sink for FileSink {
 fn write_loop(shared: &Shared, mut file: BufWriter<File>) {
     let mut batch: Vec<Event> = Vec::new();
     let mut buf: Vec<u8> = Vec::new();
+    let mut dead: Vec<Event> = Vec::new();
     loop {
         let (flush_target, stop) = {
             let mut st = shared.state.lock();
             while st.queue.is_empty() && !st.stop && st.flush_requested == st.flush_done {
-                shared.work.wait(&mut st);
+                shared.work.wait_for(&mut st, POLL_INTERVAL);
             }
             st.queue.drain_into(&mut batch);
+            st.queue.swap_dead(&mut dead);
             (st.flush_requested, st.stop)
         };
+        dead.clear();
         shared.in_flight.store(batch.len() as u64, Ordering::Relaxed);
         let mut error = None;
         let mut written = 0usize;

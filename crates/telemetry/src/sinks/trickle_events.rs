@@ -2,7 +2,9 @@
 //!
 //! `emit` puts the event in a bounded two-class queue ([`crate::queue`]) and returns; a drain task
 //! takes everything queued per wake-up, serializes it off the caller's thread, and writes it as one
-//! batch of `{"type":"telemetry","event":<envelope>}` lines to the events writer.
+//! batch of `{"type":"telemetry","event":<envelope>}` lines to the events writer. The drain polls
+//! every [`TrickleEventsConfig::poll_interval`] and is woken early only by a filling queue, so a
+//! caller never pays for a wake-up syscall except, at most, once per drained burst.
 //!
 //! **Loss is reported, not just logged.** The sink counts every drop (queue eviction, failed write,
 //! emit after shutdown). Whenever drops happened since the last report, the drain task writes a
@@ -48,6 +50,10 @@ pub struct TrickleEventsConfig {
     pub capacity: usize,
     /// Minimum time between two loss reports (default 250 ms); shutdown always reports.
     pub report_interval: Duration,
+    /// How often the drain looks for queued events (default 5 ms). Callers never wake it below
+    /// the queue's wake mark (half the capacity): a wake-up is a syscall on the caller's thread.
+    /// This is the most a quiet event waits before it is written.
+    pub poll_interval: Duration,
 }
 
 impl Default for TrickleEventsConfig {
@@ -55,6 +61,7 @@ impl Default for TrickleEventsConfig {
         TrickleEventsConfig {
             capacity: DEFAULT_CAPACITY,
             report_interval: Duration::from_millis(250),
+            poll_interval: Duration::from_millis(5),
         }
     }
 }
@@ -126,12 +133,7 @@ impl TrickleEventsSink {
             queue: EventQueue::new(config.capacity),
             counters: Counters::default(),
         });
-        let task = handle.spawn(drain(
-            Arc::clone(&shared),
-            output,
-            session,
-            config.report_interval,
-        ));
+        let task = handle.spawn(drain(Arc::clone(&shared), output, session, config));
         Arc::new(TrickleEventsSink {
             shared,
             task: Mutex::new(Some(task)),
@@ -248,11 +250,12 @@ async fn drain<O: LineOutput>(
     shared: Arc<Shared>,
     mut output: O,
     session: SessionContext,
-    interval: Duration,
+    config: TrickleEventsConfig,
 ) {
+    let poll = config.poll_interval.max(Duration::from_micros(100));
     let mut reporter = Reporter {
         session,
-        interval,
+        interval: config.report_interval,
         reported: (0, 0),
         window_start_ms: now_ms(),
         last_report: None,
@@ -349,11 +352,7 @@ async fn drain<O: LineOutput>(
             }
             break;
         }
-        match reporter.wait_for(totals) {
-            Some(d) => {
-                let _ = tokio::time::timeout(d, shared.queue.wait()).await;
-            }
-            None => shared.queue.wait().await,
-        }
+        let wait = reporter.wait_for(totals).map_or(poll, |d| d.min(poll));
+        shared.queue.wait_for(wait).await;
     }
 }

@@ -42,6 +42,8 @@ pub struct Args {
 struct Run {
     secs: f64,
     delivered: u64,
+    /// CPU time this process (server and clients) used during the run, if known.
+    cpu_secs: Option<f64>,
 }
 
 /// Runs this benchmark.
@@ -131,6 +133,7 @@ async fn throughput_run(client: &reqwest::Client, base: &str, args: &Args) -> an
             ))
         }
     });
+    let cpu_start = cpu_time();
     let start = Instant::now();
     client
         .post(&url)
@@ -148,8 +151,13 @@ async fn throughput_run(client: &reqwest::Client, base: &str, args: &Args) -> an
         delivered += n;
     }
     let secs = start.elapsed().as_secs_f64();
+    let cpu_secs = cpu_time().zip(cpu_start).map(|(end, start)| end - start);
     let _ = client.delete(format!("{base}/{ch}")).send().await;
-    Ok(Run { secs, delivered })
+    Ok(Run {
+        secs,
+        delivered,
+        cpu_secs,
+    })
 }
 
 async fn latency_run(
@@ -202,6 +210,18 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[i.min(sorted.len() - 1)]
 }
 
+/// CPU time (user + system) used so far by this process, in seconds (Linux).
+fn cpu_time() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the parenthesised command name; utime and stime are the 12th and 13th.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let mut fields = rest.split_whitespace().skip(11);
+    let utime: f64 = fields.next()?.parse().ok()?;
+    let stime: f64 = fields.next()?.parse().ok()?;
+    // Clock ticks are 100 per second on every Linux this runs on (USER_HZ).
+    Some((utime + stime) / 100.0)
+}
+
 /// Peak resident memory of this process (Linux), in bytes.
 fn peak_rss() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
@@ -218,6 +238,13 @@ fn report(args: &Args, runs: &[Run], latencies: &[Duration]) {
     let median_rate = percentile(&rates, 0.5);
     let (min_rate, max_rate) = (rates[0], rates[rates.len() - 1]);
     let rss = peak_rss();
+    // CPU cost per delivered GB, and the share of the cores this process got (under 100% per
+    // core means something else was running: the wall-clock figures are then pessimistic).
+    let cpu: Option<f64> = runs.iter().map(|r| r.cpu_secs).sum();
+    let wall: f64 = runs.iter().map(|r| r.secs).sum();
+    let delivered_gb = runs.iter().map(|r| r.delivered).sum::<u64>() as f64 / 1e9;
+    let cpu_per_gb = cpu.map(|c| c / delivered_gb);
+    let cores_used = cpu.map(|c| c / wall);
     let where_ = args.server.as_deref().unwrap_or("in-process server");
     if args.json {
         let summary = json!({
@@ -235,6 +262,8 @@ fn report(args: &Args, runs: &[Run], latencies: &[Duration]) {
                 "p99": percentile(&lat_us, 0.99),
                 "max": lat_us.last().copied().unwrap_or(0.0),
             },
+            "cpu_secs_per_gb": cpu_per_gb,
+            "cores_used": cores_used,
             "peak_rss_bytes": rss,
         });
         println!("{summary}");
@@ -253,6 +282,11 @@ fn report(args: &Args, runs: &[Run], latencies: &[Duration]) {
         min_rate / 1e9,
         max_rate / 1e9
     );
+    if let (Some(per_gb), Some(cores)) = (cpu_per_gb, cores_used) {
+        println!(
+            "  cpu: {per_gb:.2} core-seconds per GB delivered (server and clients); {cores:.2} cores busy on average"
+        );
+    }
     if !lat_us.is_empty() {
         println!(
             "  first-byte latency over {} segments: median {:.0} us, p99 {:.0} us, max {:.0} us",

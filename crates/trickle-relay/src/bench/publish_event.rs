@@ -19,7 +19,9 @@ use telemetry::output::Discard;
 use telemetry::sinks::{SessionContext, TrickleEventsConfig, TrickleEventsSink};
 use telemetry::{install_sink, publish_event, set_telemetry_enabled, Fields, SinkStats};
 use tokio::runtime::Handle;
-use trickle::jsonl::{JsonlReader, JsonlReaderOptions, JsonlWriter, JsonlWriterOptions, JSONL_CONTENT_TYPE};
+use trickle::jsonl::{
+    JsonlReader, JsonlReaderOptions, JsonlWriter, JsonlWriterOptions, JSONL_CONTENT_TYPE,
+};
 use trickle::publisher::{Publisher, PublisherOptions};
 use trickle::server::{Server, ServerConfig};
 use trickle::subscriber::{Subscriber, SubscriberOptions};
@@ -133,7 +135,10 @@ async fn run_callers(threads: usize, args: &Args) -> anyhow::Result<(Histogram<u
             .collect::<Result<_, _>>()?;
         let mut out = Vec::new();
         for h in handles {
-            out.push(h.join().map_err(|_| anyhow::anyhow!("a caller thread panicked"))?);
+            out.push(
+                h.join()
+                    .map_err(|_| anyhow::anyhow!("a caller thread panicked"))?,
+            );
         }
         anyhow::Ok(out)
     })
@@ -165,7 +170,8 @@ async fn target(args: &Args, name: &str) -> anyhow::Result<Target> {
     match args.output {
         OutputKind::Discard => {
             let out = Discard::new();
-            let sink = TrickleEventsSink::spawn_on(&Handle::current(), out.clone(), session, config);
+            let sink =
+                TrickleEventsSink::spawn_on(&Handle::current(), out.clone(), session, config);
             Ok(Target {
                 sink,
                 finish: Box::new(move || tokio::spawn(async move { Ok(Some(out.lines())) })),
@@ -213,7 +219,8 @@ async fn target(args: &Args, name: &str) -> anyhow::Result<Target> {
                 ),
                 JsonlWriterOptions::default(),
             );
-            let sink = TrickleEventsSink::spawn_on(&Handle::current(), writer.clone(), session, config);
+            let sink =
+                TrickleEventsSink::spawn_on(&Handle::current(), writer.clone(), session, config);
             Ok(Target {
                 sink,
                 finish: Box::new(move || {

@@ -2,11 +2,13 @@
 //!
 //! Scenarios, each repeated `--repeat` times in a fresh directory (median and spread reported):
 //! * `append_group`: `append` of `--event-bytes` events under the default group commit, one
-//!   thread; also the per-append latency (p50/p99/max) and the final `sync`.
+//!   thread; also the per-append latency (p50/p99/p99.9/max) and the final `sync`.
 //! * `append_group_threads`: the same from `--threads` threads at once (when above 1).
 //! * `append_never`: no fsync at all, the floor the other figures compare to.
 //! * `append_always`: fsync before every append returns (`--always-events` of them).
-//! * `read_ack`: drain what `append_group` wrote with `read_batch(500, 1,000,000)` + `ack`.
+//! * `read_ack`: drain what `append_group` wrote with `read_batch(500, 1,000,000)` + `ack`
+//!   (each ack is a durable cursor write: two fsyncs).
+//! * `read_ack_never`: the same drain under `SyncPolicy::Never`: what reading alone costs.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -87,6 +89,7 @@ struct Scenario {
 struct Latency {
     p50: Spread,
     p99: Spread,
+    p999: Spread,
     max: Spread,
 }
 
@@ -171,48 +174,73 @@ fn options(args: &Args, sync: SyncPolicy) -> SpoolOptions {
     }
 }
 
+/// The figures of one scenario over its runs.
+#[derive(Default)]
+struct Runs {
+    rate: Vec<f64>,
+    p50: Vec<f64>,
+    p99: Vec<f64>,
+    p999: Vec<f64>,
+    max: Vec<f64>,
+    sync_ms: Vec<f64>,
+}
+
+impl Runs {
+    fn summary(self, name: &'static str, policy: String, events: u64) -> Scenario {
+        let latency = (!self.p50.is_empty()).then(|| Latency {
+            p50: Spread::of(self.p50),
+            p99: Spread::of(self.p99),
+            p999: Spread::of(self.p999),
+            max: Spread::of(self.max),
+        });
+        Scenario {
+            name,
+            policy,
+            events,
+            events_per_sec: Spread::of(self.rate),
+            append_latency_us: latency,
+            final_sync_ms: (!self.sync_ms.is_empty()).then(|| Spread::of(self.sync_ms)),
+        }
+    }
+}
+
 fn scenarios(args: &Args, root: &Path) -> anyhow::Result<Vec<Scenario>> {
     let payload = event(args.event_bytes);
     let group = SyncPolicy::default();
-    let mut g_rate = vec![];
-    let (mut p50, mut p99, mut pmax, mut g_sync) = (vec![], vec![], vec![], vec![]);
-    let (mut t_rate, mut n_rate, mut a_rate, mut r_rate) = (vec![], vec![], vec![], vec![]);
+    let (mut g, mut t, mut n) = (Runs::default(), Runs::default(), Runs::default());
+    let (mut a, mut ra, mut rn) = (Runs::default(), Runs::default(), Runs::default());
     for r in 0..args.repeat {
-        // Group commit, one thread, with per-append latency.
+        // Group commit, one thread; then drain it as the reporter does (read, POST, ack).
         let dir = root.join(format!("group-{r}"));
-        let (spool, _) = Spool::open(&dir, options(args, group))?;
-        let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)?;
+        let spool = append_run(&dir, options(args, group), &payload, args.events, &mut g)?;
         let start = Instant::now();
-        for _ in 0..args.events {
-            let t = Instant::now();
-            spool.append(&payload)?;
-            hist.saturating_record(t.elapsed().as_nanos() as u64);
-        }
-        let elapsed = start.elapsed();
-        let t = Instant::now();
         spool.sync()?;
-        g_sync.push(ms(t.elapsed()));
-        g_rate.push(args.events as f64 / elapsed.as_secs_f64());
-        p50.push(hist.value_at_quantile(0.5) as f64 / 1000.0);
-        p99.push(hist.value_at_quantile(0.99) as f64 / 1000.0);
-        pmax.push(hist.max() as f64 / 1000.0);
-        anyhow::ensure!(spool.dropped_records() == 0, "the benchmark hit the cap");
+        g.sync_ms.push(ms(start.elapsed()));
+        ra.rate.push(drain(&spool, args.events)?);
+        drop(spool);
+        let _ = std::fs::remove_dir_all(&dir);
 
-        // Drain it: read a batch, ack it, as the reporter does after a 200.
-        let start = Instant::now();
-        let mut drained = 0u64;
-        loop {
-            let batch = spool.read_batch(500, 1_000_000)?;
-            let Some(last) = batch.last() else { break };
-            spool.ack(last.id)?;
-            drained += batch.len() as u64;
-        }
-        r_rate.push(drained as f64 / start.elapsed().as_secs_f64());
-        anyhow::ensure!(
-            drained == args.events,
-            "drained {drained} of {} events",
-            args.events
-        );
+        // No fsync at all; the drain then shows what reading alone costs.
+        let dir = root.join(format!("never-{r}"));
+        let spool = append_run(
+            &dir,
+            options(args, SyncPolicy::Never),
+            &payload,
+            args.events,
+            &mut n,
+        )?;
+        rn.rate.push(drain(&spool, args.events)?);
+        drop(spool);
+        let _ = std::fs::remove_dir_all(&dir);
+
+        let dir = root.join(format!("always-{r}"));
+        let spool = append_run(
+            &dir,
+            options(args, SyncPolicy::Always),
+            &payload,
+            args.always_events,
+            &mut a,
+        )?;
         drop(spool);
         let _ = std::fs::remove_dir_all(&dir);
 
@@ -238,92 +266,72 @@ fn scenarios(args: &Args, root: &Path) -> anyhow::Result<Vec<Scenario>> {
                 h.join()
                     .map_err(|_| anyhow::anyhow!("an appending thread panicked"))??;
             }
-            t_rate.push((per * args.threads) as f64 / start.elapsed().as_secs_f64());
+            t.rate
+                .push((per * args.threads) as f64 / start.elapsed().as_secs_f64());
             drop(spool);
             let _ = std::fs::remove_dir_all(&dir);
         }
-
-        n_rate.push(append_rate(
-            &root.join(format!("never-{r}")),
-            options(args, SyncPolicy::Never),
-            &payload,
-            args.events,
-        )?);
-        a_rate.push(append_rate(
-            &root.join(format!("always-{r}")),
-            options(args, SyncPolicy::Always),
-            &payload,
-            args.always_events,
-        )?);
     }
-
-    let mut out = vec![Scenario {
-        name: "append_group",
-        policy: format!("{group:?}"),
-        events: args.events,
-        events_per_sec: Spread::of(g_rate),
-        append_latency_us: Some(Latency {
-            p50: Spread::of(p50),
-            p99: Spread::of(p99),
-            max: Spread::of(pmax),
-        }),
-        final_sync_ms: Some(Spread::of(g_sync)),
-    }];
+    let mut out = vec![g.summary("append_group", format!("{group:?}"), args.events)];
     if args.threads > 1 {
-        out.push(Scenario {
-            name: "append_group_threads",
-            policy: format!("{group:?}, {} threads", args.threads),
-            events: args.events / args.threads * args.threads,
-            events_per_sec: Spread::of(t_rate),
-            append_latency_us: None,
-            final_sync_ms: None,
-        });
+        let policy = format!("{group:?}, {} threads", args.threads);
+        out.push(t.summary(
+            "append_group_threads",
+            policy,
+            args.events / args.threads * args.threads,
+        ));
     }
-    out.push(plain(
-        "append_never",
-        SyncPolicy::Never,
-        args.events,
-        n_rate,
-    ));
-    out.push(plain(
-        "append_always",
-        SyncPolicy::Always,
-        args.always_events,
-        a_rate,
-    ));
-    out.push(Scenario {
-        name: "read_ack",
-        policy: format!("read_batch(500, 1000000) + ack, {group:?}"),
-        events: args.events,
-        events_per_sec: Spread::of(r_rate),
-        append_latency_us: None,
-        final_sync_ms: None,
-    });
+    out.push(n.summary("append_never", "Never".into(), args.events));
+    out.push(a.summary("append_always", "Always".into(), args.always_events));
+    let read = "read_batch(500, 1000000) + ack";
+    out.push(ra.summary("read_ack", format!("{read}, {group:?}"), args.events));
+    out.push(rn.summary("read_ack_never", format!("{read}, Never"), args.events));
     Ok(out)
 }
 
-fn plain(name: &'static str, policy: SyncPolicy, events: u64, rates: Vec<f64>) -> Scenario {
-    Scenario {
-        name,
-        policy: format!("{policy:?}"),
-        events,
-        events_per_sec: Spread::of(rates),
-        append_latency_us: None,
-        final_sync_ms: None,
-    }
-}
-
-/// Appends `events` copies of `payload` into a fresh spool at `dir`; returns events per second.
-fn append_rate(dir: &Path, opts: SpoolOptions, payload: &[u8], events: u64) -> anyhow::Result<f64> {
+/// Appends `events` copies of `payload` into a fresh spool at `dir`, timing each append; returns
+/// the spool for what comes next.
+fn append_run(
+    dir: &Path,
+    opts: SpoolOptions,
+    payload: &[u8],
+    events: u64,
+    runs: &mut Runs,
+) -> anyhow::Result<Spool> {
     let (spool, _) = Spool::open(dir, opts)?;
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)?;
     let start = Instant::now();
     for _ in 0..events {
+        let t = Instant::now();
         spool.append(payload)?;
+        hist.saturating_record(t.elapsed().as_nanos() as u64);
     }
-    let rate = events as f64 / start.elapsed().as_secs_f64();
-    drop(spool);
-    let _ = std::fs::remove_dir_all(dir);
-    Ok(rate)
+    runs.rate
+        .push(events as f64 / start.elapsed().as_secs_f64());
+    let us = |q: f64| hist.value_at_quantile(q) as f64 / 1000.0;
+    runs.p50.push(us(0.5));
+    runs.p99.push(us(0.99));
+    runs.p999.push(us(0.999));
+    runs.max.push(hist.max() as f64 / 1000.0);
+    anyhow::ensure!(spool.dropped_records() == 0, "the benchmark hit the cap");
+    Ok(spool)
+}
+
+/// Reads and acknowledges batches until the spool is empty; returns events per second.
+fn drain(spool: &Spool, expected: u64) -> anyhow::Result<f64> {
+    let start = Instant::now();
+    let mut drained = 0u64;
+    loop {
+        let batch = spool.read_batch(500, 1_000_000)?;
+        let Some(last) = batch.last() else { break };
+        spool.ack(last.id)?;
+        drained += batch.len() as u64;
+    }
+    anyhow::ensure!(
+        drained == expected,
+        "drained {drained} of {expected} events"
+    );
+    Ok(drained as f64 / start.elapsed().as_secs_f64())
 }
 
 fn ms(d: Duration) -> f64 {
@@ -343,8 +351,9 @@ fn print_human(r: &Report) {
         );
         if let Some(l) = &s.append_latency_us {
             println!(
-                "  {:<22} append latency p50 {:.2} us, p99 {:.2} us, max {:.0} us (medians over runs; max spread {:.0}..{:.0} us)",
-                "", l.p50.median, l.p99.median, l.max.median, l.max.min, l.max.max
+                "  {:<22} append latency p50 {:.2} us, p99 {:.2} us, p99.9 {:.1} us, max {:.0} us \
+                 (medians over runs; max ranged {:.0}..{:.0} us)",
+                "", l.p50.median, l.p99.median, l.p999.median, l.max.median, l.max.min, l.max.max
             );
         }
         if let Some(f) = &s.final_sync_ms {

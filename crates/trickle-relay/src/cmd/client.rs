@@ -92,12 +92,16 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         serve_http(addr, client.clone(), shutdown.clone()).await?;
     }
     if let Some(params) = &args.start_stream {
-        let params: Value = serde_json::from_str(params)
-            .context("--start-stream takes a JSON object, e.g. '{\"pipeline_id\":\"passthrough\"}'")?;
+        let params: Value = serde_json::from_str(params).context(
+            "--start-stream takes a JSON object, e.g. '{\"pipeline_id\":\"passthrough\"}'",
+        )?;
         if client.wait_ready(Duration::from_secs(30)).await.is_none() {
             tracing::warn!("no runner_ready within 30 s; starting the stream anyway");
         }
-        client.start_stream(params).await.context("start_stream failed")?;
+        client
+            .start_stream(params)
+            .await
+            .context("start_stream failed")?;
     }
     let deadline = args.duration_secs.map(Duration::from_secs_f64);
     let watch = client.clone();
@@ -117,7 +121,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         }
     }
     shutdown.cancel();
-    let client = Arc::try_unwrap(client).map_err(|_| anyhow::anyhow!("client still in use at shutdown"))?;
+    let client =
+        Arc::try_unwrap(client).map_err(|_| anyhow::anyhow!("client still in use at shutdown"))?;
     let report = client.close(Duration::from_secs(10)).await;
     let egress_stats = egress.as_ref().map(|s| s.stats());
     if let Some(sink) = &egress {
@@ -137,7 +142,10 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
 }
 
 /// The egress sink `choice` names, or the environment's.
-pub fn build_egress(choice: EgressArg, file: Option<&std::path::Path>) -> anyhow::Result<Option<Arc<dyn Sink>>> {
+pub fn build_egress(
+    choice: EgressArg,
+    file: Option<&std::path::Path>,
+) -> anyhow::Result<Option<Arc<dyn Sink>>> {
     let sink: Option<Arc<dyn Sink>> = match choice {
         EgressArg::Log => Some(Arc::new(LogSink::new())),
         EgressArg::None => None,
@@ -169,11 +177,18 @@ pub fn build_egress(choice: EgressArg, file: Option<&std::path::Path>) -> anyhow
     Ok(sink)
 }
 
-async fn serve_http(addr: SocketAddr, client: Arc<Client>, stop: CancellationToken) -> anyhow::Result<()> {
+async fn serve_http(
+    addr: SocketAddr,
+    client: Arc<Client>,
+    stop: CancellationToken,
+) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("cannot listen on {addr} for --http"))?;
-    eprintln!("client: logs at http://{}/api/v1/logs/tail", listener.local_addr()?);
+    eprintln!(
+        "client: logs at http://{}/api/v1/logs/tail",
+        listener.local_addr()?
+    );
     let state = http::HttpState {
         tail: LogTail::global().clone(),
         report: client.reporter(),

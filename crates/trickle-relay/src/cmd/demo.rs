@@ -53,7 +53,12 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     }
     let control_url = format!("{}/{}", server.url(), control);
     let events_url = format!("{}/{}", server.url(), events);
-    eprintln!("demo: trickle server at {}, control …/{:.8}…, events …/{:.8}…", server.url(), control, events);
+    eprintln!(
+        "demo: trickle server at {}, control …/{:.8}…, events …/{:.8}…",
+        server.url(),
+        control,
+        events
+    );
 
     let egress: Arc<dyn Sink> = match &args.egress_file {
         Some(path) => Arc::new(
@@ -102,7 +107,10 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         summary.print();
     }
     session_result?;
-    anyhow::ensure!(summary.accounted(), "events are unaccounted for: see the summary above");
+    anyhow::ensure!(
+        summary.accounted(),
+        "events are unaccounted for: see the summary above"
+    );
     Ok(())
 }
 
@@ -121,10 +129,15 @@ async fn drive(client: &Client, args: &Args, session: &SessionIds) -> anyhow::Re
 
     eprintln!("demo: injecting a pipeline error (simulated CUDA OOM in the output loop)");
     client
-        .set_parameters(json!({"inject_error": "CUDA out of memory (simulated)", "media_loop": "output"}))
+        .set_parameters(
+            json!({"inject_error": "CUDA out of memory (simulated)", "media_loop": "output"}),
+        )
         .await?;
     if args.burst > 0 {
-        eprintln!("demo: bursting {} heartbeats as fast as possible", args.burst);
+        eprintln!(
+            "demo: bursting {} heartbeats as fast as possible",
+            args.burst
+        );
         burst(args.burst, session).await;
     }
     tokio::time::sleep(half).await;
@@ -193,7 +206,10 @@ impl Summary {
         eprintln!();
         eprintln!("demo summary ({:.1} s)", self.elapsed.as_secs_f64());
         eprintln!("  emitted by the runner      {:>8}", r.emitted);
-        eprintln!("  relayed by the client      {:>8}  (incl. {} telemetry_dropped reports)", c.relayed, r.reports);
+        eprintln!(
+            "  relayed by the client      {:>8}  (incl. {} telemetry_dropped reports)",
+            c.relayed, r.reports
+        );
         eprintln!("  egressed                   {:>8}", self.egress.delivered);
         eprintln!(
             "  dropped (runner counted)   {:>8}  (lifecycle/error {}, heartbeats {}); reported downstream {}",
@@ -202,15 +218,26 @@ impl Summary {
             r.dropped_low,
             c.dropped_reported
         );
-        eprintln!("  rejected                   {:>8}  (foreign session {}, invalid {})", c.rejected_foreign + c.rejected_invalid, c.rejected_foreign, c.rejected_invalid);
+        eprintln!(
+            "  rejected                   {:>8}  (foreign session {}, invalid {})",
+            c.rejected_foreign + c.rejected_invalid,
+            c.rejected_foreign,
+            c.rejected_invalid
+        );
         eprintln!("  bad lines skipped          {:>8}", c.bad_lines);
         match c.latency_ms {
-            Some([p50, p99, max]) => eprintln!("  latency origin->egress     median {p50} ms, p99 {p99} ms, max {max} ms"),
+            Some([p50, p99, max]) => eprintln!(
+                "  latency origin->egress     median {p50} ms, p99 {p99} ms, max {max} ms"
+            ),
             None => eprintln!("  latency                    n/a"),
         }
         eprintln!(
             "  every event accounted for  {}",
-            if self.accounted() { "yes: emitted = relayed + dropped" } else { "NO" }
+            if self.accounted() {
+                "yes: emitted = relayed + dropped"
+            } else {
+                "NO"
+            }
         );
     }
 }

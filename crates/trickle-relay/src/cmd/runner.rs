@@ -41,6 +41,9 @@ pub struct Args {
     /// This runner restarted: its first events segment resets the channel's older segments.
     #[arg(long)]
     pub reset: bool,
+    /// Also write every envelope the runner emits, as JSON lines, to this file (an audit record).
+    #[arg(long)]
+    pub emitted_file: Option<PathBuf>,
     /// Write the final counters as JSON to this file on exit.
     #[arg(long)]
     pub report: Option<PathBuf>,
@@ -61,9 +64,22 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     config.forward_logs = !args.no_forward_logs;
     config.reset_events = args.reset;
     config.started_at = started_at;
+    let emitted_copy = match &args.emitted_file {
+        Some(path) => Some(std::sync::Arc::new(
+            telemetry::sinks::FileSink::create(path)
+                .with_context(|| format!("cannot open --emitted-file {}", path.display()))?,
+        )),
+        None => None,
+    };
+    config.emitted_copy = emitted_copy
+        .clone()
+        .map(|s| s as std::sync::Arc<dyn telemetry::Sink>);
     let shutdown = CancellationToken::new();
     super::cancel_on_signal(shutdown.clone());
     let report = runner::run(config, shutdown).await?;
+    if let Some(copy) = &emitted_copy {
+        copy.flush().context("cannot flush --emitted-file")?;
+    }
     eprintln!(
         "runner: {} control messages ({} bad lines skipped); telemetry emitted {}, delivered {}, dropped {}; {} log lines forwarded",
         report.control_messages,

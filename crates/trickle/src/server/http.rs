@@ -17,8 +17,12 @@ const MAX_LINE: usize = 4096;
 const MAX_TRAILERS: usize = 64;
 /// Bytes reserved for each socket read.
 const READ_RESERVE: usize = 128 * 1024;
-/// Below this many spare bytes the read buffer is topped up before reading.
+/// Below this many spare bytes the read buffer is topped up before reading a body.
 const MIN_SPARE: usize = 16 * 1024;
+/// Bytes reserved for reading heads and watching idle connections.
+const SMALL_RESERVE: usize = 8 * 1024;
+/// Below this many spare bytes the buffer is topped up before a small read.
+const SMALL_SPARE: usize = 1024;
 /// Body pieces at least this big are split off the read buffer without copying; smaller ones are
 /// copied, so a tiny piece never pins a whole read buffer in a segment.
 const ZERO_COPY_MIN: usize = 32 * 1024;
@@ -44,9 +48,20 @@ impl Conn {
         }
     }
 
-    /// Reads more bytes into the buffer; Ok(0) at end of stream.
+    /// Reads more bytes into the buffer with a small reservation (heads, idle waits): an idle
+    /// connection costs a few KiB, not a body-sized buffer. Ok(0) at end of stream.
     pub(crate) async fn fill(&mut self) -> io::Result<usize> {
-        reserve(&mut self.buf);
+        if self.buf.capacity() - self.buf.len() < SMALL_SPARE {
+            self.buf.reserve(SMALL_RESERVE);
+        }
+        self.rd.read_buf(&mut self.buf).await
+    }
+
+    /// Reads more body bytes with a large reservation, so big bodies arrive in few reads.
+    async fn fill_body(&mut self) -> io::Result<usize> {
+        if self.buf.capacity() - self.buf.len() < MIN_SPARE {
+            self.buf.reserve(READ_RESERVE);
+        }
         self.rd.read_buf(&mut self.buf).await
     }
 
@@ -68,12 +83,6 @@ impl Conn {
                 _ => break,
             }
         }
-    }
-}
-
-fn reserve(buf: &mut BytesMut) {
-    if buf.capacity() - buf.len() < MIN_SPARE {
-        buf.reserve(READ_RESERVE);
     }
 }
 
@@ -383,7 +392,7 @@ impl Body {
                 Step::Done => return Ok(None),
                 Step::NeedMore => {}
             }
-            if conn.fill().await? == 0 {
+            if conn.fill_body().await? == 0 {
                 return Err(io::Error::new(
                     io::ErrorKind::UnexpectedEof,
                     "client closed the connection mid-body",

@@ -1,0 +1,426 @@
+//! The `/v1/metrics` collector: the receiving side of the HTTP metrics reporter.
+//!
+//! `POST /v1/metrics`, checked in this order, each refusal counted:
+//!
+//! | check | answer |
+//! | --- | --- |
+//! | `Authorization: Bearer <key>` is one of the keys (constant time, see [`auth`]) | 401 |
+//! | the key's token bucket has a token ([`ratelimit`]) | 429 + `Retry-After` (seconds) |
+//! | `Content-Encoding` is absent, `identity` or `gzip` | 415 |
+//! | `Content-Length` at most `max_body_bytes` (checked before reading any of the body) | 413 |
+//! | the body, read as a stream, stays within `max_body_bytes` (cut off as soon as it exceeds) | 413 |
+//! | a gzip body decompresses to at most `max_body_bytes` (decompression stops there) | 413 |
+//! | the JSON shape: object, `events` array, each event an object with `id`, `type`, `data` | 400 + message |
+//! | at most `max_events` events | 413 |
+//! | the output durably has every new event (duplicates by id skipped) | 200, else 503 |
+//!
+//! The 200 is sent only after [`Output::append`] resolved, i.e. for the JSONL output after the
+//! lines were written and fsynced. Events whose id was accepted within the dedup window are
+//! counted as duplicates and not written again ([`dedup`]), so the reporter's at-least-once
+//! delivery becomes exactly-once in the output. Every response carries `Accept-Encoding: gzip`,
+//! which tells the reporter it may compress.
+//!
+//! `GET /health`: liveness plus the counters. `GET /ready`: 200 when the output is writable,
+//! else 503.
+
+pub mod auth;
+pub mod dedup;
+pub mod output;
+pub mod ratelimit;
+pub mod validate;
+
+pub use auth::{ApiKeys, KeysError};
+pub use output::{JsonlOutput, Output, OutputError};
+
+use axum::body::Body;
+use axum::extract::{ConnectInfo, State};
+use axum::http::header::{ACCEPT_ENCODING, AUTHORIZATION, CONTENT_ENCODING, CONTENT_LENGTH, RETRY_AFTER, WWW_AUTHENTICATE};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use bytes::Bytes;
+use dedup::{Dedup, Verdict};
+use futures::StreamExt;
+use ratelimit::RateLimiter;
+use serde::Serialize;
+use serde_json::json;
+use std::future::Future;
+use std::io::Read;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::Duration;
+use validate::Invalid;
+
+/// Limits and windows of a collector.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CollectorConfig {
+    /// Largest body, compressed or not (default 1,000,000 bytes).
+    pub max_body_bytes: usize,
+    /// Most events per request (default 500).
+    pub max_events: usize,
+    /// Requests per second per key on average (default 50; 0 turns limiting off).
+    pub rate_per_sec: f64,
+    /// Burst per key (default 100).
+    pub burst: f64,
+    /// Ids remembered for dedup (default 1,000,000).
+    pub dedup_capacity: usize,
+    /// How long an id is remembered (default 1 h).
+    pub dedup_ttl: Duration,
+}
+
+impl Default for CollectorConfig {
+    fn default() -> Self {
+        CollectorConfig {
+            max_body_bytes: 1_000_000,
+            max_events: 500,
+            rate_per_sec: 50.0,
+            burst: 100.0,
+            dedup_capacity: 1_000_000,
+            dedup_ttl: Duration::from_secs(3600),
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    requests: AtomicU64,
+    batches: AtomicU64,
+    accepted: AtomicU64,
+    duplicates: AtomicU64,
+    unauthorized: AtomicU64,
+    rate_limited: AtomicU64,
+    too_large: AtomicU64,
+    bad_request: AtomicU64,
+    unsupported_encoding: AtomicU64,
+    output_failed: AtomicU64,
+}
+
+/// A snapshot of the collector's counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct CollectorStats {
+    /// `POST /v1/metrics` requests.
+    pub requests: u64,
+    /// Requests answered 200.
+    pub batches: u64,
+    /// Events written to the output.
+    pub accepted: u64,
+    /// Events skipped because their id was already accepted.
+    pub duplicates: u64,
+    /// Requests refused by reason.
+    pub rejected: Rejected,
+}
+
+/// Refusals by reason.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Rejected {
+    /// 401.
+    pub unauthorized: u64,
+    /// 429.
+    pub rate_limited: u64,
+    /// 413.
+    pub too_large: u64,
+    /// 400.
+    pub bad_request: u64,
+    /// 415.
+    pub unsupported_encoding: u64,
+    /// 503 (the output failed).
+    pub output_failed: u64,
+}
+
+impl CollectorStats {
+    /// All refusals.
+    pub fn rejected_total(&self) -> u64 {
+        let r = &self.rejected;
+        r.unauthorized + r.rate_limited + r.too_large + r.bad_request + r.unsupported_encoding + r.output_failed
+    }
+}
+
+struct Inner {
+    config: CollectorConfig,
+    keys: Arc<ApiKeys>,
+    output: Arc<dyn Output>,
+    limiter: RateLimiter,
+    dedup: Dedup,
+    counters: Counters,
+}
+
+/// A collector: cheap to clone (shared state).
+#[derive(Clone)]
+pub struct Collector {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Collector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Collector")
+            .field("config", &self.inner.config)
+            .field("output", &self.inner.output.name())
+            .finish()
+    }
+}
+
+/// Why a request was refused.
+enum Reject {
+    Unauthorized,
+    RateLimited(u64),
+    Unsupported(String),
+    TooLarge(String),
+    BadRequest(String),
+    Output(String),
+}
+
+impl Collector {
+    /// A collector over `output`, accepting `keys`. Seeds the dedup window with the ids of the
+    /// output's latest events, so duplicates are caught across restarts.
+    pub fn new(config: CollectorConfig, keys: Arc<ApiKeys>, output: Arc<dyn Output>) -> Collector {
+        let dedup = Dedup::new(config.dedup_capacity, config.dedup_ttl);
+        let recent = output.recent_ids(config.dedup_capacity);
+        let seeded = dedup.seed(recent.iter().map(String::as_str));
+        if seeded > 0 {
+            tracing::info!(target: "collector", seeded, "dedup window seeded from the output's latest events");
+        }
+        Collector {
+            inner: Arc::new(Inner {
+                limiter: RateLimiter::new(config.rate_per_sec, config.burst),
+                config,
+                keys,
+                output,
+                dedup,
+                counters: Counters::default(),
+            }),
+        }
+    }
+
+    /// The accepted keys (to reload them).
+    pub fn keys(&self) -> &Arc<ApiKeys> {
+        &self.inner.keys
+    }
+
+    /// The counters now.
+    pub fn stats(&self) -> CollectorStats {
+        let c = &self.inner.counters;
+        CollectorStats {
+            requests: c.requests.load(Relaxed),
+            batches: c.batches.load(Relaxed),
+            accepted: c.accepted.load(Relaxed),
+            duplicates: c.duplicates.load(Relaxed),
+            rejected: Rejected {
+                unauthorized: c.unauthorized.load(Relaxed),
+                rate_limited: c.rate_limited.load(Relaxed),
+                too_large: c.too_large.load(Relaxed),
+                bad_request: c.bad_request.load(Relaxed),
+                unsupported_encoding: c.unsupported_encoding.load(Relaxed),
+                output_failed: c.output_failed.load(Relaxed),
+            },
+        }
+    }
+
+    /// Logs the counters (one line).
+    pub fn log_stats(&self) {
+        let s = self.stats();
+        let r = s.rejected;
+        tracing::info!(target: "collector",
+            requests = s.requests, accepted = s.accepted, duplicates = s.duplicates,
+            unauthorized = r.unauthorized, rate_limited = r.rate_limited, too_large = r.too_large,
+            bad_request = r.bad_request, unsupported_encoding = r.unsupported_encoding, output_failed = r.output_failed,
+            "collector counters");
+    }
+
+    /// The routes: `POST /v1/metrics`, `GET /health`, `GET /ready`.
+    pub fn router(&self) -> Router {
+        Router::new()
+            .route("/v1/metrics", post(metrics))
+            .route("/health", get(health))
+            .route("/ready", get(ready))
+            .layer(axum::middleware::map_response(advertise_gzip))
+            .with_state(self.clone())
+    }
+
+    /// Serves on `listener` until `shutdown` resolves.
+    pub async fn serve(
+        self,
+        listener: tokio::net::TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
+        let app = self.router();
+        axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
+            .with_graceful_shutdown(shutdown)
+            .await
+    }
+
+    async fn handle(&self, headers: &HeaderMap, body: Body, peer: Option<SocketAddr>) -> Result<(u64, u64), Reject> {
+        let inner = &self.inner;
+        let cfg = &inner.config;
+        let token = headers
+            .get(AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| {
+                let (scheme, rest) = v.trim().split_once(' ')?;
+                scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
+            });
+        let Some(key) = token.and_then(|t| inner.keys.check(t.as_bytes())) else {
+            let n = inner.counters.unauthorized.fetch_add(1, Relaxed) + 1;
+            // The key is never logged; the first refusals and then powers of two are warned.
+            if n.is_power_of_two() {
+                tracing::warn!(target: "collector", peer = ?peer, refused_so_far = n, "request with a missing or unknown API key refused (401)");
+            }
+            return Err(Reject::Unauthorized);
+        };
+        if let Err(wait) = inner.limiter.take(&key) {
+            inner.counters.rate_limited.fetch_add(1, Relaxed);
+            return Err(Reject::RateLimited(ratelimit::retry_after_secs(wait)));
+        }
+        let gzip = match headers.get(CONTENT_ENCODING).map(|v| v.to_str().unwrap_or("?").trim().to_ascii_lowercase()) {
+            None => false,
+            Some(e) if e.is_empty() || e == "identity" => false,
+            Some(e) if e == "gzip" || e == "x-gzip" => true,
+            Some(e) => {
+                inner.counters.unsupported_encoding.fetch_add(1, Relaxed);
+                return Err(Reject::Unsupported(format!("Content-Encoding {e:?} is not supported; send identity or gzip")));
+            }
+        };
+        let max = cfg.max_body_bytes;
+        let too_large = |what: String| {
+            inner.counters.too_large.fetch_add(1, Relaxed);
+            Reject::TooLarge(what)
+        };
+        let declared = headers
+            .get(CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok());
+        if let Some(len) = declared {
+            if len > max as u64 {
+                return Err(too_large(format!("body of {len} bytes; at most {max} are accepted, split the batch")));
+            }
+        }
+        let bad = |what: String| {
+            inner.counters.bad_request.fetch_add(1, Relaxed);
+            Reject::BadRequest(what)
+        };
+        let mut raw = Vec::with_capacity(declared.unwrap_or(0).min(max as u64) as usize);
+        let mut stream = body.into_data_stream();
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|e| bad(format!("cannot read the body: {e}")))?;
+            if raw.len() + chunk.len() > max {
+                return Err(too_large(format!("body exceeds {max} bytes; split the batch")));
+            }
+            raw.extend_from_slice(&chunk);
+        }
+        let body = if gzip {
+            let mut out = Vec::with_capacity((raw.len() * 4).min(max));
+            let mut dec = flate2::read::MultiGzDecoder::new(raw.as_slice()).take(max as u64 + 1);
+            dec.read_to_end(&mut out)
+                .map_err(|e| bad(format!("gzip body is corrupt: {e}")))?;
+            if out.len() > max {
+                return Err(too_large(format!("gzip body decompresses past {max} bytes; split the batch")));
+            }
+            out
+        } else {
+            raw
+        };
+        let events = match validate::validate(&body, cfg.max_events) {
+            Ok(ev) => ev,
+            Err(Invalid::Shape(m)) => return Err(bad(m)),
+            Err(e @ Invalid::TooManyEvents { .. }) => return Err(too_large(e.to_string())),
+        };
+        self.accept(events).await
+    }
+
+    /// Writes the events not seen before, durably; returns (accepted, duplicates).
+    async fn accept(&self, events: Vec<validate::ValidEvent>) -> Result<(u64, u64), Reject> {
+        let inner = &self.inner;
+        let (mut accepted, mut dups) = (0u64, 0u64);
+        let mut todo = events;
+        while !todo.is_empty() {
+            let mut res = inner.dedup.reservation();
+            let mut fresh: Vec<Bytes> = Vec::new();
+            let mut waits = Vec::new();
+            let mut later = Vec::new();
+            for ev in todo.drain(..) {
+                match res.reserve(&ev.id) {
+                    Verdict::Fresh => fresh.push(ev.json),
+                    Verdict::Duplicate => dups += 1,
+                    Verdict::Wait(rx) => {
+                        waits.push(rx);
+                        later.push(ev);
+                    }
+                }
+            }
+            if !fresh.is_empty() {
+                let n = fresh.len() as u64;
+                if let Err(e) = inner.output.append(fresh).await {
+                    inner.counters.output_failed.fetch_add(1, Relaxed);
+                    tracing::error!(target: "collector", error = %e, "cannot write accepted events; answering 503 so the reporter retries");
+                    return Err(Reject::Output(e.to_string()));
+                }
+                res.commit();
+                accepted += n;
+            } else {
+                drop(res);
+            }
+            // Another request is writing some of these ids: its outcome decides (see `dedup`).
+            for mut rx in waits {
+                let _ = rx.wait_for(|done| *done).await;
+            }
+            todo = later;
+        }
+        inner.counters.accepted.fetch_add(accepted, Relaxed);
+        inner.counters.duplicates.fetch_add(dups, Relaxed);
+        inner.counters.batches.fetch_add(1, Relaxed);
+        Ok((accepted, dups))
+    }
+}
+
+async fn advertise_gzip(mut r: Response) -> Response {
+    r.headers_mut().insert(ACCEPT_ENCODING, HeaderValue::from_static("gzip"));
+    r
+}
+
+fn error(status: StatusCode, msg: &str) -> Response {
+    (status, Json(json!({ "error": msg }))).into_response()
+}
+
+async fn metrics(
+    State(c): State<Collector>,
+    peer: Option<ConnectInfo<SocketAddr>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    c.inner.counters.requests.fetch_add(1, Relaxed);
+    match c.handle(&headers, body, peer.map(|p| p.0)).await {
+        Ok((accepted, duplicates)) => {
+            (StatusCode::OK, Json(json!({ "accepted": accepted, "duplicates": duplicates }))).into_response()
+        }
+        Err(Reject::Unauthorized) => {
+            let mut r = error(StatusCode::UNAUTHORIZED, "missing or unknown API key (Authorization: Bearer <key>)");
+            r.headers_mut().insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            r
+        }
+        Err(Reject::RateLimited(secs)) => {
+            let mut r = error(StatusCode::TOO_MANY_REQUESTS, "rate limit exceeded for this API key; retry after Retry-After seconds");
+            r.headers_mut().insert(RETRY_AFTER, HeaderValue::from(secs));
+            r
+        }
+        Err(Reject::Unsupported(m)) => error(StatusCode::UNSUPPORTED_MEDIA_TYPE, &m),
+        Err(Reject::TooLarge(m)) => error(StatusCode::PAYLOAD_TOO_LARGE, &m),
+        Err(Reject::BadRequest(m)) => error(StatusCode::BAD_REQUEST, &m),
+        Err(Reject::Output(m)) => {
+            let mut r = error(StatusCode::SERVICE_UNAVAILABLE, &format!("events not stored: {m}"));
+            r.headers_mut().insert(RETRY_AFTER, HeaderValue::from_static("1"));
+            r
+        }
+    }
+}
+
+async fn health(State(c): State<Collector>) -> Json<serde_json::Value> {
+    Json(json!({ "status": "ok", "output": c.inner.output.name(), "counters": c.stats() }))
+}
+
+async fn ready(State(c): State<Collector>) -> Response {
+    match c.inner.output.check_ready().await {
+        Ok(()) => Json(json!({ "ready": true })).into_response(),
+        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, Json(json!({ "ready": false, "error": e.to_string() }))).into_response(),
+    }
+}

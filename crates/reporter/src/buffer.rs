@@ -1,0 +1,170 @@
+//! The buffer between the writer thread and the sender: the disk spool when it works, a bounded
+//! in-memory queue when it does not.
+//!
+//! The sender always reads the oldest events of one source (disk first), and removes what a
+//! request resolved by position: `Spool::ack(last id)` on disk, "every sequence number up to the
+//! last one" in memory. Both are prefixes of their queue, because the sender resolves the parts
+//! of a batch strictly in order.
+
+use parking_lot::Mutex;
+use spool::{Spool, SpoolError};
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+/// Which queue a batch came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Source {
+    /// The disk spool: keys are spool record ids.
+    Disk,
+    /// The memory fallback: keys are sequence numbers.
+    Memory,
+}
+
+/// One buffered API event and its key (spool id or memory sequence number).
+#[derive(Debug, Clone)]
+pub(crate) struct Item {
+    pub key: u64,
+    pub bytes: Vec<u8>,
+}
+
+/// The oldest events of one source.
+#[derive(Debug)]
+pub(crate) struct Batch {
+    pub source: Source,
+    pub items: Vec<Item>,
+}
+
+#[derive(Debug, Default)]
+struct Mem {
+    items: VecDeque<Item>,
+    next_seq: u64,
+}
+
+/// Disk spool (optional, swappable when reopened) plus memory fallback.
+#[derive(Debug, Default)]
+pub(crate) struct Buffer {
+    spool: Mutex<Option<Arc<Spool>>>,
+    mem: Mutex<Mem>,
+}
+
+impl Buffer {
+    /// The spool, if one is open.
+    pub fn spool(&self) -> Option<Arc<Spool>> {
+        self.spool.lock().clone()
+    }
+
+    /// Installs (or removes) the spool.
+    pub fn set_spool(&self, spool: Option<Arc<Spool>>) -> Option<Arc<Spool>> {
+        std::mem::replace(&mut *self.spool.lock(), spool)
+    }
+
+    /// Events on disk, not yet acknowledged.
+    pub fn disk_len(&self) -> u64 {
+        self.spool().map_or(0, |s| s.len())
+    }
+
+    /// Events in memory.
+    pub fn mem_len(&self) -> u64 {
+        self.mem.lock().items.len() as u64
+    }
+
+    /// Events buffered in all.
+    pub fn len(&self) -> u64 {
+        self.disk_len() + self.mem_len()
+    }
+
+    /// Stores `bytes` in memory.
+    pub fn push_mem(&self, bytes: Vec<u8>) {
+        let mut m = self.mem.lock();
+        let key = m.next_seq;
+        m.next_seq += 1;
+        m.items.push_back(Item { key, bytes });
+    }
+
+    /// Puts an item taken with [`Buffer::pop_mem`] back at the front (a failed move to disk).
+    pub fn unpop_mem(&self, item: Item) {
+        self.mem.lock().items.push_front(item);
+    }
+
+    /// Takes the oldest event in memory.
+    pub fn pop_mem(&self) -> Option<Item> {
+        self.mem.lock().items.pop_front()
+    }
+
+    /// Up to `max_records` of the oldest events, their bytes summing to at most `max_bytes` (the
+    /// first one is returned even when larger): disk first, memory when the disk has none.
+    pub fn peek(&self, max_records: usize, max_bytes: usize) -> Result<Option<Batch>, SpoolError> {
+        if let Some(spool) = self.spool() {
+            if !spool.is_empty() {
+                let records = spool.read_batch(max_records, max_bytes)?;
+                if !records.is_empty() {
+                    let items = records
+                        .into_iter()
+                        .map(|r| Item {
+                            key: r.id,
+                            bytes: r.payload,
+                        })
+                        .collect();
+                    return Ok(Some(Batch {
+                        source: Source::Disk,
+                        items,
+                    }));
+                }
+            }
+        }
+        let m = self.mem.lock();
+        let mut items = Vec::new();
+        let mut bytes = 0;
+        for item in m.items.iter().take(max_records) {
+            if !items.is_empty() && bytes + item.bytes.len() > max_bytes {
+                break;
+            }
+            bytes += item.bytes.len();
+            items.push(item.clone());
+        }
+        Ok((!items.is_empty()).then_some(Batch {
+            source: Source::Memory,
+            items,
+        }))
+    }
+
+    /// Removes every event of `source` up to and including key `last`.
+    pub fn remove_through(&self, source: Source, last: u64) -> Result<(), SpoolError> {
+        match source {
+            Source::Disk => match self.spool() {
+                Some(spool) => spool.ack(last),
+                None => Ok(()),
+            },
+            Source::Memory => {
+                let mut m = self.mem.lock();
+                while m.items.front().is_some_and(|i| i.key <= last) {
+                    m.items.pop_front();
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Drops up to `n` of the oldest events (memory first, else disk); returns how many went.
+    pub fn drop_oldest(&self, n: usize) -> Result<u64, SpoolError> {
+        {
+            let mut m = self.mem.lock();
+            if !m.items.is_empty() {
+                let k = n.min(m.items.len());
+                m.items.drain(..k);
+                return Ok(k as u64);
+            }
+        }
+        let Some(spool) = self.spool() else {
+            return Ok(0);
+        };
+        let records = spool.read_batch(n, usize::MAX)?;
+        match records.last() {
+            Some(last) => {
+                spool.ack(last.id)?;
+                Ok(records.len() as u64)
+            }
+            None => Ok(0),
+        }
+    }
+}

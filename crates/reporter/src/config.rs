@@ -1,0 +1,406 @@
+//! [`ReporterConfig`]: the spec's environment variables, plus knobs tests and operators need.
+
+use spool::SpoolOptions;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// The metrics API endpoint used when `DAYDREAM_METRICS_URL` is unset.
+pub const DEFAULT_URL: &str = "https://api.daydream.live/v1/metrics";
+/// Most events in one request (the API's limit).
+pub const MAX_BATCH_EVENTS: usize = 500;
+/// Most bytes in one (uncompressed) request body (the API's limit).
+pub const MAX_BODY_BYTES: usize = 1_000_000;
+
+/// When request bodies are gzip-compressed. See the crate docs for the rule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GzipMode {
+    /// Compress once the server has advertised `Accept-Encoding: gzip` on any response.
+    Auto,
+    /// Always compress.
+    Always,
+    /// Never compress.
+    Never,
+}
+
+/// Why a configuration cannot be used. Each message names the variable or option to fix.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    /// An environment variable holds something unusable.
+    #[error("{name}={value:?} is not valid: {why}")]
+    BadVar {
+        /// The variable.
+        name: &'static str,
+        /// Its value.
+        value: String,
+        /// What was expected.
+        why: &'static str,
+    },
+    /// A setting is out of range.
+    #[error("invalid metrics reporter setting: {0}")]
+    Invalid(String),
+}
+
+/// Everything the reporter needs. Build it with [`ReporterConfig::from_env`] or
+/// [`ReporterConfig::new`] and the `with_*` methods.
+#[derive(Debug, Clone)]
+pub struct ReporterConfig {
+    /// `DAYDREAM_METRICS_URL`: where batches are POSTed.
+    pub url: String,
+    /// `SCOPE_CLOUD_API_KEY`: the Bearer token (never logged).
+    pub api_key: String,
+    /// `SCOPE_METRICS_ENABLED` (default true); the client installs no reporter when false.
+    pub enabled: bool,
+    /// `SCOPE_METRICS_FLUSH_INTERVAL_MS` (default 2000): longest wait before a partial batch goes.
+    pub flush_interval: Duration,
+    /// `SCOPE_METRICS_MAX_BATCH` (default and maximum 500): events per request.
+    pub max_batch: usize,
+    /// Largest uncompressed request body (default and maximum 1,000,000 bytes).
+    pub max_body_bytes: usize,
+    /// `SCOPE_METRICS_MAX_BUFFER` (default 50,000): events buffered (disk and memory alike)
+    /// before the oldest are dropped.
+    pub max_buffer: usize,
+    /// `SCOPE_METRICS_BUFFER_PATH`: the disk buffer's directory; `None` (the variable set to an
+    /// empty string) keeps a bounded in-memory buffer only.
+    pub buffer_path: Option<PathBuf>,
+    /// Options of the disk buffer (size cap, sync policy). Default: the spool's defaults.
+    pub spool: SpoolOptions,
+    /// `app` of every request body (`"scope"`).
+    pub app: String,
+    /// `host` of every request body (default: this machine's hostname).
+    pub host: String,
+    /// `SCOPE_METRICS_GZIP` (`auto`, `always`, `never`; default auto).
+    pub gzip: GzipMode,
+    /// First backoff after a 5xx or network error (default 1 s); doubles per failure.
+    pub backoff_base: Duration,
+    /// Longest backoff (default 60 s).
+    pub backoff_max: Duration,
+    /// Wait after a 429 without a usable `Retry-After` (default 60 s).
+    pub default_retry_after: Duration,
+    /// Timeout of one request, connect included (default 30 s).
+    pub request_timeout: Duration,
+    /// Events that may wait between `emit` and the disk buffer (default 65,536); when full,
+    /// `emit` drops and counts.
+    pub handoff_capacity: usize,
+    /// How long after a disk failure the disk is tried again (default 5 s).
+    pub disk_retry: Duration,
+    /// Least time between two `telemetry_dropped` reports (default 1 s).
+    pub report_interval: Duration,
+    /// How long `Sink::flush` (and the client's shutdown) tries to send what is buffered
+    /// (default 5 s).
+    pub flush_timeout: Duration,
+}
+
+impl ReporterConfig {
+    /// A reporter for `url` with `api_key`, every other setting at its default, disk buffer off
+    /// (set one with [`ReporterConfig::with_buffer_path`]).
+    pub fn new(url: impl Into<String>, api_key: impl Into<String>) -> ReporterConfig {
+        ReporterConfig {
+            url: url.into(),
+            api_key: api_key.into(),
+            enabled: true,
+            flush_interval: Duration::from_millis(2000),
+            max_batch: MAX_BATCH_EVENTS,
+            max_body_bytes: MAX_BODY_BYTES,
+            max_buffer: 50_000,
+            buffer_path: None,
+            spool: SpoolOptions::default(),
+            app: "scope".into(),
+            host: hostname(),
+            gzip: GzipMode::Auto,
+            backoff_base: Duration::from_secs(1),
+            backoff_max: Duration::from_secs(60),
+            default_retry_after: Duration::from_secs(60),
+            request_timeout: Duration::from_secs(30),
+            handoff_capacity: 65_536,
+            disk_retry: Duration::from_secs(5),
+            report_interval: Duration::from_secs(1),
+            flush_timeout: Duration::from_secs(5),
+        }
+    }
+
+    /// From the process environment (see [`ReporterConfig::from_env_with`]).
+    pub fn from_env() -> Result<ReporterConfig, ConfigError> {
+        ReporterConfig::from_env_with(|k| std::env::var(k).ok())
+    }
+
+    /// From the variables `env` returns: `DAYDREAM_METRICS_URL` (default [`DEFAULT_URL`]),
+    /// `SCOPE_CLOUD_API_KEY`, `SCOPE_METRICS_ENABLED`, `SCOPE_METRICS_FLUSH_INTERVAL_MS`,
+    /// `SCOPE_METRICS_MAX_BATCH`, `SCOPE_METRICS_MAX_BUFFER`, `SCOPE_METRICS_BUFFER_PATH` (unset:
+    /// [`default_buffer_path`]; empty: memory only) and `SCOPE_METRICS_GZIP`.
+    pub fn from_env_with(env: impl Fn(&str) -> Option<String>) -> Result<ReporterConfig, ConfigError> {
+        let get = |k: &str| env(k).map(|v| v.trim().to_owned());
+        let url = get("DAYDREAM_METRICS_URL")
+            .filter(|v| !v.is_empty())
+            .unwrap_or_else(|| DEFAULT_URL.to_owned());
+        let mut c = ReporterConfig::new(url, get("SCOPE_CLOUD_API_KEY").unwrap_or_default());
+        if let Some(v) = get("SCOPE_METRICS_ENABLED").filter(|v| !v.is_empty()) {
+            c.enabled = match v.to_ascii_lowercase().as_str() {
+                "true" | "1" | "yes" | "on" => true,
+                "false" | "0" | "no" | "off" => false,
+                _ => {
+                    return Err(ConfigError::BadVar {
+                        name: "SCOPE_METRICS_ENABLED",
+                        value: v,
+                        why: "expected true or false",
+                    })
+                }
+            };
+        }
+        if let Some(ms) = number(&get, "SCOPE_METRICS_FLUSH_INTERVAL_MS")? {
+            c.flush_interval = Duration::from_millis(ms);
+        }
+        if let Some(n) = number(&get, "SCOPE_METRICS_MAX_BATCH")? {
+            c.max_batch = n as usize;
+        }
+        if let Some(n) = number(&get, "SCOPE_METRICS_MAX_BUFFER")? {
+            c.max_buffer = n as usize;
+        }
+        c.buffer_path = match env("SCOPE_METRICS_BUFFER_PATH") {
+            Some(p) if p.trim().is_empty() => None,
+            Some(p) => Some(PathBuf::from(p)),
+            None => Some(default_buffer_path()),
+        };
+        if let Some(v) = get("SCOPE_METRICS_GZIP").filter(|v| !v.is_empty()) {
+            c.gzip = match v.to_ascii_lowercase().as_str() {
+                "auto" => GzipMode::Auto,
+                "always" | "true" | "1" => GzipMode::Always,
+                "never" | "false" | "0" => GzipMode::Never,
+                _ => {
+                    return Err(ConfigError::BadVar {
+                        name: "SCOPE_METRICS_GZIP",
+                        value: v,
+                        why: "expected auto, always or never",
+                    })
+                }
+            };
+        }
+        c.validate()?;
+        Ok(c)
+    }
+
+    /// Checks ranges; [`crate::Reporter::start`] calls it too.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        if !(self.url.starts_with("http://") || self.url.starts_with("https://")) {
+            return bad(format!(
+                "DAYDREAM_METRICS_URL must be an http:// or https:// URL, got {:?}",
+                self.url
+            ));
+        }
+        if self.max_batch == 0 || self.max_batch > MAX_BATCH_EVENTS {
+            return bad(format!(
+                "SCOPE_METRICS_MAX_BATCH must be 1..={MAX_BATCH_EVENTS} (the API's limit), got {}",
+                self.max_batch
+            ));
+        }
+        if self.max_body_bytes < 1024 {
+            return bad(format!("max_body_bytes must be at least 1024, got {}", self.max_body_bytes));
+        }
+        if self.max_buffer == 0 {
+            return bad("SCOPE_METRICS_MAX_BUFFER must be at least 1".into());
+        }
+        if self.flush_interval.is_zero() {
+            return bad("SCOPE_METRICS_FLUSH_INTERVAL_MS must be at least 1".into());
+        }
+        if self.handoff_capacity == 0 {
+            return bad("handoff_capacity must be at least 1".into());
+        }
+        if self.backoff_base.is_zero() || self.backoff_max < self.backoff_base {
+            return bad("backoff_base must be above 0 and at most backoff_max".into());
+        }
+        Ok(())
+    }
+
+    /// Sets the disk buffer directory (`None`: memory only).
+    pub fn with_buffer_path(mut self, path: Option<PathBuf>) -> Self {
+        self.buffer_path = path;
+        self
+    }
+
+    /// Sets the flush interval.
+    pub fn with_flush_interval(mut self, d: Duration) -> Self {
+        self.flush_interval = d;
+        self
+    }
+
+    /// Sets the events per request.
+    pub fn with_max_batch(mut self, n: usize) -> Self {
+        self.max_batch = n;
+        self
+    }
+
+    /// Sets the largest request body.
+    pub fn with_max_body_bytes(mut self, n: usize) -> Self {
+        self.max_body_bytes = n;
+        self
+    }
+
+    /// Sets the buffer's event cap.
+    pub fn with_max_buffer(mut self, n: usize) -> Self {
+        self.max_buffer = n;
+        self
+    }
+
+    /// Sets the disk buffer's options.
+    pub fn with_spool_options(mut self, opts: SpoolOptions) -> Self {
+        self.spool = opts;
+        self
+    }
+
+    /// Sets the `host` of request bodies.
+    pub fn with_host(mut self, host: impl Into<String>) -> Self {
+        self.host = host.into();
+        self
+    }
+
+    /// Sets the gzip rule.
+    pub fn with_gzip(mut self, mode: GzipMode) -> Self {
+        self.gzip = mode;
+        self
+    }
+
+    /// Sets the 5xx / network-error backoff: first wait and longest wait.
+    pub fn with_backoff(mut self, base: Duration, max: Duration) -> Self {
+        self.backoff_base = base;
+        self.backoff_max = max;
+        self
+    }
+
+    /// Sets the wait after a 429 without `Retry-After`.
+    pub fn with_default_retry_after(mut self, d: Duration) -> Self {
+        self.default_retry_after = d;
+        self
+    }
+
+    /// Sets the timeout of one request.
+    pub fn with_request_timeout(mut self, d: Duration) -> Self {
+        self.request_timeout = d;
+        self
+    }
+
+    /// Sets the handoff queue's capacity.
+    pub fn with_handoff_capacity(mut self, n: usize) -> Self {
+        self.handoff_capacity = n;
+        self
+    }
+
+    /// Sets how soon a failed disk is tried again.
+    pub fn with_disk_retry(mut self, d: Duration) -> Self {
+        self.disk_retry = d;
+        self
+    }
+
+    /// Sets the least time between two `telemetry_dropped` reports.
+    pub fn with_report_interval(mut self, d: Duration) -> Self {
+        self.report_interval = d;
+        self
+    }
+
+    /// Sets how long `flush` tries.
+    pub fn with_flush_timeout(mut self, d: Duration) -> Self {
+        self.flush_timeout = d;
+        self
+    }
+}
+
+fn number(get: &impl Fn(&str) -> Option<String>, name: &'static str) -> Result<Option<u64>, ConfigError> {
+    match get(name).filter(|v| !v.is_empty()) {
+        None => Ok(None),
+        Some(v) => v.parse::<u64>().map(Some).map_err(|_| ConfigError::BadVar {
+            name,
+            value: v,
+            why: "expected a whole number",
+        }),
+    }
+}
+
+/// The disk buffer used when `SCOPE_METRICS_BUFFER_PATH` is unset:
+/// `$XDG_STATE_HOME/trickle-relay/metrics-buffer`, else `~/.local/state/...`, else under the
+/// temporary directory.
+pub fn default_buffer_path() -> PathBuf {
+    let base = std::env::var_os("XDG_STATE_HOME")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("HOME")
+                .filter(|v| !v.is_empty())
+                .map(|h| PathBuf::from(h).join(".local").join("state"))
+        })
+        .unwrap_or_else(std::env::temp_dir);
+    base.join("trickle-relay").join("metrics-buffer")
+}
+
+/// This machine's hostname (`unknown` if it cannot be read).
+pub fn hostname() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: the buffer is valid for `buf.len()` bytes; gethostname NUL-terminates or truncates.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if rc != 0 {
+        return "unknown".into();
+    }
+    let end = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
+    match std::str::from_utf8(&buf[..end]) {
+        Ok(s) if !s.is_empty() => s.to_owned(),
+        _ => "unknown".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn env(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let m: HashMap<String, String> =
+            pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        move |k| m.get(k).cloned()
+    }
+
+    #[test]
+    fn defaults_follow_the_spec() {
+        let c = ReporterConfig::from_env_with(env(&[("SCOPE_CLOUD_API_KEY", "k")])).unwrap();
+        assert_eq!(c.url, DEFAULT_URL);
+        assert_eq!(c.api_key, "k");
+        assert!(c.enabled);
+        assert_eq!(c.flush_interval, Duration::from_millis(2000));
+        assert_eq!(c.max_batch, 500);
+        assert_eq!(c.max_buffer, 50_000);
+        assert_eq!(c.buffer_path, Some(default_buffer_path()));
+        assert_eq!(c.gzip, GzipMode::Auto);
+    }
+
+    #[test]
+    fn variables_are_read_and_checked() {
+        let c = ReporterConfig::from_env_with(env(&[
+            ("DAYDREAM_METRICS_URL", "http://127.0.0.1:9/v1/metrics"),
+            ("SCOPE_METRICS_ENABLED", "FALSE"),
+            ("SCOPE_METRICS_FLUSH_INTERVAL_MS", "250"),
+            ("SCOPE_METRICS_MAX_BATCH", "100"),
+            ("SCOPE_METRICS_MAX_BUFFER", "7"),
+            ("SCOPE_METRICS_BUFFER_PATH", ""),
+            ("SCOPE_METRICS_GZIP", "never"),
+        ]))
+        .unwrap();
+        assert!(!c.enabled);
+        assert_eq!(c.flush_interval, Duration::from_millis(250));
+        assert_eq!((c.max_batch, c.max_buffer), (100, 7));
+        assert_eq!(c.buffer_path, None);
+        assert_eq!(c.gzip, GzipMode::Never);
+
+        for (k, v) in [
+            ("SCOPE_METRICS_MAX_BATCH", "501"),
+            ("SCOPE_METRICS_MAX_BATCH", "x"),
+            ("SCOPE_METRICS_FLUSH_INTERVAL_MS", "-1"),
+            ("SCOPE_METRICS_ENABLED", "maybe"),
+            ("DAYDREAM_METRICS_URL", "ftp://x"),
+        ] {
+            let err = ReporterConfig::from_env_with(env(&[(k, v)])).unwrap_err();
+            assert!(err.to_string().contains(k), "{k}={v}: {err}");
+        }
+    }
+
+    #[test]
+    fn hostname_is_not_empty() {
+        assert!(!hostname().is_empty());
+    }
+}

@@ -1,0 +1,292 @@
+//! The writer thread: moves events from the handoff queue into the buffer (disk, else memory),
+//! enforces the event cap, falls back to memory and back to disk, and reports local drops as
+//! `telemetry_dropped` events through the same buffer.
+
+use crate::shape;
+use crate::Shared;
+use spool::{Spool, SpoolError};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use telemetry::{now_ms, Envelope, Event, Fields};
+
+/// How long the writer sleeps when there is nothing to do (it is woken by `emit`).
+const IDLE: Duration = Duration::from_millis(100);
+
+/// Snapshot of the local drop counters, to report only what is new.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Drops {
+    handoff: u64,
+    buffer_full: u64,
+    spool: u64,
+    invalid: u64,
+    oversize: u64,
+}
+
+impl Drops {
+    fn now(shared: &Shared) -> Drops {
+        let c = &shared.counters;
+        Drops {
+            handoff: c.dropped_handoff.load(Relaxed),
+            buffer_full: c.dropped_buffer_full.load(Relaxed),
+            spool: c.dropped_spool.load(Relaxed),
+            invalid: c.dropped_invalid.load(Relaxed),
+            oversize: c.dropped_oversize_local.load(Relaxed),
+        }
+    }
+
+    fn total(&self) -> u64 {
+        self.handoff + self.buffer_full + self.spool + self.invalid + self.oversize
+    }
+}
+
+pub(crate) struct Writer {
+    shared: Arc<Shared>,
+    /// Set while the disk is considered unusable: when it failed last.
+    disk_failed_at: Option<Instant>,
+    /// Whether the buffer cap is being hit (to warn once per episode).
+    capping: bool,
+    warned_invalid: bool,
+    json: Vec<u8>,
+    api: Vec<u8>,
+    reported: Drops,
+    window_start_ms: u64,
+    last_report: Option<Instant>,
+}
+
+impl Writer {
+    pub fn new(shared: Arc<Shared>) -> Writer {
+        Writer {
+            shared,
+            disk_failed_at: None,
+            capping: false,
+            warned_invalid: false,
+            json: Vec::with_capacity(1024),
+            api: Vec::with_capacity(1024),
+            reported: Drops::default(),
+            window_start_ms: now_ms(),
+            last_report: None,
+        }
+    }
+
+    /// The writer thread's loop; returns once stopped and the handoff queue is empty.
+    pub fn run(mut self) {
+        let shared = Arc::clone(&self.shared);
+        loop {
+            let mut n = 0u64;
+            while let Some(event) = shared.handoff.pop() {
+                self.store_event(&event);
+                shared.counters.processed.fetch_add(1, Relaxed);
+                n += 1;
+                if n % 512 == 0 {
+                    self.poke_sender();
+                }
+            }
+            self.take_spool_drops();
+            let stopping = shared.writer_stop.load(Relaxed) && shared.handoff.is_empty();
+            self.maybe_report(stopping);
+            if n > 0 || stopping {
+                self.poke_sender();
+                shared.progress();
+            }
+            if stopping {
+                return;
+            }
+            if self.disk_failed_at.is_some() && shared.buffer.mem_len() > 0 {
+                // Retry the disk when due even if nothing new arrives, to move memory to disk.
+                let _ = self.disk();
+            }
+            std::thread::park_timeout(IDLE);
+        }
+    }
+
+    /// Opens the spool now (at start), so recovery is logged and counted before anything else.
+    pub fn open_disk(&mut self) {
+        let _ = self.disk();
+    }
+
+    fn poke_sender(&self) {
+        let s = &self.shared;
+        if s.flushers.load(Relaxed) > 0 || s.buffer.len() >= s.config.max_batch as u64 {
+            s.wake.notify_one();
+        }
+    }
+
+    fn store_event(&mut self, event: &Event) {
+        self.json.clear();
+        event.write_json(&mut self.json);
+        self.api.clear();
+        if let Err(e) = shape::api_event(&self.json, &mut self.api) {
+            self.shared.counters.dropped_invalid.fetch_add(1, Relaxed);
+            if !self.warned_invalid {
+                self.warned_invalid = true;
+                tracing::warn!(target: "reporter", id = %event.id(), error = %e,
+                    "metrics reporter: dropping an event the metrics API cannot take (counted as dropped_invalid; warned once)");
+            }
+            return;
+        }
+        let limit = self.shared.config.max_body_bytes;
+        if self.api.len() + self.shared.body.overhead(1) > limit {
+            self.shared.counters.dropped_oversize.fetch_add(1, Relaxed);
+            self.shared.counters.dropped_oversize_local.fetch_add(1, Relaxed);
+            tracing::error!(target: "reporter", id = %event.id(), bytes = self.api.len(), limit,
+                "metrics reporter: event alone is larger than a request may be; dropped (counted as dropped_oversize)");
+            return;
+        }
+        let api = std::mem::take(&mut self.api);
+        self.store(&api);
+        self.api = api;
+    }
+
+    /// Stores one API event: the cap first, then disk, else memory.
+    fn store(&mut self, bytes: &[u8]) {
+        let s = Arc::clone(&self.shared);
+        let c = &s.counters;
+        let cap = s.config.max_buffer as u64;
+        if s.buffer.len() >= cap {
+            // Drop the oldest. On disk in chunks of 1% of the cap: each drop is an `ack` (two
+            // fsyncs), which must not be paid per event.
+            let chunk = if s.buffer.mem_len() > 0 { 1 } else { (cap as usize / 100).max(1) };
+            match s.buffer.drop_oldest(chunk) {
+                Ok(n) => {
+                    c.dropped_buffer_full.fetch_add(n, Relaxed);
+                    if !self.capping {
+                        self.capping = true;
+                        tracing::warn!(target: "reporter", max_buffer = cap,
+                            "metrics reporter: buffer full, dropping the oldest events (counted as dropped_buffer_full, reported as telemetry_dropped)");
+                    }
+                }
+                Err(e) => self.disk_failed(&e),
+            }
+        } else if self.capping && s.buffer.len() < cap * 9 / 10 {
+            self.capping = false;
+        }
+        if let Some(spool) = self.disk() {
+            match spool.append(bytes) {
+                Ok(_) => {
+                    c.accepted.fetch_add(1, Relaxed);
+                    return;
+                }
+                Err(SpoolError::RecordTooLarge { len, max }) => {
+                    c.dropped_oversize.fetch_add(1, Relaxed);
+                    c.dropped_oversize_local.fetch_add(1, Relaxed);
+                    tracing::error!(target: "reporter", len, max,
+                        "metrics reporter: event larger than the disk buffer takes; dropped (counted as dropped_oversize)");
+                    return;
+                }
+                Err(e) => self.disk_failed(&e),
+            }
+        }
+        s.buffer.push_mem(bytes.to_vec());
+        c.accepted.fetch_add(1, Relaxed);
+        c.accepted_memory.fetch_add(1, Relaxed);
+    }
+
+    /// The spool to append to, or `None` to use memory: none configured, or failed and not yet
+    /// due for a retry. On the way back from a failure, memory is moved to disk first (so it keeps
+    /// its place ahead of newer events).
+    fn disk(&mut self) -> Option<Arc<Spool>> {
+        let s = Arc::clone(&self.shared);
+        let path = s.config.buffer_path.as_ref()?;
+        if self
+            .disk_failed_at
+            .is_some_and(|at| at.elapsed() < s.config.disk_retry)
+        {
+            return None;
+        }
+        let spool = match s.buffer.spool() {
+            Some(spool) => spool,
+            None => match Spool::open(path, s.config.spool.clone()) {
+                Ok((spool, report)) => {
+                    s.counters.recovered.fetch_add(report.records, Relaxed);
+                    s.counters.dropped_spool.fetch_add(report.corrupt_records, Relaxed);
+                    if report.records > 0 || report.corrupt_records > 0 || report.truncated_bytes > 0 {
+                        tracing::info!(target: "reporter", dir = %path.display(),
+                            "metrics reporter: disk buffer recovered: {report}; re-sending what a previous run left");
+                    }
+                    let spool = Arc::new(spool);
+                    s.buffer.set_spool(Some(Arc::clone(&spool)));
+                    // The sender may have nothing else to do: tell it there is work on disk.
+                    s.wake.notify_one();
+                    spool
+                }
+                Err(e) => {
+                    self.disk_failed(&e);
+                    return None;
+                }
+            },
+        };
+        if self.disk_failed_at.is_some() || s.buffer.mem_len() > 0 {
+            let mut moved = 0u64;
+            while let Some(item) = s.buffer.pop_mem() {
+                if let Err(e) = spool.append(&item.bytes) {
+                    s.buffer.unpop_mem(item);
+                    self.disk_failed(&e);
+                    return None;
+                }
+                moved += 1;
+            }
+            if self.disk_failed_at.take().is_some() {
+                tracing::info!(target: "reporter", dir = %path.display(), moved,
+                    "metrics reporter: disk buffer usable again; moved the events kept in memory to disk");
+            }
+        }
+        s.counters.disk_ok.store(true, Relaxed);
+        Some(spool)
+    }
+
+    fn disk_failed(&mut self, e: &SpoolError) {
+        let s = &self.shared;
+        s.counters.disk_errors.fetch_add(1, Relaxed);
+        s.counters.disk_ok.store(false, Relaxed);
+        if self.disk_failed_at.is_none() {
+            tracing::error!(target: "reporter", error = %e, retry_in = ?s.config.disk_retry, max_buffer = s.config.max_buffer,
+                "metrics reporter: disk buffer unusable; keeping events in memory (lost if the process crashes) and retrying the disk");
+        } else {
+            tracing::debug!(target: "reporter", error = %e, "metrics reporter: disk buffer still unusable");
+        }
+        self.disk_failed_at = Some(Instant::now());
+    }
+
+    fn take_spool_drops(&mut self) {
+        if let Some(spool) = self.shared.buffer.spool() {
+            let n = spool.take_dropped();
+            if n > 0 {
+                self.shared.counters.dropped_spool.fetch_add(n, Relaxed);
+            }
+        }
+    }
+
+    /// Enqueues a `telemetry_dropped` event for local drops since the last one, at most one per
+    /// `report_interval` (and a final one when closing).
+    fn maybe_report(&mut self, closing: bool) {
+        let now = Drops::now(&self.shared);
+        if now == self.reported {
+            return;
+        }
+        let interval = self.shared.config.report_interval;
+        if !closing && self.last_report.is_some_and(|t| t.elapsed() < interval) {
+            return;
+        }
+        let prev = self.reported;
+        let end_ms = now_ms();
+        let fields = Fields::new()
+            .meta("dropped", now.total() - prev.total())
+            .meta("dropped_handoff", now.handoff - prev.handoff)
+            .meta("dropped_buffer_full", now.buffer_full - prev.buffer_full)
+            .meta("dropped_spool", now.spool - prev.spool)
+            .meta("dropped_invalid", now.invalid - prev.invalid)
+            .meta("dropped_oversize", now.oversize - prev.oversize)
+            .meta("window_start_ms", self.window_start_ms)
+            .meta("window_end_ms", end_ms)
+            .meta("sink", "http_reporter")
+            .meta("dropped_total", now.total());
+        self.reported = now;
+        self.window_start_ms = end_ms;
+        self.last_report = Some(Instant::now());
+        self.shared.counters.reports.fetch_add(1, Relaxed);
+        tracing::warn!(target: "reporter", dropped = now.total() - prev.total(), dropped_total = now.total(),
+            "metrics reporter: events were dropped locally; reporting them downstream as telemetry_dropped");
+        self.store_event(&Event::Built(Box::new(Envelope::new("telemetry_dropped", fields))));
+    }
+}

@@ -1,0 +1,560 @@
+//! End to end over real processes: a `trickle-relay serve`, a `trickle-relay runner` and a
+//! `trickle-relay client`, talking over loopback TCP.
+
+use serde_json::{json, Value};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_trickle-relay");
+
+/// A child process killed when the test ends, whatever happens.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Proc {
+    fn spawn(args: &[&str]) -> Proc {
+        let child = Command::new(BIN)
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("spawn trickle-relay");
+        Proc(child)
+    }
+
+    /// Waits for the process to exit on its own; fails the test after `timeout`.
+    fn wait(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.0.try_wait().expect("try_wait") {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "process {} did not exit within {timeout:?}",
+                self.0.id()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Peak resident memory so far, in KiB (Linux).
+    fn peak_rss_kib(&self) -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.0.id())).ok()?;
+        let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+        line.split_whitespace().nth(1)?.parse().ok()
+    }
+}
+
+fn free_addr() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    listener.local_addr().expect("addr")
+}
+
+fn wait_listening(addr: SocketAddr) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while TcpStream::connect(addr).is_err() {
+        assert!(Instant::now() < deadline, "nothing listens on {addr}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A trickle server process with autocreate, and two fresh channels on it.
+struct Setup {
+    _server: Proc,
+    control: String,
+    events: String,
+    dir: tempfile::TempDir,
+}
+
+fn setup() -> Setup {
+    let addr = free_addr();
+    let server = Proc::spawn(&["serve", "--listen", &addr.to_string(), "--autocreate"]);
+    wait_listening(addr);
+    let tag = uuid::Uuid::new_v4().simple().to_string();
+    let control = format!("http://{addr}/{tag}-control");
+    let events = format!("http://{addr}/{tag}-events");
+    let http = reqwest::blocking::Client::new();
+    for url in [&control, &events] {
+        let status = http
+            .post(url)
+            .header("Expect-Content", "application/jsonl")
+            .send()
+            .expect("create channel")
+            .status();
+        assert!(status.is_success(), "creating {url}: {status}");
+    }
+    Setup {
+        _server: server,
+        control,
+        events,
+        dir: tempfile::tempdir().expect("tempdir"),
+    }
+}
+
+fn read_lines(path: &Path) -> Vec<String> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+fn read_json(path: &Path) -> Value {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_str(&text).expect("report is JSON")
+}
+
+fn data_type(line: &str) -> String {
+    let v: Value = serde_json::from_str(line).expect("egressed line is JSON");
+    v["data"]["type"].as_str().unwrap_or_default().to_string()
+}
+
+fn relayed(line: &str) -> String {
+    format!("{},\"relayed_via\":\"trickle\"}}", &line[..line.len() - 1])
+}
+
+fn path(dir: &tempfile::TempDir, name: &str) -> PathBuf {
+    dir.path().join(name)
+}
+
+fn post_ingest(addr: SocketAddr, body: String) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let http = reqwest::blocking::Client::new();
+    loop {
+        match http
+            .post(format!("http://{addr}/v1/events"))
+            .body(body.clone())
+            .send()
+        {
+            Ok(r) => return r.json().expect("ingest answers JSON"),
+            Err(e) => {
+                assert!(Instant::now() < deadline, "ingest unreachable: {e}");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+}
+
+#[test]
+fn three_processes_relay_every_event_verbatim_and_in_order() {
+    let s = setup();
+    let (runner_out, client_out) = (path(&s.dir, "runner.jsonl"), path(&s.dir, "client.jsonl"));
+    let (runner_report, client_report) = (path(&s.dir, "runner.json"), path(&s.dir, "client.json"));
+    let ingest = free_addr();
+    let (session, connection) = ("sess-e2e", "conn-e2e");
+    let mut runner = Proc::spawn(&[
+        "runner",
+        "--control-url",
+        &s.control,
+        "--events-url",
+        &s.events,
+        "--session-id",
+        session,
+        "--connection-id",
+        connection,
+        "--heartbeat-ms",
+        "20",
+        "--ingest",
+        &ingest.to_string(),
+        "--emitted-file",
+        runner_out.to_str().unwrap(),
+        "--report",
+        runner_report.to_str().unwrap(),
+    ]);
+    let mut client = Proc::spawn(&[
+        "client",
+        "--control-url",
+        &s.control,
+        "--events-url",
+        &s.events,
+        "--session-id",
+        session,
+        "--connection-id",
+        connection,
+        "--egress",
+        "file",
+        "--egress-file",
+        client_out.to_str().unwrap(),
+        "--start-stream",
+        r#"{"pipeline_id":"passthrough"}"#,
+        "--duration-secs",
+        "3",
+        "--report",
+        client_report.to_str().unwrap(),
+    ]);
+
+    // A local process hands the runner envelopes it built itself, and publish_event requests.
+    let built: Vec<String> = (0..50)
+        .map(|i| {
+            json!({"id": uuid::Uuid::new_v4().to_string(), "type": "stream_trace", "timestamp": format!("{}", 1_700_000_000_000u64 + i),
+                   "data": {"type": "pipeline_loaded", "client_source": "scope", "timestamp": format!("{}", 1_700_000_000_000u64 + i),
+                            "session_id": session, "connection_id": connection, "seq": i}})
+            .to_string()
+        })
+        .collect();
+    let answer = post_ingest(ingest, built.join("\n"));
+    assert_eq!(answer["accepted"], 50, "{answer}");
+    let requests: Vec<String> = (0..50)
+        .map(|i| json!({"event_type": "notification_sent", "session_id": session, "connection_id": connection, "metadata": {"seq": i}}).to_string())
+        .collect();
+    let answer = post_ingest(ingest, requests.join("\n"));
+    assert_eq!(answer["accepted"], 50, "{answer}");
+
+    assert!(
+        client.wait(Duration::from_secs(40)).success(),
+        "client failed"
+    );
+    assert!(
+        runner.wait(Duration::from_secs(20)).success(),
+        "runner failed"
+    );
+
+    let sent = read_lines(&runner_out);
+    let got = read_lines(&client_out);
+    let runner = read_json(&runner_report);
+    let client = read_json(&client_report);
+    eprintln!(
+        "runner {runner}\nclient {client}\nsent {} got {}",
+        sent.len(),
+        got.len()
+    );
+
+    // Every envelope the runner emitted arrived byte for byte, plus the relay's annotation.
+    let got_set: std::collections::HashSet<&str> = got.iter().map(String::as_str).collect();
+    for line in &sent {
+        assert!(
+            got_set.contains(relayed(line).as_str()),
+            "not egressed verbatim: {line}"
+        );
+    }
+    // The envelopes a local process built kept their id, timestamps and ids, in order.
+    let positions: Vec<usize> = built
+        .iter()
+        .map(|b| {
+            got.iter()
+                .position(|g| *g == relayed(b))
+                .expect("built envelope egressed verbatim")
+        })
+        .collect();
+    assert!(positions.windows(2).all(|w| w[0] < w[1]), "order kept");
+    // Lifecycle of the simulated session is all there.
+    let types: Vec<String> = got.iter().map(|l| data_type(l)).collect();
+    for t in [
+        "runner_ready",
+        "session_created",
+        "stream_started",
+        "stream_heartbeat",
+        "stream_stopped",
+        "session_closed",
+    ] {
+        assert!(types.iter().any(|x| x == t), "missing {t}");
+    }
+    // The counts add up: emitted = egressed + counted drops.
+    let dropped = runner["dropped"].as_u64().unwrap();
+    assert_eq!(runner["emitted"].as_u64().unwrap(), sent.len() as u64);
+    let reports = types.iter().filter(|t| *t == "telemetry_dropped").count() as u64;
+    assert_eq!(sent.len() as u64, got.len() as u64 - reports + dropped);
+    assert_eq!(client["egressed"].as_u64().unwrap(), got.len() as u64);
+    assert_eq!(client["rejected_foreign"], 0);
+    assert_eq!(client["bad_lines"], 0);
+}
+
+#[test]
+fn overload_sheds_heartbeats_keeps_lifecycle_and_reports_every_drop() {
+    let s = setup();
+    let client_out = path(&s.dir, "client.jsonl");
+    let (runner_report, client_report) = (path(&s.dir, "runner.json"), path(&s.dir, "client.json"));
+    let ingest = free_addr();
+    let mut runner = Proc::spawn(&[
+        "runner",
+        "--control-url",
+        &s.control,
+        "--events-url",
+        &s.events,
+        "--session-id",
+        "s",
+        "--connection-id",
+        "c",
+        "--queue-capacity",
+        "8",
+        "--ingest",
+        &ingest.to_string(),
+        "--no-forward-logs",
+        "--report",
+        runner_report.to_str().unwrap(),
+    ]);
+    let mut client = Proc::spawn(&[
+        "client",
+        "--control-url",
+        &s.control,
+        "--events-url",
+        &s.events,
+        "--session-id",
+        "s",
+        "--connection-id",
+        "c",
+        "--egress",
+        "file",
+        "--egress-file",
+        client_out.to_str().unwrap(),
+        "--start-stream",
+        "{}",
+        "--duration-secs",
+        "4",
+        "--report",
+        client_report.to_str().unwrap(),
+    ]);
+    // Far past the queue: 100,000 heartbeats in bursts of 20,000 (each body under the ingest's
+    // 5 MiB limit), with an error event every 2,000.
+    let mut bursts = vec![String::with_capacity(3 << 20)];
+    let mut errors = 0;
+    for i in 0..100_000u32 {
+        if i > 0 && i % 20_000 == 0 {
+            bursts.push(String::with_capacity(3 << 20));
+        }
+        let burst = bursts.last_mut().unwrap();
+        if i % 2000 == 0 {
+            errors += 1;
+            burst.push_str(
+                &json!({"event_type": "error", "session_id": "s", "connection_id": "c",
+                "error": {"error_type": "burst", "message": format!("e{i}")}})
+                .to_string(),
+            );
+        } else {
+            burst.push_str(&json!({"event_type": "stream_heartbeat", "session_id": "s", "connection_id": "c", "metadata": {"i": i}}).to_string());
+        }
+        burst.push('\n');
+    }
+    for burst in bursts {
+        let answer = post_ingest(ingest, burst);
+        assert_eq!(answer["accepted"], 20_000, "rejected: {}", answer["errors"]);
+    }
+    let peak_kib = runner.peak_rss_kib();
+
+    assert!(
+        client.wait(Duration::from_secs(60)).success(),
+        "client failed"
+    );
+    assert!(
+        runner.wait(Duration::from_secs(30)).success(),
+        "runner failed"
+    );
+    let runner = read_json(&runner_report);
+    let client = read_json(&client_report);
+    let got = read_lines(&client_out);
+    eprintln!("runner {runner}\nclient {client}\npeak rss {peak_kib:?} KiB");
+
+    let dropped = runner["dropped"].as_u64().unwrap();
+    assert!(
+        dropped > 0,
+        "a burst of 100,000 into a queue of 8 must shed something"
+    );
+    assert_eq!(
+        runner["dropped_high"], 0,
+        "no lifecycle or error event dropped for heartbeats"
+    );
+    let burst_errors = got
+        .iter()
+        .filter(|l| l.contains("\"error_type\":\"burst\""))
+        .count();
+    assert_eq!(
+        burst_errors, errors,
+        "every error event of the burst arrived"
+    );
+    // The drops the client learned of equal the drops the runner counted.
+    assert_eq!(client["dropped_reported"].as_u64().unwrap(), dropped);
+    let reported_in_band: u64 = got
+        .iter()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| v["data"]["type"] == "telemetry_dropped")
+        .map(|v| v["data"]["dropped"].as_u64().unwrap_or(0))
+        .sum();
+    assert_eq!(reported_in_band, dropped);
+    let reports = got
+        .iter()
+        .filter(|l| data_type(l) == "telemetry_dropped")
+        .count() as u64;
+    assert_eq!(
+        runner["emitted"].as_u64().unwrap(),
+        got.len() as u64 - reports + dropped
+    );
+    if let Some(kib) = peak_kib {
+        assert!(kib < 64 * 1024, "runner peak RSS {kib} KiB is over 64 MiB");
+    }
+}
+
+#[test]
+fn bad_lines_are_counted_and_skipped_while_valid_telemetry_flows() {
+    let s = setup();
+    let client_out = path(&s.dir, "client.jsonl");
+    let client_report = path(&s.dir, "client.json");
+    let mut client = Proc::spawn(&[
+        "client",
+        "--control-url",
+        &s.control,
+        "--events-url",
+        &s.events,
+        "--session-id",
+        "mine",
+        "--connection-id",
+        "conn",
+        "--egress",
+        "file",
+        "--egress-file",
+        client_out.to_str().unwrap(),
+        "--max-event-bytes",
+        "4096",
+        "--report",
+        client_report.to_str().unwrap(),
+    ]);
+    std::thread::sleep(Duration::from_millis(500));
+    let envelope = |i: u32, session: &str| {
+        json!({"id": format!("00000000-0000-4000-8000-{i:012}"), "type": "stream_trace", "timestamp": "1700000000000",
+               "data": {"type": "stream_heartbeat", "client_source": "scope", "timestamp": "1700000000000", "session_id": session, "connection_id": "conn"}})
+    };
+    let good = |i: u32| json!({"type": "telemetry", "event": envelope(i, "mine")}).to_string();
+    let mut body = Vec::new();
+    let mut push = |line: &[u8]| {
+        body.extend_from_slice(line);
+        body.push(b'\n');
+    };
+    push(good(1).as_bytes());
+    push(b"this is not json");
+    push(good(2).as_bytes());
+    push(b"[1,2,3]");
+    push(b"\"a string\"");
+    push(good(3).as_bytes());
+    push(&[b'{', 0xff, 0xfe, b'}']);
+    push(
+        format!(
+            "{{\"type\":\"telemetry\",\"pad\":\"{}\"}}",
+            "x".repeat(10_000)
+        )
+        .as_bytes(),
+    );
+    push(good(4).as_bytes());
+    push(br#"{"type":"mystery_type","x":1}"#);
+    push(
+        json!({"type": "telemetry", "event": envelope(99, "someone-else")})
+            .to_string()
+            .as_bytes(),
+    );
+    push(br#"{"type":"telemetry","event":[1]}"#);
+    push(good(5).as_bytes());
+
+    let http = reqwest::blocking::Client::new();
+    let status = http
+        .post(format!("{}/0", s.events))
+        .body(body)
+        .send()
+        .expect("publish")
+        .status();
+    assert!(status.is_success(), "{status}");
+    std::thread::sleep(Duration::from_millis(500));
+    // The channel's end ends the client's events loop, and the client exits.
+    http.delete(&s.events).send().expect("delete channel");
+    assert!(
+        client.wait(Duration::from_secs(30)).success(),
+        "client failed"
+    );
+
+    let report = read_json(&client_report);
+    let got = read_lines(&client_out);
+    eprintln!("client {report}");
+    let ids: Vec<String> = got
+        .iter()
+        .map(|l| {
+            serde_json::from_str::<Value>(l).unwrap()["id"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    let want: Vec<String> = (1..=5)
+        .map(|i| format!("00000000-0000-4000-8000-{i:012}"))
+        .collect();
+    assert_eq!(ids, want, "every good line delivered, in order");
+    assert_eq!(
+        report["bad_lines"], 5,
+        "garbage, array, string, bad UTF-8, oversized"
+    );
+    assert_eq!(report["unknown_messages"], 1);
+    assert_eq!(report["rejected_foreign"], 1);
+    assert_eq!(
+        report["rejected_invalid"], 1,
+        "an event that is not an envelope"
+    );
+    assert_eq!(report["egressed"], 5);
+}
+
+#[test]
+fn client_serves_its_log_tail_with_telemetry_lines_and_health() {
+    let s = setup();
+    let http_addr = free_addr();
+    let mut client = Proc::spawn(&[
+        "client",
+        "--control-url",
+        &s.control,
+        "--events-url",
+        &s.events,
+        "--session-id",
+        "mine",
+        "--egress",
+        "log",
+        "--http",
+        &http_addr.to_string(),
+    ]);
+    wait_listening(http_addr);
+    let line = json!({"type": "telemetry", "event": {"id": "11111111-2222-4333-8444-555555555555", "type": "stream_trace",
+        "timestamp": "1700000000000", "data": {"type": "stream_heartbeat", "client_source": "scope",
+        "timestamp": "1700000000000", "session_id": "mine", "connection_id": "c1"}}});
+    let http = reqwest::blocking::Client::new();
+    let status = http
+        .post(format!("{}/0", s.events))
+        .body(format!("{line}\n"))
+        .send()
+        .expect("publish")
+        .status();
+    assert!(status.is_success());
+    let want = "TELEMETRY type=stream_heartbeat id=11111111-2222-4333-8444-555555555555 session=mine connection=c1 relayed_via=trickle";
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let tail: Value = http
+            .get(format!("http://{http_addr}/api/v1/logs/tail?lines=500"))
+            .send()
+            .expect("logs tail")
+            .json()
+            .expect("JSON");
+        let lines = tail["lines"].as_array().expect("lines");
+        if lines
+            .iter()
+            .any(|l| l.as_str().unwrap_or("").contains(want))
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no TELEMETRY line in the tail: {tail}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let health: Value = http
+        .get(format!("http://{http_addr}/health"))
+        .send()
+        .expect("health")
+        .json()
+        .expect("JSON");
+    assert_eq!(health["status"], "ok");
+    assert_eq!(health["client"]["relayed"], 1);
+    http.delete(&s.events).send().expect("delete channel");
+    assert!(client.wait(Duration::from_secs(30)).success());
+}
