@@ -128,19 +128,23 @@ impl Buffer {
         }))
     }
 
-    /// Removes every event of `source` up to and including key `last`.
-    pub fn remove_through(&self, source: Source, last: u64) -> Result<(), SpoolError> {
+    /// Removes every event of `source` up to and including key `last`. Returns how many it
+    /// removed from memory (events the cap dropped meanwhile are not counted again); `None` for
+    /// disk, where the spool does not say.
+    pub fn remove_through(&self, source: Source, last: u64) -> Result<Option<u64>, SpoolError> {
         match source {
             Source::Disk => match self.spool() {
-                Some(spool) => spool.ack(last),
-                None => Ok(()),
+                Some(spool) => spool.ack(last).map(|()| None),
+                None => Ok(None),
             },
             Source::Memory => {
                 let mut m = self.mem.lock();
+                let mut n = 0;
                 while m.items.front().is_some_and(|i| i.key <= last) {
                     m.items.pop_front();
+                    n += 1;
                 }
-                Ok(())
+                Ok(Some(n))
             }
         }
     }

@@ -144,7 +144,7 @@ impl Sender {
                     self.wait(Some(Instant::now() + interval)).await;
                     continue;
                 }
-                if !(force || due || available >= s.config.max_batch as u64) {
+                if !(force || due || self.retrying || available >= s.config.max_batch as u64) {
                     self.wait(Some(self.last_batch + interval)).await;
                     continue;
                 }
@@ -155,7 +155,6 @@ impl Sender {
                 match s.buffer.peek(s.config.max_batch, budget) {
                     Ok(Some(Batch { source, items })) => {
                         self.parts.push_back(Part { source, items });
-                        self.retrying = false;
                     }
                     Ok(None) => {
                         self.wait(Some(Instant::now() + interval)).await;
@@ -227,6 +226,7 @@ impl Sender {
             Outcome::Stopped => return,
             Outcome::Network(e) => {
                 c.network_errors.fetch_add(1, Relaxed);
+                self.keep();
                 let wait = self.backoff();
                 tracing::warn!(target: "reporter", events = n, error = %e, retry_in = ?wait,
                     "metrics reporter: network error; keeping the batch and retrying");
@@ -247,8 +247,8 @@ impl Sender {
         let snippet: String = text.chars().take(300).collect();
         match status.as_u16() {
             200..=299 => {
-                self.resolve_front("acked");
-                c.acked.fetch_add(n, Relaxed);
+                let removed = self.resolve_front("acked");
+                c.acked.fetch_add(removed.unwrap_or(n), Relaxed);
                 self.failures = 0;
                 tracing::debug!(target: "reporter", events = n, gzip, "metrics reporter: batch delivered");
             }
@@ -260,13 +260,14 @@ impl Sender {
             }
             401 => {
                 c.status_401.fetch_add(1, Relaxed);
-                self.retrying = true;
+                self.keep();
                 self.paused_gen = Some(key_gen);
                 c.paused.store(true, Relaxed);
                 tracing::error!(target: "reporter", buffered = s.buffer.len(),
                     "metrics reporter: the metrics API refused the API key (401); keeping every event and pausing until the key changes (set SCOPE_CLOUD_API_KEY / --api-key-file and send SIGHUP)");
             }
             413 => {
+                self.retrying = false;
                 if n > 1 {
                     c.splits_413.fetch_add(1, Relaxed);
                     if let Some(mut front) = self.parts.pop_front() {
@@ -286,13 +287,13 @@ impl Sender {
             415 if gzip => {
                 self.gzip_refused = true;
                 c.status_other.fetch_add(1, Relaxed);
-                self.retrying = true;
+                self.keep();
                 tracing::warn!(target: "reporter",
                     "metrics reporter: the metrics API refused a gzip body (415); sending uncompressed from now on");
             }
             429 => {
                 c.status_429.fetch_add(1, Relaxed);
-                self.retrying = true;
+                self.keep();
                 let wait = retry_after(&headers).unwrap_or(s.config.default_retry_after);
                 self.not_before = Some(Instant::now() + wait);
                 tracing::warn!(target: "reporter", events = n, retry_in = ?wait,
@@ -300,12 +301,14 @@ impl Sender {
             }
             500..=599 => {
                 c.status_5xx.fetch_add(1, Relaxed);
+                self.keep();
                 let wait = self.backoff();
                 tracing::warn!(target: "reporter", status = status.as_u16(), events = n, retry_in = ?wait, answer = %snippet,
                     "metrics reporter: server error; keeping the batch and retrying with backoff");
             }
             other => {
                 c.status_other.fetch_add(1, Relaxed);
+                self.keep();
                 let wait = self.backoff();
                 tracing::warn!(target: "reporter", status = other, events = n, retry_in = ?wait, answer = %snippet,
                     "metrics reporter: unexpected answer; keeping the batch and retrying with backoff (check DAYDREAM_METRICS_URL)");
@@ -313,14 +316,26 @@ impl Sender {
         }
     }
 
+    /// A keep-outcome: forget the in-hand parts, so the retry re-reads the buffer's head (events
+    /// the cap dropped meanwhile are then not sent, and not counted twice).
+    fn keep(&mut self) {
+        self.parts.clear();
+        self.retrying = true;
+    }
+
     /// Removes the front part from the buffer (a 200, or a drop) and forgets it.
-    fn resolve_front(&mut self, what: &str) {
-        let Some(part) = self.parts.pop_front() else { return };
+    /// Returns how many events it removed where that is known exactly (memory), else `None`.
+    fn resolve_front(&mut self, what: &str) -> Option<u64> {
+        let part = self.parts.pop_front()?;
         self.retrying = false;
-        if let Err(e) = self.shared.buffer.remove_through(part.source, part.last_key()) {
-            self.shared.counters.disk_errors.fetch_add(1, Relaxed);
-            tracing::error!(target: "reporter", error = %e, events = part.items.len(),
-                "metrics reporter: batch {what} but the disk buffer could not record it; it will be sent again (the collector drops duplicates by id)");
+        match self.shared.buffer.remove_through(part.source, part.last_key()) {
+            Ok(removed) => removed,
+            Err(e) => {
+                self.shared.counters.disk_errors.fetch_add(1, Relaxed);
+                tracing::error!(target: "reporter", error = %e, events = part.items.len(),
+                    "metrics reporter: batch {what} but the disk buffer could not record it; it will be sent again (the collector drops duplicates by id)");
+                None
+            }
         }
     }
 
@@ -333,7 +348,6 @@ impl Sender {
         // +-20% jitter, so many clients do not retry in lockstep; never beyond the cap.
         let factor = rand::thread_rng().gen_range(0.8..1.2);
         let wait = base.mul_f64(factor).min(cfg.backoff_max);
-        self.retrying = true;
         self.not_before = Some(Instant::now() + wait);
         wait
     }

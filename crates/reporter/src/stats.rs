@@ -1,7 +1,7 @@
 //! The reporter's counters: every outcome of every event and every request.
 
 use serde::Serialize;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64};
 
 /// Live counters, shared by `emit`, the writer thread and the sender.
 #[derive(Debug, Default)]

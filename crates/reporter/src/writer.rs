@@ -46,6 +46,8 @@ pub(crate) struct Writer {
     disk_failed_at: Option<Instant>,
     /// Whether the buffer cap is being hit (to warn once per episode).
     capping: bool,
+    /// Storing a loss report (its room is already made).
+    reporting: bool,
     warned_invalid: bool,
     json: Vec<u8>,
     api: Vec<u8>,
@@ -60,6 +62,7 @@ impl Writer {
             shared,
             disk_failed_at: None,
             capping: false,
+            reporting: false,
             warned_invalid: false,
             json: Vec::with_capacity(1024),
             api: Vec::with_capacity(1024),
@@ -143,21 +146,10 @@ impl Writer {
         let s = Arc::clone(&self.shared);
         let c = &s.counters;
         let cap = s.config.max_buffer as u64;
-        if s.buffer.len() >= cap {
-            // Drop the oldest. On disk in chunks of 1% of the cap: each drop is an `ack` (two
-            // fsyncs), which must not be paid per event.
-            let chunk = if s.buffer.mem_len() > 0 { 1 } else { (cap as usize / 100).max(1) };
-            match s.buffer.drop_oldest(chunk) {
-                Ok(n) => {
-                    c.dropped_buffer_full.fetch_add(n, Relaxed);
-                    if !self.capping {
-                        self.capping = true;
-                        tracing::warn!(target: "reporter", max_buffer = cap,
-                            "metrics reporter: buffer full, dropping the oldest events (counted as dropped_buffer_full, reported as telemetry_dropped)");
-                    }
-                }
-                Err(e) => self.disk_failed(&e),
-            }
+        if self.reporting {
+            // A loss report made its room already (see `maybe_report`).
+        } else if s.buffer.len() >= cap {
+            self.make_room(cap);
         } else if self.capping && s.buffer.len() < cap * 9 / 10 {
             self.capping = false;
         }
@@ -268,6 +260,13 @@ impl Writer {
         if !closing && self.last_report.is_some_and(|t| t.elapsed() < interval) {
             return;
         }
+        // Make room before counting, so the report's own displacement of an old event is in
+        // this report rather than triggering another one (no report cycle at the cap).
+        let cap = self.shared.config.max_buffer as u64;
+        if self.shared.buffer.len() >= cap {
+            self.make_room(cap);
+        }
+        let now = Drops::now(&self.shared);
         let prev = self.reported;
         let end_ms = now_ms();
         let fields = Fields::new()
@@ -287,6 +286,26 @@ impl Writer {
         self.shared.counters.reports.fetch_add(1, Relaxed);
         tracing::warn!(target: "reporter", dropped = now.total() - prev.total(), dropped_total = now.total(),
             "metrics reporter: events were dropped locally; reporting them downstream as telemetry_dropped");
+        self.reporting = true;
         self.store_event(&Event::Built(Box::new(Envelope::new("telemetry_dropped", fields))));
+        self.reporting = false;
+    }
+
+    /// Drops the oldest events to get under `cap`. On disk in chunks of 1% of the cap: each
+    /// drop is an `ack` (two fsyncs), which must not be paid per event.
+    fn make_room(&mut self, cap: u64) {
+        let s = Arc::clone(&self.shared);
+        let chunk = if s.buffer.mem_len() > 0 { 1 } else { (cap as usize / 100).max(1) };
+        match s.buffer.drop_oldest(chunk) {
+            Ok(n) => {
+                s.counters.dropped_buffer_full.fetch_add(n, Relaxed);
+                if !self.capping {
+                    self.capping = true;
+                    tracing::warn!(target: "reporter", max_buffer = cap,
+                        "metrics reporter: buffer full, dropping the oldest events (counted as dropped_buffer_full, reported as telemetry_dropped)");
+                }
+            }
+            Err(e) => self.disk_failed(&e),
+        }
     }
 }

@@ -18,21 +18,42 @@ fn heartbeat(i: u64) -> Fields {
 
 fn time<F: FnMut(u64)>(name: &str, n: u64, mut f: F) {
     let t = Instant::now();
-    for i in 0..n { f(i); }
-    println!("{name:<30} {:>8.1} ns/op", t.elapsed().as_nanos() as f64 / n as f64);
+    for i in 0..n {
+        f(i);
+    }
+    println!(
+        "{name:<30} {:>8.1} ns/op",
+        t.elapsed().as_nanos() as f64 / n as f64
+    );
 }
 
 fn main() {
     let n = 2_000_000;
-    time("fields build+drop", n, |i| { std::hint::black_box(heartbeat(i)); });
-    time("uuid v4", n, |_| { std::hint::black_box(uuid::Uuid::new_v4()); });
-    time("now_ms", n, |_| { std::hint::black_box(now_ms()); });
-    time("envelope new+drop", n, |i| { std::hint::black_box(Envelope::new("stream_heartbeat", heartbeat(i))); });
-    time("event boxed+drop", n, |i| { std::hint::black_box(Event::from(Envelope::new("stream_heartbeat", heartbeat(i)))); });
+    time("fields build+drop", n, |i| {
+        std::hint::black_box(heartbeat(i));
+    });
+    time("uuid v4", n, |_| {
+        std::hint::black_box(uuid::Uuid::new_v4());
+    });
+    time("now_ms", n, |_| {
+        std::hint::black_box(now_ms());
+    });
+    time("envelope new+drop", n, |i| {
+        std::hint::black_box(Envelope::new("stream_heartbeat", heartbeat(i)));
+    });
+    time("event boxed+drop", n, |i| {
+        std::hint::black_box(Event::from(Envelope::new("stream_heartbeat", heartbeat(i))));
+    });
     let mut q = PriorityQueue::new(256);
-    time("push full (evict)+build", n, |i| { let p = q.push(Event::from(Envelope::new("stream_heartbeat", heartbeat(i)))); drop(p); });
+    time("push full (evict)+build", n, |i| {
+        let p = q.push(Event::from(Envelope::new("stream_heartbeat", heartbeat(i))));
+        drop(p);
+    });
     let mut buf = Vec::new();
     let e = Envelope::new("stream_heartbeat", heartbeat(7));
-    time("serialize", n, |_| { buf.clear(); e.write_json(&mut buf); });
+    time("serialize", n, |_| {
+        buf.clear();
+        e.write_json(&mut buf);
+    });
     println!("{}", String::from_utf8_lossy(&buf));
 }

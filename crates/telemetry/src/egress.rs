@@ -60,10 +60,7 @@ fn set(env: &impl Fn(&str) -> Option<String>, name: &str) -> Option<String> {
 }
 
 fn truthy(v: &str) -> bool {
-    matches!(
-        v.to_ascii_lowercase().as_str(),
-        "1" | "true" | "yes" | "on"
-    )
+    matches!(v.to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on")
 }
 
 /// Which variable opts telemetry out, if any (see the module docs for the precedence).
@@ -96,8 +93,8 @@ pub fn select(env: impl Fn(&str) -> Option<String>) -> Egress {
         return Egress::Log;
     }
     if set(&env, "SCOPE_CLOUD_API_KEY").is_some() {
-        let metrics_off = set(&env, "SCOPE_METRICS_ENABLED")
-            .is_some_and(|v| v.eq_ignore_ascii_case("false"));
+        let metrics_off =
+            set(&env, "SCOPE_METRICS_ENABLED").is_some_and(|v| v.eq_ignore_ascii_case("false"));
         if !metrics_off {
             return Egress::HttpReporter;
         }
@@ -146,11 +143,17 @@ mod tests {
             ),
             (&[("SCOPE_CLOUD_API_KEY", "k")], Egress::HttpReporter),
             (
-                &[("SCOPE_CLOUD_API_KEY", "k"), ("SCOPE_METRICS_ENABLED", "true")],
+                &[
+                    ("SCOPE_CLOUD_API_KEY", "k"),
+                    ("SCOPE_METRICS_ENABLED", "true"),
+                ],
                 Egress::HttpReporter,
             ),
             (
-                &[("SCOPE_CLOUD_API_KEY", "k"), ("SCOPE_METRICS_ENABLED", "FALSE")],
+                &[
+                    ("SCOPE_CLOUD_API_KEY", "k"),
+                    ("SCOPE_METRICS_ENABLED", "FALSE"),
+                ],
                 Egress::None,
             ),
             (
@@ -162,13 +165,19 @@ mod tests {
                 Egress::Kafka,
             ),
             (
-                &[("SCOPE_CLOUD_API_KEY", "k"), ("KAFKA_BOOTSTRAP_SERVERS", "b:9092")],
+                &[
+                    ("SCOPE_CLOUD_API_KEY", "k"),
+                    ("KAFKA_BOOTSTRAP_SERVERS", "b:9092"),
+                ],
                 Egress::HttpReporter,
             ),
             (&[("KAFKA_BOOTSTRAP_SERVERS", "b:9092")], Egress::Kafka),
             (&[("KAFKA_BOOTSTRAP_SERVERS", "  ")], Egress::None),
             (
-                &[("SCOPE_TELEMETRY_DISABLED", "1"), ("SCOPE_TELEMETRY_LOG_SINK", "1")],
+                &[
+                    ("SCOPE_TELEMETRY_DISABLED", "1"),
+                    ("SCOPE_TELEMETRY_LOG_SINK", "1"),
+                ],
                 Egress::Disabled {
                     by: "SCOPE_TELEMETRY_DISABLED",
                 },
@@ -192,7 +201,10 @@ mod tests {
                 ],
                 Egress::Log,
             ),
-            (&[("DO_NOT_TRACK", "0"), ("SCOPE_TELEMETRY_LOG_SINK", "1")], Egress::Log),
+            (
+                &[("DO_NOT_TRACK", "0"), ("SCOPE_TELEMETRY_LOG_SINK", "1")],
+                Egress::Log,
+            ),
         ];
         for (pairs, want) in cases {
             assert_eq!(select(env(pairs)), *want, "env {pairs:?}");
@@ -202,8 +214,14 @@ mod tests {
     #[test]
     fn opt_out_precedence() {
         assert!(telemetry_enabled(env(&[])));
-        assert!(!telemetry_enabled(env(&[("SCOPE_TELEMETRY_DISABLED", "1")])));
-        assert!(!telemetry_enabled(env(&[("SCOPE_TELEMETRY_DISABLED", "TRUE")])));
+        assert!(!telemetry_enabled(env(&[(
+            "SCOPE_TELEMETRY_DISABLED",
+            "1"
+        )])));
+        assert!(!telemetry_enabled(env(&[(
+            "SCOPE_TELEMETRY_DISABLED",
+            "TRUE"
+        )])));
         assert!(!telemetry_enabled(env(&[("DO_NOT_TRACK", "1")])));
         assert!(telemetry_enabled(env(&[("DO_NOT_TRACK", "")])));
         assert!(telemetry_enabled(env(&[
@@ -211,7 +229,10 @@ mod tests {
             ("DO_NOT_TRACK", "1")
         ])));
         assert_eq!(
-            opted_out_by(env(&[("SCOPE_TELEMETRY_DISABLED", "yes"), ("DO_NOT_TRACK", "1")])),
+            opted_out_by(env(&[
+                ("SCOPE_TELEMETRY_DISABLED", "yes"),
+                ("DO_NOT_TRACK", "1")
+            ])),
             Some("SCOPE_TELEMETRY_DISABLED")
         );
     }

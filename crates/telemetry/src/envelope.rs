@@ -485,7 +485,8 @@ impl RawEnvelope {
             let top = de
                 .deserialize_map(TopVisitor)
                 .map_err(|e| EnvelopeError::Invalid(e.to_string()))?;
-            de.end().map_err(|e| EnvelopeError::Invalid(e.to_string()))?;
+            de.end()
+                .map_err(|e| EnvelopeError::Invalid(e.to_string()))?;
             let top = top?;
             let id = match top.id {
                 Some(id) if !id.is_empty() => id,
@@ -853,7 +854,9 @@ impl<'de> Visitor<'de> for TopVisitor {
             *seen = true;
             match key {
                 TopKey::Id => top.id = map.next_value_seed(Lenient { numbers: false })?,
-                TopKey::Timestamp => top.timestamp = map.next_value_seed(Lenient { numbers: true })?,
+                TopKey::Timestamp => {
+                    top.timestamp = map.next_value_seed(Lenient { numbers: true })?
+                }
                 TopKey::RelayedVia => {
                     top.relayed_via = map.next_value_seed(Lenient { numbers: false })?
                 }

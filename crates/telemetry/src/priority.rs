@@ -74,7 +74,13 @@ mod tests {
         ] {
             assert_eq!(Priority::of(t), Priority::High, "{t}");
         }
-        for t in ["stream_heartbeat", "gpu_heartbeat", "pipeline_metrics", "encoder_stats", "metrics_fps"] {
+        for t in [
+            "stream_heartbeat",
+            "gpu_heartbeat",
+            "pipeline_metrics",
+            "encoder_stats",
+            "metrics_fps",
+        ] {
             assert_eq!(Priority::of(t), Priority::Low, "{t}");
         }
         assert_eq!(Priority::of_opt(None), Priority::High);

@@ -117,7 +117,12 @@ pub fn telemetry_enabled() -> bool {
             let on = crate::egress::telemetry_enabled_from_env();
             let state = if on { ENABLED } else { DISABLED };
             // A concurrent `set_telemetry_enabled` wins over this first read.
-            match ENABLED_STATE.compare_exchange(UNKNOWN, state, Ordering::Relaxed, Ordering::Relaxed) {
+            match ENABLED_STATE.compare_exchange(
+                UNKNOWN,
+                state,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
                 Ok(_) => on,
                 Err(now) => now == ENABLED,
             }

@@ -20,7 +20,10 @@ fn ordered_keys(bytes: &[u8], path: &[&str]) -> Vec<String> {
                 fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
                     f.write_str("object")
                 }
-                fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<Ordered, A::Error> {
+                fn visit_map<A: serde::de::MapAccess<'de>>(
+                    self,
+                    mut m: A,
+                ) -> Result<Ordered, A::Error> {
                     let mut v = Vec::new();
                     while let Some(e) = m.next_entry()? {
                         v.push(e);
@@ -53,7 +56,12 @@ fn envelope_has_exactly_the_spec_shape_with_all_fields() {
         .connection_id("conn-1")
         .pipeline_ids(["longlive", "rife"])
         .user_id("user-1")
-        .error(ErrorInfo::new("pipeline_load_failed", "CUDA OOM", "RuntimeError", false))
+        .error(ErrorInfo::new(
+            "pipeline_load_failed",
+            "CUDA OOM",
+            "RuntimeError",
+            false,
+        ))
         .connection_info(json!({"gpu_type": "H100", "region": "us-east"}))
         .meta("startup_ms", 1234)
         .meta("mode", "video");
@@ -133,9 +141,16 @@ fn empty_optionals_are_omitted() {
         .pipeline_ids(Vec::<String>::new())
         .connection_info(json!({}));
     let json = Envelope::new("session_closed", fields).to_json();
-    assert_eq!(ordered_keys(&json, &["data"]), ["type", "client_source", "timestamp"]);
-    let json = Envelope::new("session_closed", Fields::new().connection_info(Value::Null)).to_json();
-    assert_eq!(ordered_keys(&json, &["data"]), ["type", "client_source", "timestamp"]);
+    assert_eq!(
+        ordered_keys(&json, &["data"]),
+        ["type", "client_source", "timestamp"]
+    );
+    let json =
+        Envelope::new("session_closed", Fields::new().connection_info(Value::Null)).to_json();
+    assert_eq!(
+        ordered_keys(&json, &["data"]),
+        ["type", "client_source", "timestamp"]
+    );
 }
 
 #[test]
@@ -145,14 +160,25 @@ fn metadata_cannot_override_reserved_keys() {
         fields = fields.meta(key, "spoofed");
     }
     let fields = fields.meta("fps_in", 30.0);
-    let env = Envelope::with_stamp(uuid::Uuid::new_v4(), 1_700_000_000_123, "stream_heartbeat", fields);
+    let env = Envelope::with_stamp(
+        uuid::Uuid::new_v4(),
+        1_700_000_000_123,
+        "stream_heartbeat",
+        fields,
+    );
     let v = to_value(&env);
     assert_eq!(v["data"]["type"], "stream_heartbeat");
     assert_eq!(v["data"]["client_source"], "scope");
     assert_eq!(v["data"]["timestamp"], "1700000000123");
     assert_eq!(v["data"]["session_id"], "real-session");
     // Reserved keys not set by a typed field stay absent rather than taking the metadata value.
-    for key in ["connection_id", "pipeline_ids", "user_id", "error", "connection_info"] {
+    for key in [
+        "connection_id",
+        "pipeline_ids",
+        "user_id",
+        "error",
+        "connection_info",
+    ] {
         assert!(v["data"].get(key).is_none(), "{key} leaked from metadata");
     }
     assert_eq!(v["data"]["fps_in"], 30.0);
@@ -164,7 +190,15 @@ fn reserved_key_check_matches_the_list() {
     for key in telemetry::RESERVED_DATA_KEYS {
         assert!(telemetry::envelope::is_reserved_data_key(key), "{key}");
     }
-    for key in ["types", "Type", "", "session", "timestamp_ms", "errors", "id"] {
+    for key in [
+        "types",
+        "Type",
+        "",
+        "session",
+        "timestamp_ms",
+        "errors",
+        "id",
+    ] {
         assert!(!telemetry::envelope::is_reserved_data_key(key), "{key}");
     }
 }
@@ -180,23 +214,38 @@ fn metadata_last_write_wins_in_place() {
 
 #[test]
 fn priority_follows_the_event_type() {
-    assert_eq!(Envelope::new("stream_heartbeat", Fields::new()).priority(), Priority::Low);
-    assert_eq!(Envelope::new("session_closed", Fields::new()).priority(), Priority::High);
-    assert_eq!(Envelope::new("custom_event", Fields::new()).priority(), Priority::High);
+    assert_eq!(
+        Envelope::new("stream_heartbeat", Fields::new()).priority(),
+        Priority::Low
+    );
+    assert_eq!(
+        Envelope::new("session_closed", Fields::new()).priority(),
+        Priority::High
+    );
+    assert_eq!(
+        Envelope::new("custom_event", Fields::new()).priority(),
+        Priority::High
+    );
 }
 
 #[test]
 fn a_built_envelope_reparses_as_raw_with_the_same_fields() {
     let env = Envelope::new(
         "stream_started",
-        Fields::new().session_id("s").connection_id("c").meta("x", 1),
+        Fields::new()
+            .session_id("s")
+            .connection_id("c")
+            .meta("x", 1),
     );
     let raw = RawEnvelope::parse(env.to_json()).unwrap();
     assert_eq!(raw.id(), env.id().to_string());
     assert_eq!(raw.event_type(), Some("stream_started"));
     assert_eq!(raw.session_id(), Some("s"));
     assert_eq!(raw.connection_id(), Some("c"));
-    assert_eq!(raw.timestamp(), Some(env.timestamp_ms().to_string().as_str()));
+    assert_eq!(
+        raw.timestamp(),
+        Some(env.timestamp_ms().to_string().as_str())
+    );
     assert_eq!(raw.priority(), Priority::High);
     assert_eq!(raw.as_bytes(), &env.to_json());
 }
@@ -245,8 +294,10 @@ fn relayed_via_annotation_is_inserted_before_the_final_brace() {
 
 #[test]
 fn generic_annotation_refuses_existing_keys() {
-    let mut raw =
-        RawEnvelope::parse(Bytes::from_static(br#"{"id":"1","data":{"type":"x"},"hop":1}"#)).unwrap();
+    let mut raw = RawEnvelope::parse(Bytes::from_static(
+        br#"{"id":"1","data":{"type":"x"},"hop":1}"#,
+    ))
+    .unwrap();
     assert_eq!(
         raw.annotate("hop", &json!(2)),
         Err(EnvelopeError::AnnotationExists("hop".into()))
@@ -288,7 +339,11 @@ fn parse_rejects_what_is_not_a_forwardable_envelope() {
     ];
     for c in cases {
         let r = RawEnvelope::parse(Bytes::copy_from_slice(c));
-        assert!(matches!(r, Err(EnvelopeError::Invalid(_))), "{:?} -> {r:?}", String::from_utf8_lossy(c));
+        assert!(
+            matches!(r, Err(EnvelopeError::Invalid(_))),
+            "{:?} -> {r:?}",
+            String::from_utf8_lossy(c)
+        );
     }
     for c in [
         &br#"{}"#[..],
@@ -298,27 +353,36 @@ fn parse_rejects_what_is_not_a_forwardable_envelope() {
         br#"{"id":null}"#,
         br#"{"id":{"a":1}}"#,
     ] {
-        assert_eq!(RawEnvelope::parse(Bytes::copy_from_slice(c)), Err(EnvelopeError::MissingId));
+        assert_eq!(
+            RawEnvelope::parse(Bytes::copy_from_slice(c)),
+            Err(EnvelopeError::MissingId)
+        );
     }
     assert_eq!(
         RawEnvelope::parse(Bytes::from_static(br#"{"id":"a","id":"b"}"#)),
         Err(EnvelopeError::DuplicateKey("id"))
     );
     assert_eq!(
-        RawEnvelope::parse(Bytes::from_static(br#"{"id":"a","data":{"type":"x","type":"y"}}"#)),
+        RawEnvelope::parse(Bytes::from_static(
+            br#"{"id":"a","data":{"type":"x","type":"y"}}"#
+        )),
         Err(EnvelopeError::DuplicateKey("data.type"))
     );
 }
 
 #[test]
 fn parse_is_lenient_about_optional_fields() {
-    let raw = RawEnvelope::parse(Bytes::from_static(br#"{"id":"a","timestamp":1700,"data":[1,{"type":"x"}]}"#))
-        .unwrap();
+    let raw = RawEnvelope::parse(Bytes::from_static(
+        br#"{"id":"a","timestamp":1700,"data":[1,{"type":"x"}]}"#,
+    ))
+    .unwrap();
     assert_eq!(raw.timestamp(), Some("1700"));
     assert_eq!(raw.event_type(), None);
     assert_eq!(raw.priority(), Priority::High);
-    let raw = RawEnvelope::parse(Bytes::from_static(br#"{"id":"a","data":{"type":5,"session_id":["s"]}}"#))
-        .unwrap();
+    let raw = RawEnvelope::parse(Bytes::from_static(
+        br#"{"id":"a","data":{"type":5,"session_id":["s"]}}"#,
+    ))
+    .unwrap();
     assert_eq!(raw.event_type(), None);
     assert_eq!(raw.session_id(), None);
 }
@@ -336,7 +400,9 @@ fn json_value() -> impl Strategy<Value = Value> {
         Just(Value::Null),
         any::<bool>().prop_map(Value::from),
         any::<i64>().prop_map(Value::from),
-        any::<f64>().prop_filter("finite", |f| f.is_finite()).prop_map(Value::from),
+        any::<f64>()
+            .prop_filter("finite", |f| f.is_finite())
+            .prop_map(Value::from),
         ".*".prop_map(Value::from),
     ];
     leaf.prop_recursive(4, 32, 6, |inner| {
@@ -372,7 +438,8 @@ proptest! {
         }
         let env = Envelope::new(&event_type, fields);
         let via_serde = serde_json::to_vec(&env).unwrap();
-        prop_assert_eq!(env.to_json().as_ref(), via_serde.as_slice());
+        let by_hand = env.to_json();
+        prop_assert_eq!(by_hand.as_ref(), via_serde.as_slice());
         prop_assert!(serde_json::from_slice::<Value>(&via_serde).is_ok());
     }
 

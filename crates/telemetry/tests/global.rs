@@ -27,7 +27,9 @@ fn installed_sink_receives_events_until_its_guard_drops() {
     let guard = install_sink(sink.clone());
     assert_eq!(guard.sink().name(), "memory");
     publish_event("stream_started", Fields::new().session_id("s1"));
-    publish_raw_event(RawEnvelope::parse(Bytes::from_static(br#"{"id":"r1","data":{"type":"x"}}"#)).unwrap());
+    publish_raw_event(
+        RawEnvelope::parse(Bytes::from_static(br#"{"id":"r1","data":{"type":"x"}}"#)).unwrap(),
+    );
     drop(guard);
     assert!(installed_sink().is_none());
     publish_event("stream_stopped", Fields::new());

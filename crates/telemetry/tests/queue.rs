@@ -57,7 +57,10 @@ fn new_low_is_refused_when_full_of_high() {
     q.swap_dead(&mut dead);
     assert_eq!(dead.iter().map(n_of).collect::<Vec<_>>(), [2, 0]);
     let c = q.counts();
-    assert_eq!((c.pushed_high, c.pushed_low, c.dropped_high, c.dropped_low), (3, 1, 1, 1));
+    assert_eq!(
+        (c.pushed_high, c.pushed_low, c.dropped_high, c.dropped_low),
+        (3, 1, 1, 1)
+    );
 }
 
 #[test]
@@ -179,7 +182,11 @@ fn four_threads_emit_without_blocking_and_counts_add_up() {
             let q = Arc::clone(&q);
             std::thread::spawn(move || {
                 for i in 0..PER_THREAD {
-                    let class = if i % 10 == 0 { Priority::High } else { Priority::Low };
+                    let class = if i % 10 == 0 {
+                        Priority::High
+                    } else {
+                        Priority::Low
+                    };
                     q.push(ev(class, t * PER_THREAD + i));
                 }
             })

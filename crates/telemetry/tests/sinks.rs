@@ -71,7 +71,10 @@ fn file_sink_appends_exact_bytes_one_per_line() {
     let sink = FileSink::create(&path).unwrap();
     let originals: Vec<Bytes> = vec![
         Bytes::from_static(b"{ \"id\" : \"a\",  \"data\":{\"type\":\"x\", \"v\": 1.50}}"),
-        Bytes::from_static("{\"id\":\"b\",\"data\":{\"type\":\"stream_heartbeat\",\"s\":\"\\u00e9\u{e9}\"}}".as_bytes()),
+        Bytes::from_static(
+            "{\"id\":\"b\",\"data\":{\"type\":\"stream_heartbeat\",\"s\":\"\\u00e9\u{e9}\"}}"
+                .as_bytes(),
+        ),
     ];
     for b in &originals {
         sink.emit(Event::Raw(RawEnvelope::parse(b.clone()).unwrap()));
@@ -87,11 +90,17 @@ fn file_sink_appends_exact_bytes_one_per_line() {
     }
     assert_eq!(std::fs::read(&path).unwrap(), want);
     let s = sink.stats();
-    assert_eq!((s.emitted, s.delivered, s.dropped(), s.queued), (3, 3, 0, 0));
+    assert_eq!(
+        (s.emitted, s.delivered, s.dropped(), s.queued),
+        (3, 3, 0, 0)
+    );
 
     // More events, then close by drop: they are on disk afterwards, appended.
     for i in 0..1000 {
-        sink.emit(Event::from(Envelope::new("stream_heartbeat", Fields::new().meta("i", i))));
+        sink.emit(Event::from(Envelope::new(
+            "stream_heartbeat",
+            Fields::new().meta("i", i),
+        )));
     }
     drop(sink);
     let text = std::fs::read_to_string(&path).unwrap();
@@ -108,7 +117,10 @@ fn file_sink_counts_drops_when_overrun_and_after_close() {
     let path = dir.path().join("small.jsonl");
     let sink = FileSink::with_capacity(&path, 4).unwrap();
     for i in 0..20_000 {
-        sink.emit(Event::from(Envelope::new("stream_heartbeat", Fields::new().meta("i", i))));
+        sink.emit(Event::from(Envelope::new(
+            "stream_heartbeat",
+            Fields::new().meta("i", i),
+        )));
     }
     sink.flush().unwrap();
     let s = sink.stats();
@@ -134,7 +146,10 @@ fn file_sink_reports_an_unopenable_path() {
 fn memory_sink_keeps_events_in_order() {
     let sink = MemorySink::new();
     for i in 0..10 {
-        sink.emit(Event::from(Envelope::new("stream_heartbeat", Fields::new().meta("i", i))));
+        sink.emit(Event::from(Envelope::new(
+            "stream_heartbeat",
+            Fields::new().meta("i", i),
+        )));
     }
     let events = sink.take();
     assert_eq!(events.len(), 10);

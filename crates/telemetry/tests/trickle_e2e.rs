@@ -5,9 +5,13 @@ use serde_json::Value;
 use std::future::Future;
 use std::time::Duration;
 use telemetry::sinks::{SessionContext, TrickleEventsSink};
-use telemetry::{install_sink, publish_event, set_telemetry_enabled, Envelope, Event, Fields, RawEnvelope, Sink};
+use telemetry::{
+    install_sink, publish_event, set_telemetry_enabled, Envelope, Event, Fields, RawEnvelope, Sink,
+};
 use tokio::task::JoinHandle;
-use trickle::jsonl::{JsonlReader, JsonlReaderOptions, JsonlWriter, JsonlWriterOptions, JSONL_CONTENT_TYPE};
+use trickle::jsonl::{
+    JsonlReader, JsonlReaderOptions, JsonlWriter, JsonlWriterOptions, JSONL_CONTENT_TYPE,
+};
 use trickle::messages::EventMessage;
 use trickle::publisher::{Publisher, PublisherOptions};
 use trickle::server::{Server, ServerConfig};
@@ -40,7 +44,10 @@ async fn events_channel(name: &str) -> Channel {
     )
     .await
     .unwrap();
-    server.channels().create(name, Some(JSONL_CONTENT_TYPE)).unwrap();
+    server
+        .channels()
+        .create(name, Some(JSONL_CONTENT_TYPE))
+        .unwrap();
     let url = format!("{}/{name}", server.url());
     let mut reader = JsonlReader::new(
         Subscriber::new(
@@ -94,7 +101,11 @@ async fn n_events_cross_a_real_trickle_server_in_order_byte_for_byte() {
     let mut sent: Vec<Bytes> = Vec::with_capacity(N);
     for i in 0..N {
         let env = Envelope::new(
-            if i % 5 == 0 { "pipeline_loaded" } else { "stream_heartbeat" },
+            if i % 5 == 0 {
+                "pipeline_loaded"
+            } else {
+                "stream_heartbeat"
+            },
             Fields::new()
                 .session_id("sess-e2e")
                 .connection_id("conn-e2e")
@@ -135,7 +146,10 @@ async fn overload_burst_over_a_real_channel_keeps_lifecycle_and_reports_losses()
                 for i in 0..PER_THREAD {
                     publish_event(
                         "stream_heartbeat",
-                        Fields::new().session_id("sess-e2e").meta("t", t).meta("i", i),
+                        Fields::new()
+                            .session_id("sess-e2e")
+                            .meta("t", t)
+                            .meta("i", i),
                     );
                     if i % 400 == 0 {
                         publish_event("stream_started", Fields::new().meta("t", t).meta("i", i));
@@ -156,7 +170,10 @@ async fn overload_burst_over_a_real_channel_keeps_lifecycle_and_reports_losses()
     assert_eq!(stats.emitted as usize, 2 * PER_THREAD + lifecycle);
     assert_eq!(stats.emitted, stats.delivered + stats.dropped());
     assert_eq!(stats.dropped_high, 0);
-    let started = got.iter().filter(|e| e.event_type() == Some("stream_started")).count();
+    let started = got
+        .iter()
+        .filter(|e| e.event_type() == Some("stream_started"))
+        .count();
     assert_eq!(started, lifecycle, "every lifecycle event arrives");
 
     let reports: Vec<Value> = got
@@ -166,8 +183,15 @@ async fn overload_burst_over_a_real_channel_keeps_lifecycle_and_reports_losses()
         .collect();
     assert_eq!(reports.len() as u64, stats.reports);
     assert_eq!(got.len() as u64, stats.delivered + stats.reports);
-    let reported: u64 = reports.iter().map(|r| r["data"]["dropped"].as_u64().unwrap()).sum();
-    assert_eq!(reported, stats.dropped(), "the client sees exactly the counted loss");
+    let reported: u64 = reports
+        .iter()
+        .map(|r| r["data"]["dropped"].as_u64().unwrap())
+        .sum();
+    assert_eq!(
+        reported,
+        stats.dropped(),
+        "the client sees exactly the counted loss"
+    );
     for r in &reports {
         assert_eq!(r["data"]["session_id"], "sess-e2e");
         assert_eq!(r["data"]["connection_id"], "conn-e2e");
@@ -182,7 +206,10 @@ async fn a_dead_channel_never_blocks_emit_and_counts_every_event() {
     ch.writer.close().await.unwrap();
     let sink = TrickleEventsSink::spawn(ch.writer.clone(), session(), 64).unwrap();
     for i in 0..1000 {
-        sink.emit(Event::from(Envelope::new("stream_started", Fields::new().meta("i", i))));
+        sink.emit(Event::from(Envelope::new(
+            "stream_started",
+            Fields::new().meta("i", i),
+        )));
     }
     let stats = within("sink shutdown", sink.shutdown()).await;
     assert_eq!(stats.emitted, 1000);

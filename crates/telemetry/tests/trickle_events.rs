@@ -24,7 +24,11 @@ fn parse(line: &Bytes) -> Value {
 /// The envelope bytes inside a `{"type":"telemetry","event":...}` line.
 fn event_bytes(line: &Bytes) -> &[u8] {
     let prefix = br#"{"type":"telemetry","event":"#;
-    assert!(line.starts_with(prefix), "{}", String::from_utf8_lossy(line));
+    assert!(
+        line.starts_with(prefix),
+        "{}",
+        String::from_utf8_lossy(line)
+    );
     assert!(line.ends_with(b"}"));
     &line[prefix.len()..line.len() - 1]
 }
@@ -37,14 +41,19 @@ async fn n_events_in_n_lines_out_in_order_with_ids_intact() {
     let mut expected = Vec::with_capacity(N);
     for i in 0..N {
         let env = Envelope::new(
-            if i % 7 == 0 { "stream_started" } else { "stream_heartbeat" },
+            if i % 7 == 0 {
+                "stream_started"
+            } else {
+                "stream_heartbeat"
+            },
             Fields::new().session_id("sess-9").meta("i", i),
         );
         expected.push(env.to_json());
         sink.emit(Event::from(env));
     }
     // A forwarded envelope goes out byte for byte, odd spacing and all.
-    let raw = Bytes::from_static(b"{ \"id\": \"fwd-1\", \"data\": {\"type\": \"pong\", \"x\": 1.50} }");
+    let raw =
+        Bytes::from_static(b"{ \"id\": \"fwd-1\", \"data\": {\"type\": \"pong\", \"x\": 1.50} }");
     sink.emit(Event::Raw(RawEnvelope::parse(raw.clone()).unwrap()));
     expected.push(raw);
     let stats = sink.shutdown().await;
@@ -55,7 +64,13 @@ async fn n_events_in_n_lines_out_in_order_with_ids_intact() {
         assert_eq!(parse(line)["type"], "telemetry");
     }
     assert_eq!(
-        (stats.emitted, stats.delivered, stats.dropped(), stats.queued, stats.reports),
+        (
+            stats.emitted,
+            stats.delivered,
+            stats.dropped(),
+            stats.queued,
+            stats.reports
+        ),
         (N as u64 + 1, N as u64 + 1, 0, 0, 0)
     );
 }
@@ -128,7 +143,10 @@ async fn overload_keeps_every_lifecycle_event_and_reports_exact_losses() {
 
     assert_eq!(stats.emitted, (HEARTBEATS + LIFECYCLE) as u64);
     assert!(stats.dropped_low > 0, "the burst must overflow: {stats:?}");
-    assert_eq!(stats.dropped_high, 0, "High is never dropped while Low is queued");
+    assert_eq!(
+        stats.dropped_high, 0,
+        "High is never dropped while Low is queued"
+    );
     assert_eq!(stats.emitted, stats.delivered + stats.dropped());
     assert_eq!(stats.queued, 0);
 
@@ -142,20 +160,35 @@ async fn overload_keeps_every_lifecycle_event_and_reports_exact_losses() {
     let reports = reports(&lines);
     assert_eq!(reports.len() as u64, stats.reports);
     assert_eq!(lines.len() as u64, stats.delivered + stats.reports);
-    let sum: u64 = reports.iter().map(|r| r["data"]["dropped"].as_u64().unwrap()).sum();
+    let sum: u64 = reports
+        .iter()
+        .map(|r| r["data"]["dropped"].as_u64().unwrap())
+        .sum();
     assert_eq!(sum, stats.dropped(), "reported losses equal counted losses");
-    let sum_low: u64 = reports.iter().map(|r| r["data"]["dropped_low"].as_u64().unwrap()).sum();
+    let sum_low: u64 = reports
+        .iter()
+        .map(|r| r["data"]["dropped_low"].as_u64().unwrap())
+        .sum();
     assert_eq!(sum_low, stats.dropped_low);
     let last = reports.last().unwrap();
-    assert_eq!(last["data"]["dropped_total"].as_u64().unwrap(), stats.dropped());
+    assert_eq!(
+        last["data"]["dropped_total"].as_u64().unwrap(),
+        stats.dropped()
+    );
     let mut prev_end = 0;
     for r in &reports {
         let d = &r["data"];
         assert_eq!(d["session_id"], "sess-9");
         assert_eq!(d["connection_id"], "conn-9");
         assert_eq!(d["sink"], "trickle_events");
-        let (start, end) = (d["window_start_ms"].as_u64().unwrap(), d["window_end_ms"].as_u64().unwrap());
-        assert!(start <= end && start >= prev_end, "windows are ordered and disjoint");
+        let (start, end) = (
+            d["window_start_ms"].as_u64().unwrap(),
+            d["window_end_ms"].as_u64().unwrap(),
+        );
+        assert!(
+            start <= end && start >= prev_end,
+            "windows are ordered and disjoint"
+        );
         prev_end = end;
         assert_eq!(
             d["dropped"].as_u64().unwrap(),
@@ -223,7 +256,10 @@ async fn failed_writes_are_counted_and_reported_downstream() {
     assert_eq!(stats.emitted, stats.delivered + stats.dropped());
     let lines = out.lines();
     let reports = reports(&lines);
-    let sum: u64 = reports.iter().map(|r| r["data"]["dropped"].as_u64().unwrap()).sum();
+    let sum: u64 = reports
+        .iter()
+        .map(|r| r["data"]["dropped"].as_u64().unwrap())
+        .sum();
     assert_eq!(sum, stats.dropped());
     assert_eq!(
         lines.len() as u64,
@@ -240,9 +276,15 @@ async fn emits_after_shutdown_are_counted_as_dropped() {
     let before = sink.shutdown().await;
     assert_eq!(before.delivered, 1);
     sink.emit(Event::from(Envelope::new("session_closed", Fields::new())));
-    sink.emit(Event::from(Envelope::new("stream_heartbeat", Fields::new())));
+    sink.emit(Event::from(Envelope::new(
+        "stream_heartbeat",
+        Fields::new(),
+    )));
     let after = sink.stats();
-    assert_eq!((after.emitted, after.dropped_high, after.dropped_low), (3, 1, 1));
+    assert_eq!(
+        (after.emitted, after.dropped_high, after.dropped_low),
+        (3, 1, 1)
+    );
     assert_eq!(out.len(), 1);
     // Shutdown twice is harmless.
     sink.shutdown().await;

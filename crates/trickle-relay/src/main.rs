@@ -39,6 +39,8 @@ enum Command {
     Runner(cmd::runner::Args),
     /// Run the client role: read the events channel and egress telemetry.
     Client(cmd::client::Args),
+    /// Run the `/v1/metrics` collector: authenticate, validate, dedup and durably store metrics batches.
+    Collector(cmd::collector::Args),
     /// Run a benchmark of one path of the relay.
     Bench(bench::Args),
 }
@@ -64,6 +66,7 @@ fn main() -> ExitCode {
             Command::Publish(a) => cmd::publish::run(a).await,
             Command::Runner(a) => cmd::runner::run(a).await,
             Command::Client(a) => cmd::client::run(a).await,
+            Command::Collector(a) => cmd::collector::run(a).await,
             Command::Bench(a) => bench::run(a).await,
         }
     });

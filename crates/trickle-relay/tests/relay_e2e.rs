@@ -209,6 +209,15 @@ fn three_processes_relay_every_event_verbatim_and_in_order() {
     let answer = post_ingest(ingest, requests.join("\n"));
     assert_eq!(answer["accepted"], 50, "{answer}");
 
+    let http = reqwest::blocking::Client::new();
+    let status = http
+        .post(format!("http://{ingest}/v1/notifications"))
+        .body(r#"{"kind":"pipeline_status","text":"warming up"}"#)
+        .send()
+        .expect("notify")
+        .status();
+    assert_eq!(status.as_u16(), 202);
+
     assert!(
         client.wait(Duration::from_secs(40)).success(),
         "client failed"
@@ -266,6 +275,10 @@ fn three_processes_relay_every_event_verbatim_and_in_order() {
     assert_eq!(client["egressed"].as_u64().unwrap(), got.len() as u64);
     assert_eq!(client["rejected_foreign"], 0);
     assert_eq!(client["bad_lines"], 0);
+    assert_eq!(
+        client["notifications"], 1,
+        "the local process's notification reached the client"
+    );
 }
 
 #[test]

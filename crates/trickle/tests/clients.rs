@@ -360,6 +360,7 @@ async fn rebind(addr: std::net::SocketAddr) -> Server {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publisher_and_subscriber_survive_a_server_restart() {
+    let _ = tracing_subscriber::fmt().with_env_filter("trickle=debug").with_test_writer().try_init();
     let server = start_server().await;
     let addr = server.local_addr();
     let url = format!("{}/restart", server.url());

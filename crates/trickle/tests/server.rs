@@ -321,6 +321,7 @@ async fn keep_alive_connection_serves_many_requests() {
         "{out}"
     );
     assert!(out.ends_with("\r\n\r\n1"), "{out}");
+    drop(s);
     server.shutdown().await;
 }
 

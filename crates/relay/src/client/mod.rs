@@ -115,6 +115,10 @@ pub struct ClientReport {
     pub bad_lines: u64,
     /// Runner log lines re-emitted.
     pub log_lines: u64,
+    /// Runner notifications re-broadcast locally.
+    pub notifications: u64,
+    /// Pongs received (answers to the client's pings).
+    pub pongs: u64,
     /// Requests that timed out.
     pub request_timeouts: u64,
     /// Origin-to-client latency of relayed envelopes, in ms: median, p99, max.
@@ -353,6 +357,8 @@ impl Shared {
             unknown_messages: s.unknown_messages.load(Relaxed),
             bad_lines: self.bad_lines.load(Relaxed),
             log_lines: s.log_lines.load(Relaxed),
+            notifications: s.notifications.load(Relaxed),
+            pongs: s.pongs.load(Relaxed),
             request_timeouts: s.request_timeouts.load(Relaxed),
             latency_ms: latency,
         }

@@ -7,11 +7,14 @@
 //!   "pipeline_ids"?, "user_id"?, "error"?, "connection_info"?, "metadata"?: {...}}`), stamped here.
 //!
 //! The answer is `202 {"accepted": n, "rejected": m, "errors": [...]}`: a bad line is reported and
-//! skipped, never fatal to the rest of the body. It binds loopback addresses only: the endpoint
+//! skipped, never fatal to the rest of the body.
+//!
+//! `POST /v1/notifications` takes one JSON object and forwards it to the client as a
+//! `{"type":"notification","payload":...}` message, which the client re-broadcasts locally. It binds loopback addresses only: the endpoint
 //! trusts its callers, so it must not be reachable from the network.
 
 use anyhow::{bail, Context as _};
-use axum::extract::DefaultBodyLimit;
+use axum::extract::{DefaultBodyLimit, State};
 use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -22,12 +25,17 @@ use std::net::SocketAddr;
 use telemetry::{ErrorInfo, Fields, RawEnvelope};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+use trickle::jsonl::JsonlWriter;
 
 /// The largest request body accepted (the seed's per-event limit).
 pub const MAX_BODY_BYTES: usize = 5 * 1024 * 1024;
 
 /// Starts the endpoint on `addr` (a loopback address); the task ends when `stop` fires.
-pub async fn serve(addr: SocketAddr, stop: CancellationToken) -> anyhow::Result<JoinHandle<()>> {
+pub async fn serve(
+    addr: SocketAddr,
+    events: JsonlWriter,
+    stop: CancellationToken,
+) -> anyhow::Result<JoinHandle<()>> {
     if !addr.ip().is_loopback() {
         bail!("the ingest endpoint trusts its callers, so it only binds loopback addresses; use 127.0.0.1:PORT instead of {addr}");
     }
@@ -36,7 +44,7 @@ pub async fn serve(addr: SocketAddr, stop: CancellationToken) -> anyhow::Result<
         .with_context(|| format!("cannot listen for ingest on {addr}"))?;
     tracing::info!(addr = %listener.local_addr().unwrap_or(addr), "ingest endpoint listening");
     Ok(tokio::spawn(async move {
-        let served = axum::serve(listener, router())
+        let served = axum::serve(listener, router(events))
             .with_graceful_shutdown(async move { stop.cancelled().await })
             .await;
         if let Err(e) = served {
@@ -45,12 +53,36 @@ pub async fn serve(addr: SocketAddr, stop: CancellationToken) -> anyhow::Result<
     }))
 }
 
-/// The endpoint's routes: `POST /v1/events` and `GET /health`.
-pub fn router() -> Router {
+/// The endpoint's routes: `POST /v1/events`, `POST /v1/notifications` and `GET /health`.
+pub fn router(events: JsonlWriter) -> Router {
     Router::new()
         .route("/v1/events", post(ingest))
+        .route("/v1/notifications", post(notify))
         .route("/health", get(|| async { "ok" }))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(events)
+}
+
+async fn notify(State(events): State<JsonlWriter>, body: Bytes) -> (StatusCode, Json<Value>) {
+    let payload: Map<String, Value> = match serde_json::from_slice(&body) {
+        Ok(p) => p,
+        Err(e) => {
+            return (
+                StatusCode::BAD_REQUEST,
+                Json(json!({"error": format!("a notification is one JSON object: {e}")})),
+            )
+        }
+    };
+    match events
+        .write(&json!({"type": "notification", "payload": payload}))
+        .await
+    {
+        Ok(()) => (StatusCode::ACCEPTED, Json(json!({"accepted": 1}))),
+        Err(e) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"error": format!("the events channel is not writable: {e}")})),
+        ),
+    }
 }
 
 async fn ingest(body: Bytes) -> (StatusCode, Json<Value>) {

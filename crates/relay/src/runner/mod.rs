@@ -135,11 +135,11 @@ pub async fn run(
 
     let startup_ms = config.started_at.elapsed().as_millis() as u64;
     events
-        .write(&json!({
+        .write(&strip_nulls(json!({
             "type": "runner_ready",
             "runner_job_id": config.runner_job_id,
             "startup_ms": startup_ms,
-        }))
+        })))
         .await
         .with_context(|| format!("cannot write to the events channel {}", config.events_url))?;
     publish(
@@ -150,7 +150,7 @@ pub async fn run(
     tracing::info!(startup_ms, events = %config.events_url, "runner ready");
 
     let ingest = match config.ingest {
-        Some(addr) => Some(ingest::serve(addr, shutdown.child_token()).await?),
+        Some(addr) => Some(ingest::serve(addr, events.clone(), shutdown.child_token()).await?),
         None => None,
     };
     let logs = config.forward_logs.then(|| {

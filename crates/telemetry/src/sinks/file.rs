@@ -72,7 +72,9 @@ impl FileSink {
             .create(true)
             .append(true)
             .open(&path)
-            .map_err(|e| io::Error::new(e.kind(), format!("cannot open {}: {e}", path.display())))?;
+            .map_err(|e| {
+                io::Error::new(e.kind(), format!("cannot open {}: {e}", path.display()))
+            })?;
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
                 queue: PriorityQueue::new(capacity),
@@ -126,7 +128,10 @@ impl FileSink {
             {
                 return Err(io::Error::new(
                     io::ErrorKind::TimedOut,
-                    format!("telemetry file sink {}: flush timed out", self.path.display()),
+                    format!(
+                        "telemetry file sink {}: flush timed out",
+                        self.path.display()
+                    ),
                 ));
             }
         }
@@ -215,7 +220,9 @@ fn write_loop(shared: &Shared, mut file: BufWriter<File>) {
             (st.flush_requested, st.stop)
         };
         dead.clear();
-        shared.in_flight.store(batch.len() as u64, Ordering::Relaxed);
+        shared
+            .in_flight
+            .store(batch.len() as u64, Ordering::Relaxed);
         let mut error = None;
         let mut written = 0usize;
         for event in &batch {

@@ -14,4 +14,6 @@ mod trickle_events;
 pub use file::{FileSink, DEFAULT_FILE_CAPACITY};
 pub use log::LogSink;
 pub use memory::MemorySink;
-pub use trickle_events::{NoRuntime, SessionContext, TrickleEventsConfig, TrickleEventsSink, SINK_NAME};
+pub use trickle_events::{
+    NoRuntime, SessionContext, TrickleEventsConfig, TrickleEventsSink, SINK_NAME,
+};

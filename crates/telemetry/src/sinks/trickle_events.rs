@@ -119,7 +119,9 @@ impl TrickleEventsSink {
             capacity,
             ..TrickleEventsConfig::default()
         };
-        Ok(TrickleEventsSink::spawn_on(&handle, output, session, config))
+        Ok(TrickleEventsSink::spawn_on(
+            &handle, output, session, config,
+        ))
     }
 
     /// Starts the sink with its drain task on `handle`.
@@ -203,7 +205,10 @@ struct Reporter {
 impl Reporter {
     fn due(&self, totals: (u64, u64), closing: bool) -> bool {
         totals != self.reported
-            && (closing || self.last_report.is_none_or(|t| t.elapsed() >= self.interval))
+            && (closing
+                || self
+                    .last_report
+                    .is_none_or(|t| t.elapsed() >= self.interval))
     }
 
     /// Time until a pending report is due (None: nothing pending).
@@ -211,10 +216,9 @@ impl Reporter {
         if totals == self.reported {
             return None;
         }
-        Some(
-            self.last_report
-                .map_or(Duration::ZERO, |t| self.interval.saturating_sub(t.elapsed())),
-        )
+        Some(self.last_report.map_or(Duration::ZERO, |t| {
+            self.interval.saturating_sub(t.elapsed())
+        }))
     }
 
     fn build(&self, totals: (u64, u64)) -> (Envelope, u64) {

@@ -4,7 +4,10 @@
 //! what ran, the counts, and each latency or throughput figure as median and spread.
 
 mod fanout;
+mod plot;
 mod publish_event;
+mod relay;
+mod relay_child;
 mod spool;
 
 use clap::Subcommand;
@@ -24,6 +27,14 @@ enum Which {
     PublishEvent(publish_event::Args),
     /// Accepted events per second through the durable disk buffer.
     Spool(spool::Args),
+    /// The relay path end to end: server, runner and client as separate processes.
+    Relay(relay::Args),
+    /// Child of `bench relay`: the runner role, emitting synthetic heartbeats.
+    #[command(hide = true)]
+    RelayRunner(relay_child::RunnerArgs),
+    /// Child of `bench relay`: the client role, counting what it egresses.
+    #[command(hide = true)]
+    RelayClient(relay_child::ClientArgs),
 }
 
 /// Runs the chosen benchmark.
@@ -32,5 +43,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         Which::Fanout(a) => fanout::run(a).await,
         Which::PublishEvent(a) => publish_event::run(a).await,
         Which::Spool(a) => spool::run(a).await,
+        Which::Relay(a) => relay::run(a).await,
+        Which::RelayRunner(a) => relay_child::run_runner(a).await,
+        Which::RelayClient(a) => relay_child::run_client(a).await,
     }
 }

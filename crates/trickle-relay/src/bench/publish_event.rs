@@ -102,9 +102,18 @@ fn caller(calls: u64, warmup: u64, rate: u64, seed: u64) -> (Histogram<u64>, Dur
     let start = Instant::now();
     for i in 0..calls {
         if let Some(p) = period {
-            let due = start + p * i as u32;
-            while Instant::now() < due {
-                std::hint::spin_loop();
+            // Pace without spinning, so paced callers leave the CPUs to the drain.
+            let due = start + p.mul_f64(i as f64);
+            loop {
+                let now = Instant::now();
+                if now >= due {
+                    break;
+                }
+                if due - now > Duration::from_micros(200) {
+                    std::thread::sleep(due - now - Duration::from_micros(100));
+                } else {
+                    std::thread::yield_now();
+                }
             }
         }
         let t = Instant::now();
@@ -121,6 +130,8 @@ struct Scenario {
     wall: Duration,
     sink: Option<SinkStats>,
     received: Option<u64>,
+    /// From the first call to the last line received (sink drained, writer closed).
+    end_to_end: Option<Duration>,
 }
 
 async fn run_callers(threads: usize, args: &Args) -> anyhow::Result<(Histogram<u64>, Duration)> {
@@ -241,6 +252,7 @@ async fn target(args: &Args, name: &str) -> anyhow::Result<Target> {
 async fn with_sink(name: &'static str, threads: usize, args: &Args) -> anyhow::Result<Scenario> {
     let t = target(args, name).await?;
     let guard = install_sink(t.sink.clone());
+    let started = Instant::now();
     let (hist, wall) = run_callers(threads, args).await?;
     drop(guard);
     let stats = t.sink.shutdown().await;
@@ -252,7 +264,14 @@ async fn with_sink(name: &'static str, threads: usize, args: &Args) -> anyhow::R
         wall,
         sink: Some(stats),
         received,
+        end_to_end: Some(started.elapsed()),
     })
+}
+
+/// Events delivered to the output per second, from the first call until the sink drained.
+fn delivered_per_s(s: &Scenario) -> Option<f64> {
+    let (stats, e2e) = (s.sink.as_ref()?, s.end_to_end?);
+    Some(stats.delivered as f64 / e2e.as_secs_f64())
 }
 
 /// Runs the benchmark and prints the summary.
@@ -271,6 +290,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         wall,
         sink: None,
         received: None,
+        end_to_end: None,
     });
     scenarios.push(with_sink("one_thread", 1, &args).await?);
     if args.threads > 1 {
@@ -297,6 +317,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                     "calls_per_s": h.len() as f64 / s.wall.as_secs_f64(),
                     "sink": s.sink,
                     "lines_received": s.received,
+                    "delivered_per_s": delivered_per_s(s),
                 })
             })
             .collect();
@@ -343,10 +364,11 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     for s in &scenarios {
         if let Some(st) = &s.sink {
             println!(
-                "{:<11} sink: emitted {} delivered {} dropped {} (high {}, low {}) loss reports {} write errors {}; lines received {}",
+                "{:<11} sink: emitted {} delivered {} ({:.0}/s end to end) dropped {} (high {}, low {}) loss reports {} write errors {}; lines received {}",
                 s.name,
                 st.emitted,
                 st.delivered,
+                delivered_per_s(s).unwrap_or(0.0),
                 st.dropped(),
                 st.dropped_high,
                 st.dropped_low,

@@ -1,6 +1,7 @@
 //! One module per subcommand: each has an `Args` (clap) and an async `run`.
 
 pub mod client;
+pub mod collector;
 pub mod demo;
 pub mod publish;
 pub mod runner;

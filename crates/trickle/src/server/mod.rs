@@ -299,20 +299,6 @@ async fn accept_loop(
     while conns.join_next().await.is_some() {}
 }
 
-fn socket2_like_set_sndbuf(stream: &TcpStream, n: u32) {
-    use std::os::fd::AsRawFd;
-    let fd = stream.as_raw_fd();
-    let v: libc_int = n as libc_int;
-    unsafe {
-        setsockopt(fd, 1, 7, &v as *const libc_int as *const core::ffi::c_void, 4);
-    }
-}
-#[allow(non_camel_case_types)]
-type libc_int = i32;
-extern "C" {
-    fn setsockopt(fd: i32, level: i32, name: i32, val: *const core::ffi::c_void, len: u32) -> i32;
-}
-
 async fn reject_conn(stream: TcpStream, limit: usize) {
     let mut conn = Conn::new(stream);
     let msg = format!(
@@ -334,10 +320,6 @@ async fn serve_conn(
     mut stop: watch::Receiver<bool>,
 ) {
     let _ = stream.set_nodelay(true);
-    if let Some(n) = std::env::var("XP_SNDBUF").ok().and_then(|v| v.parse::<u32>().ok()) {
-        let sock = socket2_like_set_sndbuf(&stream, n);
-        let _ = sock;
-    }
     let mut conn = Conn::new(stream);
     loop {
         let head = tokio::select! {

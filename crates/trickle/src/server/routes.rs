@@ -13,7 +13,7 @@ use std::io::{self, IoSlice, Write};
 use std::sync::Arc;
 
 /// Most chunks sent in one vectored write (well under IOV_MAX).
-static MAX_BATCH_XP: std::sync::LazyLock<usize> = std::sync::LazyLock::new(|| std::env::var("XP_BATCH").ok().and_then(|v| v.parse().ok()).unwrap_or(64));
+const MAX_BATCH: usize = 64;
 /// A streaming GET stops reading (pipelined) request bytes past this much.
 const PIPELINE_CAP: usize = 64 * 1024;
 /// Largest sequence number accepted, so that `seq + 1` never overflows.
@@ -250,12 +250,12 @@ impl Req<'_> {
         let chunked = !self.head.http10;
         let keep = chunked && self.reusable();
         let mut pos = 0usize;
-        let mut batch: Vec<Bytes> = Vec::with_capacity(64);
+        let mut batch: Vec<Bytes> = Vec::with_capacity(MAX_BATCH);
         let mut prefix: Vec<u8> = Vec::with_capacity(256);
         let mut started = false;
         loop {
             batch.clear();
-            match seg.read_from(pos, &mut batch, *MAX_BATCH_XP) {
+            match seg.read_from(pos, &mut batch, MAX_BATCH) {
                 Read::Data => {
                     pos += batch.len();
                     prefix.clear();
@@ -463,9 +463,7 @@ impl Req<'_> {
                     }
                     // Let the woken readers send this piece while it is still in cache,
                     // instead of reading far ahead of them.
-                    if std::env::var_os("XP_NOYIELD").is_none() {
-                        tokio::task::yield_now().await;
-                    }
+                    tokio::task::yield_now().await;
                 }
             }
             tokio::select! {

@@ -1,0 +1,748 @@
+//! `trickle-relay bench relay`: the real relay path, as separate processes.
+//!
+//! Per run: a trickle server process (`trickle-relay serve --autocreate`, unless `--server` names
+//! one), two channels created over HTTP, a client process (`bench relay-client`: the real client
+//! role egressing to a counting sink) and a runner process (`bench relay-runner`: the real runner
+//! role and its `TrickleEventsSink`, fed `--events` heartbeats by `publish_event` from a plain
+//! thread at `--rate`). The runner is held until the client has seen `runner_ready`, so every
+//! heartbeat is on the channel while the client reads it.
+//!
+//! Reported per run, then as median and spread over `--repeat` runs: emitted, delivered (distinct
+//! heartbeats egressed), dropped (counted by the runner's sink; also what reached the client in
+//! `telemetry_dropped`), lost in transit (`emitted - delivered - dropped`: must be 0), duplicates,
+//! offered and sustained events/s, end-to-end latency (emission to egress, µs), and each process's
+//! peak RSS (VmHWM).
+
+use super::plot::{Axis, Figure, Panel, Series};
+use super::relay_child::{peak_rss_kib, ClientReport, LatencyUs, RunnerReport};
+use anyhow::{bail, Context as _};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::time::Duration;
+use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
+use tokio::process::{Child, Command};
+
+/// Arguments of `trickle-relay bench relay`.
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Heartbeats the runner emits per run.
+    #[arg(long, default_value_t = 200_000)]
+    pub events: u64,
+    /// Heartbeats per second (paced); 0 emits as fast as possible.
+    #[arg(long, default_value_t = 0)]
+    pub rate: u64,
+    /// Use this trickle server (base URL, started with --autocreate) instead of starting one.
+    #[arg(long)]
+    pub server: Option<String>,
+    /// Print the summary as JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+    /// Draw the latency percentiles and the throughput over time to this SVG file.
+    #[arg(long)]
+    pub plot: Option<PathBuf>,
+    /// Capacity of the runner's telemetry queue (the seed's is 256).
+    #[arg(long, default_value_t = 256)]
+    pub queue_capacity: usize,
+    /// Runs (each with fresh processes); figures are reported as median and spread.
+    #[arg(long, default_value_t = 1)]
+    pub repeat: usize,
+    /// Give up on a run after this many seconds.
+    #[arg(long, default_value_t = 300)]
+    pub timeout_secs: u64,
+}
+
+/// What one run measured.
+struct RunResult {
+    runner: RunnerReport,
+    client: ClientReport,
+    server_rss_kib: Option<u64>,
+}
+
+impl RunResult {
+    fn dropped(&self) -> u64 {
+        self.runner.sink.dropped()
+    }
+
+    fn lost(&self) -> i64 {
+        self.runner.emitted as i64 - self.client.delivered as i64 - self.dropped() as i64
+    }
+
+    fn emit_secs(&self) -> f64 {
+        (self
+            .runner
+            .last_emit_us
+            .saturating_sub(self.runner.first_emit_us)) as f64
+            / 1e6
+    }
+
+    fn offered_per_s(&self) -> f64 {
+        per_s(self.runner.emitted, self.emit_secs())
+    }
+
+    /// From the first emission to the last egress.
+    fn duration_secs(&self) -> f64 {
+        (self
+            .client
+            .last_receive_us
+            .saturating_sub(self.runner.first_emit_us)) as f64
+            / 1e6
+    }
+
+    fn sustained_per_s(&self) -> f64 {
+        per_s(self.client.delivered, self.duration_secs())
+    }
+
+    fn latency(&self) -> Option<&LatencyUs> {
+        self.client.latency_us.as_ref()
+    }
+
+    fn to_json(&self) -> Value {
+        let l = self.latency();
+        json!({
+            "emitted": self.runner.emitted,
+            "delivered": self.client.delivered,
+            "dropped": self.dropped(),
+            "dropped_reported": self.client.relay.get("dropped_reported"),
+            "lost": self.lost(),
+            "duplicates": self.client.duplicates,
+            "malformed": self.client.malformed,
+            "emit_secs": self.emit_secs(),
+            "duration_secs": self.duration_secs(),
+            "offered_events_per_s": self.offered_per_s(),
+            "sustained_events_per_s": self.sustained_per_s(),
+            "latency_us": l.map(|l| json!({
+                "median": l.median, "p90": l.p90, "p99": l.p99, "p999": l.p999,
+                "max": l.max, "mean": l.mean,
+            })),
+            "peak_rss_kib": {
+                "server": self.server_rss_kib,
+                "runner": self.runner.peak_rss_kib,
+                "client": self.client.peak_rss_kib,
+            },
+            "runner_sink": self.runner.sink,
+            "client_relay": self.client.relay,
+            "events_channel_ended": self.client.ended,
+        })
+    }
+}
+
+fn per_s(n: u64, secs: f64) -> f64 {
+    if secs > 0.0 {
+        n as f64 / secs
+    } else {
+        0.0
+    }
+}
+
+/// Median, min and max of `values` (all zero when empty).
+fn spread(values: &[f64]) -> (f64, f64, f64) {
+    let mut v: Vec<f64> = values.iter().copied().filter(|x| x.is_finite()).collect();
+    if v.is_empty() {
+        return (0.0, 0.0, 0.0);
+    }
+    v.sort_by(f64::total_cmp);
+    let mid = v.len() / 2;
+    let median = if v.len() % 2 == 1 {
+        v[mid]
+    } else {
+        (v[mid - 1] + v[mid]) / 2.0
+    };
+    (median, v[0], v[v.len() - 1])
+}
+
+fn spread_json(values: &[f64]) -> Value {
+    let (median, min, max) = spread(values);
+    json!({"median": median, "min": min, "max": max})
+}
+
+/// Runs the benchmark: `--repeat` runs, then the summary (and the plot).
+pub async fn run(args: Args) -> anyhow::Result<()> {
+    anyhow::ensure!(args.events > 0, "--events must be at least 1");
+    anyhow::ensure!(args.repeat > 0, "--repeat must be at least 1");
+    anyhow::ensure!(
+        args.queue_capacity > 0,
+        "--queue-capacity must be at least 1"
+    );
+    let exe = std::env::current_exe().context("cannot find this program's own path")?;
+    let dir = std::env::temp_dir().join(format!(
+        "trickle-relay-bench-relay-{}-{}",
+        std::process::id(),
+        uuid::Uuid::new_v4().simple()
+    ));
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let mut runs = Vec::with_capacity(args.repeat);
+    let mut failure = None;
+    for i in 0..args.repeat {
+        match run_once(&exe, &dir, &args, i).await {
+            Ok(r) => runs.push(r),
+            Err(e) => {
+                failure = Some(e.context(format!("run {} of {}", i + 1, args.repeat)));
+                break;
+            }
+        }
+    }
+    if failure.is_none() {
+        // Keep the children's logs when something failed; they are named in the error.
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    if let Some(e) = failure {
+        return Err(e);
+    }
+    if let Some(path) = &args.plot {
+        figure(&args, &runs).write(path)?;
+    }
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&summary_json(&args, &runs))?
+        );
+    } else {
+        print_human(&args, &runs);
+        if let Some(path) = &args.plot {
+            println!("plot: {}", path.display());
+        }
+    }
+    Ok(())
+}
+
+fn rate_text(rate: u64) -> String {
+    if rate == 0 {
+        "as fast as possible".into()
+    } else {
+        format!("{}/s", super::plot::fmt_num(rate as f64))
+    }
+}
+
+fn summary_json(args: &Args, runs: &[RunResult]) -> Value {
+    let collect = |f: &dyn Fn(&RunResult) -> Option<f64>| -> Value {
+        spread_json(&runs.iter().filter_map(f).collect::<Vec<_>>())
+    };
+    let kib = |v: Option<u64>| v.map(|k| k as f64);
+    json!({
+        "bench": "relay",
+        "processes": ["server", "runner", "client"],
+        "cpus": std::thread::available_parallelism().map_or(0, |n| n.get()),
+        "events": args.events,
+        "rate": args.rate,
+        "queue_capacity": args.queue_capacity,
+        "external_server": args.server.is_some(),
+        "repeat": runs.len(),
+        "runs": runs.iter().map(RunResult::to_json).collect::<Vec<_>>(),
+        "summary": {
+            "emitted": collect(&|r| Some(r.runner.emitted as f64)),
+            "delivered": collect(&|r| Some(r.client.delivered as f64)),
+            "dropped": collect(&|r| Some(r.dropped() as f64)),
+            "lost": collect(&|r| Some(r.lost() as f64)),
+            "duplicates": collect(&|r| Some(r.client.duplicates as f64)),
+            "offered_events_per_s": collect(&|r| Some(r.offered_per_s())),
+            "sustained_events_per_s": collect(&|r| Some(r.sustained_per_s())),
+            "latency_us": {
+                "median": collect(&|r| r.latency().map(|l| l.median as f64)),
+                "p99": collect(&|r| r.latency().map(|l| l.p99 as f64)),
+                "max": collect(&|r| r.latency().map(|l| l.max as f64)),
+            },
+            "peak_rss_kib": {
+                "server": collect(&|r| kib(r.server_rss_kib)),
+                "runner": collect(&|r| kib(r.runner.peak_rss_kib)),
+                "client": collect(&|r| kib(r.client.peak_rss_kib)),
+            },
+        },
+    })
+}
+
+fn mib(kib: Option<u64>) -> String {
+    kib.map_or("-".into(), |k| format!("{:.1}", k as f64 / 1024.0))
+}
+
+fn ms(us: f64) -> String {
+    format!("{:.3}", us / 1000.0)
+}
+
+fn print_human(args: &Args, runs: &[RunResult]) {
+    println!(
+        "bench relay: server, runner and client as separate processes on {} CPU(s); {} heartbeats per run, rate {}, queue capacity {}, {} run(s)",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        args.events,
+        rate_text(args.rate),
+        args.queue_capacity,
+        runs.len()
+    );
+    println!(
+        "{:>3} {:>9} {:>9} {:>8} {:>5} {:>4} {:>11} {:>11} {:>8} {:>8} {:>8}  {}",
+        "run",
+        "emitted",
+        "delivered",
+        "dropped",
+        "lost",
+        "dup",
+        "offered/s",
+        "sustained/s",
+        "p50 ms",
+        "p99 ms",
+        "max ms",
+        "peak RSS MiB server/runner/client"
+    );
+    for (i, r) in runs.iter().enumerate() {
+        let l = r.latency();
+        let q = |f: fn(&LatencyUs) -> u64| l.map_or("-".into(), |l| ms(f(l) as f64));
+        println!(
+            "{:>3} {:>9} {:>9} {:>8} {:>5} {:>4} {:>11.0} {:>11.0} {:>8} {:>8} {:>8}  {}/{}/{}",
+            i + 1,
+            r.runner.emitted,
+            r.client.delivered,
+            r.dropped(),
+            r.lost(),
+            r.client.duplicates,
+            r.offered_per_s(),
+            r.sustained_per_s(),
+            q(|l| l.median),
+            q(|l| l.p99),
+            q(|l| l.max),
+            mib(r.server_rss_kib),
+            mib(r.runner.peak_rss_kib),
+            mib(r.client.peak_rss_kib),
+        );
+    }
+    let line = |name: &str, values: Vec<f64>, fmt: &dyn Fn(f64) -> String| {
+        let (m, lo, hi) = spread(&values);
+        println!("  {name:<28} {} [{} .. {}]", fmt(m), fmt(lo), fmt(hi));
+    };
+    let count = |v: f64| format!("{v:.0}");
+    let msf = |v: f64| format!("{} ms", ms(v));
+    let mibf = |v: f64| format!("{:.1} MiB", v / 1024.0);
+    println!("median [min .. max] over {} run(s):", runs.len());
+    line(
+        "sustained events/s",
+        runs.iter().map(RunResult::sustained_per_s).collect(),
+        &count,
+    );
+    line(
+        "dropped (runner-counted)",
+        runs.iter().map(|r| r.dropped() as f64).collect(),
+        &count,
+    );
+    line(
+        "lost in transit",
+        runs.iter().map(|r| r.lost() as f64).collect(),
+        &count,
+    );
+    line(
+        "latency median",
+        runs.iter()
+            .filter_map(|r| r.latency().map(|l| l.median as f64))
+            .collect(),
+        &msf,
+    );
+    line(
+        "latency p99",
+        runs.iter()
+            .filter_map(|r| r.latency().map(|l| l.p99 as f64))
+            .collect(),
+        &msf,
+    );
+    line(
+        "latency max",
+        runs.iter()
+            .filter_map(|r| r.latency().map(|l| l.max as f64))
+            .collect(),
+        &msf,
+    );
+    for (name, f) in [
+        (
+            "peak RSS server",
+            (|r: &RunResult| r.server_rss_kib) as fn(&RunResult) -> Option<u64>,
+        ),
+        ("peak RSS runner", |r| r.runner.peak_rss_kib),
+        ("peak RSS client", |r| r.client.peak_rss_kib),
+    ] {
+        let v: Vec<f64> = runs.iter().filter_map(|r| f(r).map(|k| k as f64)).collect();
+        if !v.is_empty() {
+            line(name, v, &mibf);
+        }
+    }
+    let reported: u64 = runs
+        .iter()
+        .filter_map(|r| {
+            r.client
+                .relay
+                .get("dropped_reported")
+                .and_then(Value::as_u64)
+        })
+        .sum();
+    let dropped: u64 = runs.iter().map(RunResult::dropped).sum();
+    println!(
+        "drops reported downstream (telemetry_dropped): {reported} of {dropped} counted by the runners"
+    );
+}
+
+/// The plot: latency percentiles (left) and throughput over time (right), one colour per run.
+fn figure(args: &Args, runs: &[RunResult]) -> Figure {
+    let mut latency = Vec::new();
+    let mut throughput = Vec::new();
+    for (i, r) in runs.iter().enumerate() {
+        let label = format!("run {}", i + 1);
+        if let Some(l) = r.latency() {
+            latency.push(Series {
+                label: label.clone(),
+                points: l
+                    .curve
+                    .iter()
+                    .map(|&(q, us)| (q, us as f64 / 1000.0))
+                    .collect(),
+                color: i,
+                dashed: false,
+            });
+        }
+        let origin = r.runner.first_emit_us as f64;
+        let rate_points = |w: &super::relay_child::Windows| -> Vec<(f64, f64)> {
+            let width = w.width_us.max(1) as f64;
+            w.counts
+                .iter()
+                .enumerate()
+                .map(|(k, &c)| {
+                    let mid = w.start_us as f64 + (k as f64 + 0.5) * width;
+                    ((mid - origin) / 1e6, c as f64 * 1e6 / width)
+                })
+                .collect()
+        };
+        throughput.push(Series {
+            label: format!("{label} delivered"),
+            points: rate_points(&r.client.windows),
+            color: i,
+            dashed: false,
+        });
+        throughput.push(Series {
+            label: format!("{label} emitted"),
+            points: rate_points(&r.runner.windows),
+            color: i,
+            dashed: true,
+        });
+    }
+    let (sustained, _, _) = spread(
+        &runs
+            .iter()
+            .map(RunResult::sustained_per_s)
+            .collect::<Vec<_>>(),
+    );
+    let (p99, _, _) = spread(
+        &runs
+            .iter()
+            .filter_map(|r| r.latency().map(|l| l.p99 as f64))
+            .collect::<Vec<_>>(),
+    );
+    let dropped: u64 = runs.iter().map(RunResult::dropped).sum();
+    Figure {
+        title: format!(
+            "trickle-relay bench relay: {} heartbeats, rate {}, queue {}",
+            args.events,
+            rate_text(args.rate),
+            args.queue_capacity
+        ),
+        subtitle: format!(
+            "server, runner and client as separate processes, {} CPU(s); median of {} run(s): {:.0} events/s sustained, p99 {} ms, {} dropped in all",
+            std::thread::available_parallelism().map_or(0, |n| n.get()),
+            runs.len(),
+            sustained,
+            ms(p99),
+            dropped
+        ),
+        panels: vec![
+            Panel {
+                title: "End-to-end latency (emission to egress)".into(),
+                x_label: "percentile of delivered events".into(),
+                y_label: "latency (ms, log scale)".into(),
+                x_axis: Axis::Nines,
+                y_axis: Axis::Log10,
+                series: latency,
+            },
+            Panel {
+                title: "Throughput per 100 ms (dashed: emitted)".into(),
+                x_label: "time since the first emission (s)".into(),
+                y_label: "events/s".into(),
+                x_axis: Axis::Linear,
+                y_axis: Axis::Linear,
+                series: throughput,
+            },
+        ],
+    }
+}
+
+/// A child process whose stderr goes to a log file (shown when it fails).
+struct Proc {
+    name: &'static str,
+    child: Child,
+    log: PathBuf,
+}
+
+impl Proc {
+    fn spawn(
+        name: &'static str,
+        exe: &Path,
+        args: &[&str],
+        dir: &Path,
+        run: usize,
+        stdin: bool,
+    ) -> anyhow::Result<Proc> {
+        let log = dir.join(format!("run{}-{name}.log", run + 1));
+        let stderr = std::fs::File::create(&log)
+            .with_context(|| format!("cannot create {}", log.display()))?;
+        let child = Command::new(exe)
+            .arg("--log")
+            .arg("warn")
+            .args(args)
+            .env_remove("SCOPE_TELEMETRY_DISABLED")
+            .env_remove("DO_NOT_TRACK")
+            .stdin(if stdin { Stdio::piped() } else { Stdio::null() })
+            .stdout(Stdio::piped())
+            .stderr(stderr)
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("cannot start the {name} process ({})", exe.display()))?;
+        Ok(Proc { name, child, log })
+    }
+
+    fn pid(&self) -> Option<String> {
+        self.child.id().map(|p| p.to_string())
+    }
+
+    /// The last lines of its stderr, for error messages.
+    fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        let tail = lines[lines.len().saturating_sub(15)..].join("\n");
+        format!("{} log ({}):\n{tail}", self.name, self.log.display())
+    }
+
+    fn failed(&self, what: String) -> anyhow::Error {
+        anyhow::anyhow!("{what}\n{}", self.log_tail())
+    }
+
+    async fn stop(&mut self) {
+        let _ = self.child.start_kill();
+        let _ = self.child.wait().await;
+    }
+}
+
+fn check_exit(proc: &Proc, status: ExitStatus) -> anyhow::Result<()> {
+    if status.success() {
+        Ok(())
+    } else {
+        Err(proc.failed(format!("the {} process failed ({status})", proc.name)))
+    }
+}
+
+fn read_report<T: serde::de::DeserializeOwned>(path: &Path, who: &Proc) -> anyhow::Result<T> {
+    let text = std::fs::read(path)
+        .map_err(|e| who.failed(format!("no report at {} ({e})", path.display())))?;
+    serde_json::from_slice(&text).with_context(|| format!("bad report {}", path.display()))
+}
+
+/// Starts `trickle-relay serve` on a free loopback port; returns it and its base URL.
+async fn start_server(exe: &Path, dir: &Path, run: usize) -> anyhow::Result<(Proc, String)> {
+    let mut server = Proc::spawn(
+        "server",
+        exe,
+        &["serve", "--listen", "127.0.0.1:0", "--autocreate"],
+        dir,
+        run,
+        false,
+    )?;
+    let stdout = server.child.stdout.take().context("server stdout")?;
+    let mut lines = BufReader::new(stdout).lines();
+    let first = tokio::time::timeout(Duration::from_secs(20), lines.next_line()).await;
+    let url = match first {
+        Ok(Ok(Some(line))) => line
+            .split_whitespace()
+            .last()
+            .filter(|u| u.starts_with("http://"))
+            .map(str::to_string),
+        _ => None,
+    };
+    let Some(url) = url else {
+        return Err(server.failed("the server did not print its URL within 20 s".into()));
+    };
+    // Keep reading its stdout so it never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    Ok((server, url))
+}
+
+async fn run_once(exe: &Path, dir: &Path, args: &Args, run: usize) -> anyhow::Result<RunResult> {
+    let (mut server, base) = match &args.server {
+        Some(url) => (None, url.trim_end_matches('/').to_string()),
+        None => {
+            let (p, url) = start_server(exe, dir, run).await?;
+            (Some(p), url)
+        }
+    };
+    let tag = uuid::Uuid::new_v4().simple().to_string();
+    let control = format!("{base}/bench-{tag}-control");
+    let events = format!("{base}/bench-{tag}-events");
+    for url in [&control, &events] {
+        relay::client::create_channel(url).await?;
+    }
+    let runner_report = dir.join(format!("run{}-runner.json", run + 1));
+    let client_report = dir.join(format!("run{}-client.json", run + 1));
+    let n = args.events.to_string();
+    let mut client = Proc::spawn(
+        "client",
+        exe,
+        &[
+            "bench",
+            "relay-client",
+            "--control-url",
+            &control,
+            "--events-url",
+            &events,
+            "--events",
+            &n,
+            "--report",
+            &client_report.to_string_lossy(),
+            "--timeout-secs",
+            &args.timeout_secs.to_string(),
+        ],
+        dir,
+        run,
+        false,
+    )?;
+    let mut runner = Proc::spawn(
+        "runner",
+        exe,
+        &[
+            "bench",
+            "relay-runner",
+            "--control-url",
+            &control,
+            "--events-url",
+            &events,
+            "--events",
+            &n,
+            "--rate",
+            &args.rate.to_string(),
+            "--queue-capacity",
+            &args.queue_capacity.to_string(),
+            "--report",
+            &runner_report.to_string_lossy(),
+        ],
+        dir,
+        run,
+        true,
+    )?;
+    let result = drive(&mut runner, &mut client, args, run).await;
+    if result.is_err() {
+        runner.stop().await;
+        client.stop().await;
+    }
+    let server_rss_kib = server
+        .as_ref()
+        .and_then(Proc::pid)
+        .and_then(|p| peak_rss_kib(&p));
+    if let Some(s) = server.as_mut() {
+        s.stop().await;
+    }
+    result?;
+    Ok(RunResult {
+        runner: read_report(&runner_report, &runner)?,
+        client: read_report(&client_report, &client)?,
+        server_rss_kib,
+    })
+}
+
+/// Holds the runner until the client is ready, then follows both to their end.
+async fn drive(
+    runner: &mut Proc,
+    client: &mut Proc,
+    args: &Args,
+    run: usize,
+) -> anyhow::Result<()> {
+    let mut client_out =
+        BufReader::new(client.child.stdout.take().context("client stdout")?).lines();
+    let mut runner_out =
+        BufReader::new(runner.child.stdout.take().context("runner stdout")?).lines();
+    let mut go = runner.child.stdin.take().context("runner stdin")?;
+
+    let ready = tokio::time::timeout(Duration::from_secs(45), async {
+        loop {
+            tokio::select! {
+                line = client_out.next_line() => match line {
+                    Ok(Some(l)) if l == "ready" => return Ok(()),
+                    Ok(Some(_)) => {}
+                    _ => {
+                        let status = client.child.wait().await?;
+                        return Err(client.failed(format!("the client ended before it was ready ({status})")));
+                    }
+                },
+                status = runner.child.wait() => {
+                    let status = status?;
+                    return Err(runner.failed(format!("the runner ended before the client was ready ({status})")));
+                }
+            }
+        }
+    })
+    .await;
+    match ready {
+        Ok(r) => r?,
+        Err(_) => return Err(client.failed("the client saw no runner_ready within 45 s".into())),
+    }
+    go.write_all(b"go\n").await.context("starting the runner")?;
+    drop(go);
+
+    let bar = ProgressBar::new(args.events);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{prefix} [{elapsed_precise}] {wide_bar} {pos}/{len} delivered ({per_sec}) {msg}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    bar.set_prefix(format!("run {}/{}", run + 1, args.repeat));
+    let deadline = tokio::time::sleep(Duration::from_secs(args.timeout_secs));
+    tokio::pin!(deadline);
+    let (mut client_done, mut runner_done) = (false, false);
+    while !(client_done && runner_done) {
+        tokio::select! {
+            line = client_out.next_line(), if !client_done => match line {
+                Ok(Some(l)) => {
+                    if let Some(n) = l.strip_prefix("delivered ").and_then(|n| n.parse().ok()) {
+                        bar.set_position(n);
+                    }
+                }
+                _ => {
+                    client_done = true;
+                    let status = client.child.wait().await?;
+                    check_exit(client, status)?;
+                }
+            },
+            line = runner_out.next_line(), if !runner_done => match line {
+                Ok(Some(l)) => {
+                    if let Some(n) = l.strip_prefix("emitted ") {
+                        bar.set_message(format!("emitted {n}"));
+                    }
+                }
+                _ => {
+                    runner_done = true;
+                    let status = runner.child.wait().await?;
+                    check_exit(runner, status)?;
+                }
+            },
+            _ = &mut deadline => {
+                bar.abandon();
+                bail!("run {} did not finish within {} s (--timeout-secs)", run + 1, args.timeout_secs);
+            }
+        }
+    }
+    bar.finish_and_clear();
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spread_is_median_min_max() {
+        assert_eq!(spread(&[3.0, 1.0, 2.0]), (2.0, 1.0, 3.0));
+        assert_eq!(spread(&[4.0, 1.0, 2.0, 3.0]), (2.5, 1.0, 4.0));
+        assert_eq!(spread(&[]), (0.0, 0.0, 0.0));
+    }
+}

@@ -1,0 +1,125 @@
+//! `trickle-relay collector`: the `/v1/metrics` collector as its own process.
+//!
+//! Authenticates each request against `--api-keys` (one key per line; reloaded on SIGHUP),
+//! enforces the size, count and rate limits, drops duplicates by event id, and answers 200 only
+//! once the output (`--output jsonl:PATH`, appended and fsynced) has the events. See the
+//! `collector` crate for the full contract.
+
+use anyhow::Context as _;
+use collector::{ApiKeys, Collector, CollectorConfig};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// Arguments of `trickle-relay collector`.
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:8089")]
+    pub listen: SocketAddr,
+    /// File of accepted API keys, one per line (blank lines and # comments skipped); re-read on SIGHUP.
+    #[arg(long, env = "COLLECTOR_API_KEYS")]
+    pub api_keys: PathBuf,
+    /// Where accepted events go: `jsonl:PATH` (appended, fsynced before each 200).
+    #[arg(long, default_value = "jsonl:metrics.jsonl")]
+    pub output: String,
+    /// Largest request body in bytes, compressed or not.
+    #[arg(long, default_value_t = 1_000_000)]
+    pub max_body_bytes: usize,
+    /// Most events per request.
+    #[arg(long, default_value_t = 500)]
+    pub max_events: usize,
+    /// Requests per second per API key (token bucket refill); 0 turns rate limiting off.
+    #[arg(long, default_value_t = 50.0)]
+    pub rate: f64,
+    /// Burst per API key (token bucket size).
+    #[arg(long, default_value_t = 100.0)]
+    pub burst: f64,
+    /// Event ids remembered for dedup.
+    #[arg(long, default_value_t = 1_000_000)]
+    pub dedup_window: usize,
+    /// Seconds an event id is remembered for dedup.
+    #[arg(long, default_value_t = 3600)]
+    pub dedup_ttl_secs: u64,
+    /// Seconds between two counter log lines (only when they changed).
+    #[arg(long, default_value_t = 10)]
+    pub log_interval_secs: u64,
+}
+
+/// Runs the collector until Ctrl-C / SIGTERM.
+pub async fn run(args: Args) -> anyhow::Result<()> {
+    let keys = Arc::new(ApiKeys::load(&args.api_keys)?);
+    let output = collector::output::open(&args.output).map_err(anyhow::Error::msg)?;
+    let config = CollectorConfig {
+        max_body_bytes: args.max_body_bytes,
+        max_events: args.max_events,
+        rate_per_sec: args.rate,
+        burst: args.burst,
+        dedup_capacity: args.dedup_window,
+        dedup_ttl: Duration::from_secs(args.dedup_ttl_secs),
+    };
+    let collector = Collector::new(config, keys.clone(), output);
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}; pick another --listen address", args.listen))?;
+    let addr = listener.local_addr()?;
+    eprintln!(
+        "collector: listening on http://{addr}/v1/metrics ({} keys, output {})",
+        keys.len(),
+        args.output
+    );
+
+    let shutdown = CancellationToken::new();
+    super::cancel_on_signal(shutdown.clone());
+    reload_keys_on_sighup(keys, args.api_keys.clone());
+    let logger = {
+        let (c, stop) = (collector.clone(), shutdown.clone());
+        let every = Duration::from_secs(args.log_interval_secs.max(1));
+        tokio::spawn(async move {
+            let mut last = c.stats();
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(every) => {}
+                }
+                let now = c.stats();
+                if now != last {
+                    c.log_stats();
+                    last = now;
+                }
+            }
+        })
+    };
+    let stop = shutdown.clone();
+    collector
+        .clone()
+        .serve(listener, async move { stop.cancelled().await })
+        .await
+        .context("collector server failed")?;
+    shutdown.cancel();
+    let _ = logger.await;
+    collector.log_stats();
+    Ok(())
+}
+
+/// Re-reads the keys file on SIGHUP; a bad file keeps the current keys (and says why).
+fn reload_keys_on_sighup(keys: Arc<ApiKeys>, path: PathBuf) {
+    #[cfg(unix)]
+    tokio::spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let Ok(mut hup) = signal(SignalKind::hangup()) else {
+            tracing::warn!("cannot listen for SIGHUP; API keys will not be reloaded");
+            return;
+        };
+        while hup.recv().await.is_some() {
+            match keys.reload() {
+                Ok(n) => tracing::info!(keys = n, file = %path.display(), "API keys reloaded"),
+                Err(e) => tracing::error!(error = %e, "API keys NOT reloaded; keeping the current ones"),
+            }
+        }
+    });
+    #[cfg(not(unix))]
+    let _ = (keys, path);
+}
