@@ -66,8 +66,13 @@
 //!   telemetry sink's queue in front of the reporter absorbs that. Calling it from an async
 //!   task directly is acceptable; rolling to a new segment adds a file create every
 //!   `segment_bytes`.
-//! * `append` under `Always`, `sync`, `ack` (two fsyncs) and `read_batch` (reads up to a batch
-//!   from the page cache or disk) wait on the disk: call them from `spawn_blocking`.
+//! * `append` under `Always`, `sync`, `ack` and `read_batch` wait on the disk: call them from
+//!   `spawn_blocking`. `ack` replaces the cursor file (two fsyncs: ~8 ms on the development VM,
+//!   and ~2 ms even under `Never`, since ext4 flushes a file renamed over another), which is
+//!   noise at one ack per HTTP request. `read_batch` of 500 events takes well under a
+//!   millisecond from the page cache, under the lock.
+//!
+//! Unix only (`pwrite`, `flock`).
 //! * `len`, `bytes`, `dropped_records`, `take_dropped`: a lock and a few additions.
 //!
 //! # Why a hand-written log and not an embedded database
@@ -80,6 +85,11 @@
 //! gives up durability entirely), rewrites pages and its free list on every insert and delete,
 //! and needs compaction to give space back; batching transactions to amortize the fsync means
 //! buffering events in memory, which is the loss window this crate exists to remove.
+//! Measured once on the development VM's ext4 disk with 400-byte events, one insert per
+//! transaction: redb 2.6 with `Durability::Immediate` took 235 inserts/s (fsync-bound, like
+//! `SyncPolicy::Always` here at 241/s); with `Durability::None` 3,843 inserts/s, and its file
+//! grew to 1 GB for 20,000 events because pages are only reclaimed by a durable commit. This log
+//! took about 630,000 appends/s under group commit, each one safe from a process crash.
 
 mod error;
 mod format;
