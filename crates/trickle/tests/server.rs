@@ -3,6 +3,7 @@
 
 use bytes::Bytes;
 use futures::channel::mpsc;
+use rand::{Rng, SeedableRng};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -591,6 +592,22 @@ async fn garbage_and_huge_heads_get_errors_and_the_server_keeps_serving() {
         s.write_all(b"POST /a/9 HTTP/1.1\r\nContent-Length: 100\r\n\r\nabc")
             .await
             .unwrap();
+    }
+    // Random blobs (some starting like real requests) on their own connections.
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    for i in 0..40 {
+        let mut blob: Vec<u8> = if i % 2 == 0 {
+            b"POST /a/1 HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec()
+        } else {
+            Vec::new()
+        };
+        let len = rng.gen_range(1..2000);
+        blob.extend((0..len).map(|_| rng.gen::<u8>()));
+        let mut s = TcpStream::connect(server.local_addr()).await.unwrap();
+        let _ = s.write_all(&blob).await;
+        let _ = s.shutdown().await;
+        let mut sink = Vec::new();
+        let _ = tokio::time::timeout(WAIT, s.read_to_end(&mut sink)).await;
     }
     let reply = raw(&server, b"GET /nope HTTP/1.1\r\nConnection: close\r\n\r\n").await;
     assert!(reply.starts_with("HTTP/1.1 405"), "{reply}");

@@ -542,6 +542,64 @@ mod tests {
         assert!(done);
     }
 
+    /// Feeds `input` in pieces cut at `cuts`, as socket reads would deliver it.
+    fn decode_split(kind: BodyKind, input: &[u8], cuts: &[usize]) -> io::Result<(Vec<u8>, bool)> {
+        let mut body = Body::new(kind);
+        let mut buf = BytesMut::new();
+        let mut out = Vec::new();
+        let mut points: Vec<usize> = cuts.iter().map(|c| c % (input.len() + 1)).collect();
+        points.push(input.len());
+        points.sort_unstable();
+        let mut at = 0;
+        for p in points {
+            buf.extend_from_slice(&input[at..p]);
+            at = p;
+            loop {
+                match body.step(&mut buf)? {
+                    Step::Piece(b) => out.extend_from_slice(&b),
+                    Step::NeedMore => break,
+                    Step::Done => return Ok((out, true)),
+                }
+            }
+        }
+        Ok((out, false))
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn chunked_decoding_does_not_depend_on_read_boundaries(
+            pieces in proptest::collection::vec(proptest::collection::vec(proptest::prelude::any::<u8>(), 1..40), 0..8),
+            cuts in proptest::collection::vec(0usize..1000, 0..10),
+        ) {
+            let mut wire = Vec::new();
+            for (i, p) in pieces.iter().enumerate() {
+                let ext = if i % 2 == 0 { "" } else { ";x=y" };
+                wire.extend_from_slice(format!("{:X}{ext}\r\n", p.len()).as_bytes());
+                wire.extend_from_slice(p);
+                wire.extend_from_slice(b"\r\n");
+            }
+            wire.extend_from_slice(b"0\r\nTrailer: t\r\n\r\n");
+            let expected: Vec<u8> = pieces.concat();
+            let (out, done) = decode_split(BodyKind::Chunked, &wire, &cuts).unwrap();
+            proptest::prop_assert!(done);
+            proptest::prop_assert_eq!(out, expected);
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic(
+            input in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..600),
+            cuts in proptest::collection::vec(0usize..600, 0..6),
+        ) {
+            let _ = decode_split(BodyKind::Chunked, &input, &cuts);
+            let _ = decode_split(BodyKind::Length(300), &input, &cuts);
+            let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+            let mut req = httparse::Request::new(&mut headers);
+            if let Ok(httparse::Status::Complete(_)) = req.parse(&input) {
+                let _ = build_head(&req);
+            }
+        }
+    }
+
     #[test]
     fn error_response_shape() {
         let r = error_response(404, &[], "Stream not found", false);
