@@ -106,7 +106,10 @@ impl ApiKeys {
 
     fn replace(&self, keys: Vec<String>) -> usize {
         let digests = keys.iter().map(|k| self.digest(k.as_bytes())).collect();
-        let keys: Vec<Box<[u8]>> = keys.into_iter().map(|k| k.into_bytes().into_boxed_slice()).collect();
+        let keys: Vec<Box<[u8]>> = keys
+            .into_iter()
+            .map(|k| k.into_bytes().into_boxed_slice())
+            .collect();
         let n = keys.len();
         *self.set.write() = Arc::new(KeySet { digests, keys });
         n
@@ -176,7 +179,9 @@ mod tests {
             assert!(k.check(bad).is_none(), "{bad:?}");
         }
         assert_ne!(k.check(b"alpha"), k.check(b"g"));
-        assert!(ApiKeys::from_keys(Vec::<String>::new()).check(b"").is_none());
+        assert!(ApiKeys::from_keys(Vec::<String>::new())
+            .check(b"")
+            .is_none());
     }
 
     #[test]

@@ -202,7 +202,8 @@ impl Drop for Reservation<'_> {
         }
         let mut inner = self.dedup.inner.lock();
         for d in self.ids.drain(..) {
-            if matches!(inner.map.get(&d), Some(Entry::Pending { owner, .. }) if *owner == self.owner) {
+            if matches!(inner.map.get(&d), Some(Entry::Pending { owner, .. }) if *owner == self.owner)
+            {
                 inner.map.remove(&d);
             }
         }
@@ -222,7 +223,10 @@ mod tests {
         let d = Dedup::new(3, Duration::from_secs(3600));
         let mut r = d.reservation();
         assert!(matches!(r.reserve("a"), Verdict::Fresh));
-        assert!(matches!(r.reserve("a"), Verdict::Duplicate), "twice in one request");
+        assert!(
+            matches!(r.reserve("a"), Verdict::Duplicate),
+            "twice in one request"
+        );
         assert!(matches!(r.reserve("b"), Verdict::Fresh));
         r.commit();
         let mut r = d.reservation();
@@ -251,10 +255,15 @@ mod tests {
         let mut first = d.reservation();
         assert!(matches!(first.reserve("e"), Verdict::Fresh));
         let mut second = d.reservation();
-        let Verdict::Wait(mut rx) = second.reserve("e") else { panic!("must wait") };
+        let Verdict::Wait(mut rx) = second.reserve("e") else {
+            panic!("must wait")
+        };
         drop(first); // the write failed
         let _ = rx.wait_for(|v| *v).await;
-        assert!(matches!(second.reserve("e"), Verdict::Fresh), "released to the waiter");
+        assert!(
+            matches!(second.reserve("e"), Verdict::Fresh),
+            "released to the waiter"
+        );
         second.commit();
         let mut third = d.reservation();
         assert!(matches!(third.reserve("e"), Verdict::Duplicate));

@@ -34,7 +34,9 @@ pub use output::{JsonlOutput, Output, OutputError};
 
 use axum::body::Body;
 use axum::extract::{ConnectInfo, State};
-use axum::http::header::{ACCEPT_ENCODING, AUTHORIZATION, CONTENT_ENCODING, CONTENT_LENGTH, RETRY_AFTER, WWW_AUTHENTICATE};
+use axum::http::header::{
+    ACCEPT_ENCODING, AUTHORIZATION, CONTENT_ENCODING, CONTENT_LENGTH, RETRY_AFTER, WWW_AUTHENTICATE,
+};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -133,7 +135,12 @@ impl CollectorStats {
     /// All refusals.
     pub fn rejected_total(&self) -> u64 {
         let r = &self.rejected;
-        r.unauthorized + r.rate_limited + r.too_large + r.bad_request + r.unsupported_encoding + r.output_failed
+        r.unauthorized
+            + r.rate_limited
+            + r.too_large
+            + r.bad_request
+            + r.unsupported_encoding
+            + r.output_failed
     }
 }
 
@@ -245,12 +252,20 @@ impl Collector {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
         let app = self.router();
-        axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
-            .with_graceful_shutdown(shutdown)
-            .await
+        axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(shutdown)
+        .await
     }
 
-    async fn handle(&self, headers: &HeaderMap, body: Body, peer: Option<SocketAddr>) -> Result<(u64, u64), Reject> {
+    async fn handle(
+        &self,
+        headers: &HeaderMap,
+        body: Body,
+        peer: Option<SocketAddr>,
+    ) -> Result<(u64, u64), Reject> {
         let inner = &self.inner;
         let cfg = &inner.config;
         let token = headers
@@ -272,13 +287,18 @@ impl Collector {
             inner.counters.rate_limited.fetch_add(1, Relaxed);
             return Err(Reject::RateLimited(ratelimit::retry_after_secs(wait)));
         }
-        let gzip = match headers.get(CONTENT_ENCODING).map(|v| v.to_str().unwrap_or("?").trim().to_ascii_lowercase()) {
+        let gzip = match headers
+            .get(CONTENT_ENCODING)
+            .map(|v| v.to_str().unwrap_or("?").trim().to_ascii_lowercase())
+        {
             None => false,
             Some(e) if e.is_empty() || e == "identity" => false,
             Some(e) if e == "gzip" || e == "x-gzip" => true,
             Some(e) => {
                 inner.counters.unsupported_encoding.fetch_add(1, Relaxed);
-                return Err(Reject::Unsupported(format!("Content-Encoding {e:?} is not supported; send identity or gzip")));
+                return Err(Reject::Unsupported(format!(
+                    "Content-Encoding {e:?} is not supported; send identity or gzip"
+                )));
             }
         };
         let max = cfg.max_body_bytes;
@@ -292,7 +312,9 @@ impl Collector {
             .and_then(|v| v.trim().parse::<u64>().ok());
         if let Some(len) = declared {
             if len > max as u64 {
-                return Err(too_large(format!("body of {len} bytes; at most {max} are accepted, split the batch")));
+                return Err(too_large(format!(
+                    "body of {len} bytes; at most {max} are accepted, split the batch"
+                )));
             }
         }
         let bad = |what: String| {
@@ -304,7 +326,9 @@ impl Collector {
         while let Some(chunk) = stream.next().await {
             let chunk = chunk.map_err(|e| bad(format!("cannot read the body: {e}")))?;
             if raw.len() + chunk.len() > max {
-                return Err(too_large(format!("body exceeds {max} bytes; split the batch")));
+                return Err(too_large(format!(
+                    "body exceeds {max} bytes; split the batch"
+                )));
             }
             raw.extend_from_slice(&chunk);
         }
@@ -314,7 +338,9 @@ impl Collector {
             dec.read_to_end(&mut out)
                 .map_err(|e| bad(format!("gzip body is corrupt: {e}")))?;
             if out.len() > max {
-                return Err(too_large(format!("gzip body decompresses past {max} bytes; split the batch")));
+                return Err(too_large(format!(
+                    "gzip body decompresses past {max} bytes; split the batch"
+                )));
             }
             out
         } else {
@@ -374,7 +400,8 @@ impl Collector {
 }
 
 async fn advertise_gzip(mut r: Response) -> Response {
-    r.headers_mut().insert(ACCEPT_ENCODING, HeaderValue::from_static("gzip"));
+    r.headers_mut()
+        .insert(ACCEPT_ENCODING, HeaderValue::from_static("gzip"));
     r
 }
 
@@ -390,16 +417,25 @@ async fn metrics(
 ) -> Response {
     c.inner.counters.requests.fetch_add(1, Relaxed);
     match c.handle(&headers, body, peer.map(|p| p.0)).await {
-        Ok((accepted, duplicates)) => {
-            (StatusCode::OK, Json(json!({ "accepted": accepted, "duplicates": duplicates }))).into_response()
-        }
+        Ok((accepted, duplicates)) => (
+            StatusCode::OK,
+            Json(json!({ "accepted": accepted, "duplicates": duplicates })),
+        )
+            .into_response(),
         Err(Reject::Unauthorized) => {
-            let mut r = error(StatusCode::UNAUTHORIZED, "missing or unknown API key (Authorization: Bearer <key>)");
-            r.headers_mut().insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            let mut r = error(
+                StatusCode::UNAUTHORIZED,
+                "missing or unknown API key (Authorization: Bearer <key>)",
+            );
+            r.headers_mut()
+                .insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
             r
         }
         Err(Reject::RateLimited(secs)) => {
-            let mut r = error(StatusCode::TOO_MANY_REQUESTS, "rate limit exceeded for this API key; retry after Retry-After seconds");
+            let mut r = error(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate limit exceeded for this API key; retry after Retry-After seconds",
+            );
             r.headers_mut().insert(RETRY_AFTER, HeaderValue::from(secs));
             r
         }
@@ -407,8 +443,12 @@ async fn metrics(
         Err(Reject::TooLarge(m)) => error(StatusCode::PAYLOAD_TOO_LARGE, &m),
         Err(Reject::BadRequest(m)) => error(StatusCode::BAD_REQUEST, &m),
         Err(Reject::Output(m)) => {
-            let mut r = error(StatusCode::SERVICE_UNAVAILABLE, &format!("events not stored: {m}"));
-            r.headers_mut().insert(RETRY_AFTER, HeaderValue::from_static("1"));
+            let mut r = error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &format!("events not stored: {m}"),
+            );
+            r.headers_mut()
+                .insert(RETRY_AFTER, HeaderValue::from_static("1"));
             r
         }
     }
@@ -421,6 +461,10 @@ async fn health(State(c): State<Collector>) -> Json<serde_json::Value> {
 async fn ready(State(c): State<Collector>) -> Response {
     match c.inner.output.check_ready().await {
         Ok(()) => Json(json!({ "ready": true })).into_response(),
-        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, Json(json!({ "ready": false, "error": e.to_string() }))).into_response(),
+        Err(e) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({ "ready": false, "error": e.to_string() })),
+        )
+            .into_response(),
     }
 }

@@ -24,7 +24,11 @@ impl RateLimiter {
     pub fn new(rate: f64, burst: f64) -> RateLimiter {
         RateLimiter {
             rate: if rate.is_finite() { rate.max(0.0) } else { 0.0 },
-            burst: if burst.is_finite() { burst.max(1.0) } else { 1.0 },
+            burst: if burst.is_finite() {
+                burst.max(1.0)
+            } else {
+                1.0
+            },
             buckets: Mutex::new(HashMap::new()),
         }
     }
@@ -73,7 +77,10 @@ mod tests {
             assert!(r.take_at(&a, t0).is_ok());
         }
         let wait = r.take_at(&a, t0).unwrap_err();
-        assert!(wait <= Duration::from_millis(100) && wait > Duration::ZERO, "{wait:?}");
+        assert!(
+            wait <= Duration::from_millis(100) && wait > Duration::ZERO,
+            "{wait:?}"
+        );
         assert!(r.take_at(&b, t0).is_ok(), "keys have their own buckets");
         assert!(r.take_at(&a, t0 + Duration::from_millis(101)).is_ok());
         assert!(r.take_at(&a, t0 + Duration::from_millis(102)).is_err());

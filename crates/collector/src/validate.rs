@@ -59,17 +59,20 @@ pub fn validate(body: &[u8], max_events: usize) -> Result<Vec<ValidEvent>, Inval
     let text = std::str::from_utf8(body).map_err(|e| shape(format!("body is not UTF-8: {e}")))?;
     let trimmed = text.trim_start();
     if !trimmed.starts_with('{') {
-        return Err(shape("body must be a JSON object {\"app\":..,\"host\":..,\"events\":[..]}"));
+        return Err(shape(
+            "body must be a JSON object {\"app\":..,\"host\":..,\"events\":[..]}",
+        ));
     }
-    let top: Top = serde_json::from_str(text).map_err(|e| shape(format!("body is not valid JSON: {e}")))?;
+    let top: Top =
+        serde_json::from_str(text).map_err(|e| shape(format!("body is not valid JSON: {e}")))?;
     let events = top
         .events
         .ok_or_else(|| shape("body has no `events` (an array of events is required)"))?;
     if first(events) != b'[' {
         return Err(shape("`events` must be an array"));
     }
-    let list: Vec<&RawValue> =
-        serde_json::from_str(events.get()).map_err(|e| shape(format!("`events` is not valid: {e}")))?;
+    let list: Vec<&RawValue> = serde_json::from_str(events.get())
+        .map_err(|e| shape(format!("`events` is not valid: {e}")))?;
     if list.len() > max_events {
         return Err(Invalid::TooManyEvents {
             got: list.len(),
@@ -83,17 +86,24 @@ pub fn validate(body: &[u8], max_events: usize) -> Result<Vec<ValidEvent>, Inval
         }
         let f: EventFields =
             serde_json::from_str(raw.get()).map_err(|e| shape(format!("event {i}: {e}")))?;
-        let id = f
-            .id
-            .filter(|v| first(v) == b'"')
-            .and_then(|v| serde_json::from_str::<String>(v.get()).ok())
-            .filter(|s| !s.is_empty())
-            .ok_or_else(|| shape(format!("event {i} has no `id` (a non-empty string is required)")))?;
-        if !f.ty.is_some_and(|v| first(v) == b'"') {
-            return Err(shape(format!("event {i} ({id}) has no `type` (a string is required)")));
+        let id =
+            f.id.filter(|v| first(v) == b'"')
+                .and_then(|v| serde_json::from_str::<String>(v.get()).ok())
+                .filter(|s| !s.is_empty())
+                .ok_or_else(|| {
+                    shape(format!(
+                        "event {i} has no `id` (a non-empty string is required)"
+                    ))
+                })?;
+        if f.ty.is_none_or(|v| first(v) != b'"') {
+            return Err(shape(format!(
+                "event {i} ({id}) has no `type` (a string is required)"
+            )));
         }
-        if !f.data.is_some_and(|v| first(v) == b'{') {
-            return Err(shape(format!("event {i} ({id}) has no `data` (an object is required)")));
+        if f.data.is_none_or(|v| first(v) != b'{') {
+            return Err(shape(format!(
+                "event {i} ({id}) has no `data` (an object is required)"
+            )));
         }
         out.push(ValidEvent {
             id,
@@ -128,11 +138,20 @@ mod tests {
             (b"{\"events\":{}}", "must be an array"),
             (b"{\"events\":[1]}", "event 0 is not an object"),
             (b"{\"events\":[{\"type\":\"x\",\"data\":{}}]}", "no `id`"),
-            (b"{\"events\":[{\"id\":\"\",\"type\":\"x\",\"data\":{}}]}", "no `id`"),
-            (b"{\"events\":[{\"id\":7,\"type\":\"x\",\"data\":{}}]}", "no `id`"),
+            (
+                b"{\"events\":[{\"id\":\"\",\"type\":\"x\",\"data\":{}}]}",
+                "no `id`",
+            ),
+            (
+                b"{\"events\":[{\"id\":7,\"type\":\"x\",\"data\":{}}]}",
+                "no `id`",
+            ),
             (b"{\"events\":[{\"id\":\"a\",\"data\":{}}]}", "no `type`"),
             (b"{\"events\":[{\"id\":\"a\",\"type\":\"x\"}]}", "no `data`"),
-            (b"{\"events\":[{\"id\":\"a\",\"type\":\"x\",\"data\":[]}]}", "no `data`"),
+            (
+                b"{\"events\":[{\"id\":\"a\",\"type\":\"x\",\"data\":[]}]}",
+                "no `data`",
+            ),
             (b"\xff", "UTF-8"),
         ];
         for (body, want) in cases {
@@ -143,7 +162,7 @@ mod tests {
         }
         let many = format!(
             "{{\"events\":[{}]}}",
-            vec![r#"{"id":"a","type":"x","data":{}}"#; 3].join(",")
+            [r#"{"id":"a","type":"x","data":{}}"#; 3].join(",")
         );
         assert_eq!(
             validate(many.as_bytes(), 2),

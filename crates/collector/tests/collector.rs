@@ -89,8 +89,14 @@ fn body(events: &[Value]) -> String {
     json!({"app": "scope", "host": "h", "events": events}).to_string()
 }
 
-async fn post(url: &str, key: Option<&str>, body: impl Into<reqwest::Body>) -> (u16, reqwest::header::HeaderMap, Value) {
-    let mut req = reqwest::Client::new().post(url).header("content-type", "application/json");
+async fn post(
+    url: &str,
+    key: Option<&str>,
+    body: impl Into<reqwest::Body>,
+) -> (u16, reqwest::header::HeaderMap, Value) {
+    let mut req = reqwest::Client::new()
+        .post(url)
+        .header("content-type", "application/json");
     if let Some(k) = key {
         req = req.bearer_auth(k);
     }
@@ -111,7 +117,12 @@ fn gzip(b: &[u8]) -> Vec<u8> {
 async fn a_missing_or_unknown_key_is_401() {
     let c = start(CollectorConfig::default()).await;
     let b = body(&[ev("a")]);
-    for key in [None, Some("wrong"), Some("test-key-12"), Some("test-key-1234")] {
+    for key in [
+        None,
+        Some("wrong"),
+        Some("test-key-12"),
+        Some("test-key-1234"),
+    ] {
         let (status, headers, v) = post(&c.url(), key, b.clone()).await;
         assert_eq!(status, 401, "{key:?}");
         assert_eq!(headers["www-authenticate"], "Bearer");
@@ -160,7 +171,10 @@ async fn oversized_bodies_are_413_without_buffering_them() {
         // The server may close while the client is still writing; either way it stopped early.
         Err(e) => eprintln!("streamed upload ended with {e}"),
     }
-    assert!(produced.load(Ordering::Relaxed) < total / 2, "the server did not read the whole stream");
+    assert!(
+        produced.load(Ordering::Relaxed) < total / 2,
+        "the server did not read the whole stream"
+    );
 
     // Gzip: small on the wire, too large once decompressed.
     let bomb = gzip(&vec![b' '; 3_000_000]);
@@ -199,7 +213,10 @@ async fn bad_shapes_are_400_with_a_message() {
         (body(&[json!({"type":"x","data":{}})]), "no `id`"),
         (body(&[json!({"id":"a","data":{}})]), "no `type`"),
         (body(&[json!({"id":"a","type":"x"})]), "no `data`"),
-        (body(&[ev("ok"), json!({"id":"b","type":"x","data":"str"})]), "event 1"),
+        (
+            body(&[ev("ok"), json!({"id":"b","type":"x","data":"str"})]),
+            "event 1",
+        ),
     ];
     for (b, want) in &cases {
         let (status, _, v) = post(&c.url(), Some(KEY), b.clone()).await;
@@ -224,8 +241,14 @@ async fn bad_shapes_are_400_with_a_message() {
         .await
         .unwrap();
     assert_eq!(resp.status(), 415);
-    assert!(c.lines().is_empty(), "a bad batch writes nothing, not even its valid events");
-    assert_eq!(c.collector.stats().rejected.bad_request, cases.len() as u64 + 1);
+    assert!(
+        c.lines().is_empty(),
+        "a bad batch writes nothing, not even its valid events"
+    );
+    assert_eq!(
+        c.collector.stats().rejected.bad_request,
+        cases.len() as u64 + 1
+    );
     c.stop().await;
 }
 
@@ -244,7 +267,11 @@ async fn rate_limit_is_429_with_retry_after_per_key() {
     let (status, headers, _) = post(&c.url(), Some(KEY), b.clone()).await;
     assert_eq!(status, 429);
     assert_eq!(headers["retry-after"], "1");
-    assert_eq!(post(&c.url(), Some("other-key"), b.clone()).await.0, 200, "buckets are per key");
+    assert_eq!(
+        post(&c.url(), Some("other-key"), b.clone()).await.0,
+        200,
+        "buckets are per key"
+    );
     tokio::time::sleep(Duration::from_millis(1100)).await;
     assert_eq!(post(&c.url(), Some(KEY), b).await.0, 200, "refilled");
     assert_eq!(c.collector.stats().rejected.rate_limited, 1);
@@ -258,12 +285,28 @@ async fn accepted_events_are_written_once_and_duplicates_skipped() {
     let c = start_on(CollectorConfig::default(), &out).await;
     let raw_event = r#"{"type":"x","data":{ "type":"x",
   "keep":  1.50 },"id":"pretty","timestamp":"1"}"#;
-    let b = format!(r#"{{"app":"scope","host":"h","events":[{},{},{raw_event}]}}"#, ev("a"), ev("b"));
+    let b = format!(
+        r#"{{"app":"scope","host":"h","events":[{},{},{raw_event}]}}"#,
+        ev("a"),
+        ev("b")
+    );
     let (status, _, v) = post(&c.url(), Some(KEY), b).await;
-    assert_eq!((status, v["accepted"].as_u64(), v["duplicates"].as_u64()), (200, Some(3), Some(0)), "{v}");
+    assert_eq!(
+        (status, v["accepted"].as_u64(), v["duplicates"].as_u64()),
+        (200, Some(3), Some(0)),
+        "{v}"
+    );
     // Re-sent (at-least-once) plus one new, plus a repeat inside the same request.
-    let (status, _, v) = post(&c.url(), Some(KEY), gzip(body(&[ev("a"), ev("b"), ev("c"), ev("c")]).as_bytes())).await;
-    assert_eq!(status, 400, "gzip without Content-Encoding is not JSON: {v}");
+    let (status, _, v) = post(
+        &c.url(),
+        Some(KEY),
+        gzip(body(&[ev("a"), ev("b"), ev("c"), ev("c")]).as_bytes()),
+    )
+    .await;
+    assert_eq!(
+        status, 400,
+        "gzip without Content-Encoding is not JSON: {v}"
+    );
     let resp = reqwest::Client::new()
         .post(c.url())
         .bearer_auth(KEY)
@@ -274,25 +317,44 @@ async fn accepted_events_are_written_once_and_duplicates_skipped() {
         .unwrap();
     assert_eq!(resp.status(), 200);
     let v: Value = resp.json().await.unwrap();
-    assert_eq!((v["accepted"].as_u64(), v["duplicates"].as_u64()), (Some(1), Some(3)), "{v}");
+    assert_eq!(
+        (v["accepted"].as_u64(), v["duplicates"].as_u64()),
+        (Some(1), Some(3)),
+        "{v}"
+    );
     let text = std::fs::read_to_string(&out).unwrap();
     let lines: Vec<&str> = text.lines().collect();
     assert_eq!(lines.len(), 4);
     assert_eq!(lines[0], ev("a").to_string(), "event bytes as received");
-    assert_eq!(lines[2], raw_event.replace('\n', " "), "a newline inside JSON whitespace becomes a space");
+    assert_eq!(
+        lines[2],
+        raw_event.replace('\n', " "),
+        "a newline inside JSON whitespace becomes a space"
+    );
     let s = c.collector.stats();
     assert_eq!((s.accepted, s.duplicates, s.batches), (4, 3, 2));
-    let health: Value = reqwest::get(format!("http://{}/health", c.addr)).await.unwrap().json().await.unwrap();
+    let health: Value = reqwest::get(format!("http://{}/health", c.addr))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(health["counters"]["accepted"], 4);
     assert_eq!(health["counters"]["duplicates"], 3);
-    let ready = reqwest::get(format!("http://{}/ready", c.addr)).await.unwrap();
+    let ready = reqwest::get(format!("http://{}/ready", c.addr))
+        .await
+        .unwrap();
     assert_eq!(ready.status(), 200);
     c.stop().await;
 
     // A restarted collector remembers the ids in its output: still exactly once.
     let c = start_on(CollectorConfig::default(), &out).await;
     let (status, _, v) = post(&c.url(), Some(KEY), body(&[ev("a"), ev("d")])).await;
-    assert_eq!((status, v["accepted"].as_u64(), v["duplicates"].as_u64()), (200, Some(1), Some(1)), "{v}");
+    assert_eq!(
+        (status, v["accepted"].as_u64(), v["duplicates"].as_u64()),
+        (200, Some(1), Some(1)),
+        "{v}"
+    );
     assert_eq!(std::fs::read_to_string(&out).unwrap().lines().count(), 5);
     c.stop().await;
 }
@@ -305,13 +367,23 @@ async fn a_torn_last_line_is_cut_when_the_output_reopens() {
     let c = start_on(CollectorConfig::default(), &out).await;
     assert_eq!(post(&c.url(), Some(KEY), body(&[ev("next")])).await.0, 200);
     let lines = c.lines();
-    assert_eq!(lines.iter().map(|l| l["id"].as_str().unwrap()).collect::<Vec<_>>(), ["whole", "next"]);
+    assert_eq!(
+        lines
+            .iter()
+            .map(|l| l["id"].as_str().unwrap())
+            .collect::<Vec<_>>(),
+        ["whole", "next"]
+    );
     c.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_requests_with_the_same_ids_write_each_once() {
-    let c = start(CollectorConfig { rate_per_sec: 0.0, ..CollectorConfig::default() }).await;
+    let c = start(CollectorConfig {
+        rate_per_sec: 0.0,
+        ..CollectorConfig::default()
+    })
+    .await;
     let events: Vec<Value> = (0..200).map(|i| ev(&format!("id-{i}"))).collect();
     let b = body(&events);
     let tasks: Vec<_> = (0..8)
@@ -356,20 +428,30 @@ fn emit(r: &Reporter, n: u64, tag: &str) -> Vec<String> {
         .collect()
 }
 
-async fn settle(r: &Arc<Reporter>, what: &str, cond: impl Fn(&ReporterStats) -> bool) -> ReporterStats {
+async fn settle(
+    r: &Arc<Reporter>,
+    what: &str,
+    cond: impl Fn(&ReporterStats) -> bool,
+) -> ReporterStats {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let s = r.reporter_stats();
         if cond(&s) {
             return s;
         }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}: {s:?}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}: {s:?}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
 fn ids_of(lines: &[Value]) -> Vec<String> {
-    lines.iter().map(|l| l["id"].as_str().unwrap().to_string()).collect()
+    lines
+        .iter()
+        .map(|l| l["id"].as_str().unwrap().to_string())
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -398,15 +480,31 @@ async fn reporter_splits_on_413_from_the_collector_and_drops_a_lone_oversized_ev
     })
     .await;
     let dir = tempfile::tempdir().unwrap();
-    let r = Arc::new(Reporter::start(reporter_config(&c.url(), KEY, dir.path()).with_flush_interval(Duration::from_millis(200))).unwrap());
+    let r = Arc::new(
+        Reporter::start(
+            reporter_config(&c.url(), KEY, dir.path())
+                .with_flush_interval(Duration::from_millis(200)),
+        )
+        .unwrap(),
+    );
     let mut ids = emit(&r, 100, "s413");
-    let big = Event::Built(Box::new(Envelope::new("error", Fields::new().meta("blob", "x".repeat(10_000)))));
+    let big = Event::Built(Box::new(Envelope::new(
+        "error",
+        Fields::new().meta("blob", "x".repeat(10_000)),
+    )));
     r.emit(big);
     ids.extend(emit(&r, 20, "s413b"));
-    let s = settle(&r, "resolved", |s| s.acked + s.dropped() == 121 && s.buffered == 0).await;
+    let s = settle(&r, "resolved", |s| {
+        s.acked + s.dropped() == 121 && s.buffered == 0
+    })
+    .await;
     assert_eq!(s.dropped_oversize, 1, "{s:?}");
     assert!(s.splits_413 > 0);
-    assert_eq!(ids_of(&c.lines()), ids, "every other event exactly once, in order");
+    assert_eq!(
+        ids_of(&c.lines()),
+        ids,
+        "every other event exactly once, in order"
+    );
     assert!(c.collector.stats().rejected.too_large > 0);
     c.stop().await;
 }
@@ -421,7 +519,9 @@ async fn reporter_waits_out_the_collectors_rate_limit() {
     })
     .await;
     let dir = tempfile::tempdir().unwrap();
-    let r = Arc::new(Reporter::start(reporter_config(&c.url(), KEY, dir.path()).with_max_batch(10)).unwrap());
+    let r = Arc::new(
+        Reporter::start(reporter_config(&c.url(), KEY, dir.path()).with_max_batch(10)).unwrap(),
+    );
     let ids = emit(&r, 30, "s429");
     let s = settle(&r, "delivered", |s| s.acked == 30).await;
     assert!(s.status_429 >= 1, "{s:?}");
@@ -451,6 +551,43 @@ async fn resent_events_reach_the_output_once() {
     assert_eq!(lines.len(), 40);
     let s = c.collector.stats();
     assert_eq!((s.accepted, s.duplicates), (40, 40));
-    eprintln!("dedup: sent 80, written {}, duplicates suppressed {}", s.accepted, s.duplicates);
+    eprintln!(
+        "dedup: sent 80, written {}, duplicates suppressed {}",
+        s.accepted, s.duplicates
+    );
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reporter_splits_megabyte_bodies_the_collector_refuses_on_content_length() {
+    // 500 events of ~2 KB: a ~1 MB body against a 100 KB limit, refused before it is read.
+    let c = start(CollectorConfig {
+        max_body_bytes: 100_000,
+        rate_per_sec: 0.0,
+        ..CollectorConfig::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let r = Arc::new(
+        Reporter::start(
+            reporter_config(&c.url(), KEY, dir.path())
+                .with_flush_interval(Duration::from_millis(300)),
+        )
+        .unwrap(),
+    );
+    let ids: Vec<String> = (0..500)
+        .map(|i| {
+            let e = Event::Built(Box::new(Envelope::new(
+                "stream_heartbeat",
+                Fields::new().meta("i", i).meta("pad", "p".repeat(2000)),
+            )));
+            let id = e.id().into_owned();
+            r.emit(e);
+            id
+        })
+        .collect();
+    let s = settle(&r, "delivered", |s| s.acked == 500).await;
+    assert!(s.splits_413 >= 3, "{s:?}");
+    assert_eq!(ids_of(&c.lines()), ids);
     c.stop().await;
 }

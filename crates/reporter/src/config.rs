@@ -41,8 +41,8 @@ pub enum ConfigError {
 }
 
 /// Everything the reporter needs. Build it with [`ReporterConfig::from_env`] or
-/// [`ReporterConfig::new`] and the `with_*` methods.
-#[derive(Debug, Clone)]
+/// [`ReporterConfig::new`] and the `with_*` methods. Its `Debug` output hides the API key.
+#[derive(Clone)]
 pub struct ReporterConfig {
     /// `DAYDREAM_METRICS_URL`: where batches are POSTed.
     pub url: String,
@@ -90,6 +90,41 @@ pub struct ReporterConfig {
     pub flush_timeout: Duration,
 }
 
+impl std::fmt::Debug for ReporterConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Every field but the key, which must never reach a log.
+        f.debug_struct("ReporterConfig")
+            .field("url", &self.url)
+            .field(
+                "api_key",
+                &if self.api_key.is_empty() {
+                    ""
+                } else {
+                    "<redacted>"
+                },
+            )
+            .field("enabled", &self.enabled)
+            .field("flush_interval", &self.flush_interval)
+            .field("max_batch", &self.max_batch)
+            .field("max_body_bytes", &self.max_body_bytes)
+            .field("max_buffer", &self.max_buffer)
+            .field("buffer_path", &self.buffer_path)
+            .field("spool", &self.spool)
+            .field("app", &self.app)
+            .field("host", &self.host)
+            .field("gzip", &self.gzip)
+            .field("backoff_base", &self.backoff_base)
+            .field("backoff_max", &self.backoff_max)
+            .field("default_retry_after", &self.default_retry_after)
+            .field("request_timeout", &self.request_timeout)
+            .field("handoff_capacity", &self.handoff_capacity)
+            .field("disk_retry", &self.disk_retry)
+            .field("report_interval", &self.report_interval)
+            .field("flush_timeout", &self.flush_timeout)
+            .finish()
+    }
+}
+
 impl ReporterConfig {
     /// A reporter for `url` with `api_key`, every other setting at its default, disk buffer off
     /// (set one with [`ReporterConfig::with_buffer_path`]).
@@ -127,7 +162,9 @@ impl ReporterConfig {
     /// `SCOPE_CLOUD_API_KEY`, `SCOPE_METRICS_ENABLED`, `SCOPE_METRICS_FLUSH_INTERVAL_MS`,
     /// `SCOPE_METRICS_MAX_BATCH`, `SCOPE_METRICS_MAX_BUFFER`, `SCOPE_METRICS_BUFFER_PATH` (unset:
     /// [`default_buffer_path`]; empty: memory only) and `SCOPE_METRICS_GZIP`.
-    pub fn from_env_with(env: impl Fn(&str) -> Option<String>) -> Result<ReporterConfig, ConfigError> {
+    pub fn from_env_with(
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<ReporterConfig, ConfigError> {
         let get = |k: &str| env(k).map(|v| v.trim().to_owned());
         let url = get("DAYDREAM_METRICS_URL")
             .filter(|v| !v.is_empty())
@@ -194,7 +231,10 @@ impl ReporterConfig {
             ));
         }
         if self.max_body_bytes < 1024 {
-            return bad(format!("max_body_bytes must be at least 1024, got {}", self.max_body_bytes));
+            return bad(format!(
+                "max_body_bytes must be at least 1024, got {}",
+                self.max_body_bytes
+            ));
         }
         if self.max_buffer == 0 {
             return bad("SCOPE_METRICS_MAX_BUFFER must be at least 1".into());
@@ -303,7 +343,10 @@ impl ReporterConfig {
     }
 }
 
-fn number(get: &impl Fn(&str) -> Option<String>, name: &'static str) -> Result<Option<u64>, ConfigError> {
+fn number(
+    get: &impl Fn(&str) -> Option<String>,
+    name: &'static str,
+) -> Result<Option<u64>, ConfigError> {
     match get(name).filter(|v| !v.is_empty()) {
         None => Ok(None),
         Some(v) => v.parse::<u64>().map(Some).map_err(|_| ConfigError::BadVar {
@@ -351,8 +394,10 @@ mod tests {
     use std::collections::HashMap;
 
     fn env(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
-        let m: HashMap<String, String> =
-            pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let m: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         move |k| m.get(k).cloned()
     }
 
@@ -397,6 +442,13 @@ mod tests {
             let err = ReporterConfig::from_env_with(env(&[(k, v)])).unwrap_err();
             assert!(err.to_string().contains(k), "{k}={v}: {err}");
         }
+    }
+
+    #[test]
+    fn debug_hides_the_key() {
+        let c = ReporterConfig::new("http://x/v1/metrics", "s3cret-key");
+        let d = format!("{c:?}");
+        assert!(!d.contains("s3cret") && d.contains("<redacted>"), "{d}");
     }
 
     #[test]

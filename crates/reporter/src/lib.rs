@@ -171,7 +171,9 @@ impl Shared {
 
     fn handoff_pending(&self) -> u64 {
         let c = &self.counters;
-        c.handed.load(Relaxed).saturating_sub(c.processed.load(Relaxed))
+        c.handed
+            .load(Relaxed)
+            .saturating_sub(c.processed.load(Relaxed))
     }
 }
 
@@ -356,9 +358,11 @@ impl Reporter {
             FlushOutcome::Drained => {
                 tracing::info!(target: "reporter", acked = stats.acked, dropped = stats.dropped(), "metrics reporter stopped; everything delivered")
             }
-            _ => tracing::warn!(target: "reporter", left_on_disk = stats.buffered_disk, lost_from_memory = stats.buffered_memory,
+            _ => {
+                tracing::warn!(target: "reporter", left_on_disk = stats.buffered_disk, lost_from_memory = stats.buffered_memory,
                 acked = stats.acked, dropped = stats.dropped(),
-                "metrics reporter stopped with events left; those on disk are sent by the next start"),
+                "metrics reporter stopped with events left; those on disk are sent by the next start")
+            }
         }
         stats
     }
@@ -422,7 +426,11 @@ impl Sink for Reporter {
             dropped_low: 0,
             queued: r.handoff_pending + r.buffered,
             reports: r.reports,
-            write_errors: r.status_401 + r.status_429 + r.status_5xx + r.status_other + r.network_errors,
+            write_errors: r.status_401
+                + r.status_429
+                + r.status_5xx
+                + r.status_other
+                + r.network_errors,
         }
     }
 

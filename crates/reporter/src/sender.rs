@@ -10,7 +10,9 @@ use crate::Shared;
 use flate2::write::GzEncoder;
 use flate2::Compression;
 use rand::Rng;
-use reqwest::header::{HeaderMap, ACCEPT_ENCODING, AUTHORIZATION, CONTENT_ENCODING, CONTENT_TYPE, RETRY_AFTER};
+use reqwest::header::{
+    HeaderMap, ACCEPT_ENCODING, AUTHORIZATION, CONTENT_ENCODING, CONTENT_TYPE, RETRY_AFTER,
+};
 use reqwest::StatusCode;
 use std::collections::VecDeque;
 use std::io::Write as _;
@@ -70,7 +72,10 @@ impl Sender {
         let client = reqwest::Client::builder()
             .timeout(shared.config.request_timeout)
             .connect_timeout(shared.config.request_timeout.min(Duration::from_secs(10)))
-            .user_agent(concat!("trickle-relay-reporter/", env!("CARGO_PKG_VERSION")))
+            .user_agent(concat!(
+                "trickle-relay-reporter/",
+                env!("CARGO_PKG_VERSION")
+            ))
             .build()?;
         Ok(Sender {
             shared,
@@ -178,9 +183,14 @@ impl Sender {
     async fn send_front(&mut self) {
         let s = Arc::clone(&self.shared);
         let c = &s.counters;
-        let Some(part) = self.parts.front() else { return };
+        let Some(part) = self.parts.front() else {
+            return;
+        };
         let n = part.items.len() as u64;
-        s.body.build(part.items.iter().map(|i| i.bytes.as_slice()), &mut self.body);
+        s.body.build(
+            part.items.iter().map(|i| i.bytes.as_slice()),
+            &mut self.body,
+        );
         let gzip = !self.gzip_refused
             && match s.config.gzip {
                 GzipMode::Always => true,
@@ -235,10 +245,10 @@ impl Sender {
             Outcome::Status(status, headers, text) => (status, headers, text),
         };
         if s.config.gzip == GzipMode::Auto {
-            let advertised = headers
-                .get_all(ACCEPT_ENCODING)
-                .iter()
-                .any(|v| v.to_str().is_ok_and(|v| v.to_ascii_lowercase().contains("gzip")));
+            let advertised = headers.get_all(ACCEPT_ENCODING).iter().any(|v| {
+                v.to_str()
+                    .is_ok_and(|v| v.to_ascii_lowercase().contains("gzip"))
+            });
             if advertised && !self.server_gzip {
                 tracing::debug!(target: "reporter", "metrics reporter: server accepts gzip; compressing bodies from now on");
             }
@@ -274,7 +284,10 @@ impl Sender {
                         let back = front.items.split_off(front.items.len() / 2);
                         tracing::warn!(target: "reporter", events = n, bytes = self.body.len(),
                             "metrics reporter: batch too large (413); splitting it in halves and retrying");
-                        self.parts.push_front(Part { source: front.source, items: back });
+                        self.parts.push_front(Part {
+                            source: front.source,
+                            items: back,
+                        });
                         self.parts.push_front(front);
                     }
                 } else {
@@ -328,7 +341,11 @@ impl Sender {
     fn resolve_front(&mut self, what: &str) -> Option<u64> {
         let part = self.parts.pop_front()?;
         self.retrying = false;
-        match self.shared.buffer.remove_through(part.source, part.last_key()) {
+        match self
+            .shared
+            .buffer
+            .remove_through(part.source, part.last_key())
+        {
             Ok(removed) => removed,
             Err(e) => {
                 self.shared.counters.disk_errors.fetch_add(1, Relaxed);
@@ -344,7 +361,10 @@ impl Sender {
         let cfg = &self.shared.config;
         let exp = self.failures.min(30);
         self.failures = self.failures.saturating_add(1);
-        let base = cfg.backoff_base.saturating_mul(1u32 << exp.min(20)).min(cfg.backoff_max);
+        let base = cfg
+            .backoff_base
+            .saturating_mul(1u32 << exp.min(20))
+            .min(cfg.backoff_max);
         // +-20% jitter, so many clients do not retry in lockstep; never beyond the cap.
         let factor = rand::thread_rng().gen_range(0.8..1.2);
         let wait = base.mul_f64(factor).min(cfg.backoff_max);
@@ -392,7 +412,10 @@ mod tests {
         assert_eq!(retry_after(&h), None);
         h.insert(RETRY_AFTER, HeaderValue::from_static("3"));
         assert_eq!(retry_after(&h), Some(Duration::from_secs(3)));
-        h.insert(RETRY_AFTER, HeaderValue::from_static("Wed, 21 Oct 2015 07:28:00 GMT"));
+        h.insert(
+            RETRY_AFTER,
+            HeaderValue::from_static("Wed, 21 Oct 2015 07:28:00 GMT"),
+        );
         assert_eq!(retry_after(&h), None);
         h.insert(RETRY_AFTER, HeaderValue::from_static("999999999"));
         assert_eq!(retry_after(&h), Some(MAX_RETRY_AFTER));

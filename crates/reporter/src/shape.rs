@@ -70,9 +70,19 @@ pub fn api_event(envelope: &[u8], out: &mut Vec<u8>) -> Result<(), ShapeError> {
     let text = std::str::from_utf8(envelope).map_err(|e| ShapeError::NotAnObject(e.to_string()))?;
     let Members(members) =
         serde_json::from_str(text).map_err(|e| ShapeError::NotAnObject(e.to_string()))?;
-    let find = |key: &str| members.iter().rev().find(|(k, _)| k == key).map(|(_, v)| *v);
-    let id = find("id").filter(|v| first_byte(v) == b'"').ok_or(ShapeError::NoId)?;
-    let data = find("data").filter(|v| first_byte(v) == b'{').ok_or(ShapeError::NoData)?;
+    let find = |key: &str| {
+        members
+            .iter()
+            .rev()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| *v)
+    };
+    let id = find("id")
+        .filter(|v| first_byte(v) == b'"')
+        .ok_or(ShapeError::NoId)?;
+    let data = find("data")
+        .filter(|v| first_byte(v) == b'{')
+        .ok_or(ShapeError::NoData)?;
     let ty = serde_json::from_str::<DataType>(data.get())
         .ok()
         .and_then(|d| d.ty)
@@ -91,7 +101,8 @@ pub fn api_event(envelope: &[u8], out: &mut Vec<u8>) -> Result<(), ShapeError> {
     }
     let mut seen: Vec<&str> = Vec::new();
     for (k, v) in members.iter() {
-        if matches!(k.as_str(), "type" | "data" | "id" | "timestamp") || seen.contains(&k.as_str()) {
+        if matches!(k.as_str(), "type" | "data" | "id" | "timestamp") || seen.contains(&k.as_str())
+        {
             continue;
         }
         seen.push(k);
@@ -175,12 +186,27 @@ mod tests {
     #[test]
     fn envelopes_that_cannot_be_sent_are_refused() {
         assert!(matches!(shaped("[1]"), Err(ShapeError::NotAnObject(_))));
-        assert!(matches!(shaped("{\"id\":1,\"data\":{\"type\":\"x\"}}"), Err(ShapeError::NoId)));
+        assert!(matches!(
+            shaped("{\"id\":1,\"data\":{\"type\":\"x\"}}"),
+            Err(ShapeError::NoId)
+        ));
         assert!(matches!(shaped("{\"id\":\"a\"}"), Err(ShapeError::NoData)));
-        assert!(matches!(shaped("{\"id\":\"a\",\"data\":[]}"), Err(ShapeError::NoData)));
-        assert!(matches!(shaped("{\"id\":\"a\",\"data\":{}}"), Err(ShapeError::NoType)));
-        assert!(matches!(shaped("{\"id\":\"a\",\"data\":{\"type\":3}}"), Err(ShapeError::NoType)));
-        assert!(matches!(shaped("{\"id\":\"a\",\"data\":{\"type\":\"x\"}"), Err(ShapeError::NotAnObject(_))));
+        assert!(matches!(
+            shaped("{\"id\":\"a\",\"data\":[]}"),
+            Err(ShapeError::NoData)
+        ));
+        assert!(matches!(
+            shaped("{\"id\":\"a\",\"data\":{}}"),
+            Err(ShapeError::NoType)
+        ));
+        assert!(matches!(
+            shaped("{\"id\":\"a\",\"data\":{\"type\":3}}"),
+            Err(ShapeError::NoType)
+        ));
+        assert!(matches!(
+            shaped("{\"id\":\"a\",\"data\":{\"type\":\"x\"}"),
+            Err(ShapeError::NotAnObject(_))
+        ));
         // No timestamp: still an event.
         assert_eq!(
             shaped("{\"id\":\"a\",\"data\":{\"type\":\"x\"}}").unwrap(),
@@ -195,7 +221,10 @@ mod tests {
         let mut out = Vec::new();
         b.build(events.iter().copied(), &mut out);
         let v: Value = serde_json::from_slice(&out).unwrap();
-        assert_eq!(v, json!({"app":"scope","host":"host \"1\"","events":[{"a":1},{"b":2},{"c":3}]}));
+        assert_eq!(
+            v,
+            json!({"app":"scope","host":"host \"1\"","events":[{"a":1},{"b":2},{"c":3}]})
+        );
         let payload: usize = events.iter().map(|e| e.len()).sum();
         assert_eq!(out.len(), payload + b.overhead(3));
         b.build(std::iter::empty(), &mut out);

@@ -81,7 +81,8 @@ impl Writer {
                 self.store_event(&event);
                 shared.counters.processed.fetch_add(1, Relaxed);
                 n += 1;
-                if n % 512 == 0 {
+                // Every 512 events, so a long burst does not wait for the loop's end.
+                if n & 511 == 0 {
                     self.poke_sender();
                 }
             }
@@ -131,7 +132,10 @@ impl Writer {
         let limit = self.shared.config.max_body_bytes;
         if self.api.len() + self.shared.body.overhead(1) > limit {
             self.shared.counters.dropped_oversize.fetch_add(1, Relaxed);
-            self.shared.counters.dropped_oversize_local.fetch_add(1, Relaxed);
+            self.shared
+                .counters
+                .dropped_oversize_local
+                .fetch_add(1, Relaxed);
             tracing::error!(target: "reporter", id = %event.id(), bytes = self.api.len(), limit,
                 "metrics reporter: event alone is larger than a request may be; dropped (counted as dropped_oversize)");
             return;
@@ -191,8 +195,13 @@ impl Writer {
             None => match Spool::open(path, s.config.spool.clone()) {
                 Ok((spool, report)) => {
                     s.counters.recovered.fetch_add(report.records, Relaxed);
-                    s.counters.dropped_spool.fetch_add(report.corrupt_records, Relaxed);
-                    if report.records > 0 || report.corrupt_records > 0 || report.truncated_bytes > 0 {
+                    s.counters
+                        .dropped_spool
+                        .fetch_add(report.corrupt_records, Relaxed);
+                    if report.records > 0
+                        || report.corrupt_records > 0
+                        || report.truncated_bytes > 0
+                    {
                         tracing::info!(target: "reporter", dir = %path.display(),
                             "metrics reporter: disk buffer recovered: {report}; re-sending what a previous run left");
                     }
@@ -287,7 +296,10 @@ impl Writer {
         tracing::warn!(target: "reporter", dropped = now.total() - prev.total(), dropped_total = now.total(),
             "metrics reporter: events were dropped locally; reporting them downstream as telemetry_dropped");
         self.reporting = true;
-        self.store_event(&Event::Built(Box::new(Envelope::new("telemetry_dropped", fields))));
+        self.store_event(&Event::Built(Box::new(Envelope::new(
+            "telemetry_dropped",
+            fields,
+        ))));
         self.reporting = false;
     }
 
@@ -295,7 +307,11 @@ impl Writer {
     /// drop is an `ack` (two fsyncs), which must not be paid per event.
     fn make_room(&mut self, cap: u64) {
         let s = Arc::clone(&self.shared);
-        let chunk = if s.buffer.mem_len() > 0 { 1 } else { (cap as usize / 100).max(1) };
+        let chunk = if s.buffer.mem_len() > 0 {
+            1
+        } else {
+            (cap as usize / 100).max(1)
+        };
         match s.buffer.drop_oldest(chunk) {
             Ok(n) => {
                 s.counters.dropped_buffer_full.fetch_add(n, Relaxed);

@@ -86,7 +86,9 @@ fn contract_400_drops_the_batch_and_logs_it() {
     srv.script([Reply::status(400)]);
     let r = Reporter::start(config(&srv.url(), None)).unwrap();
     let ids = emit_n(&r, 0, 5);
-    let s = settle(&r, "all resolved", |s| s.acked + s.dropped_400 == 5 && s.buffered == 0);
+    let s = settle(&r, "all resolved", |s| {
+        s.acked + s.dropped_400 == 5 && s.buffered == 0
+    });
     let got = srv.received();
     let dropped = got[0].ids();
     assert_eq!(got[0].status, 400);
@@ -104,7 +106,11 @@ fn contract_401_keeps_and_pauses_until_the_key_changes() {
     let srv = FaultServer::start();
     srv.rule(|r| (r.auth.as_deref() != Some("Bearer good")).then(|| Reply::status(401)));
     let dir = tempfile::tempdir().unwrap();
-    let r = Reporter::start(ReporterConfig { api_key: "bad".into(), ..config(&srv.url(), Some(dir.path())) }).unwrap();
+    let r = Reporter::start(ReporterConfig {
+        api_key: "bad".into(),
+        ..config(&srv.url(), Some(dir.path()))
+    })
+    .unwrap();
     let mut ids = emit_n(&r, 0, 3);
     settle(&r, "paused", |s| s.paused);
     // Paused: more events, several flush intervals and backoffs, and still no new request.
@@ -113,13 +119,18 @@ fn contract_401_keeps_and_pauses_until_the_key_changes() {
     let s = r.reporter_stats();
     assert_eq!(srv.requests(), 1, "no request while paused");
     assert_eq!((s.status_401, s.buffered, s.acked), (1, 5, 0), "{s:?}");
-    assert_eq!(r.flush_timeout(Duration::from_secs(1)), FlushOutcome::Paused { left: 5 });
+    assert_eq!(
+        r.flush_timeout(Duration::from_secs(1)),
+        FlushOutcome::Paused { left: 5 }
+    );
     r.set_api_key("good");
     let s = settle(&r, "all acked after the key change", |s| s.acked == 5);
     assert!(!s.paused);
     assert_conserved(&s);
     assert_eq!(srv.accepted_ids(), ids);
-    assert!(srv.received()[1..].iter().all(|q| q.auth.as_deref() == Some("Bearer good")));
+    assert!(srv.received()[1..]
+        .iter()
+        .all(|q| q.auth.as_deref() == Some("Bearer good")));
 }
 
 #[test]
@@ -127,11 +138,17 @@ fn contract_413_splits_and_drops_a_lone_oversized_event() {
     let srv = FaultServer::start();
     // More than 2 events, or the "big" event: too large.
     srv.rule(|r| {
-        let big = r.events().iter().any(|e| e["data"]["big"] == Value::Bool(true));
+        let big = r
+            .events()
+            .iter()
+            .any(|e| e["data"]["big"] == Value::Bool(true));
         (r.events().len() > 2 || big).then(|| Reply::status(413))
     });
     let dir = tempfile::tempdir().unwrap();
-    let r = Reporter::start(config(&srv.url(), Some(dir.path())).with_flush_interval(Duration::from_millis(300))).unwrap();
+    let r = Reporter::start(
+        config(&srv.url(), Some(dir.path())).with_flush_interval(Duration::from_millis(300)),
+    )
+    .unwrap();
     let mut ids = emit_n(&r, 0, 3);
     let big = Event::Built(Box::new(telemetry::Envelope::new(
         "stream_heartbeat",
@@ -140,7 +157,9 @@ fn contract_413_splits_and_drops_a_lone_oversized_event() {
     let big_id = big.id().into_owned();
     r.emit(big);
     ids.extend(emit_n(&r, 3, 5));
-    let s = settle(&r, "all resolved", |s| s.acked + s.dropped() == 9 && s.buffered == 0);
+    let s = settle(&r, "all resolved", |s| {
+        s.acked + s.dropped() == 9 && s.buffered == 0
+    });
     assert_eq!(s.acked, 8);
     assert_eq!(s.dropped_oversize, 1, "{s:?}");
     assert!(s.splits_413 >= 2, "{s:?}");
@@ -149,13 +168,20 @@ fn contract_413_splits_and_drops_a_lone_oversized_event() {
     assert_eq!(accepted, ids, "every other event exactly once, in order");
     assert!(!accepted.contains(&big_id));
     // The big event was tried alone before being dropped.
-    assert!(srv.received().iter().any(|q| q.ids() == vec![big_id.clone()] && q.status == 413));
+    assert!(srv
+        .received()
+        .iter()
+        .any(|q| q.ids() == vec![big_id.clone()] && q.status == 413));
 }
 
 #[test]
 fn contract_429_waits_retry_after_else_the_default() {
     let srv = FaultServer::start();
-    srv.script([Reply::status(429).header("retry-after", "1"), Reply::status(429), Reply::status(200)]);
+    srv.script([
+        Reply::status(429).header("retry-after", "1"),
+        Reply::status(429),
+        Reply::status(200),
+    ]);
     let r = Reporter::start(config(&srv.url(), None)).unwrap();
     let ids = emit_n(&r, 0, 4);
     let s = settle(&r, "acked", |s| s.acked == 4);
@@ -165,16 +191,30 @@ fn contract_429_waits_retry_after_else_the_default() {
     let gap1 = got[1].at - got[0].at;
     let gap2 = got[2].at - got[1].at;
     // Retry-After: 1 s; no header: the configured default (700 ms). Both far above the 50 ms backoff.
-    assert!(gap1 >= Duration::from_millis(950) && gap1 < Duration::from_secs(5), "{gap1:?}");
-    assert!(gap2 >= Duration::from_millis(650) && gap2 < Duration::from_secs(5), "{gap2:?}");
-    assert!(got.windows(2).all(|w| w[1].ids().starts_with(&w[0].ids())), "the kept batch is re-sent");
+    assert!(
+        gap1 >= Duration::from_millis(950) && gap1 < Duration::from_secs(5),
+        "{gap1:?}"
+    );
+    assert!(
+        gap2 >= Duration::from_millis(650) && gap2 < Duration::from_secs(5),
+        "{gap2:?}"
+    );
+    assert!(
+        got.windows(2).all(|w| w[1].ids().starts_with(&w[0].ids())),
+        "the kept batch is re-sent"
+    );
     assert_eq!(srv.accepted_ids(), ids);
 }
 
 #[test]
 fn contract_5xx_backs_off_doubling_and_retries() {
     let srv = FaultServer::start();
-    srv.script([Reply::status(500), Reply::status(502), Reply::status(503), Reply::status(200)]);
+    srv.script([
+        Reply::status(500),
+        Reply::status(502),
+        Reply::status(503),
+        Reply::status(200),
+    ]);
     let r = Reporter::start(
         config(&srv.url(), None).with_backoff(Duration::from_millis(200), Duration::from_secs(5)),
     )
@@ -187,9 +227,15 @@ fn contract_5xx_backs_off_doubling_and_retries() {
     // 200, 400, 800 ms, each +-20%.
     for (gap, base) in gaps.iter().zip([200u64, 400, 800]) {
         let min = Duration::from_millis(base * 8 / 10);
-        assert!(*gap >= min && *gap < Duration::from_secs(5), "gaps {gaps:?}");
+        assert!(
+            *gap >= min && *gap < Duration::from_secs(5),
+            "gaps {gaps:?}"
+        );
     }
-    assert!(got.windows(2).all(|w| w[1].ids().starts_with(&w[0].ids())), "the kept batch is re-sent");
+    assert!(
+        got.windows(2).all(|w| w[1].ids().starts_with(&w[0].ids())),
+        "the kept batch is re-sent"
+    );
     assert_eq!(srv.accepted_ids(), ids);
     // A 200 reset the backoff: the next failure waits ~200 ms again, not 1.6 s.
     srv.script([Reply::status(500), Reply::status(200)]);
@@ -197,14 +243,21 @@ fn contract_5xx_backs_off_doubling_and_retries() {
     settle(&r, "acked again", |s| s.acked == 4);
     let got = srv.received();
     let gap = got[got.len() - 1].at - got[got.len() - 2].at;
-    assert!(gap >= Duration::from_millis(160) && gap < Duration::from_millis(1200), "{gap:?}");
+    assert!(
+        gap >= Duration::from_millis(160) && gap < Duration::from_millis(1200),
+        "{gap:?}"
+    );
 }
 
 #[test]
 fn contract_network_error_backs_off_and_retries() {
     let addr = dead_addr();
     let dir = tempfile::tempdir().unwrap();
-    let r = Reporter::start(config(&format!("http://{addr}/v1/metrics"), Some(dir.path()))).unwrap();
+    let r = Reporter::start(config(
+        &format!("http://{addr}/v1/metrics"),
+        Some(dir.path()),
+    ))
+    .unwrap();
     let ids = emit_n(&r, 0, 20);
     let s = settle(&r, "network errors", |s| s.network_errors >= 3);
     assert_eq!((s.acked, s.buffered_disk), (0, 20), "kept on disk: {s:?}");
@@ -222,7 +275,9 @@ fn the_disk_buffer_survives_a_restart_and_is_resent() {
     let url = format!("http://{addr}/v1/metrics");
     let first = Reporter::start(config(&url, Some(dir.path()))).unwrap();
     let ids = emit_n(&first, 0, 300);
-    settle(&first, "accepted on disk", |s| s.accepted == 300 && s.buffered_disk == 300);
+    settle(&first, "accepted on disk", |s| {
+        s.accepted == 300 && s.buffered_disk == 300
+    });
     // Stopped without delivering (the server is down): everything stays on disk.
     let left = first.shutdown(Duration::from_millis(200));
     assert_eq!(left.buffered_disk, 300);
@@ -250,16 +305,26 @@ fn an_unusable_disk_falls_back_to_memory_and_still_delivers() {
     assert!(!s.disk_ok && s.disk_errors >= 1, "{s:?}");
     assert_conserved(&s);
     assert_eq!(srv.accepted_ids(), ids);
-    assert!(logs_contain(&logs, "disk buffer unusable; keeping events in memory"));
+    assert!(logs_contain(
+        &logs,
+        "disk buffer unusable; keeping events in memory"
+    ));
 }
 
 #[test]
 fn a_full_buffer_drops_the_oldest_and_reports_it() {
     let srv = FaultServer::start();
     srv.rule(|_| Some(Reply::status(503)));
-    let r = Reporter::start(config(&srv.url(), None).with_max_buffer(10).with_backoff(Duration::from_millis(20), Duration::from_millis(50))).unwrap();
+    let r = Reporter::start(
+        config(&srv.url(), None)
+            .with_max_buffer(10)
+            .with_backoff(Duration::from_millis(20), Duration::from_millis(50)),
+    )
+    .unwrap();
     let ids = emit_n(&r, 0, 30);
-    let s = settle(&r, "capped", |s| s.accepted >= 30 && s.handoff_pending == 0 && s.reports >= 1 && s.dropped_buffer_full >= 20);
+    let s = settle(&r, "capped", |s| {
+        s.accepted >= 30 && s.handoff_pending == 0 && s.reports >= 1 && s.dropped_buffer_full >= 20
+    });
     assert!(s.buffered <= 10, "{s:?}");
     // Let the last report be written, then deliver.
     std::thread::sleep(Duration::from_millis(200));
@@ -281,7 +346,10 @@ fn a_full_buffer_drops_the_oldest_and_reports_it() {
         .map(|e| e["data"]["dropped_total"].as_u64().unwrap())
         .max()
         .expect("a telemetry_dropped report arrived");
-    assert_eq!(total, s.dropped_buffer_full, "the report covers every drop: {s:?}");
+    assert_eq!(
+        total, s.dropped_buffer_full,
+        "the report covers every drop: {s:?}"
+    );
 }
 
 #[test]
@@ -296,7 +364,9 @@ fn disk_cap_drops_are_reported_as_telemetry_dropped() {
     };
     let r = Reporter::start(config(&url, Some(dir.path())).with_spool_options(opts)).unwrap();
     emit_n(&r, 0, 400);
-    let s = settle(&r, "spool dropped", |s| s.handoff_pending == 0 && s.dropped_spool > 0 && s.reports >= 1);
+    let s = settle(&r, "spool dropped", |s| {
+        s.handoff_pending == 0 && s.dropped_spool > 0 && s.reports >= 1
+    });
     std::thread::sleep(Duration::from_millis(200));
     let srv = FaultServer::start_on(addr);
     let s2 = settle(&r, "drained", |s| s.buffered == 0);
@@ -308,7 +378,11 @@ fn disk_cap_drops_are_reported_as_telemetry_dropped() {
         .flat_map(|q| q.events())
         .filter(|e| e["type"] == "telemetry_dropped")
         .collect();
-    let total = reports.iter().map(|e| e["data"]["dropped_total"].as_u64().unwrap()).max().unwrap();
+    let total = reports
+        .iter()
+        .map(|e| e["data"]["dropped_total"].as_u64().unwrap())
+        .max()
+        .unwrap();
     assert_eq!(total, s2.dropped_spool, "{s2:?}");
     assert_eq!(reports[0]["data"]["sink"], "http_reporter");
 }
@@ -318,13 +392,19 @@ fn bodies_splice_the_envelope_bytes_verbatim() {
     let srv = FaultServer::start();
     let r = Reporter::start(config(&srv.url(), None)).unwrap();
     let data = r#"{ "type":"stream_heartbeat", "client_source":"scope","fps_in":29.970000000000002,"x":{"b":[1, 2.50]},"u":"\u00e9"}"#;
-    let env = format!(r#"{{"id":"raw-1","type":"stream_trace","timestamp":"1700000000000","data":{data},"relayed_via":"trickle"}}"#);
-    r.emit(Event::Raw(RawEnvelope::parse(env.into_bytes().into()).unwrap()));
+    let env = format!(
+        r#"{{"id":"raw-1","type":"stream_trace","timestamp":"1700000000000","data":{data},"relayed_via":"trickle"}}"#
+    );
+    r.emit(Event::Raw(
+        RawEnvelope::parse(env.into_bytes().into()).unwrap(),
+    ));
     settle(&r, "acked", |s| s.acked == 1);
     let raw = String::from_utf8(srv.received()[0].raw.clone()).unwrap();
     assert_eq!(
         raw,
-        format!(r#"{{"app":"scope","host":"test-host","events":[{{"type":"stream_heartbeat","data":{data},"id":"raw-1","timestamp":"1700000000000","relayed_via":"trickle"}}]}}"#)
+        format!(
+            r#"{{"app":"scope","host":"test-host","events":[{{"type":"stream_heartbeat","data":{data},"id":"raw-1","timestamp":"1700000000000","relayed_via":"trickle"}}]}}"#
+        )
     );
 }
 
@@ -332,14 +412,18 @@ fn bodies_splice_the_envelope_bytes_verbatim() {
 fn gzip_is_used_once_the_server_advertises_it() {
     let srv = FaultServer::start();
     srv.advertise_gzip(true);
-    let r = Reporter::start(config(&srv.url(), None).with_flush_interval(Duration::from_secs(60))).unwrap();
+    let r = Reporter::start(config(&srv.url(), None).with_flush_interval(Duration::from_secs(60)))
+        .unwrap();
     emit_n(&r, 0, 20);
     assert_eq!(r.flush_timeout(WAIT), FlushOutcome::Drained);
     emit_n(&r, 20, 20);
     assert_eq!(r.flush_timeout(WAIT), FlushOutcome::Drained);
     let got = srv.received();
     assert!(!got[0].gzip, "nothing advertised yet");
-    assert!(got.last().unwrap().gzip, "advertised by the previous answer");
+    assert!(
+        got.last().unwrap().gzip,
+        "advertised by the previous answer"
+    );
     assert_eq!(got.iter().map(|q| q.ids().len()).sum::<usize>(), 40);
 
     let never = FaultServer::start();
@@ -357,7 +441,10 @@ fn flush_sends_at_once_and_shutdown_leaves_the_rest_on_disk() {
     let srv = FaultServer::start();
     let dir = tempfile::tempdir().unwrap();
     // A one-minute flush interval: only the flush can explain a quick delivery.
-    let r = Reporter::start(config(&srv.url(), Some(dir.path())).with_flush_interval(Duration::from_secs(60))).unwrap();
+    let r = Reporter::start(
+        config(&srv.url(), Some(dir.path())).with_flush_interval(Duration::from_secs(60)),
+    )
+    .unwrap();
     emit_n(&r, 0, 10);
     let t = Instant::now();
     assert_eq!(r.flush_timeout(WAIT), FlushOutcome::Drained);
@@ -369,7 +456,11 @@ fn flush_sends_at_once_and_shutdown_leaves_the_rest_on_disk() {
     let s = r.shutdown(Duration::from_millis(300));
     assert_eq!((s.acked, s.buffered_disk), (10, 7), "{s:?}");
     r.emit(event("late", 0));
-    assert_eq!(r.reporter_stats().dropped_handoff, 1, "emit after shutdown is counted");
+    assert_eq!(
+        r.reporter_stats().dropped_handoff,
+        1,
+        "emit after shutdown is counted"
+    );
     drop(r);
     let (spool, _) = spool::Spool::open(dir.path(), SpoolOptions::default()).unwrap();
     assert_eq!(spool.len(), 7);
@@ -380,11 +471,52 @@ fn invalid_envelopes_are_dropped_and_counted_not_sent() {
     let srv = FaultServer::start();
     let r = Reporter::start(config(&srv.url(), None)).unwrap();
     // A forwarded envelope without data.type cannot become an API event (it would 400 a batch).
-    r.emit(Event::Raw(RawEnvelope::parse(br#"{"id":"x","data":{"a":1}}"#.to_vec().into()).unwrap()));
+    r.emit(Event::Raw(
+        RawEnvelope::parse(br#"{"id":"x","data":{"a":1}}"#.to_vec().into()).unwrap(),
+    ));
     let ids = emit_n(&r, 0, 2);
-    let s = settle(&r, "resolved", |s| s.dropped_invalid == 1 && s.buffered == 0 && s.reports >= 1 && s.acked >= 3);
+    let s = settle(&r, "resolved", |s| {
+        s.dropped_invalid == 1 && s.buffered == 0 && s.reports >= 1 && s.acked >= 3
+    });
     assert_conserved(&s);
     let got = srv.accepted_ids();
-    assert!(got.starts_with(&ids) || got.iter().filter(|i| ids.contains(i)).count() == 2, "{got:?}");
+    assert!(
+        got.starts_with(&ids) || got.iter().filter(|i| ids.contains(i)).count() == 2,
+        "{got:?}"
+    );
     assert!(!got.contains(&"x".to_string()));
+}
+
+#[test]
+fn a_disk_that_comes_back_takes_over_the_events_kept_in_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let blocker = dir.path().join("state");
+    std::fs::write(
+        &blocker,
+        b"a file where the buffer's parent directory should be",
+    )
+    .unwrap();
+    let buffer = blocker.join("buffer");
+    let srv = FaultServer::start();
+    srv.rule(|_| Some(Reply::status(503)));
+    let r = Reporter::start(config(&srv.url(), Some(&buffer))).unwrap();
+    let ids = emit_n(&r, 0, 30);
+    settle(&r, "kept in memory", |s| {
+        s.buffered_memory == 30 && !s.disk_ok
+    });
+    // The operator fixes the path: the next retry opens the disk and moves memory there.
+    std::fs::remove_file(&blocker).unwrap();
+    std::fs::create_dir_all(&buffer).unwrap();
+    let s = settle(&r, "moved to disk", |s| {
+        s.disk_ok && s.buffered_disk == 30 && s.buffered_memory == 0
+    });
+    assert_eq!(s.accepted_memory, 30);
+    // Now durable: a stop and restart keeps them.
+    r.shutdown(Duration::from_millis(100));
+    drop(r);
+    srv.rule(|_| None);
+    let r = Reporter::start(config(&srv.url(), Some(&buffer))).unwrap();
+    let s = settle(&r, "re-sent after restart", |s| s.acked == 30);
+    assert_eq!(s.recovered, 30);
+    assert_eq!(srv.accepted_ids(), ids);
 }

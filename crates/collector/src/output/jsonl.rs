@@ -37,7 +37,9 @@ pub struct JsonlOutput {
 
 impl std::fmt::Debug for JsonlOutput {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("JsonlOutput").field("path", &self.path).finish()
+        f.debug_struct("JsonlOutput")
+            .field("path", &self.path)
+            .finish()
     }
 }
 
@@ -191,7 +193,12 @@ impl Output for JsonlOutput {
             }
             let (done, wait) = oneshot::channel();
             let sent = match &*self.tx.lock() {
-                Some(tx) => tx.send(Req { lines: events, done }).is_ok(),
+                Some(tx) => tx
+                    .send(Req {
+                        lines: events,
+                        done,
+                    })
+                    .is_ok(),
                 None => false,
             };
             if !sent {

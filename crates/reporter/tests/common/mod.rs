@@ -118,7 +118,10 @@ impl FaultServer {
             .layer(DefaultBodyLimit::disable())
             .with_state(Arc::clone(&st));
         let thread = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
             rt.block_on(async move {
                 let listener = tokio::net::TcpListener::from_std(listener).unwrap();
                 axum::serve(listener, app)
@@ -191,7 +194,9 @@ async fn handle(State(st): State<Arc<St>>, headers: HeaderMap, body: Bytes) -> R
         .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"gzip"));
     let raw = if gzip {
         let mut out = Vec::new();
-        flate2::read::GzDecoder::new(&body[..]).read_to_end(&mut out).unwrap();
+        flate2::read::GzDecoder::new(&body[..])
+            .read_to_end(&mut out)
+            .unwrap();
         out
     } else {
         body.to_vec()
@@ -241,13 +246,19 @@ pub fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool)
 pub fn event(event_type: &str, i: u64) -> Event {
     Event::Built(Box::new(Envelope::new(
         event_type,
-        Fields::new().session_id("sess").connection_id("conn").meta("i", i),
+        Fields::new()
+            .session_id("sess")
+            .connection_id("conn")
+            .meta("i", i),
     )))
 }
 
 /// A loopback port with nothing listening (bound, then released).
 pub fn dead_addr() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
 }
 
 /// Captures every log line of the process (the reporter logs from its own threads).

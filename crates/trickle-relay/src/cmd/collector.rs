@@ -6,7 +6,7 @@
 //! `collector` crate for the full contract.
 
 use anyhow::Context as _;
-use collector::{ApiKeys, Collector, CollectorConfig};
+use collector::{ApiKeys, Collector, CollectorConfig, Output};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -22,7 +22,8 @@ pub struct Args {
     /// File of accepted API keys, one per line (blank lines and # comments skipped); re-read on SIGHUP.
     #[arg(long, env = "COLLECTOR_API_KEYS")]
     pub api_keys: PathBuf,
-    /// Where accepted events go: `jsonl:PATH` (appended, fsynced before each 200).
+    /// Where accepted events go: `jsonl:PATH` (appended, fsynced before each 200), or
+    /// `kafka[:TOPIC]` (produced, acknowledged by Kafka before each 200; `KAFKA_BOOTSTRAP_SERVERS`).
     #[arg(long, default_value = "jsonl:metrics.jsonl")]
     pub output: String,
     /// Largest request body in bytes, compressed or not.
@@ -51,7 +52,7 @@ pub struct Args {
 /// Runs the collector until Ctrl-C / SIGTERM.
 pub async fn run(args: Args) -> anyhow::Result<()> {
     let keys = Arc::new(ApiKeys::load(&args.api_keys)?);
-    let output = collector::output::open(&args.output).map_err(anyhow::Error::msg)?;
+    let output = open_output(&args.output)?;
     let config = CollectorConfig {
         max_body_bytes: args.max_body_bytes,
         max_events: args.max_events,
@@ -63,7 +64,12 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let collector = Collector::new(config, keys.clone(), output);
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
-        .with_context(|| format!("cannot listen on {}; pick another --listen address", args.listen))?;
+        .with_context(|| {
+            format!(
+                "cannot listen on {}; pick another --listen address",
+                args.listen
+            )
+        })?;
     let addr = listener.local_addr()?;
     eprintln!(
         "collector: listening on http://{addr}/v1/metrics ({} keys, output {})",
@@ -104,6 +110,18 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Opens the output an `--output` spec names. Outputs that live outside the `collector` crate
+/// (e.g. `kafka:...`) get their arm here; `jsonl:PATH` is the collector's own.
+fn open_output(spec: &str) -> anyhow::Result<Arc<dyn Output>> {
+    // `kafka` or `kafka:TOPIC`: each event produced as its envelope, 200 only once Kafka acked
+    // the whole request (broker and credentials from KAFKA_BOOTSTRAP_SERVERS / KAFKA_SASL_*).
+    if spec == "kafka" || spec.starts_with("kafka:") {
+        let output = kafka::KafkaOutput::from_spec(spec).map_err(anyhow::Error::msg)?;
+        return Ok(Arc::new(output));
+    }
+    collector::output::open(spec).map_err(anyhow::Error::msg)
+}
+
 /// Re-reads the keys file on SIGHUP; a bad file keeps the current keys (and says why).
 fn reload_keys_on_sighup(keys: Arc<ApiKeys>, path: PathBuf) {
     #[cfg(unix)]
@@ -116,7 +134,9 @@ fn reload_keys_on_sighup(keys: Arc<ApiKeys>, path: PathBuf) {
         while hup.recv().await.is_some() {
             match keys.reload() {
                 Ok(n) => tracing::info!(keys = n, file = %path.display(), "API keys reloaded"),
-                Err(e) => tracing::error!(error = %e, "API keys NOT reloaded; keeping the current ones"),
+                Err(e) => {
+                    tracing::error!(error = %e, "API keys NOT reloaded; keeping the current ones")
+                }
             }
         }
     });
