@@ -9,5 +9,7 @@ echo "== cargo fmt --check" >&2
 cargo fmt --all -- --check
 echo "== cargo clippy" >&2
 cargo clippy --workspace --all-targets -- -D warnings
+echo "== test Kafka broker (tansu)" >&2
+scripts/test-broker.sh
 echo "== cargo nextest run" >&2
 cargo nextest run --workspace --no-fail-fast
