@@ -128,7 +128,7 @@ impl ErrorInfo {
 
 /// The caller-supplied part of an envelope, builder style:
 /// `Fields::new().session_id(s).meta("fps_in", 29.97)`.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, Default)]
 pub struct Fields {
     session_id: Option<String>,
     connection_id: Option<String>,
@@ -137,6 +137,19 @@ pub struct Fields {
     error: Option<Box<ErrorInfo>>,
     connection_info: Option<Value>,
     metadata: Vec<(Cow<'static, str>, Value)>,
+}
+
+/// Equal when they serialize the same (metadata compared as merged, duplicates resolved).
+impl PartialEq for Fields {
+    fn eq(&self, other: &Self) -> bool {
+        self.session_id == other.session_id
+            && self.connection_id == other.connection_id
+            && self.pipeline_ids == other.pipeline_ids
+            && self.user_id == other.user_id
+            && self.error == other.error
+            && self.connection_info == other.connection_info
+            && self.metadata().eq(other.metadata())
+    }
 }
 
 fn non_empty(s: String) -> Option<String> {
@@ -198,7 +211,8 @@ impl Fields {
     }
 
     /// One metadata entry, merged into `data`. A reserved key ([`RESERVED_DATA_KEYS`]) is ignored;
-    /// a key already set is replaced in place (last write wins, like the seed's `dict.update`).
+    /// setting a key again replaces its value in place (last write wins, like the seed's
+    /// `dict.update`): it appears once, where it was first set.
     pub fn meta(mut self, key: impl Into<Cow<'static, str>>, value: impl Into<Value>) -> Self {
         self.insert_meta(key.into(), value.into());
         self
@@ -210,15 +224,12 @@ impl Fields {
             tracing::debug!(target: "telemetry", key = %key, "metadata key is reserved; ignored");
             return;
         }
-        if let Some(slot) = self.metadata.iter_mut().find(|(k, _)| *k == key) {
-            slot.1 = value;
-        } else {
-            if self.metadata.capacity() == 0 {
-                // One allocation for a typical event (the seed's heartbeat has 8-10 entries).
-                self.metadata.reserve_exact(12);
-            }
-            self.metadata.push((key, value));
+        if self.metadata.capacity() == 0 {
+            // One allocation for a typical event (the seed's heartbeat has 8-10 entries).
+            self.metadata.reserve_exact(12);
         }
+        // Duplicates are resolved when read or serialized (off the caller's thread), not here.
+        self.metadata.push((key, value));
     }
 
     /// The session id, if set.
@@ -233,12 +244,24 @@ impl Fields {
 
     /// A metadata value by key.
     pub fn get_meta(&self, key: &str) -> Option<&Value> {
-        self.metadata.iter().find(|(k, _)| k == key).map(|(_, v)| v)
+        self.metadata
+            .iter()
+            .rev()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v)
     }
 
-    /// Metadata entries in insertion order.
+    /// Metadata entries, each key once: at the position it was first set, with the value it was
+    /// last set to (the seed's `dict.update` semantics).
     pub fn metadata(&self) -> impl Iterator<Item = (&str, &Value)> {
-        self.metadata.iter().map(|(k, v)| (k.as_ref(), v))
+        let m = &self.metadata;
+        m.iter().enumerate().filter_map(move |(i, (k, v))| {
+            if m[..i].iter().any(|(earlier, _)| earlier == k) {
+                return None;
+            }
+            let last = m[i + 1..].iter().rev().find(|(later, _)| later == k);
+            Some((k.as_ref(), last.map_or(v, |(_, lv)| lv)))
+        })
     }
 }
 
@@ -355,9 +378,9 @@ impl Envelope {
             out.extend_from_slice(b",\"connection_info\":");
             json_into(out, v);
         }
-        for (k, v) in &f.metadata {
+        for (k, v) in f.metadata() {
             out.push(b',');
-            json_into(out, k.as_ref());
+            json_into(out, k);
             out.push(b':');
             json_into(out, v);
         }
@@ -412,8 +435,8 @@ impl Serialize for Data<'_> {
         if let Some(v) = &f.connection_info {
             m.serialize_entry("connection_info", v)?;
         }
-        for (k, v) in &f.metadata {
-            m.serialize_entry(k.as_ref(), v)?;
+        for (k, v) in f.metadata() {
+            m.serialize_entry(k, v)?;
         }
         m.end()
     }
@@ -459,6 +482,8 @@ struct RawMeta {
     session_id: Option<String>,
     connection_id: Option<String>,
     relayed_via: Option<String>,
+    /// A top-level `relayed_via` key exists (even if its value is not a string).
+    has_relayed_via: bool,
     priority: Priority,
 }
 
@@ -500,6 +525,7 @@ impl RawEnvelope {
                 session_id: top.session_id,
                 connection_id: top.connection_id,
                 relayed_via: top.relayed_via,
+                has_relayed_via: top.has_relayed_via,
                 priority,
             }
         };
@@ -563,27 +589,31 @@ impl RawEnvelope {
     /// Adds the client's `"relayed_via": via` annotation. Returns false (and changes nothing) when
     /// the envelope already carries one: the first hop's annotation is kept, never duplicated.
     pub fn annotate_relayed_via(&mut self, via: &str) -> bool {
-        if self.meta.relayed_via.is_some() {
+        if self.meta.has_relayed_via {
             return false;
         }
         self.insert_member(RELAYED_VIA, &Value::from(via));
         self.meta.relayed_via = Some(via.to_owned());
+        self.meta.has_relayed_via = true;
         true
     }
 
     /// Adds a top-level annotation `key: value`. Fails if `key` is already a top-level key (the
     /// original is never changed, and a duplicate key would make the JSON ambiguous).
     pub fn annotate(&mut self, key: &str, value: &Value) -> Result<(), EnvelopeError> {
-        if key == RELAYED_VIA {
-            return match value.as_str() {
-                Some(v) if self.annotate_relayed_via(v) => Ok(()),
-                _ => Err(EnvelopeError::AnnotationExists(key.to_owned())),
-            };
-        }
-        if top_level_has_key(&self.bytes, key) {
+        let exists = if key == RELAYED_VIA {
+            self.meta.has_relayed_via
+        } else {
+            top_level_has_key(&self.bytes, key)
+        };
+        if exists {
             return Err(EnvelopeError::AnnotationExists(key.to_owned()));
         }
         self.insert_member(key, value);
+        if key == RELAYED_VIA {
+            self.meta.has_relayed_via = true;
+            self.meta.relayed_via = value.as_str().map(str::to_owned);
+        }
         Ok(())
     }
 
@@ -643,6 +673,7 @@ struct Top {
     session_id: Option<String>,
     connection_id: Option<String>,
     relayed_via: Option<String>,
+    has_relayed_via: bool,
 }
 
 /// Top-level keys of interest; everything else is skipped without allocating.
@@ -858,6 +889,7 @@ impl<'de> Visitor<'de> for TopVisitor {
                     top.timestamp = map.next_value_seed(Lenient { numbers: true })?
                 }
                 TopKey::RelayedVia => {
+                    top.has_relayed_via = true;
                     top.relayed_via = map.next_value_seed(Lenient { numbers: false })?
                 }
                 TopKey::Data => match map.next_value_seed(DataVisitor)? {

@@ -32,6 +32,8 @@
 //! Telemetry can be turned off with `SCOPE_TELEMETRY_DISABLED=1` or `DO_NOT_TRACK=1`
 //! ([`egress::telemetry_enabled_from_env`], [`set_telemetry_enabled`]).
 
+#![warn(missing_docs)]
+
 pub mod egress;
 pub mod envelope;
 pub mod output;

@@ -241,6 +241,11 @@ impl PriorityQueue {
     }
 }
 
+/// The queue length at which a producer wakes a polling consumer: three quarters of `capacity`.
+pub fn wake_mark(capacity: usize) -> usize {
+    (capacity.max(1) * 3).div_ceil(4)
+}
+
 /// What one [`EventQueue::drain_into`] saw.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Drained {
@@ -254,9 +259,10 @@ pub struct Drained {
 ///
 /// Producers take a short `parking_lot` lock and, as a rule, never wake the consumer: waking a
 /// parked runtime thread is a futex syscall, several microseconds on the caller's thread. Instead
-/// the consumer polls ([`EventQueue::wait_for`] with a few milliseconds' timeout), and a producer
-/// wakes it ([`Notify`]) only when the queue reaches its *wake mark* (half the capacity), so that
-/// a burst is drained before it overflows. At most one push per drain pays for a wake-up.
+/// the consumer polls ([`EventQueue::wait_for`] with a millisecond-scale timeout), and a producer
+/// wakes it ([`Notify`]) only when the queue reaches its *wake mark* (three quarters of the
+/// capacity), so that a burst is drained before it overflows. At most one push per drain pays for
+/// a wake-up, and below `wake mark / poll interval` events per second none does.
 #[derive(Debug)]
 pub struct EventQueue {
     inner: Mutex<PriorityQueue>,
@@ -267,12 +273,12 @@ pub struct EventQueue {
 }
 
 impl EventQueue {
-    /// An empty queue of `capacity` (at least 1); the wake mark is half of it.
+    /// An empty queue of `capacity` (at least 1); the wake mark is three quarters of it.
     pub fn new(capacity: usize) -> Self {
         EventQueue {
             inner: Mutex::new(PriorityQueue::new(capacity)),
             notify: Notify::new(),
-            wake_mark: capacity.max(1).div_ceil(2),
+            wake_mark: wake_mark(capacity),
             spare: Mutex::new(Vec::with_capacity(capacity.clamp(1, 4096))),
         }
     }

@@ -205,11 +205,32 @@ fn reserved_key_check_matches_the_list() {
 
 #[test]
 fn metadata_last_write_wins_in_place() {
-    let fields = Fields::new().meta("a", 1).meta("b", 2).meta("a", 3);
+    let fields = Fields::new()
+        .meta("a", 1)
+        .meta("b", 2)
+        .meta("a", 3)
+        .meta("c", 4)
+        .meta("b", 5);
+    assert_eq!(fields.get_meta("a"), Some(&Value::from(3)));
+    let merged: Vec<(&str, &Value)> = fields.metadata().collect();
+    assert_eq!(
+        merged,
+        [
+            ("a", &Value::from(3)),
+            ("b", &Value::from(5)),
+            ("c", &Value::from(4))
+        ]
+    );
+    assert_eq!(fields, Fields::new().meta("a", 3).meta("b", 5).meta("c", 4));
     let env = Envelope::new("stream_heartbeat", fields);
     let v = to_value(&env);
-    assert_eq!(ordered_keys(&env.to_json(), &["data"])[3..], ["a", "b"]);
+    assert_eq!(
+        ordered_keys(&env.to_json(), &["data"])[3..],
+        ["a", "b", "c"]
+    );
     assert_eq!(v["data"]["a"], 3);
+    assert_eq!(v["data"]["b"], 5);
+    assert_eq!(serde_json::to_vec(&env).unwrap(), env.to_json().to_vec());
 }
 
 #[test]
@@ -312,6 +333,15 @@ fn generic_annotation_refuses_existing_keys() {
         raw.as_bytes().as_ref(),
         br#"{"id":"1","data":{"type":"x"},"hop":1,"received_ms":5,"relayed_via":"trickle"}"#
     );
+}
+
+#[test]
+fn a_non_string_relayed_via_is_never_duplicated() {
+    let mut raw = RawEnvelope::parse(Bytes::from_static(br#"{"id":"1","relayed_via":5}"#)).unwrap();
+    assert_eq!(raw.relayed_via(), None);
+    assert!(!raw.annotate_relayed_via("trickle"));
+    assert!(raw.annotate("relayed_via", &json!("trickle")).is_err());
+    assert_eq!(raw.as_bytes().as_ref(), br#"{"id":"1","relayed_via":5}"#);
 }
 
 #[test]
@@ -424,7 +454,7 @@ proptest! {
         pipelines in prop::collection::vec("\\PC{0,8}", 0..3),
         with_error in any::<bool>(),
         info in prop::option::of(json_value()),
-        meta in prop::collection::vec(("[a-z_\"\\\\]{1,10}", json_value()), 0..8),
+        meta in prop::collection::vec(("[ab_\"\\\\]{1,3}", json_value()), 0..8),
     ) {
         let mut fields = Fields::new().session_id(session.clone()).pipeline_ids(pipelines).user_id(session);
         if with_error {

@@ -237,6 +237,7 @@ async fn failed_writes_are_counted_and_reported_downstream() {
             capacity: 10_000,
             report_interval: Duration::from_millis(1),
             poll_interval: Duration::from_millis(1),
+            max_poll_interval: Some(Duration::from_millis(8)),
         },
     );
     for round in 0..6 {

@@ -86,7 +86,7 @@ impl FileSink {
             }),
             work: Condvar::new(),
             flushed: Condvar::new(),
-            wake_mark: capacity.max(1).div_ceil(2),
+            wake_mark: crate::queue::wake_mark(capacity),
             delivered: AtomicU64::new(0),
             write_dropped_high: AtomicU64::new(0),
             write_dropped_low: AtomicU64::new(0),

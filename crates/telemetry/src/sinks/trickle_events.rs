@@ -3,8 +3,9 @@
 //! `emit` puts the event in a bounded two-class queue ([`crate::queue`]) and returns; a drain task
 //! takes everything queued per wake-up, serializes it off the caller's thread, and writes it as one
 //! batch of `{"type":"telemetry","event":<envelope>}` lines to the events writer. The drain polls
-//! every [`TrickleEventsConfig::poll_interval`] and is woken early only by a filling queue, so a
-//! caller never pays for a wake-up syscall except, at most, once per drained burst.
+//! every [`TrickleEventsConfig::poll_interval`] (optionally backing off to
+//! [`TrickleEventsConfig::max_poll_interval`] when idle) and is woken early only by a filling
+//! queue, so a caller never pays for a wake-up syscall except, at most, once per drained burst.
 //!
 //! **Loss is reported, not just logged.** The sink counts every drop (queue eviction, failed write,
 //! emit after shutdown). Whenever drops happened since the last report, the drain task writes a
@@ -50,10 +51,14 @@ pub struct TrickleEventsConfig {
     pub capacity: usize,
     /// Minimum time between two loss reports (default 250 ms); shutdown always reports.
     pub report_interval: Duration,
-    /// How often the drain looks for queued events (default 5 ms). Callers never wake it below
-    /// the queue's wake mark (half the capacity): a wake-up is a syscall on the caller's thread.
-    /// This is the most a quiet event waits before it is written.
+    /// How often the drain looks for queued events (default 1 ms): the most a quiet event waits
+    /// before it is written. Callers never wake the drain below the queue's wake mark (3/4 of the
+    /// capacity), because a wake-up is a syscall on the caller's thread.
     pub poll_interval: Duration,
+    /// When set, each empty poll doubles the interval up to this (fewer idle wake-ups, more
+    /// latency for the first event after a quiet spell); the first non-empty poll resets it.
+    /// Default `None`: a fixed `poll_interval` (about 1,000 cheap timer wake-ups a second).
+    pub max_poll_interval: Option<Duration>,
 }
 
 impl Default for TrickleEventsConfig {
@@ -61,7 +66,8 @@ impl Default for TrickleEventsConfig {
         TrickleEventsConfig {
             capacity: DEFAULT_CAPACITY,
             report_interval: Duration::from_millis(250),
-            poll_interval: Duration::from_millis(5),
+            poll_interval: Duration::from_millis(1),
+            max_poll_interval: None,
         }
     }
 }
@@ -199,6 +205,7 @@ struct Reporter {
     /// Drops already reported (high, low).
     reported: (u64, u64),
     window_start_ms: u64,
+    /// Last report written or attempted (a failing writer must not be retried in a tight loop).
     last_report: Option<Instant>,
 }
 
@@ -256,7 +263,9 @@ async fn drain<O: LineOutput>(
     session: SessionContext,
     config: TrickleEventsConfig,
 ) {
-    let poll = config.poll_interval.max(Duration::from_micros(100));
+    let min_poll = config.poll_interval.max(Duration::from_micros(100));
+    let max_poll = config.max_poll_interval.unwrap_or(min_poll).max(min_poll);
+    let mut poll = min_poll;
     let mut reporter = Reporter {
         session,
         interval: config.report_interval,
@@ -279,6 +288,12 @@ async fn drain<O: LineOutput>(
             .due(totals, drained.closed)
             .then(|| reporter.build(totals));
 
+        // Poll fast while events flow, back off while idle.
+        poll = if batch.is_empty() {
+            (poll * 2).min(max_poll)
+        } else {
+            min_poll
+        };
         if !batch.is_empty() || report.is_some() {
             let n = batch.len();
             shared.counters.in_flight.store(n as u64, Ordering::Relaxed);
@@ -306,7 +321,9 @@ async fn drain<O: LineOutput>(
                 })
                 .collect();
 
-            let written = match output.write_lines(lines).await {
+            let result = output.write_lines(lines).await;
+            let failed = result.is_err();
+            let written = match result {
                 Ok(()) => ends.len(),
                 Err(e) => {
                     let errors = shared.counters.write_errors.fetch_add(1, Ordering::Relaxed) + 1;
@@ -330,16 +347,17 @@ async fn drain<O: LineOutput>(
                 counter.fetch_add(1, Ordering::Relaxed);
             }
             if let Some((_, end_ms)) = report {
+                reporter.last_report = Some(Instant::now());
                 if written > n {
                     shared.counters.reports.fetch_add(1, Ordering::Relaxed);
                     reporter.reported = totals;
                     reporter.window_start_ms = end_ms;
-                    reporter.last_report = Some(Instant::now());
                 }
             }
             shared.counters.in_flight.store(0, Ordering::Relaxed);
             batch.clear();
-            if !drained.closed {
+            // After a failed write, wait a poll interval rather than retrying a broken writer at once.
+            if !drained.closed && !failed {
                 continue;
             }
         }

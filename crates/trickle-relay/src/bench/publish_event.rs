@@ -50,6 +50,10 @@ pub struct Args {
     /// Calls per second per thread; 0 runs flat out (queue full: the worst case).
     #[arg(long, default_value_t = 0)]
     pub rate: u64,
+    /// With `--rate`, wait between calls by spinning (the caller's core stays busy and its
+    /// caches warm, like a media thread's) instead of sleeping and yielding.
+    #[arg(long)]
+    pub spin: bool,
     /// Capacity of the sink's queue.
     #[arg(long, default_value_t = 256)]
     pub capacity: usize,
@@ -93,7 +97,7 @@ fn timer_overhead_ns() -> u64 {
 }
 
 /// One calling thread: warm-up, then `calls` timed calls.
-fn caller(calls: u64, warmup: u64, rate: u64, seed: u64) -> (Histogram<u64>, Duration) {
+fn caller(calls: u64, warmup: u64, rate: u64, spin: bool, seed: u64) -> (Histogram<u64>, Duration) {
     let mut h = new_histogram();
     for i in 0..warmup {
         publish_event("stream_heartbeat", heartbeat(seed + i));
@@ -109,7 +113,9 @@ fn caller(calls: u64, warmup: u64, rate: u64, seed: u64) -> (Histogram<u64>, Dur
                 if now >= due {
                     break;
                 }
-                if due - now > Duration::from_micros(200) {
+                if spin {
+                    std::hint::spin_loop();
+                } else if due - now > Duration::from_micros(200) {
                     std::thread::sleep(due - now - Duration::from_micros(100));
                 } else {
                     std::thread::yield_now();
@@ -135,13 +141,13 @@ struct Scenario {
 }
 
 async fn run_callers(threads: usize, args: &Args) -> anyhow::Result<(Histogram<u64>, Duration)> {
-    let (calls, warmup, rate) = (args.calls, args.warmup, args.rate);
+    let (calls, warmup, rate, spin) = (args.calls, args.warmup, args.rate, args.spin);
     let joined = tokio::task::spawn_blocking(move || {
         let handles: Vec<_> = (0..threads)
             .map(|t| {
                 std::thread::Builder::new()
                     .name(format!("caller-{t}"))
-                    .spawn(move || caller(calls, warmup, rate, t as u64 * 1_000_000_000))
+                    .spawn(move || caller(calls, warmup, rate, spin, t as u64 * 1_000_000_000))
             })
             .collect::<Result<_, _>>()?;
         let mut out = Vec::new();
