@@ -21,10 +21,15 @@ async fn start_server() -> Server {
     .unwrap()
 }
 
+/// The binary with `args`; its log filter comes from `CLI_TEST_LOG` (default `warn`), e.g.
+/// `CLI_TEST_LOG=trickle=debug` to see the clients' decisions in a failure message.
 fn cli(args: &[&str]) -> Command {
     let mut cmd = Command::new(BIN);
     cmd.args(args)
-        .env("RUST_LOG", "warn")
+        .env(
+            "RUST_LOG",
+            std::env::var("CLI_TEST_LOG").unwrap_or_else(|_| "warn".into()),
+        )
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -120,10 +125,17 @@ async fn publish_jsonl_from_stdin_and_subscribe_jsonl_prints_every_line() {
 
     // The publisher closed the channel, so the subscriber ends by itself.
     let mut rest = String::new();
-    tokio::time::timeout(LIMIT, stdout.read_to_string(&mut rest))
+    if tokio::time::timeout(LIMIT, stdout.read_to_string(&mut rest))
         .await
-        .unwrap()
-        .unwrap();
+        .is_err()
+    {
+        let _ = sub.start_kill();
+        let (_, _, err) = finish(sub).await;
+        panic!(
+            "subscribe did not end; printed {rest:?}; channels {:?}; stderr:\n{err}",
+            server.channels().list()
+        );
+    }
     let (ok, _, err) = finish(sub).await;
     assert!(ok, "subscribe failed: {err}");
     assert_eq!(

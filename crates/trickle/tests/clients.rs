@@ -360,7 +360,6 @@ async fn rebind(addr: std::net::SocketAddr) -> Server {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publisher_and_subscriber_survive_a_server_restart() {
-    let _ = tracing_subscriber::fmt().with_env_filter("trickle=debug").with_test_writer().try_init();
     let server = start_server().await;
     let addr = server.local_addr();
     let url = format!("{}/restart", server.url());
@@ -375,6 +374,9 @@ async fn publisher_and_subscriber_survive_a_server_restart() {
         publish_segment(&mut p, seq).await;
     }
     wait_progress(&mut rx, 10).await;
+    // Let the reader's preconnected GET of seq 10 reach the server: the server answers requests
+    // that arrive during its shutdown with 404 (channel gone), which ends any subscription.
+    tokio::time::sleep(Duration::from_millis(300)).await;
 
     // Restart: every channel closes, the preconnected POST and GET are woken, the port rebinds.
     within("shutdown", server.shutdown()).await;
