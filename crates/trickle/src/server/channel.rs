@@ -178,7 +178,8 @@ impl Channel {
     /// The first byte of segment `seq` arrived: it becomes the current segment.
     pub(crate) fn first_byte(&self, seq: i64) {
         let mut st = self.state.lock();
-        st.next = seq.saturating_add(1);
+        // Never backwards: segment n+1's first byte may arrive before n's.
+        st.next = st.next.max(seq.saturating_add(1));
         st.write_time = Instant::now();
     }
 
@@ -299,13 +300,15 @@ impl Registry {
             if let Some(ch) = map.get(name) {
                 return Ok(ch.clone());
             }
+            // During shutdown a missing channel was closed by it, not deleted: a 404 would tell
+            // clients the stream is over, where a 503 lets them retry against the restarted server.
+            if self.shutting_down.load(Ordering::Acquire) {
+                return Err(Lookup::ShuttingDown);
+            }
             if !may_create {
                 return Err(Lookup::NotFound);
             }
             validate_name(name).map_err(Lookup::Refused)?;
-            if self.shutting_down.load(Ordering::Acquire) {
-                return Err(Lookup::ShuttingDown);
-            }
             if map.len() >= self.max_channels {
                 return Err(Lookup::Refused(ServerError::TooManyChannels {
                     limit: self.max_channels,

@@ -1,0 +1,6 @@
+#![no_main]
+//! See `trickle_relay_fuzz::checks::envelope` for what this target feeds and asserts.
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+    trickle_relay_fuzz::checks::envelope(data);
+});

@@ -1,0 +1,303 @@
+//! One check per fuzz target: feed outside input to a parser, assert it never panics and that
+//! whatever it accepts satisfies the parser's contract.
+//!
+//! Shared by the cargo-fuzz targets (`fuzz/fuzz_targets/*.rs`) and the stable corpus replay test
+//! (`crates/trickle-relay/tests/fuzz_corpus.rs`, via `#[path]`), so the two cannot drift.
+
+use bytes::Bytes;
+use serde_json::value::RawValue;
+use serde_json::Value;
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::OnceLock;
+use std::time::Duration;
+use trickle::jsonl::{decode_line, LineSplitter, SplitEvent};
+use trickle::messages::{ControlMessage, EventMessage};
+
+/// A target's check: panics when the input breaks the parser's contract.
+pub type Check = fn(&[u8]);
+
+/// Every target, by corpus directory name (what the replay test iterates over).
+pub const TARGETS: [(&str, Check); 5] = [
+    ("jsonl_lines", jsonl_lines),
+    ("messages", messages),
+    ("envelope", envelope),
+    ("collector_validate", collector_validate),
+    ("server_request", server_request),
+];
+
+/// What a line splitter must produce for `data`, computed the obvious way (whole input at once).
+fn reference_split(data: &[u8], max: usize) -> Vec<SplitEvent> {
+    let blank = |l: &[u8]| l.iter().all(|b| matches!(b, b' ' | b'\t' | b'\r'));
+    let mut out = Vec::new();
+    let mut parts: Vec<&[u8]> = data.split(|&b| b == b'\n').collect();
+    // The piece after the last `\n` is the unterminated tail.
+    let tail = parts.pop().unwrap_or(&[]);
+    for line in parts {
+        if line.len() > max {
+            out.push(SplitEvent::Oversize { len: line.len() });
+        } else if !blank(line) {
+            out.push(SplitEvent::Line(Bytes::copy_from_slice(line)));
+        }
+    }
+    if tail.len() > max {
+        out.push(SplitEvent::Oversize { len: tail.len() });
+    } else if !blank(tail) {
+        out.push(SplitEvent::Unterminated(Bytes::copy_from_slice(tail)));
+    }
+    out
+}
+
+/// `LineSplitter` fed `data` in arbitrary chunks gives exactly the reference split, and every line
+/// `decode_line` accepts is a JSON object (as a `Value`, a `ControlMessage`, an `EventMessage`).
+///
+/// Input layout: byte 0 picks the line limit (1..=256), byte 1 seeds the chunk sizes.
+pub fn jsonl_lines(data: &[u8]) {
+    let (max, seed, body) = match data {
+        [a, b, rest @ ..] => (usize::from(*a) + 1, usize::from(*b), rest),
+        _ => return,
+    };
+    let mut splitter = LineSplitter::new(max);
+    let mut got = Vec::new();
+    let mut rest = body;
+    let mut i = 0usize;
+    while !rest.is_empty() {
+        let n = (1 + (seed.wrapping_mul(31).wrapping_add(i * 7)) % 17).min(rest.len());
+        let (chunk, tail) = rest.split_at(n);
+        splitter.push(Bytes::copy_from_slice(chunk));
+        while let Some(ev) = splitter.next_event() {
+            got.push(ev);
+        }
+        rest = tail;
+        i += 1;
+    }
+    if let Some(ev) = splitter.finish() {
+        got.push(ev);
+    }
+    assert_eq!(got, reference_split(body, max), "max {max} seed {seed}");
+
+    for ev in &got {
+        if let SplitEvent::Line(line) = ev {
+            decode_contract(line, max);
+        }
+    }
+    // The whole input as one line, under a generous limit.
+    decode_contract(body, 1 << 20);
+}
+
+fn decode_contract(line: &[u8], max: usize) {
+    if let Ok(v) = decode_line::<Value>(line, max) {
+        assert!(v.is_object(), "decode_line accepted a non-object: {v}");
+        assert!(line.len() <= max);
+    }
+    if let Ok(m) = decode_line::<ControlMessage>(line, max) {
+        control_roundtrip(&m);
+    }
+    if let Ok(m) = decode_line::<EventMessage>(line, max) {
+        event_roundtrip(&m);
+    }
+}
+
+fn control_roundtrip(m: &ControlMessage) {
+    let once = serde_json::to_vec(m).expect("a decoded ControlMessage serializes");
+    let back: ControlMessage =
+        serde_json::from_slice(&once).expect("a serialized ControlMessage decodes");
+    let twice = serde_json::to_vec(&back).expect("serializes again");
+    assert_eq!(
+        String::from_utf8_lossy(&once),
+        String::from_utf8_lossy(&twice),
+        "ControlMessage encoding is not stable"
+    );
+}
+
+fn event_roundtrip(m: &EventMessage) {
+    let once = serde_json::to_vec(m).expect("a decoded EventMessage serializes");
+    let back: EventMessage =
+        serde_json::from_slice(&once).expect("a serialized EventMessage decodes");
+    let twice = serde_json::to_vec(&back).expect("serializes again");
+    assert_eq!(
+        String::from_utf8_lossy(&once),
+        String::from_utf8_lossy(&twice),
+        "EventMessage encoding is not stable"
+    );
+    if let (EventMessage::Telemetry(a), EventMessage::Telemetry(b)) = (m, &back) {
+        assert_eq!(
+            a.event.get(),
+            b.event.get(),
+            "telemetry event not byte-exact"
+        );
+    }
+}
+
+/// `ControlMessage` / `EventMessage` straight from bytes (what `serde_json::from_slice` callers
+/// do): never panics; whatever decodes re-encodes to the same bytes, and a telemetry event is
+/// carried byte for byte.
+pub fn messages(data: &[u8]) {
+    if let Ok(m) = serde_json::from_slice::<ControlMessage>(data) {
+        control_roundtrip(&m);
+    }
+    if let Ok(m) = serde_json::from_slice::<EventMessage>(data) {
+        event_roundtrip(&m);
+        if let EventMessage::Telemetry(t) = &m {
+            envelope(t.event.get().as_bytes());
+        }
+    }
+}
+
+/// `RawEnvelope::parse`: never panics; an accepted envelope is a JSON object with that non-empty
+/// `id`, and the relay's `relayed_via` annotation keeps it a valid envelope with the same id.
+pub fn envelope(data: &[u8]) {
+    let Ok(mut env) = telemetry::RawEnvelope::parse(Bytes::copy_from_slice(data)) else {
+        return;
+    };
+    let id = env.id().to_owned();
+    assert!(!id.is_empty(), "accepted an envelope without id");
+    // Top-level members as raw JSON: checks it is an object without `Value`'s depth limit (deep
+    // nesting is valid JSON, and every hop, collector included, accepts it).
+    let top: HashMap<String, Box<RawValue>> =
+        serde_json::from_slice(env.as_bytes()).expect("accepted envelope is a JSON object");
+    let had = env.relayed_via().map(str::to_owned);
+    let added = env.annotate_relayed_via("trickle");
+    assert_eq!(added, had.is_none() && !top.contains_key("relayed_via"));
+    let again = telemetry::RawEnvelope::parse(env.as_bytes().clone())
+        .expect("an annotated envelope parses again");
+    assert_eq!(again.id(), id, "annotation changed the id");
+    if added {
+        assert_eq!(again.relayed_via(), Some("trickle"));
+    }
+}
+
+/// The collector's `POST /v1/metrics` body validation: never panics; what it accepts is at most
+/// `max` events, each an object whose `id` is the one reported and whose bytes are in the body.
+pub fn collector_validate(data: &[u8]) {
+    const MAX: usize = 8;
+    let Ok(events) = collector::validate::validate(data, MAX) else {
+        return;
+    };
+    assert!(events.len() <= MAX);
+    for ev in events {
+        let v: HashMap<String, Box<RawValue>> =
+            serde_json::from_slice(&ev.json).expect("accepted event is a JSON object");
+        let id: Option<String> = v.get("id").and_then(|r| serde_json::from_str(r.get()).ok());
+        assert_eq!(id.as_deref(), Some(ev.id.as_str()), "reported id differs");
+        assert!(v.get("data").is_some_and(|r| r.get().starts_with('{')));
+        assert!(v.get("type").is_some_and(|r| r.get().starts_with('"')));
+        assert!(
+            data.windows(ev.json.len()).any(|w| w == &ev.json[..]),
+            "event bytes are not the body's"
+        );
+    }
+}
+
+/// A real trickle server on loopback, started once per process, with one live channel.
+struct Harness {
+    addr: SocketAddr,
+    live: String,
+}
+
+/// Set when a thread of the server's runtime panics (tokio would otherwise swallow it).
+static SERVER_PANICKED: AtomicBool = AtomicBool::new(false);
+
+fn harness() -> &'static Harness {
+    static H: OnceLock<Harness> = OnceLock::new();
+    H.get_or_init(|| {
+        let prev = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if std::thread::current()
+                .name()
+                .is_some_and(|n| n.starts_with("fuzz-server"))
+            {
+                SERVER_PANICKED.store(true, Ordering::SeqCst);
+            }
+            prev(info)
+        }));
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .thread_name("fuzz-server")
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async move {
+                let config = trickle::server::ServerConfig {
+                    autocreate: true,
+                    max_channels: 2000,
+                    max_segment_bytes: 1 << 20,
+                    idle_timeout: Duration::from_secs(5),
+                    ..Default::default()
+                };
+                let server =
+                    trickle::server::Server::bind(SocketAddr::from(([127, 0, 0, 1], 0)), config)
+                        .await
+                        .expect("bind");
+                // `_`-prefixed: never swept, so it outlives the short idle timeout set for fuzz-made channels.
+                let live = format!("_live-{}", trickle::server::random_channel_name());
+                server
+                    .channels()
+                    .create(&live, Some("application/jsonl"))
+                    .expect("create live channel");
+                tx.send((server.local_addr(), live)).expect("send addr");
+                // Serve for the life of the process.
+                std::future::pending::<()>().await;
+                drop(server);
+            });
+        });
+        let (addr, live) = rx.recv().expect("server started");
+        Harness { addr, live }
+    })
+}
+
+/// Sends `bytes`, half-closes, and reads what comes back until EOF or a short quiet timeout.
+fn exchange(addr: SocketAddr, bytes: &[u8], quiet: Duration) -> Vec<u8> {
+    let mut s = TcpStream::connect(addr).expect("server accepts");
+    let _ = s.set_read_timeout(Some(quiet));
+    // The server may answer and close before reading everything: a failed write is fine.
+    let _ = s.write_all(bytes);
+    let _ = s.shutdown(std::net::Shutdown::Write);
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                out.extend_from_slice(&buf[..n]);
+                if out.len() > (1 << 20) {
+                    break;
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Raw bytes as one HTTP/1.1 connection to a real trickle server (its head parser, chunked
+/// decoder and routes are crate-private, so they are reached the way a client reaches them):
+/// the answer, if any, is an HTTP response; afterwards the server still serves a legit request.
+pub fn server_request(data: &[u8]) {
+    let h = harness();
+    let answer = exchange(h.addr, data, Duration::from_millis(200));
+    assert!(
+        answer.is_empty() || answer.starts_with(b"HTTP/1.1 ") || answer.starts_with(b"HTTP/1.0 "),
+        "not an HTTP response: {:?}",
+        String::from_utf8_lossy(&answer[..answer.len().min(200)])
+    );
+    assert!(
+        !SERVER_PANICKED.load(Ordering::SeqCst),
+        "the server panicked on {:?}",
+        String::from_utf8_lossy(&data[..data.len().min(200)])
+    );
+    let probe = format!(
+        "GET /{}/next HTTP/1.1\r\nHost: fuzz\r\nConnection: close\r\n\r\n",
+        h.live
+    );
+    let ok = exchange(h.addr, probe.as_bytes(), Duration::from_secs(5));
+    assert!(
+        ok.starts_with(b"HTTP/1.1 200"),
+        "server stopped serving after {:?}: {:?}",
+        String::from_utf8_lossy(&data[..data.len().min(200)]),
+        String::from_utf8_lossy(&ok[..ok.len().min(200)])
+    );
+}
