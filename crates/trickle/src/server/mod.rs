@@ -31,6 +31,9 @@ use tokio::task::{JoinHandle, JoinSet};
 
 /// How long a keep-alive connection may sit idle between requests.
 const IDLE_CONNECTION: Duration = Duration::from_secs(300);
+/// How long a new connection may take to send its first request head: a connection that never
+/// speaks must not hold one of the `max_connections` slots for the whole idle timeout.
+const FIRST_REQUEST: Duration = Duration::from_secs(10);
 /// How long shutdown waits for connections to finish before cutting them.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 
@@ -321,15 +324,17 @@ async fn serve_conn(
 ) {
     let _ = stream.set_nodelay(true);
     let mut conn = Conn::new(stream);
+    let mut wait_for_head = FIRST_REQUEST;
     loop {
         let head = tokio::select! {
             biased;
             _ = stopped_signal(&mut stop) => return,
-            r = tokio::time::timeout(IDLE_CONNECTION, read_head(&mut conn)) => match r {
+            r = tokio::time::timeout(wait_for_head, read_head(&mut conn)) => match r {
                 Ok(r) => r,
                 Err(_) => return,
             },
         };
+        wait_for_head = IDLE_CONNECTION;
         let head = match head {
             Ok(head) => head,
             Err(HeadError::Closed) => return,
