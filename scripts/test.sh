@@ -5,6 +5,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# rdkafka's bundled librdkafka links the system OpenSSL; install its headers if a machine lacks them.
+if ! pkg-config --exists openssl 2>/dev/null; then
+    echo "== installing pkg-config and libssl-dev (for rdkafka)" >&2
+    SUDO=""; [[ $(id -u) -ne 0 ]] && SUDO="sudo"
+    $SUDO apt-get update -qq && $SUDO apt-get install -y -qq pkg-config libssl-dev
+fi
+
 echo "== cargo fmt --check" >&2
 cargo fmt --all -- --check
 echo "== cargo clippy" >&2
