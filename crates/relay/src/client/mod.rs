@@ -22,6 +22,7 @@ use crate::SessionIds;
 use bytes::Bytes;
 use hdrhistogram::Histogram;
 use parking_lot::Mutex;
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
@@ -121,6 +122,9 @@ pub struct ClientReport {
     pub pongs: u64,
     /// Requests that timed out.
     pub request_timeouts: u64,
+    /// Events-channel segments skipped because the subscriber fell out of the server's window
+    /// (their events are lost; the runner cannot know).
+    pub events_skipped_segments: u64,
     /// Origin-to-client latency of relayed envelopes, in ms: median, p99, max.
     pub latency_ms: Option<[u64; 3]>,
 }
@@ -151,7 +155,11 @@ struct Shared {
     egress: Option<Arc<dyn Sink>>,
     pending: Pending,
     stats: ClientStats,
+    /// Bad lines the JSONL reader counted (not JSON, not an object, oversized...).
     bad_lines: AtomicU64,
+    /// JSON objects that are not a valid events message (counted with `bad_lines`).
+    bad_messages: AtomicU64,
+    skipped_segments: AtomicU64,
     latency: Mutex<Histogram<u64>>,
     ready: watch::Sender<Option<u64>>,
     notifications: broadcast::Sender<Value>,
@@ -191,6 +199,8 @@ impl Client {
             pending: Mutex::new(HashMap::new()),
             stats: ClientStats::default(),
             bad_lines: AtomicU64::new(0),
+            bad_messages: AtomicU64::new(0),
+            skipped_segments: AtomicU64::new(0),
             latency: Mutex::new(latency),
             ready: watch::channel(None).0,
             notifications: broadcast::channel(256).0,
@@ -355,12 +365,39 @@ impl Shared {
             rejected_invalid: s.rejected_invalid.load(Relaxed),
             dropped_reported: s.dropped_reported.load(Relaxed),
             unknown_messages: s.unknown_messages.load(Relaxed),
-            bad_lines: self.bad_lines.load(Relaxed),
+            bad_lines: self.bad_lines.load(Relaxed) + self.bad_messages.load(Relaxed),
             log_lines: s.log_lines.load(Relaxed),
             notifications: s.notifications.load(Relaxed),
             pongs: s.pongs.load(Relaxed),
             request_timeouts: s.request_timeouts.load(Relaxed),
+            events_skipped_segments: self.skipped_segments.load(Relaxed),
             latency_ms: latency,
+        }
+    }
+
+    /// Handles one events-channel line (a JSON object).
+    ///
+    /// Fast path: a line exactly as the runner's sink writes it (`{"type":"telemetry","event":E}`)
+    /// goes straight to [`Shared::relay_envelope`] with `E` sliced out of the line, without building an
+    /// [`EventMessage`] or copying it. Anything else, or an `E` that is not a valid envelope there,
+    /// takes the general path, which decides exactly as before.
+    fn dispatch_line(&self, line: Box<RawValue>) {
+        let line = Bytes::from(String::from(Box::<str>::from(line)));
+        if let Some(envelope) = canonical_telemetry(&line) {
+            if let Ok(envelope) = RawEnvelope::parse(envelope) {
+                self.stats.telemetry_received.fetch_add(1, Relaxed);
+                self.relay_envelope(envelope);
+                return;
+            }
+        }
+        match serde_json::from_slice::<EventMessage>(&line) {
+            Ok(msg) => self.dispatch(msg),
+            Err(e) => {
+                let n = self.bad_messages.fetch_add(1, Relaxed) + 1;
+                if n.is_power_of_two() {
+                    tracing::warn!(error = %e, bad_messages = n, "events line is not a valid message; skipped");
+                }
+            }
         }
     }
 
@@ -438,14 +475,17 @@ impl Shared {
     /// Checks, annotates and egresses one envelope.
     fn relay(&self, bytes: Bytes) {
         self.stats.telemetry_received.fetch_add(1, Relaxed);
-        let mut envelope = match RawEnvelope::parse(bytes) {
-            Ok(e) => e,
+        match RawEnvelope::parse(bytes) {
+            Ok(e) => self.relay_envelope(e),
             Err(e) => {
                 self.stats.rejected_invalid.fetch_add(1, Relaxed);
                 tracing::warn!(error = %e, "invalid telemetry envelope skipped");
-                return;
             }
-        };
+        }
+    }
+
+    /// Checks, annotates and egresses one parsed envelope.
+    fn relay_envelope(&self, mut envelope: RawEnvelope) {
         if !self
             .session
             .admits(envelope.session_id(), envelope.connection_id())
@@ -499,6 +539,23 @@ pub async fn create_channel(url: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What the runner's sink writes before each envelope (its exact bytes).
+const TELEMETRY_PREFIX: &[u8] = br#"{"type":"telemetry","event":"#;
+
+/// The envelope bytes of a line in the runner's exact `telemetry` form, sliced without copying.
+/// The caller still parses them: a line with more members after `event` is not cut right here,
+/// and fails that parse (trailing characters), so it takes the general path.
+fn canonical_telemetry(line: &Bytes) -> Option<Bytes> {
+    if line.len() > TELEMETRY_PREFIX.len() + 1
+        && line.starts_with(TELEMETRY_PREFIX)
+        && line.ends_with(b"}")
+    {
+        Some(line.slice(TELEMETRY_PREFIX.len()..line.len() - 1))
+    } else {
+        None
+    }
+}
+
 /// The event type a sink emits to report what it dropped.
 pub const DROPPED_EVENT_TYPE: &str = "telemetry_dropped";
 
@@ -523,14 +580,22 @@ async fn events_loop(config: ClientConfig, shared: Arc<Shared>) {
         subscriber,
         JsonlReaderOptions {
             max_line_bytes: config.max_event_bytes,
-            ..JsonlReaderOptions::default()
         },
     );
     loop {
-        let next = reader.next::<EventMessage>().await;
-        shared.bad_lines.store(reader.stats().bad_lines(), Relaxed);
+        // Each line is validated once here and kept as its bytes; `dispatch_line` decides.
+        let next = reader.next::<Box<RawValue>>().await;
+        let stats = reader.stats();
+        shared.bad_lines.store(stats.bad_lines(), Relaxed);
+        let skipped = stats.subscriber.skipped_segments;
+        if shared.skipped_segments.swap(skipped, Relaxed) < skipped {
+            tracing::warn!(
+                skipped_segments = skipped,
+                "the client fell behind the events channel's window and skipped segments: their telemetry is lost (the runner writes faster than this client reads)"
+            );
+        }
         match next {
-            Ok(Some(msg)) => shared.dispatch(msg),
+            Ok(Some(line)) => shared.dispatch_line(line),
             Ok(None) => {
                 tracing::info!(events = %config.events_url, "events channel ended");
                 break;

@@ -4,6 +4,8 @@
 //! what ran, the counts, and each latency or throughput figure as median and spread.
 
 mod fanout;
+mod http_egress;
+mod kafka;
 mod plot;
 mod publish_event;
 mod relay;
@@ -27,6 +29,11 @@ enum Which {
     PublishEvent(publish_event::Args),
     /// Accepted events per second through the durable disk buffer.
     Spool(spool::Args),
+    /// The HTTP metrics reporter: accepted events/s into its disk buffer, and through to a collector.
+    HttpEgress(http_egress::Args),
+    /// Throughput into a Kafka broker: the Kafka sink (disk and memory buffer) and the
+    /// collector's Kafka output.
+    Kafka(kafka::Args),
     /// The relay path end to end: server, runner and client as separate processes.
     Relay(relay::Args),
     /// Child of `bench relay`: the runner role, emitting synthetic heartbeats.
@@ -43,6 +50,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         Which::Fanout(a) => fanout::run(a).await,
         Which::PublishEvent(a) => publish_event::run(a).await,
         Which::Spool(a) => spool::run(a).await,
+        Which::HttpEgress(a) => http_egress::run(a).await,
+        Which::Kafka(a) => kafka::run(a).await,
         Which::Relay(a) => relay::run(a).await,
         Which::RelayRunner(a) => relay_child::run_runner(a).await,
         Which::RelayClient(a) => relay_child::run_client(a).await,

@@ -322,6 +322,24 @@ impl Panel {
         }
         let mut seen: Vec<&str> = Vec::new();
         for se in &self.series {
+            if !se.label.is_empty() && !seen.contains(&se.label.as_str()) {
+                seen.push(&se.label);
+            }
+        }
+        if !seen.is_empty() {
+            // A light backdrop keeps the legend readable over the lines.
+            let widest = seen.iter().map(|l| l.chars().count()).max().unwrap_or(0) as f64;
+            let _ = writeln!(
+                s,
+                r##"<rect x="{}" y="{}" width="{:.1}" height="{}" fill="white" fill-opacity="0.85" stroke="#ccc"/>"##,
+                px + 4.0,
+                py + 4.0,
+                34.0 + widest * 6.2,
+                15.0 * seen.len() as f64 + 6.0
+            );
+        }
+        seen.clear();
+        for se in &self.series {
             if se.label.is_empty() || seen.contains(&se.label.as_str()) {
                 continue;
             }

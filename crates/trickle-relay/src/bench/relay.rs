@@ -14,7 +14,7 @@
 //! peak RSS (VmHWM).
 
 use super::plot::{Axis, Figure, Panel, Series};
-use super::relay_child::{peak_rss_kib, ClientReport, LatencyUs, RunnerReport};
+use super::relay_child::{cpu_secs, peak_rss_kib, ClientReport, LatencyUs, RunnerReport};
 use anyhow::{bail, Context as _};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{json, Value};
@@ -51,6 +51,15 @@ pub struct Args {
     /// Give up on a run after this many seconds.
     #[arg(long, default_value_t = 300)]
     pub timeout_secs: u64,
+    /// The runner's telemetry drain poll interval, in µs (default: the runner's, 1 ms).
+    #[arg(long)]
+    pub poll_us: Option<u64>,
+    /// The runner's events segment size, in bytes (default: the runner's).
+    #[arg(long)]
+    pub segment_bytes: Option<usize>,
+    /// Keep the children's logs and reports (their folder is printed on stderr).
+    #[arg(long)]
+    pub keep_logs: bool,
 }
 
 /// What one run measured.
@@ -58,6 +67,7 @@ struct RunResult {
     runner: RunnerReport,
     client: ClientReport,
     server_rss_kib: Option<u64>,
+    server_cpu_secs: Option<f64>,
 }
 
 impl RunResult {
@@ -121,6 +131,12 @@ impl RunResult {
                 "runner": self.runner.peak_rss_kib,
                 "client": self.client.peak_rss_kib,
             },
+            "cpu_secs": {
+                "server": self.server_cpu_secs,
+                "runner": self.runner.cpu_secs,
+                "runner_emitter": self.runner.emitter_cpu_secs,
+                "client": self.client.cpu_secs,
+            },
             "runner_sink": self.runner.sink,
             "client_relay": self.client.relay,
             "events_channel_ended": self.client.ended,
@@ -183,9 +199,14 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             }
         }
     }
-    if failure.is_none() {
+    if failure.is_none() && !args.keep_logs {
         // Keep the children's logs when something failed; they are named in the error.
         let _ = std::fs::remove_dir_all(&dir);
+    } else {
+        eprintln!(
+            "bench relay: children's logs and reports in {}",
+            dir.display()
+        );
     }
     if let Some(e) = failure {
         return Err(e);
@@ -270,7 +291,7 @@ fn print_human(args: &Args, runs: &[RunResult]) {
         runs.len()
     );
     println!(
-        "{:>3} {:>9} {:>9} {:>8} {:>5} {:>4} {:>11} {:>11} {:>8} {:>8} {:>8}  {}",
+        "{:>3} {:>9} {:>9} {:>8} {:>5} {:>4} {:>11} {:>11} {:>8} {:>8} {:>8}  peak RSS MiB server/runner/client",
         "run",
         "emitted",
         "delivered",
@@ -281,8 +302,7 @@ fn print_human(args: &Args, runs: &[RunResult]) {
         "sustained/s",
         "p50 ms",
         "p99 ms",
-        "max ms",
-        "peak RSS MiB server/runner/client"
+        "max ms"
     );
     for (i, r) in runs.iter().enumerate() {
         let l = r.latency();
@@ -307,7 +327,7 @@ fn print_human(args: &Args, runs: &[RunResult]) {
     }
     let line = |name: &str, values: Vec<f64>, fmt: &dyn Fn(f64) -> String| {
         let (m, lo, hi) = spread(&values);
-        println!("  {name:<28} {} [{} .. {}]", fmt(m), fmt(lo), fmt(hi));
+        println!("  {name:<30} {} [{} .. {}]", fmt(m), fmt(lo), fmt(hi));
     };
     let count = |v: f64| format!("{v:.0}");
     let msf = |v: f64| format!("{} ms", ms(v));
@@ -362,6 +382,46 @@ fn print_human(args: &Args, runs: &[RunResult]) {
             line(name, v, &mibf);
         }
     }
+    // CPU per event: the runner's per emitted event (it handles every one, dropped or not),
+    // the server's and the client's per delivered event (what they carried).
+    type CpuOf = fn(&RunResult) -> Option<(f64, u64)>;
+    let cpu: [(&str, CpuOf); 4] = [
+        ("CPU µs/emitted event runner", |r| {
+            r.runner.cpu_secs.map(|s| (s, r.runner.emitted))
+        }),
+        ("  of which the emitter", |r| {
+            r.runner.emitter_cpu_secs.map(|s| (s, r.runner.emitted))
+        }),
+        ("CPU µs/delivered event server", |r| {
+            r.server_cpu_secs.map(|s| (s, r.client.delivered))
+        }),
+        ("CPU µs/delivered event client", |r| {
+            r.client.cpu_secs.map(|s| (s, r.client.delivered))
+        }),
+    ];
+    for (name, f) in cpu {
+        let v: Vec<f64> = runs
+            .iter()
+            .filter_map(|r| f(r).map(|(s, n)| s * 1e6 / n.max(1) as f64))
+            .collect();
+        if !v.is_empty() {
+            line(name, v, &|x| format!("{x:.2}"));
+        }
+    }
+    let skipped: u64 = runs
+        .iter()
+        .filter_map(|r| {
+            r.client
+                .relay
+                .get("events_skipped_segments")
+                .and_then(Value::as_u64)
+        })
+        .sum();
+    if skipped > 0 {
+        println!(
+            "the client fell out of the server's 5-segment window {skipped} time(s): those segments' events are the ones lost in transit"
+        );
+    }
     let reported: u64 = runs
         .iter()
         .filter_map(|r| {
@@ -395,7 +455,8 @@ fn figure(args: &Args, runs: &[RunResult]) -> Figure {
                 dashed: false,
             });
         }
-        let origin = r.runner.first_emit_us as f64;
+        // The first emission window's start: every window of both sides is at or after it.
+        let origin = r.runner.windows.start_us.min(r.runner.first_emit_us) as f64;
         let rate_points = |w: &super::relay_child::Windows| -> Vec<(f64, f64)> {
             let width = w.width_us.max(1) as f64;
             w.counts
@@ -441,7 +502,7 @@ fn figure(args: &Args, runs: &[RunResult]) -> Figure {
             args.queue_capacity
         ),
         subtitle: format!(
-            "server, runner and client as separate processes, {} CPU(s); median of {} run(s): {:.0} events/s sustained, p99 {} ms, {} dropped in all",
+            "server, runner and client as separate processes, {} CPU(s); median of {} run(s): {:.0} events/s sustained, p99 {} ms; {} dropped over all runs",
             std::thread::available_parallelism().map_or(0, |n| n.get()),
             runs.len(),
             sustained,
@@ -606,38 +667,38 @@ async fn run_once(exe: &Path, dir: &Path, args: &Args, run: usize) -> anyhow::Re
         run,
         false,
     )?;
-    let mut runner = Proc::spawn(
-        "runner",
-        exe,
-        &[
-            "bench",
-            "relay-runner",
-            "--control-url",
-            &control,
-            "--events-url",
-            &events,
-            "--events",
-            &n,
-            "--rate",
-            &args.rate.to_string(),
-            "--queue-capacity",
-            &args.queue_capacity.to_string(),
-            "--report",
-            &runner_report.to_string_lossy(),
-        ],
-        dir,
-        run,
-        true,
-    )?;
+    let mut runner_args = vec![
+        "bench".to_string(),
+        "relay-runner".into(),
+        "--control-url".into(),
+        control.clone(),
+        "--events-url".into(),
+        events.clone(),
+        "--events".into(),
+        n.clone(),
+        "--rate".into(),
+        args.rate.to_string(),
+        "--queue-capacity".into(),
+        args.queue_capacity.to_string(),
+        "--report".into(),
+        runner_report.to_string_lossy().into_owned(),
+    ];
+    if let Some(us) = args.poll_us {
+        runner_args.extend(["--poll-us".into(), us.to_string()]);
+    }
+    if let Some(bytes) = args.segment_bytes {
+        runner_args.extend(["--segment-bytes".into(), bytes.to_string()]);
+    }
+    let runner_args: Vec<&str> = runner_args.iter().map(String::as_str).collect();
+    let mut runner = Proc::spawn("runner", exe, &runner_args, dir, run, true)?;
     let result = drive(&mut runner, &mut client, args, run).await;
     if result.is_err() {
         runner.stop().await;
         client.stop().await;
     }
-    let server_rss_kib = server
-        .as_ref()
-        .and_then(Proc::pid)
-        .and_then(|p| peak_rss_kib(&p));
+    let server_pid = server.as_ref().and_then(Proc::pid);
+    let server_rss_kib = server_pid.as_deref().and_then(peak_rss_kib);
+    let server_cpu_secs = server_pid.as_deref().and_then(cpu_secs);
     if let Some(s) = server.as_mut() {
         s.stop().await;
     }
@@ -646,6 +707,7 @@ async fn run_once(exe: &Path, dir: &Path, args: &Args, run: usize) -> anyhow::Re
         runner: read_report(&runner_report, &runner)?,
         client: read_report(&client_report, &client)?,
         server_rss_kib,
+        server_cpu_secs,
     })
 }
 

@@ -13,6 +13,7 @@
 
 use anyhow::Context as _;
 use hdrhistogram::Histogram;
+use memchr::memmem::Finder;
 use parking_lot::Mutex;
 use relay::client::{Client, ClientConfig};
 use relay::runner::RunnerConfig;
@@ -26,15 +27,21 @@ use std::time::{Duration, Instant};
 use telemetry::{Event, Fields, Sink, SinkStats};
 use tokio_util::sync::CancellationToken;
 
+/// The key of each heartbeat's sequence number, as it appears in the envelope.
+const SEQ_KEY: &[u8] = b"\"bench_seq\":";
+/// The key of each heartbeat's emission time (unix µs).
+const EMIT_KEY: &[u8] = b"\"emit_us\":";
+
 /// Session id both children agree on (the client rejects any other).
 pub const SESSION_ID: &str = "bench-session";
 /// Connection id both children agree on.
 pub const CONNECTION_ID: &str = "bench-connection";
 /// Width of the throughput windows, in microseconds.
 pub const WINDOW_US: u64 = 100_000;
-/// An emitter this far ahead of its schedule sleeps; closer, it emits early (it never spins: a
-/// spinning emitter would take one of the machine's cores from the pipeline it measures).
-const SLEEP_AHEAD: Duration = Duration::from_micros(20);
+/// An emitter this far ahead of its schedule sleeps; closer, it emits early. It never spins (a
+/// spinning emitter would take one of the machine's cores from the pipeline it measures), and it
+/// sleeps at most ~2,000 times a second (each sleep is a syscall billed to the runner process).
+const SLEEP_AHEAD: Duration = Duration::from_micros(500);
 
 /// Arguments of the hidden `bench relay-runner`.
 #[derive(clap::Args, Debug)]
@@ -54,6 +61,12 @@ pub struct RunnerArgs {
     /// Capacity of the runner's telemetry queue.
     #[arg(long, default_value_t = 256)]
     pub queue_capacity: usize,
+    /// The telemetry drain's poll interval, in µs (default: the runner's).
+    #[arg(long)]
+    pub poll_us: Option<u64>,
+    /// The events writer's segment size, in bytes (default: the runner's).
+    #[arg(long)]
+    pub segment_bytes: Option<usize>,
     /// Where to write the report (JSON).
     #[arg(long)]
     pub report: PathBuf,
@@ -132,6 +145,10 @@ pub struct RunnerReport {
     pub sink: SinkCounts,
     /// Peak resident memory of the process (VmHWM), in KiB.
     pub peak_rss_kib: Option<u64>,
+    /// CPU time the process used, in seconds.
+    pub cpu_secs: Option<f64>,
+    /// Of which the emitter thread (the `publish_event` calls and the pacing), in seconds.
+    pub emitter_cpu_secs: Option<f64>,
 }
 
 /// [`SinkStats`], as the runner child reports it.
@@ -216,6 +233,8 @@ pub struct ClientReport {
     pub ended: bool,
     /// Peak resident memory of the process (VmHWM), in KiB.
     pub peak_rss_kib: Option<u64>,
+    /// CPU time the process used, in seconds.
+    pub cpu_secs: Option<f64>,
 }
 
 /// Unix time now, in µs.
@@ -231,6 +250,20 @@ pub fn peak_rss_kib(pid: &str) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// CPU time (user + system) used so far by process `pid` (`"self"` for this one,
+/// `"thread-self"` for the calling thread), in seconds
+/// (Linux only; /proc counts in USER_HZ ticks, 100 per second on every Linux ABI).
+pub fn cpu_secs(pid: &str) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may contain spaces; fields after its ')' are plain numbers.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the whole line: 12 and 13 after the name.
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some((utime + stime) as f64 / 100.0)
 }
 
 /// Writes `value` as JSON to `path`.
@@ -270,6 +303,7 @@ fn heartbeat(seq: u64, emit_us: u64) -> Fields {
 
 /// What the emitter thread did.
 struct Emitted {
+    cpu_secs: Option<f64>,
     emitted: u64,
     first_us: u64,
     last_us: u64,
@@ -312,6 +346,7 @@ fn emit_all(n: u64, rate: u64) -> anyhow::Result<Emitted> {
     }
     say(format_args!("emitted {n}"));
     Ok(Emitted {
+        cpu_secs: cpu_secs("thread-self"),
         emitted: n,
         first_us,
         last_us,
@@ -330,6 +365,12 @@ pub async fn run_runner(args: RunnerArgs) -> anyhow::Result<()> {
     config.runner_job_id = Some("bench".into());
     config.queue_capacity = args.queue_capacity.max(1);
     config.forward_logs = false;
+    if let Some(us) = args.poll_us {
+        config.telemetry_poll_interval = Duration::from_micros(us);
+    }
+    if let Some(bytes) = args.segment_bytes {
+        config.events_segment_bytes = bytes;
+    }
     config.heartbeat_interval = Duration::from_secs(3600);
     let shutdown = CancellationToken::new();
     let mut runner = tokio::spawn(relay::runner::run(config, shutdown.clone()));
@@ -360,6 +401,8 @@ pub async fn run_runner(args: RunnerArgs) -> anyhow::Result<()> {
         windows: emitted.windows,
         sink: runner_report.sink.into(),
         peak_rss_kib: peak_rss_kib("self"),
+        cpu_secs: cpu_secs("self"),
+        emitter_cpu_secs: emitted.cpu_secs,
     };
     write_report(&args.report, &report)
 }
@@ -374,6 +417,8 @@ pub async fn run_runner(args: RunnerArgs) -> anyhow::Result<()> {
 /// process spends its time relaying, not measuring.
 pub struct CountingSink {
     state: Mutex<CountState>,
+    seq_key: Finder<'static>,
+    emit_key: Finder<'static>,
     delivered: AtomicU64,
     events: u64,
 }
@@ -407,6 +452,8 @@ impl CountingSink {
                 latency,
             }),
             delivered: AtomicU64::new(0),
+            seq_key: Finder::new(SEQ_KEY),
+            emit_key: Finder::new(EMIT_KEY),
             events,
         }
     }
@@ -443,28 +490,33 @@ impl CountingSink {
     }
 }
 
-/// Points of the percentile curve, dense in the tail (0..99.999%).
+/// Points of the percentile curve, dense in the tail, up to the last quantile the sample size
+/// resolves (1 - 1/count), where the curve ends at the maximum.
 fn latency_curve(h: &Histogram<u64>) -> Vec<(f64, u64)> {
+    let last = 1.0 - 1.0 / h.len().max(2) as f64;
     let mut points = Vec::new();
-    // Quantiles 1 - 10^(-k/10) for k in 0..=50: evenly spaced on a "nines" axis.
-    for k in 0..=50 {
+    // Quantiles 1 - 10^(-k/10): evenly spaced on a "nines" axis.
+    for k in 0..=60 {
         let q = 1.0 - 10f64.powf(-(k as f64) / 10.0);
+        if q >= last {
+            break;
+        }
         points.push((q, h.value_at_quantile(q)));
     }
-    points.push((1.0, h.max()));
+    points.push((last, h.max()));
     points
 }
 
-/// The unsigned integer following `"key":` in `bytes`, if any.
-pub fn find_u64(bytes: &[u8], key: &[u8]) -> Option<u64> {
-    let at = bytes.windows(key.len()).position(|w| w == key)? + key.len();
-    let digits = bytes[at..]
+/// The unsigned integer right after the key `finder` looks for (e.g. `"bench_seq":`), if any.
+pub fn find_u64(bytes: &[u8], finder: &Finder<'_>) -> Option<u64> {
+    let at = finder.find(bytes)? + finder.needle().len();
+    let (value, digits) = bytes[at..]
         .iter()
         .take_while(|b| b.is_ascii_digit())
         .fold((0u64, 0usize), |(v, n), b| {
             (v.wrapping_mul(10).wrapping_add(u64::from(b - b'0')), n + 1)
         });
-    (digits.1 > 0 && digits.1 <= 19).then_some(digits.0)
+    (digits > 0 && digits <= 19).then_some(value)
 }
 
 impl Sink for CountingSink {
@@ -476,9 +528,11 @@ impl Sink for CountingSink {
             s.other += 1;
             return;
         }
+        // `emit_us` follows `bench_seq` (the runner adds them in that order).
+        let seq_at = self.seq_key.find(&bytes);
         let (Some(seq), Some(emit_us)) = (
-            find_u64(&bytes, b"\"bench_seq\":"),
-            find_u64(&bytes, b"\"emit_us\":"),
+            seq_at.and_then(|at| find_u64(&bytes[at..], &self.seq_key)),
+            seq_at.and_then(|at| find_u64(&bytes[at..], &self.emit_key)),
         ) else {
             s.malformed += 1;
             return;
@@ -544,6 +598,7 @@ pub async fn run_client(args: ClientArgs) -> anyhow::Result<()> {
     report.relay = serde_json::to_value(&relay_report)?;
     report.ended = ended;
     report.peak_rss_kib = peak_rss_kib("self");
+    report.cpu_secs = cpu_secs("self");
     write_report(&args.report, &report)
 }
 
@@ -554,10 +609,11 @@ mod tests {
     #[test]
     fn finds_integers_after_keys() {
         let line = br#"{"data":{"bench_seq":42,"emit_us":1700000000123456,"x":"y"}}"#;
-        assert_eq!(find_u64(line, b"\"bench_seq\":"), Some(42));
-        assert_eq!(find_u64(line, b"\"emit_us\":"), Some(1_700_000_000_123_456));
-        assert_eq!(find_u64(line, b"\"nope\":"), None);
-        assert_eq!(find_u64(br#"{"bench_seq":"a"}"#, b"\"bench_seq\":"), None);
+        let (seq, emit) = (Finder::new(SEQ_KEY), Finder::new(EMIT_KEY));
+        assert_eq!(find_u64(line, &seq), Some(42));
+        assert_eq!(find_u64(line, &emit), Some(1_700_000_000_123_456));
+        assert_eq!(find_u64(line, &Finder::new(b"\"nope\":")), None);
+        assert_eq!(find_u64(br#"{"bench_seq":"a"}"#, &seq), None);
     }
 
     #[test]
