@@ -351,7 +351,14 @@ impl Collector {
             Err(Invalid::Shape(m)) => return Err(bad(m)),
             Err(e @ Invalid::TooManyEvents { .. }) => return Err(too_large(e.to_string())),
         };
-        self.accept(events).await
+        // In its own task: a reporter that disconnects (or is killed) mid-request cancels this
+        // handler, and a write cancelled between the output and the dedup commit would let the
+        // resent batch be written twice.
+        let this = self.clone();
+        match tokio::spawn(async move { this.accept(events).await }).await {
+            Ok(result) => result,
+            Err(e) => Err(Reject::Output(format!("the write task failed: {e}"))),
+        }
     }
 
     /// Writes the events not seen before, durably; returns (accepted, duplicates).
