@@ -801,7 +801,7 @@ impl SenderLoop {
         let last = batch.items.last().map_or(0, |i| i.key);
         loop {
             match s.buffer.remove_through(batch.source, last) {
-                Ok(()) => break,
+                Ok(_) => break,
                 Err(e) => {
                     // Not removing means producing the batch again later: duplicates, not loss.
                     s.counters.disk_errors.fetch_add(1, Relaxed);

@@ -92,6 +92,7 @@
 //! took about 630,000 appends/s under group commit, each one safe from a process crash.
 
 mod error;
+pub mod fallback;
 mod format;
 mod recovery;
 mod spool;
