@@ -8,77 +8,22 @@
 use serde_json::{json, Value};
 use std::collections::HashSet;
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-const BIN: &str = env!("CARGO_BIN_EXE_trickle-relay");
+mod common;
+use common::{free_addr, wait_listening, wait_until, Proc};
 
-/// A child process killed when the test ends, whatever happens.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+/// `trickle-relay args` with `RUST_LOG=debug` (so a leaked secret would show), `env` added and
+/// stderr into `stderr` when given.
+fn spawn(args: &[&str], env: &[(&str, &str)], stderr: Option<&Path>) -> Proc {
+    let mut cmd = common::relay(args);
+    cmd.env("RUST_LOG", "debug").envs(env.iter().copied());
+    if let Some(path) = stderr {
+        cmd.stderr(common::log_file(path));
     }
-}
-
-impl Proc {
-    fn spawn(args: &[&str], env: &[(&str, &str)], stderr: Option<&Path>) -> Proc {
-        let mut cmd = Command::new(BIN);
-        cmd.args(args).env("RUST_LOG", "debug").stdin(Stdio::null());
-        for var in [
-            "SCOPE_TELEMETRY_LOG_SINK",
-            "SCOPE_TELEMETRY_DISABLED",
-            "DO_NOT_TRACK",
-            "KAFKA_BOOTSTRAP_SERVERS",
-            "SCOPE_METRICS_ENABLED",
-            "SCOPE_CLOUD_API_KEY",
-        ] {
-            cmd.env_remove(var);
-        }
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        if let Some(path) = stderr {
-            cmd.stderr(Stdio::from(
-                std::fs::File::create(path).expect("stderr file"),
-            ));
-        }
-        Proc(cmd.spawn().expect("spawn trickle-relay"))
-    }
-
-    /// Resident memory now, in KiB (Linux).
-    fn rss_kib(&self) -> Option<u64> {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.0.id())).ok()?;
-        let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
-        line.split_whitespace().nth(1)?.parse().ok()
-    }
-}
-
-fn free_addr() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-}
-
-fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn wait_listening(addr: SocketAddr) {
-    wait_until(
-        &format!("{addr} listening"),
-        Duration::from_secs(20),
-        || TcpStream::connect(addr).is_ok(),
-    );
+    Proc::start(&mut cmd)
 }
 
 /// Reads until EOF or `quiet` without data; returns what arrived.
@@ -108,7 +53,7 @@ fn connection_flood_is_bounded_and_the_server_serves_again_after_it() {
     const LIMIT: usize = 16;
     const FLOOD: usize = 200;
     let addr = free_addr();
-    let server = Proc::spawn(
+    let server = spawn(
         &[
             "serve",
             "--listen",
@@ -225,7 +170,7 @@ fn api_keys_never_appear_in_logs() {
     const WRONG: &str = "sk-live-wrong-0a1b2c3d4e5f6789";
     let dir = tempfile::tempdir().expect("tempdir");
     let server_addr = free_addr();
-    let _server = Proc::spawn(
+    let _server = spawn(
         &[
             "serve",
             "--listen",
@@ -242,7 +187,7 @@ fn api_keys_never_appear_in_logs() {
     std::fs::write(&keys, format!("{KEY}\n")).expect("keys");
     let out = dir.path().join("out.jsonl");
     let collector_err = dir.path().join("collector.err");
-    let _collector = Proc::spawn(
+    let _collector = spawn(
         &[
             "collector",
             "--listen",
@@ -271,7 +216,7 @@ fn api_keys_never_appear_in_logs() {
         let client_http = free_addr();
         let err = dir.path().join(format!("client-{name}.err"));
         let buffer = dir.path().join(format!("buffer-{name}"));
-        let proc = Proc::spawn(
+        let proc = spawn(
             &[
                 "client",
                 "--control-url",

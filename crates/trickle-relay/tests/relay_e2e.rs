@@ -2,70 +2,12 @@
 //! `trickle-relay client`, talking over loopback TCP.
 
 use serde_json::{json, Value};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-const BIN: &str = env!("CARGO_BIN_EXE_trickle-relay");
-
-/// A child process killed when the test ends, whatever happens.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-impl Proc {
-    fn spawn(args: &[&str]) -> Proc {
-        let child = Command::new(BIN)
-            .args(args)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("spawn trickle-relay");
-        Proc(child)
-    }
-
-    /// Waits for the process to exit on its own; fails the test after `timeout`.
-    fn wait(&mut self, timeout: Duration) -> std::process::ExitStatus {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.0.try_wait().expect("try_wait") {
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "process {} did not exit within {timeout:?}",
-                self.0.id()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// Peak resident memory so far, in KiB (Linux).
-    fn peak_rss_kib(&self) -> Option<u64> {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.0.id())).ok()?;
-        let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-        line.split_whitespace().nth(1)?.parse().ok()
-    }
-}
-
-fn free_addr() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-    listener.local_addr().expect("addr")
-}
-
-fn wait_listening(addr: SocketAddr) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while TcpStream::connect(addr).is_err() {
-        assert!(Instant::now() < deadline, "nothing listens on {addr}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
+mod common;
+use common::{free_addr, read_json, read_lines, wait_listening, Proc};
 
 /// A trickle server process with autocreate, and two fresh channels on it.
 struct Setup {
@@ -77,40 +19,18 @@ struct Setup {
 
 fn setup() -> Setup {
     let addr = free_addr();
-    let server = Proc::spawn(&["serve", "--listen", &addr.to_string(), "--autocreate"]);
+    let server = Proc::spawn(
+        &["serve", "--listen", &addr.to_string(), "--autocreate"],
+        None,
+    );
     wait_listening(addr);
-    let tag = uuid::Uuid::new_v4().simple().to_string();
-    let control = format!("http://{addr}/{tag}-control");
-    let events = format!("http://{addr}/{tag}-events");
-    let http = reqwest::blocking::Client::new();
-    for url in [&control, &events] {
-        let status = http
-            .post(url)
-            .header("Expect-Content", "application/jsonl")
-            .send()
-            .expect("create channel")
-            .status();
-        assert!(status.is_success(), "creating {url}: {status}");
-    }
+    let (control, events) = common::create_session_channels(addr);
     Setup {
         _server: server,
         control,
         events,
         dir: tempfile::tempdir().expect("tempdir"),
     }
-}
-
-fn read_lines(path: &Path) -> Vec<String> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .map(str::to_string)
-        .collect()
-}
-
-fn read_json(path: &Path) -> Value {
-    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    serde_json::from_str(&text).expect("report is JSON")
 }
 
 fn data_type(line: &str) -> String {
@@ -151,46 +71,52 @@ fn three_processes_relay_every_event_verbatim_and_in_order() {
     let (runner_report, client_report) = (path(&s.dir, "runner.json"), path(&s.dir, "client.json"));
     let ingest = free_addr();
     let (session, connection) = ("sess-e2e", "conn-e2e");
-    let mut runner = Proc::spawn(&[
-        "runner",
-        "--control-url",
-        &s.control,
-        "--events-url",
-        &s.events,
-        "--session-id",
-        session,
-        "--connection-id",
-        connection,
-        "--heartbeat-ms",
-        "20",
-        "--ingest",
-        &ingest.to_string(),
-        "--emitted-file",
-        runner_out.to_str().unwrap(),
-        "--report",
-        runner_report.to_str().unwrap(),
-    ]);
-    let mut client = Proc::spawn(&[
-        "client",
-        "--control-url",
-        &s.control,
-        "--events-url",
-        &s.events,
-        "--session-id",
-        session,
-        "--connection-id",
-        connection,
-        "--egress",
-        "file",
-        "--egress-file",
-        client_out.to_str().unwrap(),
-        "--start-stream",
-        r#"{"pipeline_id":"passthrough"}"#,
-        "--duration-secs",
-        "3",
-        "--report",
-        client_report.to_str().unwrap(),
-    ]);
+    let mut runner = Proc::spawn(
+        &[
+            "runner",
+            "--control-url",
+            &s.control,
+            "--events-url",
+            &s.events,
+            "--session-id",
+            session,
+            "--connection-id",
+            connection,
+            "--heartbeat-ms",
+            "20",
+            "--ingest",
+            &ingest.to_string(),
+            "--emitted-file",
+            runner_out.to_str().unwrap(),
+            "--report",
+            runner_report.to_str().unwrap(),
+        ],
+        None,
+    );
+    let mut client = Proc::spawn(
+        &[
+            "client",
+            "--control-url",
+            &s.control,
+            "--events-url",
+            &s.events,
+            "--session-id",
+            session,
+            "--connection-id",
+            connection,
+            "--egress",
+            "file",
+            "--egress-file",
+            client_out.to_str().unwrap(),
+            "--start-stream",
+            r#"{"pipeline_id":"passthrough"}"#,
+            "--duration-secs",
+            "3",
+            "--report",
+            client_report.to_str().unwrap(),
+        ],
+        None,
+    );
 
     // A local process hands the runner envelopes it built itself, and publish_event requests.
     let built: Vec<String> = (0..50)
@@ -287,45 +213,51 @@ fn overload_sheds_heartbeats_keeps_lifecycle_and_reports_every_drop() {
     let client_out = path(&s.dir, "client.jsonl");
     let (runner_report, client_report) = (path(&s.dir, "runner.json"), path(&s.dir, "client.json"));
     let ingest = free_addr();
-    let mut runner = Proc::spawn(&[
-        "runner",
-        "--control-url",
-        &s.control,
-        "--events-url",
-        &s.events,
-        "--session-id",
-        "s",
-        "--connection-id",
-        "c",
-        "--queue-capacity",
-        "8",
-        "--ingest",
-        &ingest.to_string(),
-        "--no-forward-logs",
-        "--report",
-        runner_report.to_str().unwrap(),
-    ]);
-    let mut client = Proc::spawn(&[
-        "client",
-        "--control-url",
-        &s.control,
-        "--events-url",
-        &s.events,
-        "--session-id",
-        "s",
-        "--connection-id",
-        "c",
-        "--egress",
-        "file",
-        "--egress-file",
-        client_out.to_str().unwrap(),
-        "--start-stream",
-        "{}",
-        "--duration-secs",
-        "4",
-        "--report",
-        client_report.to_str().unwrap(),
-    ]);
+    let mut runner = Proc::spawn(
+        &[
+            "runner",
+            "--control-url",
+            &s.control,
+            "--events-url",
+            &s.events,
+            "--session-id",
+            "s",
+            "--connection-id",
+            "c",
+            "--queue-capacity",
+            "8",
+            "--ingest",
+            &ingest.to_string(),
+            "--no-forward-logs",
+            "--report",
+            runner_report.to_str().unwrap(),
+        ],
+        None,
+    );
+    let mut client = Proc::spawn(
+        &[
+            "client",
+            "--control-url",
+            &s.control,
+            "--events-url",
+            &s.events,
+            "--session-id",
+            "s",
+            "--connection-id",
+            "c",
+            "--egress",
+            "file",
+            "--egress-file",
+            client_out.to_str().unwrap(),
+            "--start-stream",
+            "{}",
+            "--duration-secs",
+            "4",
+            "--report",
+            client_report.to_str().unwrap(),
+        ],
+        None,
+    );
     // Far past the queue: 100,000 heartbeats in bursts of 20,000 (each body under the ingest's
     // 5 MiB limit), with an error event every 2,000.
     let mut bursts = vec![String::with_capacity(3 << 20)];
@@ -410,25 +342,28 @@ fn bad_lines_are_counted_and_skipped_while_valid_telemetry_flows() {
     let s = setup();
     let client_out = path(&s.dir, "client.jsonl");
     let client_report = path(&s.dir, "client.json");
-    let mut client = Proc::spawn(&[
-        "client",
-        "--control-url",
-        &s.control,
-        "--events-url",
-        &s.events,
-        "--session-id",
-        "mine",
-        "--connection-id",
-        "conn",
-        "--egress",
-        "file",
-        "--egress-file",
-        client_out.to_str().unwrap(),
-        "--max-event-bytes",
-        "4096",
-        "--report",
-        client_report.to_str().unwrap(),
-    ]);
+    let mut client = Proc::spawn(
+        &[
+            "client",
+            "--control-url",
+            &s.control,
+            "--events-url",
+            &s.events,
+            "--session-id",
+            "mine",
+            "--connection-id",
+            "conn",
+            "--egress",
+            "file",
+            "--egress-file",
+            client_out.to_str().unwrap(),
+            "--max-event-bytes",
+            "4096",
+            "--report",
+            client_report.to_str().unwrap(),
+        ],
+        None,
+    );
     std::thread::sleep(Duration::from_millis(500));
     let envelope = |i: u32, session: &str| {
         json!({"id": format!("00000000-0000-4000-8000-{i:012}"), "type": "stream_trace", "timestamp": "1700000000000",
@@ -513,19 +448,22 @@ fn bad_lines_are_counted_and_skipped_while_valid_telemetry_flows() {
 fn client_serves_its_log_tail_with_telemetry_lines_and_health() {
     let s = setup();
     let http_addr = free_addr();
-    let mut client = Proc::spawn(&[
-        "client",
-        "--control-url",
-        &s.control,
-        "--events-url",
-        &s.events,
-        "--session-id",
-        "mine",
-        "--egress",
-        "log",
-        "--http",
-        &http_addr.to_string(),
-    ]);
+    let mut client = Proc::spawn(
+        &[
+            "client",
+            "--control-url",
+            &s.control,
+            "--events-url",
+            &s.events,
+            "--session-id",
+            "mine",
+            "--egress",
+            "log",
+            "--http",
+            &http_addr.to_string(),
+        ],
+        None,
+    );
     wait_listening(http_addr);
     let line = json!({"type": "telemetry", "event": {"id": "11111111-2222-4333-8444-555555555555", "type": "stream_trace",
         "timestamp": "1700000000000", "data": {"type": "stream_heartbeat", "client_source": "scope",

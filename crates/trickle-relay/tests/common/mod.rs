@@ -1,0 +1,206 @@
+//! Helpers shared by the integration tests: real `trickle-relay` processes, free ports, waits.
+//!
+//! Each test binary includes this with `mod common;` and uses what it needs.
+#![allow(dead_code)]
+
+use serde_json::Value;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::Path;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+/// The binary under test, built by cargo for the integration tests.
+pub const BIN: &str = env!("CARGO_BIN_EXE_trickle-relay");
+
+/// Egress variables a developer's shell may set; removed so a test sees only what it sets.
+const EGRESS_ENV: &[&str] = &[
+    "SCOPE_TELEMETRY_LOG_SINK",
+    "SCOPE_TELEMETRY_DISABLED",
+    "DO_NOT_TRACK",
+    "SCOPE_CLOUD_API_KEY",
+    "SCOPE_METRICS_ENABLED",
+    "KAFKA_BOOTSTRAP_SERVERS",
+    "KAFKA_TOPIC",
+    "KAFKA_SASL_USERNAME",
+    "KAFKA_SASL_PASSWORD",
+];
+
+/// A `trickle-relay` command with `args`, `RUST_LOG=info`, no stdin and a clean egress
+/// environment; add `.env(..)` / `.stderr(..)` before [`Proc::start`].
+pub fn relay(args: &[&str]) -> Command {
+    let mut cmd = Command::new(BIN);
+    cmd.args(args).env("RUST_LOG", "info").stdin(Stdio::null());
+    for var in EGRESS_ENV {
+        cmd.env_remove(var);
+    }
+    cmd
+}
+
+/// A file to send a child's stderr to (kept for the failure message).
+pub fn log_file(path: &Path) -> Stdio {
+    Stdio::from(std::fs::File::create(path).expect("create log file"))
+}
+
+/// A child process killed (SIGKILL) when dropped, whatever happens to the test.
+pub struct Proc(pub Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Proc {
+    /// Spawns `cmd` (usually from [`relay`]).
+    pub fn start(cmd: &mut Command) -> Proc {
+        Proc(cmd.spawn().expect("spawn trickle-relay"))
+    }
+
+    /// `trickle-relay args` with stderr into `stderr` when given.
+    pub fn spawn(args: &[&str], stderr: Option<&Path>) -> Proc {
+        let mut cmd = relay(args);
+        if let Some(path) = stderr {
+            cmd.stderr(log_file(path));
+        }
+        Proc::start(&mut cmd)
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.0.id()
+    }
+
+    /// SIGKILL, and reap.
+    pub fn kill9(mut self) {
+        self.0.kill().expect("kill -9");
+        let _ = self.0.wait();
+    }
+
+    /// SIGTERM: a graceful shutdown.
+    pub fn terminate(&self) {
+        signal(self.pid(), "TERM");
+    }
+
+    /// Waits for the process to exit on its own; fails the test after `timeout`.
+    pub fn wait(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.0.try_wait().expect("try_wait") {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "process {} did not exit within {timeout:?}",
+                self.0.id()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Resident memory now, in KiB (Linux).
+    pub fn rss_kib(&self) -> Option<u64> {
+        status_kib(self.pid(), "VmRSS:")
+    }
+
+    /// Peak resident memory so far, in KiB (Linux).
+    pub fn peak_rss_kib(&self) -> Option<u64> {
+        status_kib(self.pid(), "VmHWM:")
+    }
+}
+
+/// Sends `SIG<name>` to `pid` with kill(1).
+pub fn signal(pid: u32, name: &str) {
+    let status = Command::new("kill")
+        .args([format!("-{name}"), pid.to_string()])
+        .status()
+        .expect("run kill");
+    assert!(status.success(), "kill -{name} {pid} failed");
+}
+
+fn status_kib(pid: u32, field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with(field))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// A loopback address nobody listens on (bound, then released).
+pub fn free_addr() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+}
+
+/// Polls `cond` every 20 ms; fails the test naming `what` after `timeout`.
+pub fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Waits (up to 20 s) until something accepts connections on `addr`.
+pub fn wait_listening(addr: SocketAddr) {
+    wait_until(
+        &format!("{addr} listening"),
+        Duration::from_secs(20),
+        || TcpStream::connect(addr).is_ok(),
+    );
+}
+
+/// `trickle-relay serve --autocreate` on `addr` (plus `extra` flags), once it listens.
+pub fn serve(addr: SocketAddr, extra: &[&str]) -> Proc {
+    let listen = addr.to_string();
+    let mut args = vec!["serve", "--listen", &listen, "--autocreate"];
+    args.extend_from_slice(extra);
+    let p = Proc::spawn(&args, None);
+    wait_listening(addr);
+    p
+}
+
+/// The non-empty lines of a file (none when it does not exist).
+pub fn read_lines(path: &Path) -> Vec<String> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| !l.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// A JSON file (a process's `--report`), parsed.
+pub fn read_json(path: &Path) -> Value {
+    let text =
+        std::fs::read_to_string(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("parsing {}: {e}", path.display()))
+}
+
+/// The last 40 lines of a log file, for failure messages.
+pub fn tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(40)..].join("\n")
+}
+
+/// Creates the trickle channel `url` (as an orchestrator would) and fails the test otherwise.
+pub fn create_channel(url: &str) {
+    let status = reqwest::blocking::Client::new()
+        .post(url)
+        .header("Expect-Content", "application/jsonl")
+        .send()
+        .unwrap_or_else(|e| panic!("creating {url}: {e}"))
+        .status();
+    assert!(status.is_success(), "creating {url}: {status}");
+}
+
+/// Two fresh channel URLs on the server at `addr`, created: `(control, events)`.
+pub fn create_session_channels(addr: SocketAddr) -> (String, String) {
+    let tag = uuid::Uuid::new_v4().simple().to_string();
+    let control = format!("http://{addr}/{tag}-control");
+    let events = format!("http://{addr}/{tag}-events");
+    create_channel(&control);
+    create_channel(&events);
+    (control, events)
+}
