@@ -73,6 +73,8 @@ pub fn free_port() -> u16 {
 pub struct TestBroker {
     bin: PathBuf,
     port: u16,
+    /// The port clients are told to connect to, when not `port` (a proxy in front).
+    advertised: Option<u16>,
     child: Option<Child>,
 }
 
@@ -86,6 +88,7 @@ impl TestBroker {
             let mut b = TestBroker {
                 bin: bin.clone(),
                 port: free_port(),
+                advertised: None,
                 child: None,
             };
             match b.launch() {
@@ -101,10 +104,31 @@ impl TestBroker {
         let mut b = TestBroker {
             bin: tansu_bin()?,
             port,
+            advertised: None,
             child: None,
         };
         b.launch()?;
         Ok(b)
+    }
+
+    /// Starts a broker on a free port that tells clients to connect to `advertised_port` (on
+    /// 127.0.0.1) instead: a proxy there in front of it sees every connection (fault tests).
+    pub fn start_advertising(advertised_port: u16) -> Result<TestBroker, String> {
+        let bin = tansu_bin()?;
+        let mut last = String::new();
+        for _ in 0..5 {
+            let mut b = TestBroker {
+                bin: bin.clone(),
+                port: free_port(),
+                advertised: Some(advertised_port),
+                child: None,
+            };
+            match b.launch() {
+                Ok(()) => return Ok(b),
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
     }
 
     /// `127.0.0.1:PORT`, for `bootstrap.servers`.
@@ -149,6 +173,7 @@ impl TestBroker {
 
     fn launch(&mut self) -> Result<(), String> {
         let url = format!("tcp://127.0.0.1:{}", self.port);
+        let advertised = format!("tcp://127.0.0.1:{}", self.advertised.unwrap_or(self.port));
         let verbose = std::env::var_os("TANSU_VERBOSE").is_some();
         let mut child = Command::new(&self.bin)
             .args([
@@ -156,7 +181,7 @@ impl TestBroker {
                 "--listener-url",
                 &url,
                 "--advertised-listener-url",
-                &url,
+                &advertised,
                 "--storage-engine",
                 "memory://tansu/",
             ])

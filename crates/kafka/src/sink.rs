@@ -4,12 +4,12 @@
 use crate::buffer::{self, Batch, Buffer};
 use crate::config::{ConfigError, KafkaConfig};
 use crate::producer::{self, BrokerHealth, Report, SinkContext};
-use crossbeam_queue::ArrayQueue;
 use parking_lot::{Condvar, Mutex};
 use rdkafka::config::FromClientConfigAndContext;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
 use serde::Serialize;
+use spool::fallback::{Disk, DiskCounters, Handoff, Pushed};
 use spool::{Spool, SpoolError};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize};
@@ -72,6 +72,10 @@ pub struct KafkaStats {
     pub delivered: u64,
     /// Delivery reports with an error (the record is retried, unless it is `dropped_rejected`).
     pub delivery_failures: u64,
+    /// Of `delivery_failures`, those that timed out (`message.timeout.ms`, during an outage
+    /// longer than it): the broker may have written the record before the cut, and it is
+    /// produced again, so it may be in the topic twice (consumers dedup by key = envelope id).
+    pub timed_out: u64,
     /// Rounds of re-producing failed records after a backoff.
     pub retries: u64,
     /// Producers replaced (before each retry round, and after a fatal error).
@@ -109,36 +113,29 @@ impl KafkaStats {
 
 #[derive(Default)]
 struct Counters {
-    emitted: AtomicU64,
-    handed: AtomicU64,
-    processed: AtomicU64,
     accepted: AtomicU64,
     accepted_memory: AtomicU64,
-    recovered: AtomicU64,
     produced: AtomicU64,
     delivered: AtomicU64,
     delivery_failures: AtomicU64,
+    timed_out: AtomicU64,
     retries: AtomicU64,
     producer_restarts: AtomicU64,
-    dropped_handoff: AtomicU64,
     dropped_buffer_full: AtomicU64,
-    dropped_spool: AtomicU64,
     dropped_oversize: AtomicU64,
     dropped_rejected: AtomicU64,
-    disk_errors: AtomicU64,
     reports: AtomicU64,
-    disk_ok: AtomicBool,
+    /// The disk buffer's: recovered, dropped_spool, disk_errors, disk_ok.
+    disk: DiskCounters,
 }
 
 /// State shared by the sink, the writer thread and the sender thread.
 struct Shared {
     config: KafkaConfig,
-    handoff: ArrayQueue<Event>,
+    handoff: Handoff<Event>,
     counters: Counters,
     health: Arc<BrokerHealth>,
     buffer: Buffer,
-    /// `emit` refuses (and counts) from now on.
-    closed: AtomicBool,
     /// Stops the writer once the handoff queue is empty.
     writer_stop: AtomicBool,
     /// Stops the sender at once (what is not acknowledged stays buffered).
@@ -183,10 +180,7 @@ impl Shared {
     }
 
     fn handoff_pending(&self) -> u64 {
-        let c = &self.counters;
-        c.handed
-            .load(Relaxed)
-            .saturating_sub(c.processed.load(Relaxed))
+        self.handoff.pending()
     }
 }
 
@@ -215,11 +209,10 @@ impl KafkaSink {
         config.validate()?;
         let health = Arc::new(BrokerHealth::default());
         let shared = Arc::new(Shared {
-            handoff: ArrayQueue::new(config.handoff_capacity),
+            handoff: Handoff::new(config.handoff_capacity),
             counters: Counters::default(),
             health,
             buffer: Buffer::default(),
-            closed: AtomicBool::new(false),
             writer_stop: AtomicBool::new(false),
             sender_stop: AtomicBool::new(false),
             writer: OnceLock::new(),
@@ -266,10 +259,10 @@ impl KafkaSink {
         let disk = s.buffer.disk_len();
         let mem = s.buffer.mem_len();
         KafkaStats {
-            emitted: c.emitted.load(Relaxed),
+            emitted: s.handoff.emitted.load(Relaxed),
             accepted: c.accepted.load(Relaxed),
             accepted_memory: c.accepted_memory.load(Relaxed),
-            recovered: c.recovered.load(Relaxed),
+            recovered: c.disk.recovered.load(Relaxed),
             handoff_pending: s.handoff_pending(),
             buffered: disk + mem,
             buffered_disk: disk,
@@ -277,17 +270,18 @@ impl KafkaSink {
             produced: c.produced.load(Relaxed),
             delivered: c.delivered.load(Relaxed),
             delivery_failures: c.delivery_failures.load(Relaxed),
+            timed_out: c.timed_out.load(Relaxed),
             retries: c.retries.load(Relaxed),
             producer_restarts: c.producer_restarts.load(Relaxed),
             broker_errors: s.health.errors.load(Relaxed),
-            dropped_handoff: c.dropped_handoff.load(Relaxed),
+            dropped_handoff: s.handoff.dropped.load(Relaxed),
             dropped_buffer_full: c.dropped_buffer_full.load(Relaxed),
-            dropped_spool: c.dropped_spool.load(Relaxed),
+            dropped_spool: c.disk.dropped_spool.load(Relaxed),
             dropped_oversize: c.dropped_oversize.load(Relaxed),
             dropped_rejected: c.dropped_rejected.load(Relaxed),
-            disk_errors: c.disk_errors.load(Relaxed),
+            disk_errors: c.disk.disk_errors.load(Relaxed),
             reports: c.reports.load(Relaxed),
-            disk_ok: c.disk_ok.load(Relaxed),
+            disk_ok: c.disk.disk_ok.load(Relaxed),
         }
     }
 
@@ -348,7 +342,7 @@ impl KafkaSink {
 
     fn stop_threads(&self, threads: &mut Vec<JoinHandle<()>>) {
         let s = &self.shared;
-        s.closed.store(true, Relaxed);
+        s.handoff.close();
         s.writer_stop.store(true, Relaxed);
         s.wake_writer();
         // The writer finishes the handoff queue first, so nothing emitted before is lost.
@@ -381,25 +375,11 @@ impl Drop for KafkaSink {
 impl Sink for KafkaSink {
     fn emit(&self, event: Event) {
         let s = &self.shared;
-        let c = &s.counters;
-        c.emitted.fetch_add(1, Relaxed);
-        if s.closed.load(Relaxed) {
-            c.dropped_handoff.fetch_add(1, Relaxed);
-            return;
+        if s.handoff.push(event) == (Pushed::Dropped { first: true }) {
+            tracing::warn!(target: "kafka",
+                "Kafka sink: handoff queue full, dropping events (counted as dropped_handoff, reported as telemetry_dropped)");
         }
-        match s.handoff.push(event) {
-            Ok(()) => {
-                c.handed.fetch_add(1, Relaxed);
-                s.wake_writer();
-            }
-            Err(_) => {
-                if c.dropped_handoff.fetch_add(1, Relaxed) == 0 {
-                    tracing::warn!(target: "kafka",
-                        "Kafka sink: handoff queue full, dropping events (counted as dropped_handoff, reported as telemetry_dropped)");
-                }
-                s.wake_writer();
-            }
-        }
+        s.wake_writer();
     }
 
     fn stats(&self) -> SinkStats {
@@ -449,11 +429,12 @@ struct Drops {
 }
 
 impl Drops {
-    fn now(c: &Counters) -> Drops {
+    fn now(shared: &Shared) -> Drops {
+        let c = &shared.counters;
         Drops {
-            handoff: c.dropped_handoff.load(Relaxed),
+            handoff: shared.handoff.dropped.load(Relaxed),
             buffer_full: c.dropped_buffer_full.load(Relaxed),
-            spool: c.dropped_spool.load(Relaxed),
+            spool: c.disk.dropped_spool.load(Relaxed),
             oversize: c.dropped_oversize.load(Relaxed),
             rejected: c.dropped_rejected.load(Relaxed),
         }
@@ -468,8 +449,8 @@ impl Drops {
 /// drops as `telemetry_dropped` events through the same buffer.
 struct Writer {
     shared: Arc<Shared>,
-    /// Set while the disk is considered unusable: when it failed last.
-    disk_failed_at: Option<Instant>,
+    /// The spool, its failures and retries.
+    disk: Disk,
     /// Whether the memory cap is being hit (to warn once per episode).
     capping: bool,
     json: Vec<u8>,
@@ -481,9 +462,17 @@ struct Writer {
 
 impl Writer {
     fn new(shared: Arc<Shared>) -> Writer {
+        let c = &shared.config;
+        let disk = Disk::new(
+            "Kafka sink",
+            "SCOPE_KAFKA_BUFFER_PATH",
+            c.buffer_path.clone(),
+            c.spool.clone(),
+            c.disk_retry,
+        );
         Writer {
             shared,
-            disk_failed_at: None,
+            disk,
             capping: false,
             json: Vec::with_capacity(1024),
             record: Vec::with_capacity(1024),
@@ -500,7 +489,7 @@ impl Writer {
             let mut n = 0u64;
             while let Some(event) = shared.handoff.pop() {
                 self.store_event(&event);
-                shared.counters.processed.fetch_add(1, Relaxed);
+                shared.handoff.done();
                 n += 1;
                 if n.is_multiple_of(1024) {
                     shared.wake_sender();
@@ -516,7 +505,7 @@ impl Writer {
             if stopping {
                 return;
             }
-            if self.disk_failed_at.is_some() && shared.buffer.mem_len() > 0 {
+            if self.disk.failing() && shared.buffer.mem_len() > 0 {
                 // Retry the disk when due even if nothing new arrives, to move memory to disk.
                 let _ = self.disk();
             }
@@ -580,85 +569,26 @@ impl Writer {
         c.accepted_memory.fetch_add(1, Relaxed);
     }
 
-    /// The spool to append to, or `None` to use memory: none configured, or failed and not yet
-    /// due for a retry. On the way back from a failure, memory is moved to disk first.
+    /// The spool to append to, or `None` to use memory (see [`Disk::spool`]).
     fn disk(&mut self) -> Option<Arc<Spool>> {
         let s = Arc::clone(&self.shared);
-        let path = s.config.buffer_path.as_ref()?;
-        if self
-            .disk_failed_at
-            .is_some_and(|at| at.elapsed() < s.config.disk_retry)
-        {
-            return None;
-        }
-        let spool = match s.buffer.spool() {
-            Some(spool) => spool,
-            None => match Spool::open(path, s.config.spool.clone()) {
-                Ok((spool, report)) => {
-                    s.counters.recovered.fetch_add(report.records, Relaxed);
-                    s.counters
-                        .dropped_spool
-                        .fetch_add(report.corrupt_records, Relaxed);
-                    if report.records > 0 || report.corrupt_records > 0 {
-                        tracing::info!(target: "kafka", dir = %path.display(),
-                            "Kafka sink: disk buffer recovered: {report}; producing what a previous run left first");
-                    }
-                    let spool = Arc::new(spool);
-                    s.buffer.set_spool(Some(Arc::clone(&spool)));
-                    s.wake_sender();
-                    spool
-                }
-                Err(e) => {
-                    self.disk_failed(&e);
-                    return None;
-                }
-            },
-        };
-        if self.disk_failed_at.is_some() || s.buffer.mem_len() > 0 {
-            let mut moved = 0u64;
-            while let Some(item) = s.buffer.pop_mem() {
-                if let Err(e) = spool.append(&item.bytes) {
-                    s.buffer.unpop_mem(item);
-                    self.disk_failed(&e);
-                    return None;
-                }
-                moved += 1;
-            }
-            if self.disk_failed_at.take().is_some() {
-                tracing::info!(target: "kafka", dir = %path.display(), moved,
-                    "Kafka sink: disk buffer usable again; moved the events kept in memory to disk");
-            }
-        }
-        s.counters.disk_ok.store(true, Relaxed);
-        Some(spool)
+        self.disk
+            .spool(&s.buffer, &s.counters.disk, || s.wake_sender())
     }
 
     fn disk_failed(&mut self, e: &SpoolError) {
-        let s = &self.shared;
-        s.counters.disk_errors.fetch_add(1, Relaxed);
-        s.counters.disk_ok.store(false, Relaxed);
-        if self.disk_failed_at.is_none() {
-            tracing::error!(target: "kafka", error = %e, retry_in = ?s.config.disk_retry,
-                max_memory = s.config.max_memory_buffer,
-                "Kafka sink: disk buffer unusable; keeping events in memory (lost if the process crashes) and retrying the disk");
-        }
-        self.disk_failed_at = Some(Instant::now());
+        self.disk.failed(e, &self.shared.counters.disk);
     }
 
     fn take_spool_drops(&mut self) {
-        if let Some(spool) = self.shared.buffer.spool() {
-            let n = spool.take_dropped();
-            if n > 0 {
-                self.shared.counters.dropped_spool.fetch_add(n, Relaxed);
-            }
-        }
+        Disk::take_spool_drops(&self.shared.buffer, &self.shared.counters.disk);
     }
 
     /// Stores a `telemetry_dropped` event for local drops since the last one, at most one per
     /// `report_interval` (and a final one when closing).
     fn maybe_report(&mut self, closing: bool) {
         let c = &self.shared.counters;
-        let now = Drops::now(c);
+        let now = Drops::now(&self.shared);
         if now == self.reported {
             return;
         }
@@ -760,7 +690,7 @@ impl SenderLoop {
                     s.wait_wake(Duration::from_millis(200));
                 }
                 Err(e) => {
-                    s.counters.disk_errors.fetch_add(1, Relaxed);
+                    s.counters.disk.disk_errors.fetch_add(1, Relaxed);
                     tracing::error!(target: "kafka", error = %e, "Kafka sink: cannot read the disk buffer; retrying");
                     s.wait_wake(Duration::from_secs(1));
                 }
@@ -804,7 +734,7 @@ impl SenderLoop {
                 Ok(_) => break,
                 Err(e) => {
                     // Not removing means producing the batch again later: duplicates, not loss.
-                    s.counters.disk_errors.fetch_add(1, Relaxed);
+                    s.counters.disk.disk_errors.fetch_add(1, Relaxed);
                     tracing::error!(target: "kafka", error = %e, "Kafka sink: cannot acknowledge a delivered batch on disk; retrying");
                     if self.stopping() {
                         return;
@@ -918,6 +848,13 @@ impl SenderLoop {
             Err(e) => {
                 *slot = Slot::Failed;
                 s.counters.delivery_failures.fetch_add(1, Relaxed);
+                if e.rdkafka_error_code() == Some(RDKafkaErrorCode::MessageTimedOut)
+                    && s.counters.timed_out.fetch_add(1, Relaxed) == 0
+                {
+                    tracing::warn!(target: "kafka", error = %e, timeout = ?s.config.message_timeout,
+                        "Kafka sink: deliveries timed out (outage longer than SCOPE_KAFKA_MESSAGE_TIMEOUT_MS); producing them again: \
+                         records the broker wrote before the cut may appear twice (same key = envelope id; counted as timed_out; warned once)");
+                }
                 tracing::debug!(target: "kafka", error = %e, "Kafka sink: delivery failed; will retry");
             }
         }

@@ -72,11 +72,11 @@ pub struct ReporterConfig {
     pub gzip: GzipMode,
     /// First backoff after a 5xx or network error (default 1 s); doubles per failure.
     pub backoff_base: Duration,
-    /// Longest backoff (default 60 s).
+    /// `SCOPE_METRICS_BACKOFF_MAX_MS`: longest backoff (default 60 s).
     pub backoff_max: Duration,
     /// Wait after a 429 without a usable `Retry-After` (default 60 s).
     pub default_retry_after: Duration,
-    /// Timeout of one request, connect included (default 30 s).
+    /// `SCOPE_METRICS_REQUEST_TIMEOUT_MS`: timeout of one request, connect included (default 30 s).
     pub request_timeout: Duration,
     /// Events that may wait between `emit` and the disk buffer (default 65,536); when full,
     /// `emit` drops and counts.
@@ -161,7 +161,8 @@ impl ReporterConfig {
     /// From the variables `env` returns: `DAYDREAM_METRICS_URL` (default [`DEFAULT_URL`]),
     /// `SCOPE_CLOUD_API_KEY`, `SCOPE_METRICS_ENABLED`, `SCOPE_METRICS_FLUSH_INTERVAL_MS`,
     /// `SCOPE_METRICS_MAX_BATCH`, `SCOPE_METRICS_MAX_BUFFER`, `SCOPE_METRICS_BUFFER_PATH` (unset:
-    /// [`default_buffer_path`]; empty: memory only) and `SCOPE_METRICS_GZIP`.
+    /// [`default_buffer_path`]; empty: memory only), `SCOPE_METRICS_GZIP`,
+    /// `SCOPE_METRICS_REQUEST_TIMEOUT_MS` and `SCOPE_METRICS_BACKOFF_MAX_MS`.
     pub fn from_env_with(
         env: impl Fn(&str) -> Option<String>,
     ) -> Result<ReporterConfig, ConfigError> {
@@ -191,6 +192,12 @@ impl ReporterConfig {
         }
         if let Some(n) = number(&get, "SCOPE_METRICS_MAX_BUFFER")? {
             c.max_buffer = n as usize;
+        }
+        if let Some(ms) = number(&get, "SCOPE_METRICS_REQUEST_TIMEOUT_MS")? {
+            c.request_timeout = Duration::from_millis(ms);
+        }
+        if let Some(ms) = number(&get, "SCOPE_METRICS_BACKOFF_MAX_MS")? {
+            c.backoff_max = Duration::from_millis(ms).max(c.backoff_base);
         }
         c.buffer_path = match env("SCOPE_METRICS_BUFFER_PATH") {
             Some(p) if p.trim().is_empty() => None,
@@ -241,6 +248,9 @@ impl ReporterConfig {
         }
         if self.flush_interval.is_zero() {
             return bad("SCOPE_METRICS_FLUSH_INTERVAL_MS must be at least 1".into());
+        }
+        if self.request_timeout.is_zero() {
+            return bad("SCOPE_METRICS_REQUEST_TIMEOUT_MS must be at least 1".into());
         }
         if self.handoff_capacity == 0 {
             return bad("handoff_capacity must be at least 1".into());
@@ -424,9 +434,13 @@ mod tests {
             ("SCOPE_METRICS_MAX_BUFFER", "7"),
             ("SCOPE_METRICS_BUFFER_PATH", ""),
             ("SCOPE_METRICS_GZIP", "never"),
+            ("SCOPE_METRICS_REQUEST_TIMEOUT_MS", "1500"),
+            ("SCOPE_METRICS_BACKOFF_MAX_MS", "4000"),
         ]))
         .unwrap();
         assert!(!c.enabled);
+        assert_eq!(c.request_timeout, Duration::from_millis(1500));
+        assert_eq!(c.backoff_max, Duration::from_millis(4000));
         assert_eq!(c.flush_interval, Duration::from_millis(250));
         assert_eq!((c.max_batch, c.max_buffer), (100, 7));
         assert_eq!(c.buffer_path, None);
@@ -437,6 +451,7 @@ mod tests {
             ("SCOPE_METRICS_MAX_BATCH", "x"),
             ("SCOPE_METRICS_FLUSH_INTERVAL_MS", "-1"),
             ("SCOPE_METRICS_ENABLED", "maybe"),
+            ("SCOPE_METRICS_REQUEST_TIMEOUT_MS", "0"),
             ("DAYDREAM_METRICS_URL", "ftp://x"),
         ] {
             let err = ReporterConfig::from_env_with(env(&[(k, v)])).unwrap_err();

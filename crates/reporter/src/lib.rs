@@ -81,8 +81,8 @@ pub use shape::{api_event, BodyBuilder, ShapeError};
 pub use stats::ReporterStats;
 
 use buffer::Buffer;
-use crossbeam_queue::ArrayQueue;
 use parking_lot::{Condvar, Mutex};
+use spool::fallback::{Handoff, Pushed};
 use stats::Counters;
 use std::path::Path;
 use std::sync::atomic::Ordering::Relaxed;
@@ -125,7 +125,7 @@ pub enum FlushOutcome {
 /// State shared by the sink, the writer thread and the sender.
 pub(crate) struct Shared {
     config: ReporterConfig,
-    handoff: ArrayQueue<Event>,
+    handoff: Handoff<Event>,
     counters: Counters,
     buffer: Buffer,
     body: BodyBuilder,
@@ -137,8 +137,6 @@ pub(crate) struct Shared {
     stop: CancellationToken,
     /// Stops the writer once the handoff queue is empty.
     writer_stop: AtomicBool,
-    /// `emit` refuses (and counts) from now on.
-    closed: AtomicBool,
     writer: OnceLock<Thread>,
     /// Callers waiting in `flush` now.
     flushers: AtomicUsize,
@@ -170,10 +168,7 @@ impl Shared {
     }
 
     fn handoff_pending(&self) -> u64 {
-        let c = &self.counters;
-        c.handed
-            .load(Relaxed)
-            .saturating_sub(c.processed.load(Relaxed))
+        self.handoff.pending()
     }
 }
 
@@ -199,7 +194,7 @@ impl Reporter {
         config.validate()?;
         let body = BodyBuilder::new(&config.app, &config.host);
         let shared = Arc::new(Shared {
-            handoff: ArrayQueue::new(config.handoff_capacity),
+            handoff: Handoff::new(config.handoff_capacity),
             counters: Counters::default(),
             buffer: Buffer::default(),
             body,
@@ -207,7 +202,6 @@ impl Reporter {
             wake: Notify::new(),
             stop: CancellationToken::new(),
             writer_stop: AtomicBool::new(false),
-            closed: AtomicBool::new(false),
             writer: OnceLock::new(),
             flushers: AtomicUsize::new(0),
             flush_epoch: AtomicU64::new(0),
@@ -267,10 +261,10 @@ impl Reporter {
         let disk = s.buffer.disk_len();
         let mem = s.buffer.mem_len();
         ReporterStats {
-            emitted: c.emitted.load(Relaxed),
+            emitted: s.handoff.emitted.load(Relaxed),
             accepted: c.accepted.load(Relaxed),
             accepted_memory: c.accepted_memory.load(Relaxed),
-            recovered: c.recovered.load(Relaxed),
+            recovered: c.disk.recovered.load(Relaxed),
             handoff_pending: s.handoff_pending(),
             buffered: disk + mem,
             buffered_disk: disk,
@@ -280,9 +274,9 @@ impl Reporter {
             acked: c.acked.load(Relaxed),
             retries: c.retries.load(Relaxed),
             splits_413: c.splits_413.load(Relaxed),
-            dropped_handoff: c.dropped_handoff.load(Relaxed),
+            dropped_handoff: s.handoff.dropped.load(Relaxed),
             dropped_buffer_full: c.dropped_buffer_full.load(Relaxed),
-            dropped_spool: c.dropped_spool.load(Relaxed),
+            dropped_spool: c.disk.dropped_spool.load(Relaxed),
             dropped_invalid: c.dropped_invalid.load(Relaxed),
             dropped_oversize: c.dropped_oversize.load(Relaxed),
             dropped_400: c.dropped_400.load(Relaxed),
@@ -291,10 +285,10 @@ impl Reporter {
             status_5xx: c.status_5xx.load(Relaxed),
             status_other: c.status_other.load(Relaxed),
             network_errors: c.network_errors.load(Relaxed),
-            disk_errors: c.disk_errors.load(Relaxed),
+            disk_errors: c.disk.disk_errors.load(Relaxed),
             reports: c.reports.load(Relaxed),
             paused: c.paused.load(Relaxed),
-            disk_ok: c.disk_ok.load(Relaxed),
+            disk_ok: c.disk.disk_ok.load(Relaxed),
             gzip: c.gzip.load(Relaxed),
         }
     }
@@ -369,7 +363,7 @@ impl Reporter {
 
     fn stop_threads(&self, threads: &mut Vec<JoinHandle<()>>) {
         let s = &self.shared;
-        s.closed.store(true, Relaxed);
+        s.handoff.close();
         s.writer_stop.store(true, Relaxed);
         s.stop.cancel();
         s.wake_writer();
@@ -395,25 +389,11 @@ impl Drop for Reporter {
 impl Sink for Reporter {
     fn emit(&self, event: Event) {
         let s = &self.shared;
-        let c = &s.counters;
-        c.emitted.fetch_add(1, Relaxed);
-        if s.closed.load(Relaxed) {
-            c.dropped_handoff.fetch_add(1, Relaxed);
-            return;
+        if s.handoff.push(event) == (Pushed::Dropped { first: true }) {
+            tracing::warn!(target: "reporter",
+                "metrics reporter: handoff queue full, dropping events (counted as dropped_handoff, reported as telemetry_dropped)");
         }
-        match s.handoff.push(event) {
-            Ok(()) => {
-                c.handed.fetch_add(1, Relaxed);
-                s.wake_writer();
-            }
-            Err(_) => {
-                if c.dropped_handoff.fetch_add(1, Relaxed) == 0 {
-                    tracing::warn!(target: "reporter",
-                        "metrics reporter: handoff queue full, dropping events (counted as dropped_handoff, reported as telemetry_dropped)");
-                }
-                s.wake_writer();
-            }
-        }
+        s.wake_writer();
     }
 
     fn stats(&self) -> SinkStats {

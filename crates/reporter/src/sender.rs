@@ -166,7 +166,7 @@ impl Sender {
                         continue;
                     }
                     Err(e) => {
-                        s.counters.disk_errors.fetch_add(1, Relaxed);
+                        s.counters.disk.disk_errors.fetch_add(1, Relaxed);
                         tracing::error!(target: "reporter", error = %e, "metrics reporter: cannot read the disk buffer; retrying");
                         self.not_before = Some(Instant::now() + s.config.backoff_base);
                         continue;
@@ -348,7 +348,7 @@ impl Sender {
         {
             Ok(removed) => removed,
             Err(e) => {
-                self.shared.counters.disk_errors.fetch_add(1, Relaxed);
+                self.shared.counters.disk.disk_errors.fetch_add(1, Relaxed);
                 tracing::error!(target: "reporter", error = %e, events = part.items.len(),
                     "metrics reporter: batch {what} but the disk buffer could not record it; it will be sent again (the collector drops duplicates by id)");
                 None

@@ -1,25 +1,20 @@
 //! The reporter's counters: every outcome of every event and every request.
 
 use serde::Serialize;
+use spool::fallback::DiskCounters;
 use std::sync::atomic::{AtomicBool, AtomicU64};
 
 /// Live counters, shared by `emit`, the writer thread and the sender.
 #[derive(Debug, Default)]
 pub(crate) struct Counters {
-    pub emitted: AtomicU64,
-    pub handed: AtomicU64,
-    pub processed: AtomicU64,
     pub accepted: AtomicU64,
     pub accepted_memory: AtomicU64,
-    pub recovered: AtomicU64,
     pub requests: AtomicU64,
     pub sent: AtomicU64,
     pub acked: AtomicU64,
     pub retries: AtomicU64,
     pub splits_413: AtomicU64,
-    pub dropped_handoff: AtomicU64,
     pub dropped_buffer_full: AtomicU64,
-    pub dropped_spool: AtomicU64,
     pub dropped_invalid: AtomicU64,
     pub dropped_oversize: AtomicU64,
     pub dropped_oversize_local: AtomicU64,
@@ -29,10 +24,10 @@ pub(crate) struct Counters {
     pub status_5xx: AtomicU64,
     pub status_other: AtomicU64,
     pub network_errors: AtomicU64,
-    pub disk_errors: AtomicU64,
     pub reports: AtomicU64,
     pub paused: AtomicBool,
-    pub disk_ok: AtomicBool,
+    /// The disk buffer's: recovered, dropped_spool, disk_errors, disk_ok.
+    pub disk: DiskCounters,
     pub gzip: AtomicBool,
 }
 
@@ -68,7 +63,9 @@ pub struct ReporterStats {
     pub splits_413: u64,
     /// Events dropped by `emit` because the handoff queue was full (or the reporter closed).
     pub dropped_handoff: u64,
-    /// Events dropped, oldest first, because `max_buffer` events were buffered.
+    /// Events dropped because `max_buffer` events were buffered: the oldest in memory first (they
+    /// would be lost on a crash anyway, and dropping them needs no disk write, which a full disk
+    /// could refuse), then the oldest on disk.
     pub dropped_buffer_full: u64,
     /// Events dropped by the disk buffer: its byte cap, or cut as corrupt (torn by a crash).
     pub dropped_spool: u64,

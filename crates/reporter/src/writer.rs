@@ -4,6 +4,7 @@
 
 use crate::shape;
 use crate::Shared;
+use spool::fallback::Disk;
 use spool::{Spool, SpoolError};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
@@ -27,9 +28,9 @@ impl Drops {
     fn now(shared: &Shared) -> Drops {
         let c = &shared.counters;
         Drops {
-            handoff: c.dropped_handoff.load(Relaxed),
+            handoff: shared.handoff.dropped.load(Relaxed),
             buffer_full: c.dropped_buffer_full.load(Relaxed),
-            spool: c.dropped_spool.load(Relaxed),
+            spool: c.disk.dropped_spool.load(Relaxed),
             invalid: c.dropped_invalid.load(Relaxed),
             oversize: c.dropped_oversize_local.load(Relaxed),
         }
@@ -42,8 +43,8 @@ impl Drops {
 
 pub(crate) struct Writer {
     shared: Arc<Shared>,
-    /// Set while the disk is considered unusable: when it failed last.
-    disk_failed_at: Option<Instant>,
+    /// The spool, its failures and retries.
+    disk: Disk,
     /// Whether the buffer cap is being hit (to warn once per episode).
     capping: bool,
     /// Storing a loss report (its room is already made).
@@ -58,9 +59,17 @@ pub(crate) struct Writer {
 
 impl Writer {
     pub fn new(shared: Arc<Shared>) -> Writer {
+        let c = &shared.config;
+        let disk = Disk::new(
+            "metrics reporter",
+            "SCOPE_METRICS_BUFFER_PATH",
+            c.buffer_path.clone(),
+            c.spool.clone(),
+            c.disk_retry,
+        );
         Writer {
             shared,
-            disk_failed_at: None,
+            disk,
             capping: false,
             reporting: false,
             warned_invalid: false,
@@ -79,7 +88,7 @@ impl Writer {
             let mut n = 0u64;
             while let Some(event) = shared.handoff.pop() {
                 self.store_event(&event);
-                shared.counters.processed.fetch_add(1, Relaxed);
+                shared.handoff.done();
                 n += 1;
                 // Every 512 events, so a long burst does not wait for the loop's end.
                 if n & 511 == 0 {
@@ -96,7 +105,7 @@ impl Writer {
             if stopping {
                 return;
             }
-            if self.disk_failed_at.is_some() && shared.buffer.mem_len() > 0 {
+            if self.disk.failing() && shared.buffer.mem_len() > 0 {
                 // Retry the disk when due even if nothing new arrives, to move memory to disk.
                 let _ = self.disk();
             }
@@ -178,84 +187,20 @@ impl Writer {
         c.accepted_memory.fetch_add(1, Relaxed);
     }
 
-    /// The spool to append to, or `None` to use memory: none configured, or failed and not yet
-    /// due for a retry. On the way back from a failure, memory is moved to disk first (so it keeps
-    /// its place ahead of newer events).
+    /// The spool to append to, or `None` to use memory (see [`Disk::spool`]).
     fn disk(&mut self) -> Option<Arc<Spool>> {
         let s = Arc::clone(&self.shared);
-        let path = s.config.buffer_path.as_ref()?;
-        if self
-            .disk_failed_at
-            .is_some_and(|at| at.elapsed() < s.config.disk_retry)
-        {
-            return None;
-        }
-        let spool = match s.buffer.spool() {
-            Some(spool) => spool,
-            None => match Spool::open(path, s.config.spool.clone()) {
-                Ok((spool, report)) => {
-                    s.counters.recovered.fetch_add(report.records, Relaxed);
-                    s.counters
-                        .dropped_spool
-                        .fetch_add(report.corrupt_records, Relaxed);
-                    if report.records > 0
-                        || report.corrupt_records > 0
-                        || report.truncated_bytes > 0
-                    {
-                        tracing::info!(target: "reporter", dir = %path.display(),
-                            "metrics reporter: disk buffer recovered: {report}; re-sending what a previous run left");
-                    }
-                    let spool = Arc::new(spool);
-                    s.buffer.set_spool(Some(Arc::clone(&spool)));
-                    // The sender may have nothing else to do: tell it there is work on disk.
-                    s.wake.notify_one();
-                    spool
-                }
-                Err(e) => {
-                    self.disk_failed(&e);
-                    return None;
-                }
-            },
-        };
-        if self.disk_failed_at.is_some() || s.buffer.mem_len() > 0 {
-            let mut moved = 0u64;
-            while let Some(item) = s.buffer.pop_mem() {
-                if let Err(e) = spool.append(&item.bytes) {
-                    s.buffer.unpop_mem(item);
-                    self.disk_failed(&e);
-                    return None;
-                }
-                moved += 1;
-            }
-            if self.disk_failed_at.take().is_some() {
-                tracing::info!(target: "reporter", dir = %path.display(), moved,
-                    "metrics reporter: disk buffer usable again; moved the events kept in memory to disk");
-            }
-        }
-        s.counters.disk_ok.store(true, Relaxed);
-        Some(spool)
+        // The sender may have nothing else to do: tell it there is work on disk.
+        self.disk
+            .spool(&s.buffer, &s.counters.disk, || s.wake.notify_one())
     }
 
     fn disk_failed(&mut self, e: &SpoolError) {
-        let s = &self.shared;
-        s.counters.disk_errors.fetch_add(1, Relaxed);
-        s.counters.disk_ok.store(false, Relaxed);
-        if self.disk_failed_at.is_none() {
-            tracing::error!(target: "reporter", error = %e, retry_in = ?s.config.disk_retry, max_buffer = s.config.max_buffer,
-                "metrics reporter: disk buffer unusable; keeping events in memory (lost if the process crashes) and retrying the disk");
-        } else {
-            tracing::debug!(target: "reporter", error = %e, "metrics reporter: disk buffer still unusable");
-        }
-        self.disk_failed_at = Some(Instant::now());
+        self.disk.failed(e, &self.shared.counters.disk);
     }
 
     fn take_spool_drops(&mut self) {
-        if let Some(spool) = self.shared.buffer.spool() {
-            let n = spool.take_dropped();
-            if n > 0 {
-                self.shared.counters.dropped_spool.fetch_add(n, Relaxed);
-            }
-        }
+        Disk::take_spool_drops(&self.shared.buffer, &self.shared.counters.disk);
     }
 
     /// Enqueues a `telemetry_dropped` event for local drops since the last one, at most one per
@@ -303,8 +248,9 @@ impl Writer {
         self.reporting = false;
     }
 
-    /// Drops the oldest events to get under `cap`. On disk in chunks of 1% of the cap: each
-    /// drop is an `ack` (two fsyncs), which must not be paid per event.
+    /// Drops the oldest events (in memory first, see `dropped_buffer_full`) to get under `cap`.
+    /// On disk in chunks of 1% of the cap: each drop is an `ack` (two fsyncs), which must not be
+    /// paid per event.
     fn make_room(&mut self, cap: u64) {
         let s = Arc::clone(&self.shared);
         let chunk = if s.buffer.mem_len() > 0 {
@@ -318,7 +264,7 @@ impl Writer {
                 if !self.capping {
                     self.capping = true;
                     tracing::warn!(target: "reporter", max_buffer = cap,
-                        "metrics reporter: buffer full, dropping the oldest events (counted as dropped_buffer_full, reported as telemetry_dropped)");
+                        "metrics reporter: buffer full, dropping the oldest events in memory, else on disk (counted as dropped_buffer_full, reported as telemetry_dropped)");
                 }
             }
             Err(e) => self.disk_failed(&e),

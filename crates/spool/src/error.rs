@@ -9,7 +9,8 @@ pub enum SpoolError {
     /// The buffer directory (or a file in it) cannot be created or written.
     #[error(
         "cannot write buffer directory {dir}: permission denied ({action} {path}); \
-         set SCOPE_METRICS_BUFFER_PATH to a writable directory, or to an empty string to disable the disk buffer"
+         set SCOPE_METRICS_BUFFER_PATH to a writable directory (SCOPE_KAFKA_BUFFER_PATH for the Kafka sink), \
+         or to an empty string to disable the disk buffer"
     )]
     PermissionDenied {
         /// The buffer directory.
@@ -38,7 +39,7 @@ pub enum SpoolError {
     /// Another process (or another `Spool` in this one) already has this directory open.
     #[error(
         "buffer directory {dir} is already in use by another process; \
-         give each client its own SCOPE_METRICS_BUFFER_PATH"
+         give each client its own SCOPE_METRICS_BUFFER_PATH (SCOPE_KAFKA_BUFFER_PATH for the Kafka sink)"
     )]
     Locked {
         /// The buffer directory.
@@ -64,7 +65,8 @@ pub enum SpoolError {
     /// Any other I/O failure, with the file involved.
     #[error(
         "cannot {action} {path}: {source}; check that the disk is healthy and that \
-         SCOPE_METRICS_BUFFER_PATH points at a local, writable directory"
+         SCOPE_METRICS_BUFFER_PATH (SCOPE_KAFKA_BUFFER_PATH for the Kafka sink) points at a local, \
+         writable directory"
     )]
     Io {
         /// What the spool was doing, e.g. `read`.

@@ -5,12 +5,17 @@
 //! first), and removes what it resolved by position: `Spool::ack(last id)` on disk, "every
 //! sequence number up to the last one" in memory. Both are prefixes of their queue, because the
 //! sender resolves the parts of a batch strictly in order. The HTTP reporter and the Kafka sink
-//! share it.
+//! share it, and [`Disk`]: when to use the spool, when to retry it, and moving memory back.
 
-use crate::{Spool, SpoolError};
+use crate::{Spool, SpoolError, SpoolOptions};
+use crossbeam_queue::ArrayQueue;
 use parking_lot::Mutex;
 use std::collections::VecDeque;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 /// Which queue a batch came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -191,6 +196,230 @@ impl Buffer {
     }
 }
 
+/// The bounded, lock-free queue between a sink's `emit` (any thread; never blocks, never fails)
+/// and its writer thread, with its counters: every item offered is handed over or counted as
+/// dropped.
+#[derive(Debug)]
+pub struct Handoff<T> {
+    queue: ArrayQueue<T>,
+    /// Refuses (and counts) from now on.
+    closed: AtomicBool,
+    /// Items offered to [`Handoff::push`].
+    pub emitted: AtomicU64,
+    /// Items queued.
+    pub handed: AtomicU64,
+    /// Items the writer took and finished ([`Handoff::done`]).
+    pub processed: AtomicU64,
+    /// Items refused: the queue was full, or closed.
+    pub dropped: AtomicU64,
+}
+
+/// What [`Handoff::push`] did with an item.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pushed {
+    /// Queued for the writer.
+    Queued,
+    /// Dropped and counted; `first` is true for the first drop ever (to warn once).
+    Dropped {
+        /// The first drop of this handoff.
+        first: bool,
+    },
+}
+
+impl<T> Handoff<T> {
+    /// A queue of `capacity` items (at least 1).
+    pub fn new(capacity: usize) -> Handoff<T> {
+        Handoff {
+            queue: ArrayQueue::new(capacity.max(1)),
+            closed: AtomicBool::new(false),
+            emitted: AtomicU64::new(0),
+            handed: AtomicU64::new(0),
+            processed: AtomicU64::new(0),
+            dropped: AtomicU64::new(0),
+        }
+    }
+
+    /// Queues `item`, or drops and counts it when full or closed. Never blocks.
+    pub fn push(&self, item: T) -> Pushed {
+        self.emitted.fetch_add(1, Relaxed);
+        if self.closed.load(Relaxed) {
+            self.dropped.fetch_add(1, Relaxed);
+            return Pushed::Dropped { first: false };
+        }
+        match self.queue.push(item) {
+            Ok(()) => {
+                self.handed.fetch_add(1, Relaxed);
+                Pushed::Queued
+            }
+            Err(_) => Pushed::Dropped {
+                first: self.dropped.fetch_add(1, Relaxed) == 0,
+            },
+        }
+    }
+
+    /// The oldest item; call [`Handoff::done`] once it is stored.
+    pub fn pop(&self) -> Option<T> {
+        self.queue.pop()
+    }
+
+    /// One popped item is stored (or dropped and counted elsewhere).
+    pub fn done(&self) {
+        self.processed.fetch_add(1, Relaxed);
+    }
+
+    /// Whether nothing waits in the queue.
+    pub fn is_empty(&self) -> bool {
+        self.queue.is_empty()
+    }
+
+    /// Items between `push` and `done` now.
+    pub fn pending(&self) -> u64 {
+        self.handed
+            .load(Relaxed)
+            .saturating_sub(self.processed.load(Relaxed))
+    }
+
+    /// Refuses every later `push` (counted as dropped).
+    pub fn close(&self) {
+        self.closed.store(true, Relaxed);
+    }
+}
+
+/// The disk buffer's counters, kept by [`Disk`] (and the sender, for failed reads and acks).
+#[derive(Debug, Default)]
+pub struct DiskCounters {
+    /// Records a previous run left on disk, found at open.
+    pub recovered: AtomicU64,
+    /// Records the spool dropped: its byte cap, or corruption found at open.
+    pub dropped_spool: AtomicU64,
+    /// Failed disk operations (open, append, read, ack).
+    pub disk_errors: AtomicU64,
+    /// Now: the spool is in use (false: memory fallback, or no disk buffer configured).
+    pub disk_ok: AtomicBool,
+}
+
+/// The writer thread's side of the disk: opens the spool (recovering it), falls back to memory
+/// when the disk fails, retries it every `retry`, and moves memory to disk on the way back.
+#[derive(Debug)]
+pub struct Disk {
+    /// Names the sink in logs ("metrics reporter", "Kafka sink").
+    sink: &'static str,
+    /// The setting that names the directory, for error messages.
+    setting: &'static str,
+    path: Option<PathBuf>,
+    options: SpoolOptions,
+    retry: Duration,
+    /// Set while the disk is considered unusable: when it failed last.
+    failed_at: Option<Instant>,
+}
+
+impl Disk {
+    /// No spool opened yet; `path` `None` means memory only.
+    pub fn new(
+        sink: &'static str,
+        setting: &'static str,
+        path: Option<PathBuf>,
+        options: SpoolOptions,
+        retry: Duration,
+    ) -> Disk {
+        Disk {
+            sink,
+            setting,
+            path,
+            options,
+            retry,
+            failed_at: None,
+        }
+    }
+
+    /// Whether the disk failed and memory is in use.
+    pub fn failing(&self) -> bool {
+        self.failed_at.is_some()
+    }
+
+    /// The spool to append to, or `None` to use memory: none configured, or failed and not yet
+    /// due for a retry. Opening it (at start or after a failure) recovers what a previous run
+    /// left and calls `opened`. On the way back from a failure, memory is moved to disk first (so
+    /// it keeps its place ahead of newer events).
+    pub fn spool(
+        &mut self,
+        buffer: &Buffer,
+        c: &DiskCounters,
+        opened: impl FnOnce(),
+    ) -> Option<Arc<Spool>> {
+        let path = self.path.as_ref()?;
+        if self.failed_at.is_some_and(|at| at.elapsed() < self.retry) {
+            return None;
+        }
+        let spool = match buffer.spool() {
+            Some(spool) => spool,
+            None => match Spool::open(path, self.options.clone()) {
+                Ok((spool, report)) => {
+                    c.recovered.fetch_add(report.records, Relaxed);
+                    c.dropped_spool.fetch_add(report.corrupt_records, Relaxed);
+                    if report.records > 0
+                        || report.corrupt_records > 0
+                        || report.truncated_bytes > 0
+                    {
+                        tracing::info!(target: "spool", sink = self.sink, dir = %path.display(),
+                            "{}: disk buffer recovered: {report}; sending what a previous run left first", self.sink);
+                    }
+                    let spool = Arc::new(spool);
+                    buffer.set_spool(Some(Arc::clone(&spool)));
+                    opened();
+                    spool
+                }
+                Err(e) => {
+                    self.failed(&e, c);
+                    return None;
+                }
+            },
+        };
+        if self.failed_at.is_some() || buffer.mem_len() > 0 {
+            let mut moved = 0u64;
+            while let Some(item) = buffer.pop_mem() {
+                if let Err(e) = spool.append(&item.bytes) {
+                    buffer.unpop_mem(item);
+                    self.failed(&e, c);
+                    return None;
+                }
+                moved += 1;
+            }
+            if self.failed_at.take().is_some() {
+                let dir = self.path.as_ref().map(|p| p.display().to_string());
+                tracing::info!(target: "spool", sink = self.sink, dir, moved,
+                    "{}: disk buffer usable again; moved the events kept in memory to disk", self.sink);
+            }
+        }
+        c.disk_ok.store(true, Relaxed);
+        Some(spool)
+    }
+
+    /// Records a disk failure: memory from now until the next retry. Logged once per episode.
+    pub fn failed(&mut self, e: &SpoolError, c: &DiskCounters) {
+        c.disk_errors.fetch_add(1, Relaxed);
+        c.disk_ok.store(false, Relaxed);
+        if self.failed_at.is_none() {
+            tracing::error!(target: "spool", sink = self.sink, error = %e, retry_in = ?self.retry,
+                "{}: disk buffer unusable; keeping events in memory (lost if the process crashes, capped) and retrying the disk; \
+                 to fix: free space, or point {} at a writable directory (empty: memory only)", self.sink, self.setting);
+        } else {
+            tracing::debug!(target: "spool", sink = self.sink, error = %e, "{}: disk buffer still unusable", self.sink);
+        }
+        self.failed_at = Some(Instant::now());
+    }
+
+    /// Adds what the spool dropped since the last call (its byte cap) to `dropped_spool`.
+    pub fn take_spool_drops(buffer: &Buffer, c: &DiskCounters) {
+        if let Some(spool) = buffer.spool() {
+            let n = spool.take_dropped();
+            if n > 0 {
+                c.dropped_spool.fetch_add(n, Relaxed);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -210,5 +439,49 @@ mod tests {
         assert_eq!(b.mem_len(), 3);
         assert_eq!(b.drop_oldest_mem(1), 1);
         assert_eq!(b.peek(10, 1000).unwrap().unwrap().items[0].key, 3);
+    }
+
+    #[test]
+    fn handoff_counts_every_item_queued_or_dropped() {
+        let h = Handoff::new(2);
+        assert_eq!(h.push(1), Pushed::Queued);
+        assert_eq!(h.push(2), Pushed::Queued);
+        assert_eq!(h.push(3), Pushed::Dropped { first: true });
+        assert_eq!(h.push(4), Pushed::Dropped { first: false });
+        assert_eq!(h.pending(), 2);
+        assert_eq!(h.pop(), Some(1));
+        h.done();
+        assert_eq!(h.pending(), 1);
+        h.close();
+        assert_eq!(h.push(5), Pushed::Dropped { first: false });
+        let counts = [&h.emitted, &h.handed, &h.processed, &h.dropped].map(|c| c.load(Relaxed));
+        assert_eq!(counts, [5, 2, 1, 3]);
+    }
+
+    #[test]
+    fn an_unusable_directory_falls_back_then_moves_memory_to_disk() {
+        let tmp = tempfile::tempdir().unwrap();
+        let blocker = tmp.path().join("file");
+        std::fs::write(&blocker, b"x").unwrap();
+        let b = Buffer::default();
+        let c = DiskCounters::default();
+        let mut disk = Disk::new(
+            "test sink",
+            "TEST_BUFFER_PATH",
+            Some(blocker.join("dir")),
+            SpoolOptions::default(),
+            Duration::ZERO,
+        );
+        assert!(disk.spool(&b, &c, || {}).is_none());
+        assert!(disk.failing());
+        assert_eq!(c.disk_errors.load(Relaxed), 1);
+        b.push_mem(b"one".to_vec());
+        b.push_mem(b"two".to_vec());
+        std::fs::remove_file(&blocker).unwrap();
+        let mut opened = false;
+        let spool = disk.spool(&b, &c, || opened = true).unwrap();
+        assert!(opened && !disk.failing() && c.disk_ok.load(Relaxed));
+        assert_eq!((b.mem_len(), spool.len()), (0, 2));
+        assert_eq!(b.peek(10, 1000).unwrap().unwrap().items[0].bytes, b"one");
     }
 }

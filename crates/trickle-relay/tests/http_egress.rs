@@ -1,80 +1,27 @@
 //! Lossless HTTP egress over real processes: `serve`, `runner`, `client` (HTTP metrics reporter
 //! with its disk buffer) and `collector`, on loopback, with the client killed by SIGKILL.
 
+mod common;
+
+use common::{free_addr, log_file, signal, wait_listening, wait_until, Proc};
 use serde_json::{json, Value};
 use std::collections::{HashMap, HashSet};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-const BIN: &str = env!("CARGO_BIN_EXE_trickle-relay");
 const KEY: &str = "crash-test-key";
 const SESSION: &str = "sess-crash";
 const CONNECTION: &str = "conn-crash";
 
-/// A child process killed (SIGKILL) when dropped.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+/// `trickle-relay args` with `env` added, stderr into `stderr` when given.
+fn spawn(args: &[&str], env: &[(&str, String)], stderr: Option<&Path>) -> Proc {
+    let mut cmd = common::relay(args);
+    cmd.envs(env.iter().map(|(k, v)| (k, v)));
+    if let Some(path) = stderr {
+        cmd.stderr(log_file(path));
     }
-}
-
-impl Proc {
-    fn spawn(args: &[&str], env: &[(&str, String)], stderr: Option<&Path>) -> Proc {
-        let mut cmd = Command::new(BIN);
-        cmd.args(args).env("RUST_LOG", "info").stdin(Stdio::null());
-        for var in [
-            "SCOPE_TELEMETRY_LOG_SINK",
-            "SCOPE_TELEMETRY_DISABLED",
-            "DO_NOT_TRACK",
-            "KAFKA_BOOTSTRAP_SERVERS",
-            "SCOPE_METRICS_ENABLED",
-        ] {
-            cmd.env_remove(var);
-        }
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        if let Some(path) = stderr {
-            cmd.stderr(Stdio::from(
-                std::fs::File::create(path).expect("stderr file"),
-            ));
-        }
-        Proc(cmd.spawn().expect("spawn trickle-relay"))
-    }
-
-    /// SIGKILL, and reap.
-    fn kill9(mut self) {
-        self.0.kill().expect("kill -9");
-        let _ = self.0.wait();
-    }
-}
-
-fn free_addr() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
-
-fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn wait_listening(addr: SocketAddr) {
-    wait_until(
-        &format!("{addr} listening"),
-        Duration::from_secs(20),
-        || TcpStream::connect(addr).is_ok(),
-    );
+    Proc::start(&mut cmd)
 }
 
 fn get_json(url: &str) -> Option<Value> {
@@ -99,47 +46,16 @@ struct Relay {
 
 fn relay() -> Relay {
     let addr = free_addr();
-    let server = Proc::spawn(
-        &["serve", "--listen", &addr.to_string(), "--autocreate"],
-        &[],
-        None,
-    );
-    wait_listening(addr);
-    let tag = uuid::Uuid::new_v4().simple().to_string();
-    let control = format!("http://{addr}/{tag}-control");
-    let events = format!("http://{addr}/{tag}-events");
-    let http = reqwest::blocking::Client::new();
-    for url in [&control, &events] {
-        let status = http
-            .post(url)
-            .header("Expect-Content", "application/jsonl")
-            .send()
-            .unwrap()
-            .status();
-        assert!(status.is_success(), "creating {url}: {status}");
-    }
+    let server = common::serve(addr, &[]);
+    let (control, events) = common::create_channels(addr);
     let ingest = free_addr();
-    let runner = Proc::spawn(
-        &[
-            "runner",
-            "--control-url",
-            &control,
-            "--events-url",
-            &events,
-            "--session-id",
-            SESSION,
-            "--connection-id",
-            CONNECTION,
-            "--ingest",
-            &ingest.to_string(),
-            "--queue-capacity",
-            "100000",
-            "--no-forward-logs",
-        ],
+    let runner = common::runner_with_ingest(
+        (&control, &events),
+        (SESSION, CONNECTION),
+        ingest,
         &[],
         None,
     );
-    wait_listening(ingest);
     Relay {
         _server: server,
         _runner: runner,
@@ -162,7 +78,7 @@ impl Relay {
             ("SCOPE_METRICS_BUFFER_PATH", buffer.display().to_string()),
             ("SCOPE_METRICS_FLUSH_INTERVAL_MS", "100".to_string()),
         ];
-        let p = Proc::spawn(
+        let p = spawn(
             &[
                 "client",
                 "--control-url",
@@ -212,7 +128,7 @@ impl Relay {
     fn collector(&self, listen: SocketAddr, out: &Path) -> Proc {
         let keys = self.dir.path().join("keys");
         std::fs::write(&keys, format!("# test keys\n{KEY}\n")).unwrap();
-        let p = Proc::spawn(
+        let p = spawn(
             &[
                 "collector",
                 "--listen",
@@ -505,7 +421,7 @@ fn a_401_pauses_the_client_until_sighup_reloads_its_api_key_file() {
         ),
         ("SCOPE_METRICS_FLUSH_INTERVAL_MS", "100".to_string()),
     ];
-    let client = Proc::spawn(
+    let client = spawn(
         &[
             "client",
             "--control-url",
@@ -540,11 +456,7 @@ fn a_401_pauses_the_client_until_sighup_reloads_its_api_key_file() {
     );
     assert!(output_lines(&out).is_empty());
     std::fs::write(&key_file, format!("{KEY}\n")).unwrap();
-    let status = Command::new("kill")
-        .args(["-HUP", &client.0.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    signal(client.pid(), "HUP");
     wait_until(
         "delivered with the reloaded key",
         Duration::from_secs(20),

@@ -5,113 +5,46 @@
 //! Needs `tansu` (on `PATH`, in `~/.cargo/bin`, or `$TANSU_BIN`): `scripts/test-broker.sh`
 //! installs it, and `scripts/test.sh` runs that first. Without it these tests fail, saying so.
 
+mod common;
+
+use common::{free_addr, log_file, tail, wait_listening, wait_until, Proc};
 use kafka::broker::{self, Consumed, TestBroker};
 use serde_json::Value;
 use std::collections::{HashMap, HashSet};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::ExitStatus;
 use std::time::{Duration, Instant};
 
-const BIN: &str = env!("CARGO_BIN_EXE_trickle-relay");
 const SESSION: &str = "sess-kafka";
 const CONNECTION: &str = "conn-kafka";
 const KEY: &str = "kafka-e2e-key";
 const PARTITIONS: i32 = 4;
 
-/// A child process killed when the test ends, whatever happens.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+/// Spawns `trickle-relay` with `args`, a clean egress environment plus `env`, and stderr
+/// into `stderr` (kept for the failure message).
+fn spawn(args: &[&str], env: &[(&str, String)], stderr: &Path) -> Proc {
+    let mut cmd = common::relay(args);
+    cmd.env("RUST_LOG", "info,librdkafka=warn")
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .stderr(log_file(stderr));
+    Proc::start(&mut cmd)
 }
 
-impl Proc {
-    /// Spawns `trickle-relay` with `args`, a clean egress environment plus `env`, and stderr
-    /// into `stderr` (kept for the failure message).
-    fn spawn(args: &[&str], env: &[(&str, String)], stderr: &Path) -> Proc {
-        let mut cmd = Command::new(BIN);
-        cmd.args(args)
-            .env("RUST_LOG", "info,librdkafka=warn")
-            .stdin(Stdio::null())
-            .stderr(Stdio::from(
-                std::fs::File::create(stderr).expect("stderr file"),
-            ));
-        for var in [
-            "SCOPE_TELEMETRY_LOG_SINK",
-            "SCOPE_TELEMETRY_DISABLED",
-            "DO_NOT_TRACK",
-            "SCOPE_CLOUD_API_KEY",
-            "SCOPE_METRICS_ENABLED",
-            "KAFKA_BOOTSTRAP_SERVERS",
-            "KAFKA_TOPIC",
-            "KAFKA_SASL_USERNAME",
-            "KAFKA_SASL_PASSWORD",
-        ] {
-            cmd.env_remove(var);
-        }
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        Proc(cmd.spawn().expect("spawn trickle-relay"))
-    }
-
-    /// Waits for the process to exit on its own; fails the test after `timeout`.
-    fn wait(&mut self, timeout: Duration, stderr: &Path) -> ExitStatus {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.0.try_wait().expect("try_wait") {
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "process did not exit within {timeout:?}; its stderr:\n{}",
-                tail(stderr)
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// SIGTERM: a graceful shutdown (the client stops the stream and flushes its sink).
-    fn terminate(&self) {
-        let status = Command::new("kill")
-            .args(["-TERM", &self.0.id().to_string()])
-            .status()
-            .expect("run kill");
-        assert!(status.success(), "kill -TERM failed");
-    }
-}
-
-fn tail(path: &Path) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(40)..].join("\n")
-}
-
-fn free_addr() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
-
-fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+/// Waits for `p` to exit on its own; fails the test with its stderr's tail after `timeout`.
+fn wait_exit(p: &mut Proc, timeout: Duration, stderr: &Path) -> ExitStatus {
     let deadline = Instant::now() + timeout;
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
-        std::thread::sleep(Duration::from_millis(50));
+    loop {
+        if let Some(status) = p.0.try_wait().expect("try_wait") {
+            return status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "process did not exit within {timeout:?}; its stderr:\n{}",
+            tail(stderr)
+        );
+        std::thread::sleep(Duration::from_millis(20));
     }
-}
-
-fn wait_listening(addr: SocketAddr) {
-    wait_until(
-        &format!("{addr} listening"),
-        Duration::from_secs(20),
-        || TcpStream::connect(addr).is_ok(),
-    );
 }
 
 /// A broker (fails naming scripts/test-broker.sh when tansu is missing) with a fresh topic.
@@ -136,55 +69,26 @@ impl Relay {
     fn start() -> Relay {
         let dir = tempfile::tempdir().unwrap();
         let addr = free_addr();
-        let server = Proc::spawn(
-            &["serve", "--listen", &addr.to_string(), "--autocreate"],
-            &[],
-            &dir.path().join("server.err"),
-        );
-        wait_listening(addr);
-        let tag = uuid::Uuid::new_v4().simple().to_string();
-        let control = format!("http://{addr}/{tag}-control");
-        let events = format!("http://{addr}/{tag}-events");
-        let http = reqwest::blocking::Client::new();
-        for url in [&control, &events] {
-            let status = http
-                .post(url)
-                .header("Expect-Content", "application/jsonl")
-                .send()
-                .unwrap()
-                .status();
-            assert!(status.is_success(), "creating {url}: {status}");
-        }
+        let server = common::serve(addr, &[]);
+        let (control, events) = common::create_channels(addr);
         let ingest = free_addr();
         let emitted = dir.path().join("emitted.jsonl");
-        let runner = Proc::spawn(
+        let report = dir.path().join("runner.json");
+        let runner = common::runner_with_ingest(
+            (&control, &events),
+            (SESSION, CONNECTION),
+            ingest,
             &[
-                "runner",
-                "--control-url",
-                &control,
-                "--events-url",
-                &events,
-                "--session-id",
-                SESSION,
-                "--connection-id",
-                CONNECTION,
                 // Quiet between the events the test posts: no heartbeat until the end.
                 "--heartbeat-ms",
                 "600000",
-                "--queue-capacity",
-                "100000",
-                "--no-forward-logs",
-                "--ingest",
-                &ingest.to_string(),
                 "--emitted-file",
                 emitted.to_str().unwrap(),
                 "--report",
-                dir.path().join("runner.json").to_str().unwrap(),
+                report.to_str().unwrap(),
             ],
-            &[],
-            &dir.path().join("runner.err"),
+            Some(&dir.path().join("runner.err")),
         );
-        wait_listening(ingest);
         Relay {
             _server: server,
             runner,
@@ -222,7 +126,7 @@ impl Relay {
         if let Some(d) = duration_secs {
             args.extend(["--duration-secs", d]);
         }
-        Proc::spawn(&args, env, &self.path("client.err"))
+        spawn(&args, env, &self.path("client.err"))
     }
 
     /// Posts envelopes to the runner's ingest; all must be accepted.
@@ -264,7 +168,7 @@ impl Relay {
             self.runner.terminate();
         }
         assert!(
-            self.runner.wait(Duration::from_secs(20), &err).success(),
+            wait_exit(&mut self.runner, Duration::from_secs(20), &err).success(),
             "runner failed:\n{}",
             tail(&err)
         );
@@ -373,7 +277,7 @@ fn runner_server_client_kafka_every_event_once_keyed_by_id_byte_identical() {
 
     let err = r.path("client.err");
     assert!(
-        client.wait(Duration::from_secs(40), &err).success(),
+        wait_exit(&mut client, Duration::from_secs(40), &err).success(),
         "client failed:\n{}",
         tail(&err)
     );
@@ -408,7 +312,7 @@ fn runner_client_http_reporter_collector_kafka_every_event_once_byte_identical()
     std::fs::write(&keys, format!("{KEY}\n")).unwrap();
     let listen = free_addr();
     let collector_err = r.path("collector.err");
-    let _collector = Proc::spawn(
+    let _collector = spawn(
         &[
             "collector",
             "--listen",
@@ -440,7 +344,7 @@ fn runner_client_http_reporter_collector_kafka_every_event_once_byte_identical()
     }
     let err = r.path("client.err");
     assert!(
-        client.wait(Duration::from_secs(40), &err).success(),
+        wait_exit(&mut client, Duration::from_secs(40), &err).success(),
         "client failed:\n{}",
         tail(&err)
     );
@@ -499,7 +403,7 @@ fn broker_killed_mid_run_then_back_nothing_lost_nothing_duplicated() {
     client.terminate();
     let err = r.path("client.err");
     assert!(
-        client.wait(Duration::from_secs(45), &err).success(),
+        wait_exit(&mut client, Duration::from_secs(45), &err).success(),
         "client failed:\n{}",
         tail(&err)
     );

@@ -269,7 +269,7 @@ pub fn capture_logs() -> Arc<Mutex<Vec<u8>>> {
         let buf = Arc::new(Mutex::new(Vec::new()));
         let w = Arc::clone(&buf);
         let _ = tracing_subscriber::fmt()
-            .with_env_filter("reporter=debug")
+            .with_env_filter("reporter=debug,spool=debug")
             .with_ansi(false)
             .with_writer(move || LogWriter(Arc::clone(&w)))
             .try_init();

@@ -204,3 +204,55 @@ pub fn create_session_channels(addr: SocketAddr) -> (String, String) {
     create_channel(&events);
     (control, events)
 }
+
+/// Creates a fresh control and events channel pair (random names) on the trickle server at
+/// `server`; returns their URLs (control, events).
+pub fn create_channels(server: SocketAddr) -> (String, String) {
+    let tag = uuid::Uuid::new_v4().simple().to_string();
+    let control = format!("http://{server}/{tag}-control");
+    let events = format!("http://{server}/{tag}-events");
+    let http = reqwest::blocking::Client::new();
+    for url in [&control, &events] {
+        let status = http
+            .post(url)
+            .header("Expect-Content", "application/jsonl")
+            .send()
+            .expect("create channel")
+            .status();
+        assert!(status.is_success(), "creating {url}: {status}");
+    }
+    (control, events)
+}
+
+/// `trickle-relay runner` on `control`/`events` for `session`/`connection`, taking envelopes on
+/// `--ingest ingest` (queue of 100,000, no log forwarding), plus `extra` flags and stderr into
+/// `stderr` when given; returns once the ingest listens.
+pub fn runner_with_ingest(
+    (control, events): (&str, &str),
+    (session, connection): (&str, &str),
+    ingest: SocketAddr,
+    extra: &[&str],
+    stderr: Option<&Path>,
+) -> Proc {
+    let ingest_s = ingest.to_string();
+    let mut args = vec![
+        "runner",
+        "--control-url",
+        control,
+        "--events-url",
+        events,
+        "--session-id",
+        session,
+        "--connection-id",
+        connection,
+        "--ingest",
+        &ingest_s,
+        "--queue-capacity",
+        "100000",
+        "--no-forward-logs",
+    ];
+    args.extend_from_slice(extra);
+    let p = Proc::spawn(&args, stderr);
+    wait_listening(ingest);
+    p
+}
