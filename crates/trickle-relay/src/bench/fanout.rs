@@ -5,7 +5,13 @@
 //! delivered payload bytes per second (subscribers × segment bytes / wall time).
 //! Latency: a subscriber preconnects to the next seq, a small segment is published, and the time
 //! from POST start to the subscriber's first body byte is recorded.
+//!
+//! `--plot` draws the first-byte latency distribution and, per run, the bytes all subscribers
+//! received per time bucket.
 
+use super::report::{
+    self, CommonArgs, Labels, LatencySeries, Recording, Spread, ThroughputSeries, Timeline,
+};
 use anyhow::{bail, Context as _};
 use bytes::Bytes;
 use serde_json::json;
@@ -33,9 +39,8 @@ pub struct Args {
     /// Segments published in the first-byte latency part.
     #[arg(long, default_value_t = 200)]
     pub latency_iters: usize,
-    /// Print a JSON summary instead of text.
-    #[arg(long)]
-    pub json: bool,
+    #[command(flatten)]
+    pub common: CommonArgs,
 }
 
 /// One throughput run.
@@ -44,6 +49,8 @@ struct Run {
     delivered: u64,
     /// CPU time this process (server and clients) used during the run, if known.
     cpu_secs: Option<f64>,
+    /// Bytes received by all subscribers over time (from the POST's start).
+    timeline: Timeline,
 }
 
 /// Runs this benchmark.
@@ -51,6 +58,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     if args.subscribers == 0 || args.repeat == 0 || args.chunk_bytes == 0 || args.bytes == 0 {
         bail!("--subscribers, --repeat, --chunk-bytes and --bytes must be at least 1");
     }
+    args.common.check()?;
     let (server, base) = match &args.server {
         Some(url) => (None, url.trim_end_matches('/').to_string()),
         None => {
@@ -72,20 +80,22 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         .pool_max_idle_per_host(args.subscribers + 8)
         .build()?;
 
+    let bar = report::progress(args.repeat as u64 + 1, "fanout");
     let mut runs = Vec::with_capacity(args.repeat);
     for _ in 0..args.repeat {
         runs.push(throughput_run(&client, &base, &args).await?);
+        bar.inc(1);
     }
     let latencies = if args.latency_iters > 0 {
         latency_run(&client, &base, args.latency_iters).await?
     } else {
         Vec::new()
     };
+    bar.finish_and_clear();
     if let Some(server) = server {
         server.shutdown().await;
     }
-    report(&args, &runs, &latencies);
-    Ok(())
+    report(&args, &runs, &latencies)
 }
 
 async fn create(client: &reqwest::Client, base: &str) -> anyhow::Result<String> {
@@ -99,21 +109,28 @@ async fn create(client: &reqwest::Client, base: &str) -> anyhow::Result<String> 
     Ok(ch)
 }
 
-async fn subscriber(client: reqwest::Client, url: String) -> anyhow::Result<u64> {
+async fn subscriber(
+    client: reqwest::Client,
+    url: String,
+    origin: Instant,
+) -> anyhow::Result<(u64, Timeline)> {
     let mut resp = client.get(&url).send().await?.error_for_status()?;
     let mut n = 0u64;
+    let mut timeline = Timeline::new(origin);
     while let Some(chunk) = resp.chunk().await? {
         n += chunk.len() as u64;
+        timeline.record(Instant::now(), chunk.len() as u64);
     }
-    Ok(n)
+    Ok((n, timeline))
 }
 
 async fn throughput_run(client: &reqwest::Client, base: &str, args: &Args) -> anyhow::Result<Run> {
     let ch = create(client, base).await?;
     let url = format!("{base}/{ch}/0");
     let mut subs = tokio::task::JoinSet::new();
+    let origin = Instant::now();
     for _ in 0..args.subscribers {
-        subs.spawn(subscriber(client.clone(), url.clone()));
+        subs.spawn(subscriber(client.clone(), url.clone(), origin));
     }
     // Let every subscriber's GET reach the server and precreate the segment.
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -143,8 +160,11 @@ async fn throughput_run(client: &reqwest::Client, base: &str, args: &Args) -> an
         .and_then(reqwest::Response::error_for_status)
         .context("publishing the segment failed")?;
     let mut delivered = 0u64;
+    // Time zero is the POST: the subscribers' preconnect wait is not part of the transfer.
+    let mut timeline = Timeline::new(start);
     while let Some(r) = subs.join_next().await {
-        let n = r.context("subscriber task failed")??;
+        let (n, t) = r.context("subscriber task failed")??;
+        timeline.merge(&t);
         if n != args.bytes {
             bail!("a subscriber got {n} bytes, expected {}", args.bytes);
         }
@@ -157,6 +177,7 @@ async fn throughput_run(client: &reqwest::Client, base: &str, args: &Args) -> an
         secs,
         delivered,
         cpu_secs,
+        timeline,
     })
 }
 
@@ -230,13 +251,11 @@ fn peak_rss() -> Option<u64> {
     Some(kib * 1024)
 }
 
-fn report(args: &Args, runs: &[Run], latencies: &[Duration]) {
-    let mut rates: Vec<f64> = runs.iter().map(|r| r.delivered as f64 / r.secs).collect();
-    rates.sort_by(f64::total_cmp);
+fn report(args: &Args, runs: &[Run], latencies: &[Duration]) -> anyhow::Result<()> {
+    let rates = Spread::of(runs.iter().map(|r| r.delivered as f64 / r.secs).collect());
     let mut lat_us: Vec<f64> = latencies.iter().map(|d| d.as_secs_f64() * 1e6).collect();
     lat_us.sort_by(f64::total_cmp);
-    let median_rate = percentile(&rates, 0.5);
-    let (min_rate, max_rate) = (rates[0], rates[rates.len() - 1]);
+    let (median_rate, min_rate, max_rate) = (rates.median, rates.min, rates.max);
     let rss = peak_rss();
     // CPU cost per delivered GB, and the share of the cores this process got (under 100% per
     // core means something else was running: the wall-clock figures are then pessimistic).
@@ -246,9 +265,46 @@ fn report(args: &Args, runs: &[Run], latencies: &[Duration]) {
     let cpu_per_gb = cpu.map(|c| c / delivered_gb);
     let cores_used = cpu.map(|c| c / wall);
     let where_ = args.server.as_deref().unwrap_or("in-process server");
-    if args.json {
-        let summary = json!({
-            "bench": "fanout",
+    let mut hist = report::histogram();
+    for d in latencies {
+        report::record(&mut hist, *d);
+    }
+    let mut recording = Recording {
+        latency: vec![LatencySeries {
+            label: "first byte".into(),
+            hist,
+        }],
+        throughput: Vec::new(),
+    };
+    for (i, r) in runs.iter().enumerate() {
+        recording.throughput.push(ThroughputSeries {
+            label: format!("run {}", i + 1),
+            timeline: r.timeline.clone(),
+            dashed: false,
+            color: i,
+        });
+    }
+    let labels = Labels {
+        title: format!(
+            "trickle-relay bench fanout: {} subscribers x {:.1} MiB segment",
+            args.subscribers,
+            args.bytes as f64 / (1024.0 * 1024.0)
+        ),
+        params: format!(
+            "{where_}, {} KiB writes, {} run(s), median {:.2} GB/s delivered; {} latency segments; {} CPU(s)",
+            args.chunk_bytes / 1024,
+            runs.len(),
+            median_rate / 1e9,
+            latencies.len(),
+            report::cpus()
+        ),
+        latency: "POST start to a subscriber's first byte".into(),
+        throughput: "bytes received by all subscribers".into(),
+        unit: "GB/s".into(),
+        scale: 1e9,
+        since: "the publisher's POST started".into(),
+    };
+    let summary = json!({
             "server": where_,
             "subscribers": args.subscribers,
             "segment_bytes": args.bytes,
@@ -265,10 +321,23 @@ fn report(args: &Args, runs: &[Run], latencies: &[Duration]) {
             "cpu_secs_per_gb": cpu_per_gb,
             "cores_used": cores_used,
             "peak_rss_bytes": rss,
-        });
-        println!("{summary}");
-        return;
-    }
+    });
+    report::finish("fanout", &args.common, summary, &recording, &labels, || {
+        print_human(args, runs, &lat_us, rates, cpu_per_gb.zip(cores_used), rss)
+    })
+}
+
+/// The text summary.
+fn print_human(
+    args: &Args,
+    runs: &[Run],
+    lat_us: &[f64],
+    rates: Spread,
+    cpu: Option<(f64, f64)>,
+    rss: Option<u64>,
+) {
+    let where_ = args.server.as_deref().unwrap_or("in-process server");
+    let (median_rate, min_rate, max_rate) = (rates.median, rates.min, rates.max);
     println!(
         "fanout ({where_}): {} subscribers x {} MiB segment in {} KiB writes, {} run(s)",
         args.subscribers,
@@ -282,7 +351,7 @@ fn report(args: &Args, runs: &[Run], latencies: &[Duration]) {
         min_rate / 1e9,
         max_rate / 1e9
     );
-    if let (Some(per_gb), Some(cores)) = (cpu_per_gb, cores_used) {
+    if let Some((per_gb, cores)) = cpu {
         println!(
             "  cpu: {per_gb:.2} core-seconds per GB delivered (server and clients); {cores:.2} cores busy on average"
         );
@@ -291,8 +360,8 @@ fn report(args: &Args, runs: &[Run], latencies: &[Duration]) {
         println!(
             "  first-byte latency over {} segments: median {:.0} us, p99 {:.0} us, max {:.0} us",
             lat_us.len(),
-            percentile(&lat_us, 0.5),
-            percentile(&lat_us, 0.99),
+            percentile(lat_us, 0.5),
+            percentile(lat_us, 0.99),
             lat_us.last().copied().unwrap_or(0.0)
         );
     }

@@ -8,9 +8,17 @@
 //! * `e2e_plain` / `e2e_gzip`: events/s from the first `emit` until a real in-process collector
 //!   (loopback HTTP, JSONL output fsynced before each 200) acknowledged every event, with bodies
 //!   uncompressed or gzip-compressed. Each event is a ~500-byte forwarded envelope.
+//!
+//! `--plot` draws each `emit` call's latency (every call is timed, which adds the timer's
+//! ~40 ns to `emit_ns_per_event`) and, for the first run of each scenario, events emitted
+//! (dashed) and accepted or acknowledged (solid) per time bucket.
 
-use anyhow::Context as _;
+use super::report::{
+    self, CommonArgs, Labels, LatencySeries, Recording, Sampler, ScratchDir, Spread,
+    ThroughputSeries, Timeline,
+};
 use collector::{ApiKeys, Collector, CollectorConfig, JsonlOutput, Output};
+use hdrhistogram::Histogram;
 use reporter::{FlushOutcome, GzipMode, Reporter, ReporterConfig};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
@@ -31,34 +39,8 @@ pub struct Args {
     /// temporary directory.
     #[arg(long)]
     dir: Option<PathBuf>,
-    /// Print the results as JSON.
-    #[arg(long)]
-    json: bool,
-}
-
-/// Median and spread of one figure over the repeats.
-#[derive(Serialize, Debug, Clone, Copy)]
-struct Spread {
-    median: f64,
-    min: f64,
-    max: f64,
-}
-
-impl Spread {
-    fn of(mut v: Vec<f64>) -> Spread {
-        v.sort_by(f64::total_cmp);
-        let n = v.len();
-        let median = if n % 2 == 1 {
-            v[n / 2]
-        } else {
-            (v[n / 2 - 1] + v[n / 2]) / 2.0
-        };
-        Spread {
-            median,
-            min: v[0],
-            max: v[n - 1],
-        }
-    }
+    #[command(flatten)]
+    common: CommonArgs,
 }
 
 #[derive(Serialize, Debug)]
@@ -75,7 +57,6 @@ struct Scenario {
 
 #[derive(Serialize, Debug)]
 struct Report {
-    bench: &'static str,
     dir: String,
     event_bytes: usize,
     repeat: usize,
@@ -84,40 +65,60 @@ struct Report {
 
 /// Runs this benchmark.
 pub async fn run(args: Args) -> anyhow::Result<()> {
+    args.common.check()?;
     anyhow::ensure!(args.repeat > 0, "--repeat must be at least 1");
     anyhow::ensure!(args.events > 0, "--events must be at least 1");
-    let (root, remove_root) = match &args.dir {
-        Some(d) => (d.clone(), false),
-        None => {
-            let nanos = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)?
-                .as_nanos();
-            let d = std::env::temp_dir().join(format!(
-                "trickle-relay-bench-http-{}-{nanos}",
-                std::process::id()
-            ));
-            (d, true)
-        }
-    };
-    std::fs::create_dir_all(&root).with_context(|| format!("cannot create {}", root.display()))?;
-    let result = scenarios(&args, &root).await;
-    if remove_root {
-        let _ = std::fs::remove_dir_all(&root);
-    }
-    let (scenarios, event_bytes) = result?;
+    let root = ScratchDir::new(args.dir.as_deref(), "http")?;
+    let (scenarios, event_bytes, recording) = scenarios(&args, root.path()).await?;
     let report = Report {
-        bench: "http-egress",
-        dir: root.display().to_string(),
+        dir: root.path().display().to_string(),
         event_bytes,
         repeat: args.repeat,
         scenarios,
     };
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
-    } else {
-        print_human(&report);
+    let labels = Labels {
+        title: format!(
+            "trickle-relay bench http-egress: {} x {}-byte envelopes per run",
+            args.events, event_bytes
+        ),
+        params: format!(
+            "reporter into its disk buffer (accept) and to a loopback collector (e2e); {} run(s) per scenario, {} CPU(s)",
+            args.repeat,
+            report::cpus()
+        ),
+        latency: "per emit call, all runs".into(),
+        throughput: "first run; dashed: emitted".into(),
+        unit: "events/s".into(),
+        scale: 1.0,
+        since: "the first emit".into(),
+    };
+    report::finish(
+        "http-egress",
+        &args.common,
+        &report,
+        &recording,
+        &labels,
+        || print_human(&report),
+    )
+}
+
+/// What one run records for the plot: each emit call's latency, and the emitted and
+/// accepted-or-acknowledged counts over time.
+struct Traced {
+    hist: Histogram<u64>,
+    emitted: Timeline,
+    done: Timeline,
+}
+
+/// Emits every event, timing each call.
+fn emit_all(reporter: &Reporter, events: Vec<RawEnvelope>) -> Histogram<u64> {
+    let mut hist = report::histogram();
+    for e in events {
+        let t = Instant::now();
+        reporter.emit(Event::Raw(e));
+        report::record(&mut hist, t.elapsed());
     }
-    Ok(())
+    hist
 }
 
 /// `n` forwarded envelopes (as the client hands them to its egress), each with its own id.
@@ -154,26 +155,63 @@ fn base_config(url: &str, dir: &Path, n: u64) -> ReporterConfig {
         .with_flush_timeout(Duration::from_secs(120))
 }
 
-async fn scenarios(args: &Args, root: &Path) -> anyhow::Result<(Vec<Scenario>, usize)> {
+async fn scenarios(args: &Args, root: &Path) -> anyhow::Result<(Vec<Scenario>, usize, Recording)> {
     let n = args.events;
     let sample = envelopes(1);
     let event_bytes = sample[0].as_bytes().len();
     let (mut acc_rate, mut emit_ns) = (vec![], vec![]);
     let (mut plain_rate, mut plain_req, mut gz_rate, mut gz_req) = (vec![], vec![], vec![], vec![]);
+    let names = ["accept", "e2e_plain", "e2e_gzip"];
+    let mut hists: Vec<Histogram<u64>> = names.iter().map(|_| report::histogram()).collect();
+    let mut firsts: Vec<Option<Traced>> = names.iter().map(|_| None).collect();
+    let mut keep = |i: usize, traced: Traced| -> anyhow::Result<()> {
+        hists[i].add(&traced.hist)?;
+        firsts[i].get_or_insert(traced);
+        Ok(())
+    };
+    let bar = report::progress(args.repeat as u64 * 3, "http-egress");
     for r in 0..args.repeat {
         let events = envelopes(n);
         let dir = root.join(format!("accept-{r}"));
-        let (rate, ns) = tokio::task::spawn_blocking(move || accept_run(&dir, events)).await??;
+        let (rate, ns, traced) =
+            tokio::task::spawn_blocking(move || accept_run(&dir, events)).await??;
         acc_rate.push(rate);
         emit_ns.push(ns);
+        keep(0, traced)?;
+        bar.inc(1);
 
-        for (gzip, rates, reqs) in [
-            (GzipMode::Never, &mut plain_rate, &mut plain_req),
-            (GzipMode::Auto, &mut gz_rate, &mut gz_req),
+        for (i, gzip, rates, reqs) in [
+            (1, GzipMode::Never, &mut plain_rate, &mut plain_req),
+            (2, GzipMode::Auto, &mut gz_rate, &mut gz_req),
         ] {
-            let (rate, requests) = e2e_run(root, r, n, gzip).await?;
+            let (rate, requests, traced) = e2e_run(root, r, n, gzip).await?;
             rates.push(rate);
             reqs.push(requests);
+            keep(i, traced)?;
+            bar.inc(1);
+        }
+    }
+    bar.finish_and_clear();
+    let mut recording = Recording::default();
+    for (i, (name, (hist, first))) in names.iter().zip(hists.into_iter().zip(firsts)).enumerate() {
+        recording.latency.push(LatencySeries {
+            label: name.to_string(),
+            hist,
+        });
+        if let Some(t) = first {
+            let what = if i == 0 { "accepted" } else { "acked" };
+            recording.throughput.push(ThroughputSeries {
+                label: format!("{name} {what}"),
+                timeline: t.done,
+                dashed: false,
+                color: i,
+            });
+            recording.throughput.push(ThroughputSeries {
+                label: format!("{name} emitted"),
+                timeline: t.emitted,
+                dashed: true,
+                color: i,
+            });
         }
     }
     Ok((
@@ -204,20 +242,24 @@ async fn scenarios(args: &Args, root: &Path) -> anyhow::Result<(Vec<Scenario>, u
             },
         ],
         event_bytes,
+        recording,
     ))
 }
 
 /// Emits every event into a reporter whose endpoint is down; returns (accepted/s, emit ns/event).
-fn accept_run(dir: &Path, events: Vec<RawEnvelope>) -> anyhow::Result<(f64, f64)> {
+fn accept_run(dir: &Path, events: Vec<RawEnvelope>) -> anyhow::Result<(f64, f64, Traced)> {
     let n = events.len() as u64;
     // Nothing listens on port 9 of loopback: the sender backs off and stays out of the way.
     let config = base_config("http://127.0.0.1:9/v1/metrics", dir, n)
         .with_backoff(Duration::from_secs(60), Duration::from_secs(60));
-    let reporter = Reporter::start(config)?;
+    let reporter = Arc::new(Reporter::start(config)?);
     let start = Instant::now();
-    for e in events {
-        reporter.emit(Event::Raw(e));
-    }
+    let sampled = Arc::clone(&reporter);
+    let sampler = Sampler::start(start, move || {
+        let s = sampled.reporter_stats();
+        [s.emitted, s.accepted]
+    });
+    let hist = emit_all(&reporter, events);
     let emitted = start.elapsed();
     let deadline = Instant::now() + Duration::from_secs(300);
     loop {
@@ -233,16 +275,27 @@ fn accept_run(dir: &Path, events: Vec<RawEnvelope>) -> anyhow::Result<(f64, f64)
         std::thread::sleep(Duration::from_micros(200));
     }
     let elapsed = start.elapsed();
+    let [emitted_line, done] = sampler.stop()?;
     drop(reporter);
     let _ = std::fs::remove_dir_all(dir);
     Ok((
         n as f64 / elapsed.as_secs_f64(),
         emitted.as_nanos() as f64 / n as f64,
+        Traced {
+            hist,
+            emitted: emitted_line,
+            done,
+        },
     ))
 }
 
 /// Reporter to an in-process collector; returns (acknowledged events/s, requests made).
-async fn e2e_run(root: &Path, r: usize, n: u64, gzip: GzipMode) -> anyhow::Result<(f64, f64)> {
+async fn e2e_run(
+    root: &Path,
+    r: usize,
+    n: u64,
+    gzip: GzipMode,
+) -> anyhow::Result<(f64, f64, Traced)> {
     let tag = if gzip == GzipMode::Never {
         "plain"
     } else {
@@ -265,21 +318,32 @@ async fn e2e_run(root: &Path, r: usize, n: u64, gzip: GzipMode) -> anyhow::Resul
     }));
     let events = envelopes(n);
     let rdir = dir.clone();
-    let (rate, requests) = tokio::task::spawn_blocking(move || -> anyhow::Result<(f64, f64)> {
-        let reporter = Reporter::start(base_config(&url, &rdir, n).with_gzip(gzip))?;
+    let (rate, requests, traced) = tokio::task::spawn_blocking(move || {
+        let reporter = Arc::new(Reporter::start(
+            base_config(&url, &rdir, n).with_gzip(gzip),
+        )?);
         let start = Instant::now();
-        for e in events {
-            reporter.emit(Event::Raw(e));
-        }
+        let sampled = Arc::clone(&reporter);
+        let sampler = Sampler::start(start, move || {
+            let s = sampled.reporter_stats();
+            [s.emitted, s.acked]
+        });
+        let hist = emit_all(&reporter, events);
         let outcome = reporter.flush_timeout(Duration::from_secs(300));
         let elapsed = start.elapsed();
+        let [emitted, done] = sampler.stop()?;
         let s = reporter.reporter_stats();
         anyhow::ensure!(
             outcome == FlushOutcome::Drained && s.acked == n,
             "not all delivered: {outcome:?} {s:?}"
         );
         drop(reporter);
-        Ok((n as f64 / elapsed.as_secs_f64(), s.requests as f64))
+        let traced = Traced {
+            hist,
+            emitted,
+            done,
+        };
+        anyhow::Ok((n as f64 / elapsed.as_secs_f64(), s.requests as f64, traced))
     })
     .await??;
     let written = collector.stats().accepted;
@@ -288,7 +352,7 @@ async fn e2e_run(root: &Path, r: usize, n: u64, gzip: GzipMode) -> anyhow::Resul
     anyhow::ensure!(written == n, "the collector wrote {written} of {n} events");
     let _ = std::fs::remove_dir_all(&dir);
     let _ = std::fs::remove_file(&out);
-    Ok((rate, requests))
+    Ok((rate, requests, traced))
 }
 
 fn print_human(r: &Report) {

@@ -12,13 +12,21 @@
 //! The broker is a `tansu` started by the bench on a free loopback port (in-memory storage), or
 //! an existing one with `--bootstrap`. Delivery is checked from the sink's counters; `--verify`
 //! also reads every topic back with a consumer and checks the count.
+//!
+//! `--plot` draws the latency of each `emit` call (sinks; every call is timed) or each awaited
+//! 500-event `append` (collector output), and, for the first run of each scenario, events
+//! emitted (dashed) and delivered (solid) per time bucket.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::report::{
+    self, CommonArgs, Labels, LatencySeries, Recording, Sampler, Spread, ThroughputSeries, Timeline,
+};
 use anyhow::Context;
 use bytes::Bytes;
 use collector::Output;
+use hdrhistogram::Histogram;
 use kafka::broker::{self, TestBroker};
 use kafka::{FlushOutcome, KafkaConfig, KafkaOutput, KafkaSink};
 use serde::Serialize;
@@ -48,34 +56,8 @@ pub struct Args {
     /// Read every topic back with a consumer and check the count.
     #[arg(long)]
     verify: bool,
-    /// Print the results as JSON.
-    #[arg(long)]
-    json: bool,
-}
-
-/// Median and spread of one figure over the repeats.
-#[derive(Serialize, Debug, Clone, Copy)]
-struct Spread {
-    median: f64,
-    min: f64,
-    max: f64,
-}
-
-impl Spread {
-    fn of(mut v: Vec<f64>) -> Spread {
-        v.sort_by(f64::total_cmp);
-        let n = v.len();
-        let median = if n % 2 == 1 {
-            v[n / 2]
-        } else {
-            (v[n / 2 - 1] + v[n / 2]) / 2.0
-        };
-        Spread {
-            median,
-            min: v[0],
-            max: v[n - 1],
-        }
-    }
+    #[command(flatten)]
+    common: CommonArgs,
 }
 
 /// One scenario's summary.
@@ -92,7 +74,6 @@ struct Scenario {
 /// The whole report.
 #[derive(Serialize, Debug)]
 struct Report {
-    bench: &'static str,
     broker: String,
     partitions: i32,
     batch: usize,
@@ -104,20 +85,43 @@ struct Report {
 
 /// Runs this benchmark.
 pub async fn run(args: Args) -> anyhow::Result<()> {
+    args.common.check()?;
     anyhow::ensure!(args.repeat > 0, "--repeat must be at least 1");
     anyhow::ensure!(args.events > 0, "--events must be at least 1");
     anyhow::ensure!(args.partitions > 0, "--partitions must be at least 1");
-    let json = args.json;
-    let report = run_all(args).await?;
-    if json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
-    } else {
-        print_human(&report);
-    }
-    Ok(())
+    let (report, recording) = run_all(&args).await?;
+    let labels = Labels {
+        title: format!(
+            "trickle-relay bench kafka: {} x ~{}-byte events per run",
+            args.events, args.event_bytes
+        ),
+        params: format!(
+            "broker {}, {} partitions, batch {}, {} run(s) per scenario, {} CPU(s)",
+            report.broker,
+            args.partitions,
+            args.batch,
+            args.repeat,
+            report::cpus()
+        ),
+        latency: "per emit call; collector: per 500-event append".into(),
+        throughput: "first run; dashed: emitted".into(),
+        unit: "events/s".into(),
+        scale: 1.0,
+        since: "the first emit".into(),
+    };
+    report::finish("kafka", &args.common, &report, &recording, &labels, || {
+        print_human(&report)
+    })
 }
 
-async fn run_all(args: Args) -> anyhow::Result<Report> {
+/// What one run records for the plot: call latencies, and events emitted and delivered over time.
+struct Traced {
+    hist: Histogram<u64>,
+    emitted: Timeline,
+    delivered: Timeline,
+}
+
+async fn run_all(args: &Args) -> anyhow::Result<(Report, Recording)> {
     let (_broker, bootstrap, broker_desc) = match &args.bootstrap {
         Some(b) => (None, b.clone(), b.clone()),
         None => {
@@ -133,10 +137,17 @@ async fn run_all(args: Args) -> anyhow::Result<Report> {
         }
     };
     let mut scenarios = Vec::new();
-    for name in ["sink_disk", "sink_memory", "collector_output"] {
+    let mut recording = Recording::default();
+    let bar = report::progress(args.repeat as u64 * 3, "kafka");
+    for (i, name) in ["sink_disk", "sink_memory", "collector_output"]
+        .into_iter()
+        .enumerate()
+    {
         let mut rates = Vec::new();
         let mut secs = Vec::new();
         let mut emits = Vec::new();
+        let mut hist = report::histogram();
+        let mut first: Option<Traced> = None;
         for _ in 0..args.repeat {
             let topic = format!("bench-{}", uuid::Uuid::new_v4().simple());
             let (b, t, p) = (bootstrap.clone(), topic.clone(), args.partitions);
@@ -144,17 +155,23 @@ async fn run_all(args: Args) -> anyhow::Result<Report> {
                 .await?
                 .map_err(anyhow::Error::msg)?;
             let events = build_events(args.events, args.event_bytes);
-            let (elapsed, emit_rate) = match name {
-                "collector_output" => (run_output(&bootstrap, &topic, events).await?, None),
+            let (elapsed, emit_rate, traced) = match name {
+                "collector_output" => {
+                    let (e, t) = run_output(&bootstrap, &topic, events).await?;
+                    (e, None, t)
+                }
                 _ => {
                     let (b, t, disk) = (bootstrap.clone(), topic.clone(), name == "sink_disk");
                     let batch = args.batch;
-                    let (e, r) =
+                    let (e, r, traced) =
                         tokio::task::spawn_blocking(move || run_sink(&b, &t, disk, batch, events))
                             .await??;
-                    (e, Some(r))
+                    (e, Some(r), traced)
                 }
             };
+            hist.add(&traced.hist)?;
+            first.get_or_insert(traced);
+            bar.inc(1);
             if args.verify {
                 let (b, t, n) = (bootstrap.clone(), topic.clone(), args.events);
                 let got = tokio::task::spawn_blocking(move || {
@@ -175,6 +192,24 @@ async fn run_all(args: Args) -> anyhow::Result<Report> {
                 emits.push(r);
             }
         }
+        recording.latency.push(LatencySeries {
+            label: name.to_string(),
+            hist,
+        });
+        if let Some(t) = first {
+            recording.throughput.push(ThroughputSeries {
+                label: format!("{name} delivered"),
+                timeline: t.delivered,
+                dashed: false,
+                color: i,
+            });
+            recording.throughput.push(ThroughputSeries {
+                label: format!("{name} emitted"),
+                timeline: t.emitted,
+                dashed: true,
+                color: i,
+            });
+        }
         scenarios.push(Scenario {
             name,
             events: args.events,
@@ -183,8 +218,8 @@ async fn run_all(args: Args) -> anyhow::Result<Report> {
             emit_per_sec: (!emits.is_empty()).then(|| Spread::of(emits)),
         });
     }
-    Ok(Report {
-        bench: "kafka",
+    bar.finish_and_clear();
+    let report = Report {
         broker: broker_desc,
         partitions: args.partitions,
         batch: args.batch,
@@ -192,7 +227,8 @@ async fn run_all(args: Args) -> anyhow::Result<Report> {
         repeat: args.repeat,
         verified: args.verify,
         scenarios,
-    })
+    };
+    Ok((report, recording))
 }
 
 /// Heartbeat envelopes padded to about `bytes` each, built before the clock starts.
@@ -220,7 +256,7 @@ fn run_sink(
     disk: bool,
     batch: usize,
     events: Vec<Event>,
-) -> anyhow::Result<(Duration, f64)> {
+) -> anyhow::Result<(Duration, f64, Traced)> {
     let n = events.len() as u64;
     let dir = std::env::temp_dir().join(format!(
         "trickle-relay-bench-kafka-{}-{}",
@@ -234,14 +270,23 @@ fn run_sink(
     // The bench emits faster than any producer drains: make room for the whole burst.
     config.handoff_capacity = events.len().max(1);
     config.max_memory_buffer = events.len().max(1);
-    let sink = KafkaSink::start(config).context("cannot start the Kafka sink")?;
+    let sink = Arc::new(KafkaSink::start(config).context("cannot start the Kafka sink")?);
     let start = Instant::now();
+    let sampled = Arc::clone(&sink);
+    let sampler = Sampler::start(start, move || {
+        let s = sampled.kafka_stats();
+        [s.emitted, s.delivered]
+    });
+    let mut hist = report::histogram();
     for e in events {
+        let t = Instant::now();
         sink.emit(e);
+        report::record(&mut hist, t.elapsed());
     }
     let emitted = start.elapsed();
     let outcome = sink.flush_timeout(Duration::from_secs(300));
     let elapsed = start.elapsed();
+    let [emitted_line, delivered] = sampler.stop()?;
     let stats = sink.shutdown(Duration::from_secs(5));
     drop(sink);
     let _ = std::fs::remove_dir_all(&dir);
@@ -249,12 +294,21 @@ fn run_sink(
         outcome == FlushOutcome::Drained && stats.delivered == n && stats.dropped() == 0,
         "not everything was delivered: {outcome:?}, {stats:?}"
     );
-    Ok((elapsed, n as f64 / emitted.as_secs_f64()))
+    let traced = Traced {
+        hist,
+        emitted: emitted_line,
+        delivered,
+    };
+    Ok((elapsed, n as f64 / emitted.as_secs_f64(), traced))
 }
 
 /// Appends every event (as the API events the collector receives) 500 at a time, each append
 /// awaited before the next, as sequential metrics requests would be.
-async fn run_output(bootstrap: &str, topic: &str, events: Vec<Event>) -> anyhow::Result<Duration> {
+async fn run_output(
+    bootstrap: &str,
+    topic: &str,
+    events: Vec<Event>,
+) -> anyhow::Result<(Duration, Traced)> {
     let mut config = KafkaConfig::new(bootstrap);
     config.topic = topic.to_owned();
     let output = Arc::new(KafkaOutput::new(&config).context("cannot create the Kafka output")?);
@@ -268,13 +322,25 @@ async fn run_output(bootstrap: &str, topic: &str, events: Vec<Event>) -> anyhow:
         })
         .collect::<anyhow::Result<_>>()?;
     let start = Instant::now();
+    let mut hist = report::histogram();
+    let (mut emitted, mut delivered) = (Timeline::new(start), Timeline::new(start));
     for chunk in api.chunks(500) {
+        let t = Instant::now();
+        emitted.record(t, chunk.len() as u64);
         output
             .append(chunk.to_vec())
             .await
             .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let done = Instant::now();
+        report::record(&mut hist, done - t);
+        delivered.record(done, chunk.len() as u64);
     }
-    Ok(start.elapsed())
+    let traced = Traced {
+        hist,
+        emitted,
+        delivered,
+    };
+    Ok((start.elapsed(), traced))
 }
 
 fn print_human(r: &Report) {

@@ -1,7 +1,9 @@
 //! The bench harness: `trickle-relay bench <path>`, one module per measured path.
 //!
 //! Every benchmark prints a human summary (or JSON with `--json`) of the same shape:
-//! what ran, the counts, and each latency or throughput figure as median and spread.
+//! what ran, the counts, and each latency or throughput figure as median and spread; and with
+//! `--plot FILE` draws its latency distribution and its throughput over time as a two-panel SVG.
+//! [`report`] holds what they share (arguments, recordings, printer), [`plot`] draws the SVG.
 
 mod fanout;
 mod http_egress;
@@ -10,6 +12,7 @@ mod plot;
 mod publish_event;
 mod relay;
 mod relay_child;
+mod report;
 mod spool;
 
 use clap::Subcommand;

@@ -48,6 +48,19 @@ pub struct Panel {
     pub series: Vec<Series>,
 }
 
+/// A labelled dot on a panel, in data coordinates.
+#[derive(Debug, Clone)]
+pub struct Mark {
+    /// X value.
+    pub x: f64,
+    /// Y value.
+    pub y: f64,
+    /// Text beside the dot.
+    pub label: String,
+    /// Palette index (the series it belongs to).
+    pub color: usize,
+}
+
 /// Panels side by side under a title.
 #[derive(Debug, Clone)]
 pub struct Figure {
@@ -75,6 +88,11 @@ const NINES_FLOOR: f64 = 1e-6;
 impl Figure {
     /// The figure as an SVG document.
     pub fn to_svg(&self) -> String {
+        self.to_svg_marked(&[])
+    }
+
+    /// The figure as an SVG document, with `marks[i]` drawn over panel `i`.
+    pub fn to_svg_marked(&self, marks: &[Vec<Mark>]) -> String {
         let n = self.panels.len().max(1) as f64;
         let (w, h) = (PANEL_W * n, PANEL_H + HEADER_H);
         let mut s = String::new();
@@ -90,7 +108,8 @@ impl Figure {
             sub = esc(&self.subtitle),
         );
         for (i, panel) in self.panels.iter().enumerate() {
-            panel.draw(&mut s, PANEL_W * i as f64, HEADER_H);
+            let m = marks.get(i).map_or(&[][..], Vec::as_slice);
+            panel.draw(&mut s, PANEL_W * i as f64, HEADER_H, m);
         }
         s.push_str("</svg>\n");
         s
@@ -99,6 +118,12 @@ impl Figure {
     /// Writes the SVG to `path`.
     pub fn write(&self, path: &Path) -> anyhow::Result<()> {
         std::fs::write(path, self.to_svg())
+            .map_err(|e| anyhow::anyhow!("cannot write the plot to {}: {e}", path.display()))
+    }
+
+    /// Writes the SVG, with `marks[i]` over panel `i`, to `path`.
+    pub fn write_marked(&self, path: &Path, marks: &[Vec<Mark>]) -> anyhow::Result<()> {
+        std::fs::write(path, self.to_svg_marked(marks))
             .map_err(|e| anyhow::anyhow!("cannot write the plot to {}: {e}", path.display()))
     }
 }
@@ -218,7 +243,10 @@ pub fn fmt_num(v: f64) -> String {
     } else {
         (v, "")
     };
-    let text = if x == x.trunc() {
+    let text = if x != 0.0 && x.abs() < 0.001 {
+        // Log axes reach far below 1: "1e-4", not "0".
+        format!("{x:.0e}")
+    } else if x == x.trunc() {
         format!("{x:.0}")
     } else if x.abs() >= 10.0 {
         format!("{x:.1}")
@@ -236,7 +264,7 @@ fn esc(text: &str) -> String {
 }
 
 impl Panel {
-    fn draw(&self, s: &mut String, x0: f64, y0: f64) {
+    fn draw(&self, s: &mut String, x0: f64, y0: f64, marks: &[Mark]) {
         let (px, py) = (x0 + MARGIN_L, y0 + MARGIN_T);
         let (pw, ph) = (PANEL_W - MARGIN_L - MARGIN_R, PANEL_H - MARGIN_T - MARGIN_B);
         let xs: Vec<f64> = self
@@ -252,7 +280,10 @@ impl Panel {
         let ((xlo, xhi), xticks) = scale(self.x_axis, &xs);
         let ((ylo, yhi), yticks) = scale(self.y_axis, &ys);
         let map_x = |v: f64| px + (forward(self.x_axis, v) - xlo) / (xhi - xlo) * pw;
-        let map_y = |v: f64| py + ph - (forward(self.y_axis, v) - ylo) / (yhi - ylo) * ph;
+        // Clamped to the frame: a zero on a log axis sits on the bottom edge, not far below it.
+        let map_y = |v: f64| {
+            (py + ph - (forward(self.y_axis, v) - ylo) / (yhi - ylo) * ph).clamp(py, py + ph)
+        };
         let _ = writeln!(
             s,
             r##"<text x="{}" y="{}" text-anchor="middle" font-size="14" font-weight="bold">{}</text>"##,
@@ -308,6 +339,16 @@ impl Panel {
             if points.is_empty() {
                 continue;
             }
+            if let [one] = points.as_slice() {
+                // A line of one point would draw nothing.
+                let (x, y) = one.split_once(',').unwrap_or(("0", "0"));
+                let _ = writeln!(
+                    s,
+                    r##"<circle cx="{x}" cy="{y}" r="2.5" fill="{}"/>"##,
+                    PALETTE[se.color % PALETTE.len()]
+                );
+                continue;
+            }
             let _ = writeln!(
                 s,
                 r##"<polyline fill="none" stroke="{}" stroke-width="1.6"{} points="{}"/>"##,
@@ -320,48 +361,97 @@ impl Panel {
                 points.join(" ")
             );
         }
+        for m in marks {
+            if !(m.x.is_finite() && m.y.is_finite()) {
+                continue;
+            }
+            let (x, y) = (map_x(m.x), map_y(m.y));
+            // Labels go left of the dot (marks sit on rising curves, towards the right edge),
+            // below it when the dot is at the top of the frame.
+            let ty = if y - py < 16.0 { y + 14.0 } else { y - 5.0 };
+            let _ = writeln!(
+                s,
+                r##"<circle cx="{x:.1}" cy="{y:.1}" r="3.5" fill="{c}" stroke="white"/><text x="{:.1}" y="{:.1}" text-anchor="end" font-size="10" fill="{c}">{}</text>"##,
+                x - 5.0,
+                ty,
+                esc(&m.label),
+                c = PALETTE[m.color % PALETTE.len()],
+            );
+        }
         let mut seen: Vec<&str> = Vec::new();
         for se in &self.series {
             if !se.label.is_empty() && !seen.contains(&se.label.as_str()) {
                 seen.push(&se.label);
             }
         }
-        if !seen.is_empty() {
-            // A light backdrop keeps the legend readable over the lines.
-            let widest = seen.iter().map(|l| l.chars().count()).max().unwrap_or(0) as f64;
-            let _ = writeln!(
-                s,
-                r##"<rect x="{}" y="{}" width="{:.1}" height="{}" fill="white" fill-opacity="0.85" stroke="#ccc"/>"##,
-                px + 4.0,
-                py + 4.0,
-                34.0 + widest * 6.2,
-                15.0 * seen.len() as f64 + 6.0
-            );
+        if seen.is_empty() {
+            return;
         }
+        let widest = seen.iter().map(|l| l.chars().count()).max().unwrap_or(0) as f64;
+        let (lw, lh) = (34.0 + widest * 6.2, 15.0 * seen.len() as f64 + 6.0);
+        // The legend goes in the corner that hides the fewest points (top left on a tie).
+        let drawn: Vec<(f64, f64)> = self
+            .series
+            .iter()
+            .flat_map(|se| {
+                se.points
+                    .windows(2)
+                    .flat_map(|w| [w[0], w[1], mid(w[0], w[1])])
+            })
+            .filter(|(x, y)| x.is_finite() && y.is_finite())
+            .map(|(x, y)| (map_x(x), map_y(y)))
+            .collect();
+        let corners = [
+            (px + 4.0, py + 4.0),
+            (px + pw - 4.0 - lw, py + 4.0),
+            (px + pw - 4.0 - lw, py + ph - 4.0 - lh),
+            (px + 4.0, py + ph - 4.0 - lh),
+        ];
+        let hidden = |&(lx, ly): &(f64, f64)| {
+            drawn
+                .iter()
+                .filter(|(x, y)| *x >= lx && *x <= lx + lw && *y >= ly && *y <= ly + lh)
+                .count()
+        };
+        let (lx, ly) = corners
+            .iter()
+            .copied()
+            .min_by_key(|c| hidden(c))
+            .unwrap_or(corners[0]);
+        // A light backdrop keeps the legend readable over the lines.
+        let _ = writeln!(
+            s,
+            r##"<rect x="{lx:.1}" y="{ly:.1}" width="{lw:.1}" height="{lh}" fill="white" fill-opacity="0.85" stroke="#ccc"/>"##,
+        );
         seen.clear();
         for se in &self.series {
             if se.label.is_empty() || seen.contains(&se.label.as_str()) {
                 continue;
             }
-            let y = py + 14.0 + 15.0 * seen.len() as f64;
+            let y = ly + 10.0 + 15.0 * seen.len() as f64;
             seen.push(&se.label);
             let _ = writeln!(
                 s,
-                r##"<line x1="{}" y1="{y:.1}" x2="{}" y2="{y:.1}" stroke="{}" stroke-width="2.5"{}/><text x="{}" y="{:.1}" font-size="11">{}</text>"##,
-                px + 8.0,
-                px + 28.0,
+                r##"<line x1="{:.1}" y1="{y:.1}" x2="{:.1}" y2="{y:.1}" stroke="{}" stroke-width="2.5"{}/><text x="{:.1}" y="{:.1}" font-size="11">{}</text>"##,
+                lx + 4.0,
+                lx + 24.0,
                 PALETTE[se.color % PALETTE.len()],
                 if se.dashed {
                     r#" stroke-dasharray="5,3""#
                 } else {
                     ""
                 },
-                px + 33.0,
+                lx + 29.0,
                 y + 4.0,
                 esc(&se.label)
             );
         }
     }
+}
+
+/// The midpoint of a segment (so a long straight segment still counts as hidden by a legend).
+fn mid(a: (f64, f64), b: (f64, f64)) -> (f64, f64) {
+    ((a.0 + b.0) / 2.0, (a.1 + b.1) / 2.0)
 }
 
 #[cfg(test)]
@@ -374,6 +464,7 @@ mod tests {
         assert_eq!(fmt_num(250_000.0), "250k");
         assert_eq!(fmt_num(12.0), "12");
         assert_eq!(fmt_num(0.35), "0.35");
+        assert_eq!(fmt_num(0.0001), "1e-4");
     }
 
     #[test]

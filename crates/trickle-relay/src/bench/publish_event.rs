@@ -9,7 +9,12 @@
 //!
 //! By default callers run flat out (`--rate 0`), so the 256-event queue is full and most calls also
 //! evict (and free) an older heartbeat: the worst case. `--rate` paces each thread instead.
+//!
+//! `--plot` draws each scenario's per-call latency and its calls per time bucket (all threads).
 
+use super::report::{
+    self, CommonArgs, Labels, LatencySeries, Recording, ThroughputSeries, Timeline,
+};
 use anyhow::Context as _;
 use hdrhistogram::Histogram;
 use serde_json::json;
@@ -60,9 +65,8 @@ pub struct Args {
     /// Where the sink's drain writes.
     #[arg(long, value_enum, default_value_t = OutputKind::Trickle)]
     pub output: OutputKind,
-    /// Print a JSON summary instead of text.
-    #[arg(long)]
-    pub json: bool,
+    #[command(flatten)]
+    pub common: CommonArgs,
 }
 
 /// The seed's heartbeat: ids plus eight metadata fields, values varying per call.
@@ -81,8 +85,7 @@ fn heartbeat(i: u64) -> Fields {
 }
 
 fn new_histogram() -> Histogram<u64> {
-    // 1 ns .. 60 s, 3 significant digits; bounds are valid constants.
-    Histogram::new_with_bounds(1, 60_000_000_000, 3).expect("constant histogram bounds are valid")
+    report::histogram()
 }
 
 /// Median cost of `Instant::now()` + `elapsed()`, the measurement's own overhead.
@@ -96,14 +99,18 @@ fn timer_overhead_ns() -> u64 {
     h.value_at_quantile(0.5)
 }
 
+/// What one calling thread measured: each call's latency, calls over time, and its wall time.
+type Called = (Histogram<u64>, Timeline, Duration);
+
 /// One calling thread: warm-up, then `calls` timed calls.
-fn caller(calls: u64, warmup: u64, rate: u64, spin: bool, seed: u64) -> (Histogram<u64>, Duration) {
+fn caller(calls: u64, warmup: u64, rate: u64, spin: bool, seed: u64) -> Called {
     let mut h = new_histogram();
     for i in 0..warmup {
         publish_event("stream_heartbeat", heartbeat(seed + i));
     }
     let period = (rate > 0).then(|| Duration::from_secs_f64(1.0 / rate as f64));
     let start = Instant::now();
+    let mut timeline = Timeline::new(start);
     for i in 0..calls {
         if let Some(p) = period {
             // Pace without spinning, so paced callers leave the CPUs to the drain.
@@ -124,15 +131,19 @@ fn caller(calls: u64, warmup: u64, rate: u64, spin: bool, seed: u64) -> (Histogr
         }
         let t = Instant::now();
         publish_event("stream_heartbeat", heartbeat(seed + warmup + i));
-        h.saturating_record(t.elapsed().as_nanos() as u64);
+        let done = Instant::now();
+        h.saturating_record((done - t).as_nanos() as u64);
+        timeline.record(done, 1);
     }
-    (h, start.elapsed())
+    (h, timeline, start.elapsed())
 }
 
 struct Scenario {
     name: &'static str,
     threads: usize,
     hist: Histogram<u64>,
+    /// Calls over time, all threads.
+    timeline: Timeline,
     wall: Duration,
     sink: Option<SinkStats>,
     received: Option<u64>,
@@ -140,7 +151,7 @@ struct Scenario {
     end_to_end: Option<Duration>,
 }
 
-async fn run_callers(threads: usize, args: &Args) -> anyhow::Result<(Histogram<u64>, Duration)> {
+async fn run_callers(threads: usize, args: &Args) -> anyhow::Result<Called> {
     let (calls, warmup, rate, spin) = (args.calls, args.warmup, args.rate, args.spin);
     let joined = tokio::task::spawn_blocking(move || {
         let handles: Vec<_> = (0..threads)
@@ -162,11 +173,18 @@ async fn run_callers(threads: usize, args: &Args) -> anyhow::Result<(Histogram<u
     .await??;
     let mut hist = new_histogram();
     let mut wall = Duration::ZERO;
-    for (h, w) in joined {
+    let origin = joined
+        .iter()
+        .map(|(_, t, _)| t.origin())
+        .min()
+        .unwrap_or_else(Instant::now);
+    let mut timeline = Timeline::new(origin);
+    for (h, t, w) in joined {
         hist.add(&h).context("merging histograms")?;
+        timeline.merge(&t);
         wall = wall.max(w);
     }
-    Ok((hist, wall))
+    Ok((hist, timeline, wall))
 }
 
 /// A sink draining to the chosen output; returns it, and what ends the output afterwards.
@@ -259,7 +277,7 @@ async fn with_sink(name: &'static str, threads: usize, args: &Args) -> anyhow::R
     let t = target(args, name).await?;
     let guard = install_sink(t.sink.clone());
     let started = Instant::now();
-    let (hist, wall) = run_callers(threads, args).await?;
+    let (hist, timeline, wall) = run_callers(threads, args).await?;
     drop(guard);
     let stats = t.sink.shutdown().await;
     let received = (t.finish)().await??;
@@ -267,6 +285,7 @@ async fn with_sink(name: &'static str, threads: usize, args: &Args) -> anyhow::R
         name,
         threads,
         hist,
+        timeline,
         wall,
         sink: Some(stats),
         received,
@@ -282,17 +301,19 @@ fn delivered_per_s(s: &Scenario) -> Option<f64> {
 
 /// Runs the benchmark and prints the summary.
 pub async fn run(args: Args) -> anyhow::Result<()> {
+    args.common.check()?;
     anyhow::ensure!(args.calls > 0, "--calls must be at least 1");
     anyhow::ensure!(args.threads > 0, "--threads must be at least 1");
     set_telemetry_enabled(true);
     let timer_ns = timer_overhead_ns();
 
     let mut scenarios = Vec::new();
-    let (hist, wall) = run_callers(1, &args).await?;
+    let (hist, timeline, wall) = run_callers(1, &args).await?;
     scenarios.push(Scenario {
         name: "no_sink",
         threads: 1,
         hist,
+        timeline,
         wall,
         sink: None,
         received: None,
@@ -303,44 +324,89 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         scenarios.push(with_sink("contended", args.threads, &args).await?);
     }
 
-    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
-    if args.json {
-        let list: Vec<_> = scenarios
-            .iter()
-            .map(|s| {
-                let h = &s.hist;
-                json!({
-                    "scenario": s.name,
-                    "threads": s.threads,
-                    "calls": h.len(),
-                    "ns": {
-                        "median": h.value_at_quantile(0.5),
-                        "p99": h.value_at_quantile(0.99),
-                        "p999": h.value_at_quantile(0.999),
-                        "max": h.max(),
-                        "mean": h.mean(),
-                    },
-                    "calls_per_s": h.len() as f64 / s.wall.as_secs_f64(),
-                    "sink": s.sink,
-                    "lines_received": s.received,
-                    "delivered_per_s": delivered_per_s(s),
-                })
-            })
-            .collect();
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&json!({
-                "bench": "publish_event",
-                "output": format!("{:?}", args.output).to_lowercase(),
-                "capacity": args.capacity,
-                "rate_per_thread": args.rate,
-                "cpus": cpus,
-                "timer_overhead_ns": timer_ns,
-                "scenarios": list,
-            }))?
+    let cpus = report::cpus();
+    let mut recording = Recording::default();
+    for (i, s) in scenarios.iter().enumerate() {
+        let label = format!(
+            "{} ({} thread{})",
+            s.name,
+            s.threads,
+            if s.threads == 1 { "" } else { "s" }
         );
-        return Ok(());
+        recording.latency.push(LatencySeries {
+            label: label.clone(),
+            hist: s.hist.clone(),
+        });
+        recording.throughput.push(ThroughputSeries {
+            label,
+            timeline: s.timeline.clone(),
+            dashed: false,
+            color: i,
+        });
     }
+    let rate = if args.rate == 0 {
+        "flat out".to_string()
+    } else {
+        format!("{}/s per thread", args.rate)
+    };
+    let labels = Labels {
+        title: format!(
+            "trickle-relay bench publish-event: {} calls per thread, {rate}",
+            args.calls
+        ),
+        params: format!(
+            "stream_heartbeat (2 ids + 8 metadata), output {:?}, queue {}, {} contending threads, {cpus} CPU(s); timer overhead {timer_ns} ns included",
+            args.output, args.capacity, args.threads
+        ),
+        latency: "per publish_event call".into(),
+        throughput: "calls, all threads".into(),
+        unit: "calls/s".into(),
+        scale: 1.0,
+        since: "the first measured call".into(),
+    };
+    let list: Vec<_> = scenarios
+        .iter()
+        .map(|s| {
+            let h = &s.hist;
+            json!({
+                "scenario": s.name,
+                "threads": s.threads,
+                "calls": h.len(),
+                "ns": {
+                    "median": h.value_at_quantile(0.5),
+                    "p99": h.value_at_quantile(0.99),
+                    "p999": h.value_at_quantile(0.999),
+                    "max": h.max(),
+                    "mean": h.mean(),
+                },
+                "calls_per_s": h.len() as f64 / s.wall.as_secs_f64(),
+                "sink": s.sink,
+                "lines_received": s.received,
+                "delivered_per_s": delivered_per_s(s),
+            })
+        })
+        .collect();
+    // The bench name stays `publish_event` in the JSON (scripts match on it); the
+    // shared printer adds the other common fields.
+    let body = json!({
+        "output": format!("{:?}", args.output).to_lowercase(),
+        "capacity": args.capacity,
+        "rate_per_thread": args.rate,
+        "timer_overhead_ns": timer_ns,
+        "scenarios": list,
+    });
+    report::finish(
+        "publish_event",
+        &args.common,
+        body,
+        &recording,
+        &labels,
+        || print_human(&args, &scenarios, timer_ns, cpus),
+    )
+}
+
+/// The text summary.
+fn print_human(args: &Args, scenarios: &[Scenario], timer_ns: u64, cpus: usize) {
     println!(
         "publish_event: stream_heartbeat (2 ids + 8 metadata), output {:?}, capacity {}, rate {}, {} CPUs",
         args.output,
@@ -353,7 +419,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         "{:<11} {:>7} {:>10} {:>9} {:>9} {:>9} {:>10} {:>12}",
         "scenario", "threads", "calls", "median", "p99", "p99.9", "max", "calls/s"
     );
-    for s in &scenarios {
+    for s in scenarios {
         let h = &s.hist;
         println!(
             "{:<11} {:>7} {:>10} {:>7}ns {:>7}ns {:>7}ns {:>8}ns {:>12.0}",
@@ -367,7 +433,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             h.len() as f64 / s.wall.as_secs_f64()
         );
     }
-    for s in &scenarios {
+    for s in scenarios {
         if let Some(st) = &s.sink {
             println!(
                 "{:<11} sink: emitted {} delivered {} ({:.0}/s end to end) dropped {} (high {}, low {}) loss reports {} write errors {}; lines received {}",
@@ -384,5 +450,4 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             );
         }
     }
-    Ok(())
 }

@@ -14,7 +14,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
+use super::report::{
+    self, CommonArgs, Labels, LatencySeries, Recording, ScratchDir, Spread, ThroughputSeries,
+    Timeline,
+};
 use hdrhistogram::Histogram;
 use serde::Serialize;
 use spool::{Spool, SpoolOptions, SyncPolicy};
@@ -41,34 +44,8 @@ pub struct Args {
     /// temporary directory.
     #[arg(long)]
     dir: Option<PathBuf>,
-    /// Print the results as JSON.
-    #[arg(long)]
-    json: bool,
-}
-
-/// Median and spread of one figure over the repeats.
-#[derive(Serialize, Debug, Clone, Copy)]
-struct Spread {
-    median: f64,
-    min: f64,
-    max: f64,
-}
-
-impl Spread {
-    fn of(mut v: Vec<f64>) -> Spread {
-        v.sort_by(f64::total_cmp);
-        let n = v.len();
-        let median = if n % 2 == 1 {
-            v[n / 2]
-        } else {
-            (v[n / 2 - 1] + v[n / 2]) / 2.0
-        };
-        Spread {
-            median,
-            min: v[0],
-            max: v[n - 1],
-        }
-    }
+    #[command(flatten)]
+    common: CommonArgs,
 }
 
 /// One scenario's summary.
@@ -96,7 +73,6 @@ struct Latency {
 /// The whole report.
 #[derive(Serialize, Debug)]
 struct Report {
-    bench: &'static str,
     dir: String,
     event_bytes: usize,
     repeat: usize,
@@ -105,19 +81,43 @@ struct Report {
 
 /// Runs this benchmark.
 pub async fn run(args: Args) -> anyhow::Result<()> {
+    args.common.check()?;
     anyhow::ensure!(args.repeat > 0, "--repeat must be at least 1");
     anyhow::ensure!(
         args.events > 0 && args.always_events > 0,
         "--events and --always-events must be at least 1"
     );
-    let json = args.json;
-    let report = tokio::task::spawn_blocking(move || run_blocking(&args)).await??;
-    if json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
-    } else {
-        print_human(&report);
-    }
-    Ok(())
+    let (args, report, recording) = tokio::task::spawn_blocking(move || {
+        let (report, recording) = run_blocking(&args)?;
+        anyhow::Ok((args, report, recording))
+    })
+    .await??;
+    let labels = Labels {
+        title: format!(
+            "trickle-relay bench spool: {} x {}-byte events per run",
+            args.events, args.event_bytes
+        ),
+        params: format!(
+            "{} run(s) per scenario, {} always-fsync events, {} threads, {} CPU(s), in {}",
+            args.repeat,
+            args.always_events,
+            args.threads,
+            report::cpus(),
+            args.dir
+                .as_ref()
+                .map_or("a temporary directory".to_string(), |d| d
+                    .display()
+                    .to_string())
+        ),
+        latency: "per append, all runs".into(),
+        throughput: "first run of each scenario".into(),
+        unit: "events/s".into(),
+        scale: 1.0,
+        since: "the scenario started".into(),
+    };
+    report::finish("spool", &args.common, &report, &recording, &labels, || {
+        print_human(&report)
+    })
 }
 
 /// A realistic envelope padded to `len` bytes.
@@ -131,35 +131,18 @@ fn event(len: usize) -> Vec<u8> {
     e
 }
 
-fn run_blocking(args: &Args) -> anyhow::Result<Report> {
-    let (root, remove_root) = match &args.dir {
-        Some(d) => (d.clone(), false),
-        None => {
-            let nanos = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)?
-                .as_nanos();
-            (
-                std::env::temp_dir().join(format!(
-                    "trickle-relay-bench-spool-{}-{nanos}",
-                    std::process::id()
-                )),
-                true,
-            )
-        }
-    };
-    std::fs::create_dir_all(&root).with_context(|| format!("cannot create {}", root.display()))?;
-    let result = scenarios(args, &root);
-    if remove_root {
-        let _ = std::fs::remove_dir_all(&root);
-    }
-    let scenarios = result?;
-    Ok(Report {
-        bench: "spool",
-        dir: root.display().to_string(),
-        event_bytes: args.event_bytes,
-        repeat: args.repeat,
-        scenarios,
-    })
+fn run_blocking(args: &Args) -> anyhow::Result<(Report, Recording)> {
+    let root = ScratchDir::new(args.dir.as_deref(), "spool")?;
+    let (scenarios, recording) = scenarios(args, root.path())?;
+    Ok((
+        Report {
+            dir: root.path().display().to_string(),
+            event_bytes: args.event_bytes,
+            repeat: args.repeat,
+            scenarios,
+        },
+        recording,
+    ))
 }
 
 /// Options sized so the benchmark never hits the cap (drops would flatter the figures).
@@ -175,7 +158,6 @@ fn options(args: &Args, sync: SyncPolicy) -> SpoolOptions {
 }
 
 /// The figures of one scenario over its runs.
-#[derive(Default)]
 struct Runs {
     rate: Vec<f64>,
     p50: Vec<f64>,
@@ -183,9 +165,51 @@ struct Runs {
     p999: Vec<f64>,
     max: Vec<f64>,
     sync_ms: Vec<f64>,
+    /// Every timed call of every run, for the plot.
+    hist: Histogram<u64>,
+    /// The first run's counts over time, for the plot.
+    timeline: Option<Timeline>,
+}
+
+impl Default for Runs {
+    fn default() -> Runs {
+        Runs {
+            rate: Vec::new(),
+            p50: Vec::new(),
+            p99: Vec::new(),
+            p999: Vec::new(),
+            max: Vec::new(),
+            sync_ms: Vec::new(),
+            hist: report::histogram(),
+            timeline: None,
+        }
+    }
 }
 
 impl Runs {
+    /// Keeps the first run's timeline.
+    fn keep(&mut self, timeline: Timeline) {
+        self.timeline.get_or_insert(timeline);
+    }
+
+    /// Adds this scenario's lines to the plot.
+    fn plot(&self, name: &str, color: usize, rec: &mut Recording) {
+        if !self.hist.is_empty() {
+            rec.latency.push(LatencySeries {
+                label: name.to_string(),
+                hist: self.hist.clone(),
+            });
+        }
+        if let Some(t) = &self.timeline {
+            rec.throughput.push(ThroughputSeries {
+                label: name.to_string(),
+                timeline: t.clone(),
+                dashed: name.starts_with("read"),
+                color,
+            });
+        }
+    }
+
     fn summary(self, name: &'static str, policy: String, events: u64) -> Scenario {
         let latency = (!self.p50.is_empty()).then(|| Latency {
             p50: Spread::of(self.p50),
@@ -204,8 +228,10 @@ impl Runs {
     }
 }
 
-fn scenarios(args: &Args, root: &Path) -> anyhow::Result<Vec<Scenario>> {
+fn scenarios(args: &Args, root: &Path) -> anyhow::Result<(Vec<Scenario>, Recording)> {
     let payload = event(args.event_bytes);
+    let steps = args.repeat as u64 * if args.threads > 1 { 4 } else { 3 };
+    let bar = report::progress(steps, "spool");
     let group = SyncPolicy::default();
     let (mut g, mut t, mut n) = (Runs::default(), Runs::default(), Runs::default());
     let (mut a, mut ra, mut rn) = (Runs::default(), Runs::default(), Runs::default());
@@ -216,9 +242,10 @@ fn scenarios(args: &Args, root: &Path) -> anyhow::Result<Vec<Scenario>> {
         let start = Instant::now();
         spool.sync()?;
         g.sync_ms.push(ms(start.elapsed()));
-        ra.rate.push(drain(&spool, args.events)?);
+        drain(&spool, args.events, &mut ra)?;
         drop(spool);
         let _ = std::fs::remove_dir_all(&dir);
+        bar.inc(1);
 
         // No fsync at all; the drain then shows what reading alone costs.
         let dir = root.join(format!("never-{r}"));
@@ -229,9 +256,10 @@ fn scenarios(args: &Args, root: &Path) -> anyhow::Result<Vec<Scenario>> {
             args.events,
             &mut n,
         )?;
-        rn.rate.push(drain(&spool, args.events)?);
+        drain(&spool, args.events, &mut rn)?;
         drop(spool);
         let _ = std::fs::remove_dir_all(&dir);
+        bar.inc(1);
 
         let dir = root.join(format!("always-{r}"));
         let spool = append_run(
@@ -243,6 +271,7 @@ fn scenarios(args: &Args, root: &Path) -> anyhow::Result<Vec<Scenario>> {
         )?;
         drop(spool);
         let _ = std::fs::remove_dir_all(&dir);
+        bar.inc(1);
 
         // Group commit from several threads at once.
         if args.threads > 1 {
@@ -254,24 +283,43 @@ fn scenarios(args: &Args, root: &Path) -> anyhow::Result<Vec<Scenario>> {
             let handles: Vec<_> = (0..args.threads)
                 .map(|_| {
                     let (s, p) = (Arc::clone(&spool), payload.clone());
-                    std::thread::spawn(move || -> Result<(), spool::SpoolError> {
+                    std::thread::spawn(move || -> Result<_, spool::SpoolError> {
+                        let (mut hist, mut timeline) = (report::histogram(), Timeline::new(start));
                         for _ in 0..per {
+                            let t = Instant::now();
                             s.append(&p)?;
+                            let done = Instant::now();
+                            report::record(&mut hist, done - t);
+                            timeline.record(done, 1);
                         }
-                        Ok(())
+                        Ok((hist, timeline))
                     })
                 })
                 .collect();
+            let mut timeline = Timeline::new(start);
             for h in handles {
-                h.join()
+                let (hist, tl) = h
+                    .join()
                     .map_err(|_| anyhow::anyhow!("an appending thread panicked"))??;
+                t.hist.add(&hist)?;
+                timeline.merge(&tl);
             }
             t.rate
                 .push((per * args.threads) as f64 / start.elapsed().as_secs_f64());
+            t.keep(timeline);
             drop(spool);
             let _ = std::fs::remove_dir_all(&dir);
+            bar.inc(1);
         }
     }
+    bar.finish_and_clear();
+    let mut rec = Recording::default();
+    g.plot("append_group", 0, &mut rec);
+    t.plot("append_group_threads", 1, &mut rec);
+    n.plot("append_never", 2, &mut rec);
+    a.plot("append_always", 3, &mut rec);
+    ra.plot("read_ack", 0, &mut rec);
+    rn.plot("read_ack_never", 2, &mut rec);
     let mut out = vec![g.summary("append_group", format!("{group:?}"), args.events)];
     if args.threads > 1 {
         let policy = format!("{group:?}, {} threads", args.threads);
@@ -286,7 +334,7 @@ fn scenarios(args: &Args, root: &Path) -> anyhow::Result<Vec<Scenario>> {
     let read = "read_batch(500, 1000000) + ack";
     out.push(ra.summary("read_ack", format!("{read}, {group:?}"), args.events));
     out.push(rn.summary("read_ack_never", format!("{read}, Never"), args.events));
-    Ok(out)
+    Ok((out, rec))
 }
 
 /// Appends `events` copies of `payload` into a fresh spool at `dir`, timing each append; returns
@@ -299,15 +347,20 @@ fn append_run(
     runs: &mut Runs,
 ) -> anyhow::Result<Spool> {
     let (spool, _) = Spool::open(dir, opts)?;
-    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)?;
+    let mut hist = report::histogram();
     let start = Instant::now();
+    let mut timeline = Timeline::new(start);
     for _ in 0..events {
         let t = Instant::now();
         spool.append(payload)?;
-        hist.saturating_record(t.elapsed().as_nanos() as u64);
+        let done = Instant::now();
+        report::record(&mut hist, done - t);
+        timeline.record(done, 1);
     }
     runs.rate
         .push(events as f64 / start.elapsed().as_secs_f64());
+    runs.hist.add(&hist)?;
+    runs.keep(timeline);
     let us = |q: f64| hist.value_at_quantile(q) as f64 / 1000.0;
     runs.p50.push(us(0.5));
     runs.p99.push(us(0.99));
@@ -317,21 +370,26 @@ fn append_run(
     Ok(spool)
 }
 
-/// Reads and acknowledges batches until the spool is empty; returns events per second.
-fn drain(spool: &Spool, expected: u64) -> anyhow::Result<f64> {
+/// Reads and acknowledges batches until the spool is empty; records events per second.
+fn drain(spool: &Spool, expected: u64, runs: &mut Runs) -> anyhow::Result<()> {
     let start = Instant::now();
+    let mut timeline = Timeline::new(start);
     let mut drained = 0u64;
     loop {
         let batch = spool.read_batch(500, 1_000_000)?;
         let Some(last) = batch.last() else { break };
         spool.ack(last.id)?;
         drained += batch.len() as u64;
+        timeline.record(Instant::now(), batch.len() as u64);
     }
     anyhow::ensure!(
         drained == expected,
         "drained {drained} of {expected} events"
     );
-    Ok(drained as f64 / start.elapsed().as_secs_f64())
+    runs.rate
+        .push(drained as f64 / start.elapsed().as_secs_f64());
+    runs.keep(timeline);
+    Ok(())
 }
 
 fn ms(d: Duration) -> f64 {
