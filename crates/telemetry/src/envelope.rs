@@ -27,7 +27,7 @@
 //! ([`Envelope::write_json`]), off the caller's thread.
 
 use crate::priority::Priority;
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::Bytes;
 use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::ser::{SerializeMap, Serializer};
 use serde::Serialize;
@@ -350,25 +350,32 @@ impl Envelope {
         out.extend_from_slice(b"\",\"type\":\"stream_trace\",\"timestamp\":\"");
         out.extend_from_slice(ts);
         out.extend_from_slice(b"\",\"data\":{\"type\":");
-        json_into(out, self.event_type.as_ref());
+        str_into(out, self.event_type.as_ref());
         out.extend_from_slice(b",\"client_source\":\"scope\",\"timestamp\":\"");
         out.extend_from_slice(ts);
         out.push(b'"');
         if let Some(v) = &f.session_id {
             out.extend_from_slice(b",\"session_id\":");
-            json_into(out, v);
+            str_into(out, v);
         }
         if let Some(v) = &f.connection_id {
             out.extend_from_slice(b",\"connection_id\":");
-            json_into(out, v);
+            str_into(out, v);
         }
         if !f.pipeline_ids.is_empty() {
             out.extend_from_slice(b",\"pipeline_ids\":");
-            json_into(out, &f.pipeline_ids);
+            out.push(b'[');
+            for (i, id) in f.pipeline_ids.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                str_into(out, id);
+            }
+            out.push(b']');
         }
         if let Some(v) = &f.user_id {
             out.extend_from_slice(b",\"user_id\":");
-            json_into(out, v);
+            str_into(out, v);
         }
         if let Some(v) = &f.error {
             out.extend_from_slice(b",\"error\":");
@@ -380,9 +387,9 @@ impl Envelope {
         }
         for (k, v) in f.metadata() {
             out.push(b',');
-            json_into(out, k);
+            str_into(out, k);
             out.push(b':');
-            json_into(out, v);
+            value_into(out, v);
         }
         out.extend_from_slice(b"}}");
     }
@@ -392,6 +399,45 @@ impl Envelope {
         let mut out = Vec::with_capacity(384);
         self.write_json(&mut out);
         Bytes::from(out)
+    }
+}
+
+/// Appends `s` as a JSON string, byte-identical to `serde_json` (which escapes only `"`, `\\`
+/// and control characters): a string with none of those, the common case for keys and ids, is
+/// copied as is instead of going through the escaper byte by byte.
+fn str_into(out: &mut Vec<u8>, s: &str) {
+    // No early exit: a branch-free fold that the compiler vectorizes (strings here are short).
+    let plain = !s.bytes().fold(false, |bad, b| {
+        bad | (b < 0x20) | (b == b'"') | (b == b'\\')
+    });
+    if plain {
+        out.reserve(s.len() + 2);
+        out.push(b'"');
+        out.extend_from_slice(s.as_bytes());
+        out.push(b'"');
+    } else {
+        json_into(out, s);
+    }
+}
+
+/// Appends a metadata value as JSON (byte-identical to `serde_json`): strings, integers, booleans
+/// and null directly; floats, arrays and objects through `serde_json`.
+fn value_into(out: &mut Vec<u8>, v: &Value) {
+    match v {
+        Value::String(s) => str_into(out, s),
+        Value::Bool(true) => out.extend_from_slice(b"true"),
+        Value::Bool(false) => out.extend_from_slice(b"false"),
+        Value::Null => out.extend_from_slice(b"null"),
+        Value::Number(n) if n.is_u64() || n.is_i64() => {
+            let mut buf = itoa::Buffer::new();
+            let text = match (n.as_u64(), n.as_i64()) {
+                (Some(u), _) => buf.format(u),
+                (None, Some(i)) => buf.format(i),
+                (None, None) => return json_into(out, v),
+            };
+            out.extend_from_slice(text.as_bytes());
+        }
+        _ => json_into(out, v),
     }
 }
 
@@ -474,14 +520,61 @@ pub enum EnvelopeError {
     AnnotationExists(String),
 }
 
+/// A routed string field of a [`RawEnvelope`]: where it lies in the bytes (the common case, a JSON
+/// string without escapes: no allocation), or its unescaped text.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+enum Text {
+    #[default]
+    Absent,
+    /// `bytes[start..start + len]`, UTF-8 (the whole envelope was validated once).
+    Span(u32, u32),
+    /// Unescaped (or a number's text).
+    Owned(Box<str>),
+}
+
+impl Text {
+    fn get<'a>(&'a self, bytes: &'a [u8]) -> Option<&'a str> {
+        match self {
+            Text::Absent => None,
+            Text::Span(start, len) => {
+                let (start, len) = (*start as usize, *len as usize);
+                // Validated in `parse`; re-checking a short field is cheap and keeps this safe.
+                bytes
+                    .get(start..start + len)
+                    .and_then(|b| std::str::from_utf8(b).ok())
+            }
+            Text::Owned(s) => Some(s),
+        }
+    }
+}
+
+/// Where the text being parsed lies in memory, to turn borrowed strings into [`Text::Span`]s.
+#[derive(Clone, Copy)]
+struct Src {
+    base: usize,
+    len: usize,
+}
+
+impl Src {
+    fn text(self, v: &str) -> Text {
+        let at = (v.as_ptr() as usize).wrapping_sub(self.base);
+        match (u32::try_from(at), u32::try_from(v.len())) {
+            (Ok(start), Ok(len)) if at.checked_add(v.len()).is_some_and(|end| end <= self.len) => {
+                Text::Span(start, len)
+            }
+            _ => Text::Owned(v.into()),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct RawMeta {
-    id: String,
-    timestamp: Option<String>,
-    event_type: Option<String>,
-    session_id: Option<String>,
-    connection_id: Option<String>,
-    relayed_via: Option<String>,
+    id: Text,
+    timestamp: Text,
+    event_type: Text,
+    session_id: Text,
+    connection_id: Text,
+    relayed_via: Text,
     /// A top-level `relayed_via` key exists (even if its value is not a string).
     has_relayed_via: bool,
     priority: Priority,
@@ -500,24 +593,33 @@ pub struct RawEnvelope {
 impl RawEnvelope {
     /// Parses untrusted bytes. Never panics; rejects anything but one JSON object with a non-empty
     /// string `id`. Other fields are optional: a missing or non-string `data.type` is read as absent.
+    ///
+    /// Cost: one UTF-8 pass over the whole envelope (the only one: the JSONL reader leaves it to
+    /// this parse), one JSON pass that keeps the routing fields as positions in the bytes (no
+    /// allocation unless a field has escapes), one allocation for the routing metadata.
     pub fn parse(bytes: Bytes) -> Result<RawEnvelope, EnvelopeError> {
-        // Skipped values are not UTF-8 checked by the parser; a forwarded envelope must be valid JSON text.
-        if let Err(e) = std::str::from_utf8(&bytes) {
-            return Err(EnvelopeError::Invalid(format!("not UTF-8: {e}")));
-        }
+        // Validated once here; the parser then trusts the text (skipped values are covered too).
+        let text = match std::str::from_utf8(&bytes) {
+            Ok(t) => t,
+            Err(e) => return Err(EnvelopeError::Invalid(format!("not UTF-8: {e}"))),
+        };
         let meta = {
-            let mut de = serde_json::Deserializer::from_slice(&bytes);
+            let src = Src {
+                base: text.as_ptr() as usize,
+                len: text.len(),
+            };
+            let mut de = serde_json::Deserializer::from_str(text);
             let top = de
-                .deserialize_map(TopVisitor)
+                .deserialize_map(TopVisitor { src })
                 .map_err(|e| EnvelopeError::Invalid(e.to_string()))?;
             de.end()
                 .map_err(|e| EnvelopeError::Invalid(e.to_string()))?;
             let top = top?;
-            let id = match top.id {
-                Some(id) if !id.is_empty() => id,
+            let id = match top.id.get(&bytes) {
+                Some(id) if !id.is_empty() => top.id,
                 _ => return Err(EnvelopeError::MissingId),
             };
-            let priority = Priority::of_opt(top.event_type.as_deref());
+            let priority = Priority::of_opt(top.event_type.get(&bytes));
             RawMeta {
                 id,
                 timestamp: top.timestamp,
@@ -553,32 +655,32 @@ impl RawEnvelope {
 
     /// `id`.
     pub fn id(&self) -> &str {
-        &self.meta.id
+        self.meta.id.get(&self.bytes).unwrap_or_default()
     }
 
     /// `timestamp` as written by the origin (a number is given as its JSON text).
     pub fn timestamp(&self) -> Option<&str> {
-        self.meta.timestamp.as_deref()
+        self.meta.timestamp.get(&self.bytes)
     }
 
     /// `data.type`, if it is a string.
     pub fn event_type(&self) -> Option<&str> {
-        self.meta.event_type.as_deref()
+        self.meta.event_type.get(&self.bytes)
     }
 
     /// `data.session_id`, if it is a string.
     pub fn session_id(&self) -> Option<&str> {
-        self.meta.session_id.as_deref()
+        self.meta.session_id.get(&self.bytes)
     }
 
     /// `data.connection_id`, if it is a string.
     pub fn connection_id(&self) -> Option<&str> {
-        self.meta.connection_id.as_deref()
+        self.meta.connection_id.get(&self.bytes)
     }
 
     /// Top-level `relayed_via`, if present.
     pub fn relayed_via(&self) -> Option<&str> {
-        self.meta.relayed_via.as_deref()
+        self.meta.relayed_via.get(&self.bytes)
     }
 
     /// The priority class of `data.type` (High when absent).
@@ -592,8 +694,8 @@ impl RawEnvelope {
         if self.meta.has_relayed_via {
             return false;
         }
-        self.insert_member(RELAYED_VIA, &Value::from(via));
-        self.meta.relayed_via = Some(via.to_owned());
+        self.insert_member(RELAYED_VIA, via);
+        self.meta.relayed_via = Text::Owned(via.into());
         self.meta.has_relayed_via = true;
         true
     }
@@ -612,30 +714,30 @@ impl RawEnvelope {
         self.insert_member(key, value);
         if key == RELAYED_VIA {
             self.meta.has_relayed_via = true;
-            self.meta.relayed_via = value.as_str().map(str::to_owned);
+            self.meta.relayed_via = value
+                .as_str()
+                .map_or(Text::Absent, |v| Text::Owned(v.into()));
         }
         Ok(())
     }
 
     /// Inserts `,"key":value` before the final `}` (parse guaranteed an object with an `id`, so
     /// there is a final `}` and at least one member before it).
-    fn insert_member(&mut self, key: &str, value: &Value) {
+    fn insert_member<V: Serialize + ?Sized>(&mut self, key: &str, value: &V) {
         let b = &self.bytes;
         let close = b
             .iter()
             .rposition(|c| !matches!(c, b' ' | b'\t' | b'\n' | b'\r'))
             .unwrap_or(0);
-        let mut member = Vec::with_capacity(key.len() + 32);
-        member.push(b',');
-        // Serializing a str or a Value into a Vec cannot fail.
-        let _ = serde_json::to_writer(&mut member, key);
-        member.push(b':');
-        let _ = serde_json::to_writer(&mut member, value);
-        let mut out = BytesMut::with_capacity(b.len() + member.len());
-        out.put_slice(&b[..close]);
-        out.put_slice(&member);
-        out.put_slice(&b[close..]);
-        self.bytes = out.freeze();
+        // One buffer, one copy of the original: `Bytes::from(Vec)` takes it without copying.
+        let mut out = Vec::with_capacity(b.len() + key.len() + 48);
+        out.extend_from_slice(&b[..close]);
+        out.push(b',');
+        json_into(&mut out, key);
+        out.push(b':');
+        json_into(&mut out, value);
+        out.extend_from_slice(&b[close..]);
+        self.bytes = Bytes::from(out);
     }
 
     /// Appends the exact bytes to `out`.
@@ -667,12 +769,12 @@ fn top_level_has_key(bytes: &[u8], key: &str) -> bool {
 
 #[derive(Default)]
 struct Top {
-    id: Option<String>,
-    timestamp: Option<String>,
-    event_type: Option<String>,
-    session_id: Option<String>,
-    connection_id: Option<String>,
-    relayed_via: Option<String>,
+    id: Text,
+    timestamp: Text,
+    event_type: Text,
+    session_id: Text,
+    connection_id: Text,
+    relayed_via: Text,
     has_relayed_via: bool,
 }
 
@@ -735,64 +837,80 @@ impl<'de> de::Deserialize<'de> for DataKey {
     }
 }
 
-/// A value read leniently: a string is kept, a number is kept as its text (`timestamp` only),
-/// anything else is skipped and read as absent.
+/// A value read leniently: a string is kept (as a span of the input when it has no escapes), a
+/// number is kept as its text (`timestamp` only), anything else is skipped and read as absent.
 struct Lenient {
     numbers: bool,
+    src: Src,
 }
 
 impl<'de> DeserializeSeed<'de> for Lenient {
-    type Value = Option<String>;
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Option<String>, D::Error> {
+    type Value = Text;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Text, D::Error> {
         d.deserialize_any(self)
     }
 }
 
+impl Lenient {
+    fn number(&self, text: impl fmt::Display) -> Text {
+        if self.numbers {
+            Text::Owned(text.to_string().into())
+        } else {
+            Text::Absent
+        }
+    }
+}
+
 impl<'de> Visitor<'de> for Lenient {
-    type Value = Option<String>;
+    type Value = Text;
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
         f.write_str("any JSON value")
     }
+    fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
+        Ok(self.src.text(v))
+    }
     fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
-        Ok(Some(v.to_owned()))
+        Ok(Text::Owned(v.into()))
     }
     fn visit_string<E: de::Error>(self, v: String) -> Result<Self::Value, E> {
-        Ok(Some(v))
+        Ok(Text::Owned(v.into()))
     }
     fn visit_u64<E: de::Error>(self, v: u64) -> Result<Self::Value, E> {
-        Ok(self.numbers.then(|| v.to_string()))
+        Ok(self.number(v))
     }
     fn visit_i64<E: de::Error>(self, v: i64) -> Result<Self::Value, E> {
-        Ok(self.numbers.then(|| v.to_string()))
+        Ok(self.number(v))
     }
     fn visit_f64<E: de::Error>(self, v: f64) -> Result<Self::Value, E> {
-        Ok(self.numbers.then(|| v.to_string()))
+        Ok(self.number(v))
     }
     fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
-        Ok(None)
+        Ok(Text::Absent)
     }
     fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
-        Ok(None)
+        Ok(Text::Absent)
     }
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
         while seq.next_element::<IgnoredAny>()?.is_some() {}
-        Ok(None)
+        Ok(Text::Absent)
     }
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
         while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
-        Ok(None)
+        Ok(Text::Absent)
     }
 }
 
 /// `data`: an object yields its three routed fields; any other value yields none of them.
 #[derive(Default)]
 struct DataFields {
-    event_type: Option<String>,
-    session_id: Option<String>,
-    connection_id: Option<String>,
+    event_type: Text,
+    session_id: Text,
+    connection_id: Text,
 }
 
-struct DataVisitor;
+struct DataVisitor {
+    src: Src,
+}
 
 impl<'de> DeserializeSeed<'de> for DataVisitor {
     type Value = Result<DataFields, EnvelopeError>;
@@ -810,7 +928,10 @@ impl<'de> Visitor<'de> for DataVisitor {
         let mut out = DataFields::default();
         let (mut t, mut s, mut c) = (false, false, false);
         while let Some(key) = map.next_key::<DataKey>()? {
-            let text = Lenient { numbers: false };
+            let text = Lenient {
+                numbers: false,
+                src: self.src,
+            };
             let (slot, seen, name) = match key {
                 DataKey::Type => (&mut out.event_type, &mut t, "data.type"),
                 DataKey::SessionId => (&mut out.session_id, &mut s, "data.session_id"),
@@ -854,7 +975,18 @@ impl<'de> Visitor<'de> for DataVisitor {
     }
 }
 
-struct TopVisitor;
+struct TopVisitor {
+    src: Src,
+}
+
+impl TopVisitor {
+    fn lenient(&self, numbers: bool) -> Lenient {
+        Lenient {
+            numbers,
+            src: self.src,
+        }
+    }
+}
 
 impl<'de> Visitor<'de> for TopVisitor {
     type Value = Result<Top, EnvelopeError>;
@@ -884,15 +1016,13 @@ impl<'de> Visitor<'de> for TopVisitor {
             }
             *seen = true;
             match key {
-                TopKey::Id => top.id = map.next_value_seed(Lenient { numbers: false })?,
-                TopKey::Timestamp => {
-                    top.timestamp = map.next_value_seed(Lenient { numbers: true })?
-                }
+                TopKey::Id => top.id = map.next_value_seed(self.lenient(false))?,
+                TopKey::Timestamp => top.timestamp = map.next_value_seed(self.lenient(true))?,
                 TopKey::RelayedVia => {
                     top.has_relayed_via = true;
-                    top.relayed_via = map.next_value_seed(Lenient { numbers: false })?
+                    top.relayed_via = map.next_value_seed(self.lenient(false))?
                 }
-                TopKey::Data => match map.next_value_seed(DataVisitor)? {
+                TopKey::Data => match map.next_value_seed(DataVisitor { src: self.src })? {
                     Ok(d) => {
                         top.event_type = d.event_type;
                         top.session_id = d.session_id;

@@ -29,6 +29,26 @@ pub trait LineOutput: Send + 'static {
         &mut self,
         lines: Vec<Bytes>,
     ) -> impl Future<Output = Result<(), OutputError>> + Send;
+
+    /// Writes lines given pre-joined: `joined` holds each line followed by `\n`, and `ends[i]` is
+    /// the index of line `i`'s `\n`. The default slices it into [`LineOutput::write_lines`] (no
+    /// copy); an output that takes framed bytes (the events writer) writes it in one piece.
+    fn write_joined(
+        &mut self,
+        joined: Bytes,
+        ends: &[usize],
+    ) -> impl Future<Output = Result<(), OutputError>> + Send {
+        let mut start = 0;
+        let lines: Vec<Bytes> = ends
+            .iter()
+            .map(|&end| {
+                let line = joined.slice(start..end.min(joined.len()).max(start));
+                start = end + 1;
+                line
+            })
+            .collect();
+        self.write_lines(lines)
+    }
 }
 
 /// The session's events writer: each line is queued on the writer, which coalesces everything
@@ -45,6 +65,17 @@ impl LineOutput for JsonlWriter {
             }
         }
         Ok(())
+    }
+
+    /// One queue send and no per-line copy for the whole batch ([`JsonlWriter::write_chunk`]).
+    async fn write_joined(&mut self, joined: Bytes, _ends: &[usize]) -> Result<(), OutputError> {
+        self.write_chunk(joined)
+            .await
+            .map(|_| ())
+            .map_err(|e| OutputError {
+                written: 0,
+                reason: e.to_string(),
+            })
     }
 }
 

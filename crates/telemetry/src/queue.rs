@@ -23,10 +23,17 @@ use crate::envelope::Event;
 use crate::priority::Priority;
 use parking_lot::Mutex;
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 
 /// Default capacity of a sink queue (the seed's).
 pub const DEFAULT_CAPACITY: usize = 256;
+
+/// Default [`EventQueue::min_idle`]: shorter than the gap between events at 10,000 events/s
+/// (100 µs, so each is written at once), long enough that a flat-out producer wakes the consumer
+/// at most ~20,000 times a second and its events go in batches.
+pub const DEFAULT_MIN_IDLE: Duration = Duration::from_micros(50);
 
 /// Running totals of a queue, per class.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -257,17 +264,29 @@ pub struct Drained {
 
 /// A [`PriorityQueue`] shared between any number of producers and one async consumer.
 ///
-/// Producers take a short `parking_lot` lock and, as a rule, never wake the consumer: waking a
-/// parked runtime thread is a futex syscall, several microseconds on the caller's thread. Instead
-/// the consumer polls ([`EventQueue::wait_for`] with a millisecond-scale timeout), and a producer
-/// wakes it ([`Notify`]) only when the queue reaches its *wake mark* (three quarters of the
-/// capacity), so that a burst is drained before it overflows. At most one push per drain pays for
-/// a wake-up, and below `wake mark / poll interval` events per second none does.
+/// Producers take a short `parking_lot` lock and wake the consumer ([`Notify`]) only on two
+/// edges, so at most one push per drain pays for a wake-up (a futex syscall when the consumer's
+/// thread is parked; it never blocks the caller):
+/// - **idle → busy**: the consumer drained everything and parked ([`EventQueue::wait_idle`]) at
+///   least [`EventQueue::min_idle`] ago; the first push after that wakes it at once, so a lone
+///   event is not held for a poll interval. Later pushes see the flag cleared and pay one atomic
+///   load. The minimum idle time (default [`DEFAULT_MIN_IDLE`]) keeps a flat-out producer from
+///   paying a wake-up per event: a push within it of the consumer parking leaves the event to the
+///   next push past it, the wake mark, or the poll, so events then go in batches.
+/// - **filling**: the queue reaches its *wake mark* (three quarters of the capacity), so that a
+///   burst is drained before it overflows even if the consumer polls ([`EventQueue::wait_for`]).
 #[derive(Debug)]
 pub struct EventQueue {
     inner: Mutex<PriorityQueue>,
     notify: Notify,
     wake_mark: usize,
+    /// When the consumer parked in [`EventQueue::wait_idle`] with an empty queue, in ns since
+    /// `epoch` plus one; 0 while it is not parked.
+    parked_at: AtomicU64,
+    epoch: Instant,
+    min_idle_ns: u64,
+    /// Wake-ups sent by producers (both edges), for tests and tuning.
+    wakes: AtomicU64,
     /// The consumer's spare dead list (only the consumer touches it; the lock is uncontended).
     spare: Mutex<Vec<Event>>,
 }
@@ -279,6 +298,10 @@ impl EventQueue {
             inner: Mutex::new(PriorityQueue::new(capacity)),
             notify: Notify::new(),
             wake_mark: wake_mark(capacity),
+            parked_at: AtomicU64::new(0),
+            epoch: Instant::now(),
+            min_idle_ns: DEFAULT_MIN_IDLE.as_nanos() as u64,
+            wakes: AtomicU64::new(0),
             spare: Mutex::new(Vec::with_capacity(capacity.clamp(1, 4096))),
         }
     }
@@ -288,7 +311,16 @@ impl EventQueue {
         let pushed = self.inner.lock().push(event);
         // The dropped event (if any) is freed here, outside the lock.
         drop(pushed.dropped_event);
-        if pushed.len == self.wake_mark {
+        // One shared load while the consumer is busy; a clock read only while it is parked.
+        let parked = self.parked_at.load(Ordering::SeqCst);
+        let idle_edge = parked != 0
+            && self.now_ns().saturating_sub(parked) >= self.min_idle_ns
+            && self
+                .parked_at
+                .compare_exchange(parked, 0, Ordering::SeqCst, Ordering::SeqCst)
+                .is_ok();
+        if idle_edge || pushed.len == self.wake_mark {
+            self.wakes.fetch_add(1, Ordering::Relaxed);
             self.notify.notify_one();
         }
         pushed.dropped
@@ -321,6 +353,48 @@ impl EventQueue {
     /// [`EventQueue::wait`], or `poll` elapsed, whichever comes first.
     pub async fn wait_for(&self, poll: std::time::Duration) {
         let _ = tokio::time::timeout(poll, self.notify.notified()).await;
+    }
+
+    /// The same queue, where a push wakes a consumer parked in [`EventQueue::wait_idle`] only once
+    /// it has been parked `min_idle` (zero: every first push after parking wakes it).
+    pub fn with_min_idle(mut self, min_idle: Duration) -> Self {
+        self.min_idle_ns = u64::try_from(min_idle.as_nanos()).unwrap_or(u64::MAX);
+        self
+    }
+
+    /// How long the consumer must have been parked for a push to wake it (the idle edge).
+    pub fn min_idle(&self) -> Duration {
+        Duration::from_nanos(self.min_idle_ns)
+    }
+
+    fn now_ns(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_nanos())
+            .unwrap_or(u64::MAX - 1)
+            .saturating_add(1)
+    }
+
+    /// Parks until a push finds it parked for [`EventQueue::min_idle`] (the idle → busy edge),
+    /// the wake mark, [`EventQueue::close`], or `poll` elapsed. Returns at once if something is
+    /// queued. For a consumer that has drained everything and wants the next event soon.
+    pub async fn wait_idle(&self, poll: Duration) {
+        // Announce first, then check: a push either sees the flag or is seen by the check.
+        self.parked_at.store(self.now_ns(), Ordering::SeqCst);
+        if !self.is_empty() {
+            self.parked_at.store(0, Ordering::SeqCst);
+            return;
+        }
+        let _ = tokio::time::timeout(poll, self.notify.notified()).await;
+        self.parked_at.store(0, Ordering::SeqCst);
+    }
+
+    /// Whether the consumer is parked in [`EventQueue::wait_idle`] (the next push wakes it).
+    pub fn is_parked(&self) -> bool {
+        self.parked_at.load(Ordering::SeqCst) != 0
+    }
+
+    /// Wake-ups producers have sent so far (idle edges and wake marks).
+    pub fn wakes(&self) -> u64 {
+        self.wakes.load(Ordering::Relaxed)
     }
 
     /// The queue length at which a push wakes the consumer.

@@ -430,6 +430,7 @@ fn json_value() -> impl Strategy<Value = Value> {
         Just(Value::Null),
         any::<bool>().prop_map(Value::from),
         any::<i64>().prop_map(Value::from),
+        any::<u64>().prop_map(Value::from),
         any::<f64>()
             .prop_filter("finite", |f| f.is_finite())
             .prop_map(Value::from),
@@ -450,7 +451,7 @@ proptest! {
     #[test]
     fn hand_written_json_matches_serde_byte_for_byte(
         event_type in "\\PC{0,20}",
-        session in "\\PC{0,12}",
+        session in "[a-z\\x00-\\x1f\"\\\\\u{e9}\u{2028}]{0,12}",
         pipelines in prop::collection::vec("\\PC{0,8}", 0..3),
         with_error in any::<bool>(),
         info in prop::option::of(json_value()),

@@ -204,3 +204,101 @@ fn four_threads_emit_without_blocking_and_counts_add_up() {
     assert_eq!(c.pushed(), c.taken() + c.dropped());
     assert!(q.is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_push_after_the_consumer_parks_wakes_it_at_once() {
+    let q = Arc::new(EventQueue::new(256).with_min_idle(Duration::ZERO));
+    // The consumer parks with a poll far longer than the test: only a push can wake it.
+    let consumer = {
+        let q = Arc::clone(&q);
+        tokio::spawn(async move {
+            let mut buf = Vec::new();
+            let mut rounds = 0;
+            while buf.len() < 3 {
+                q.drain_into(&mut buf);
+                if buf.len() < 3 {
+                    q.wait_idle(Duration::from_secs(3600)).await;
+                }
+                rounds += 1;
+            }
+            (buf.len(), rounds)
+        })
+    };
+    // Each time it has parked, one push must wake it, long before its poll.
+    for i in 0..3u64 {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !q.is_parked() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "consumer never parked"
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        q.push(ev(Priority::Low, i));
+        assert_eq!(q.wakes(), i + 1, "push {i} woke the parked consumer");
+    }
+    let (taken, _) = tokio::time::timeout(Duration::from_secs(20), consumer)
+        .await
+        .expect("consumer woke without waiting for its poll")
+        .unwrap();
+    assert_eq!(taken, 3);
+}
+
+#[test]
+fn pushes_while_the_consumer_is_busy_send_no_wake_up() {
+    let q = EventQueue::new(256);
+    // Nobody parked: pushes below the wake mark never wake anyone (no syscall for the caller).
+    for i in 0..q.wake_mark() as u64 - 1 {
+        q.push(ev(Priority::Low, i));
+    }
+    assert_eq!(q.wakes(), 0);
+    // The wake mark still wakes a polling consumer.
+    q.push(ev(Priority::Low, 999));
+    assert_eq!(q.wakes(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wait_idle_returns_at_once_when_something_is_queued() {
+    let q = EventQueue::new(16);
+    q.push(ev(Priority::High, 1));
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        q.wait_idle(Duration::from_secs(3600)),
+    )
+    .await
+    .expect("returned without parking");
+    assert_eq!(q.wakes(), 0, "not parked, so the push sent no wake-up");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_sooner_than_min_idle_after_parking_leaves_the_event_to_the_poll() {
+    // Parked for less than `min_idle`: the producer does not pay for a wake-up; the consumer
+    // still gets the event at its poll (nothing is lost, it is only batched).
+    let q = Arc::new(EventQueue::new(256).with_min_idle(Duration::from_secs(3600)));
+    let consumer = {
+        let q = Arc::clone(&q);
+        tokio::spawn(async move {
+            let mut buf = Vec::new();
+            while buf.is_empty() {
+                q.wait_idle(Duration::from_millis(50)).await;
+                q.drain_into(&mut buf);
+            }
+            buf.len()
+        })
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !q.is_parked() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "consumer never parked"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    q.push(ev(Priority::Low, 1));
+    assert_eq!(q.wakes(), 0, "no wake-up within min_idle");
+    let taken = tokio::time::timeout(Duration::from_secs(20), consumer)
+        .await
+        .expect("the poll delivered it")
+        .unwrap();
+    assert_eq!(taken, 1);
+}

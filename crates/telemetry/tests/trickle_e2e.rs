@@ -3,6 +3,8 @@
 use bytes::Bytes;
 use serde_json::Value;
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 use telemetry::sinks::{SessionContext, TrickleEventsSink};
 use telemetry::{
@@ -30,6 +32,21 @@ struct Channel {
     server: Server,
     writer: JsonlWriter,
     reader: JoinHandle<Vec<RawEnvelope>>,
+    /// Telemetry envelopes the reader has so far.
+    seen: Arc<AtomicU64>,
+}
+
+impl Channel {
+    /// Waits until the reader has `n` envelopes: closing deletes the channel, and a reader more
+    /// than a segment behind then misses the tail (the protocol's rule, not a loss to test here).
+    async fn caught_up(&self, n: u64) {
+        within("reader caught up", async {
+            while self.seen.load(Ordering::Relaxed) < n {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+    }
 }
 
 /// A server with one events channel, a writer on it, and a reader collecting telemetry envelopes
@@ -59,11 +76,14 @@ async fn events_channel(name: &str) -> Channel {
         ),
         JsonlReaderOptions::default(),
     );
+    let seen = Arc::new(AtomicU64::new(0));
+    let counter = seen.clone();
     let reader = tokio::spawn(async move {
         let mut got = Vec::new();
         while let Some(msg) = reader.next::<EventMessage>().await.expect("reader") {
             if let EventMessage::Telemetry(t) = msg {
                 got.push(RawEnvelope::from_raw_value(t.event).expect("envelope parses"));
+                counter.fetch_add(1, Ordering::Relaxed);
             }
         }
         assert_eq!(reader.stats().bad_lines(), 0);
@@ -83,6 +103,7 @@ async fn events_channel(name: &str) -> Channel {
         server,
         writer,
         reader,
+        seen,
     }
 }
 
@@ -117,6 +138,7 @@ async fn n_events_cross_a_real_trickle_server_in_order_byte_for_byte() {
         sink.emit(Event::from(env));
     }
     let stats = within("sink shutdown", sink.shutdown()).await;
+    ch.caught_up(stats.delivered + stats.reports).await;
     within("writer close", ch.writer.close()).await.unwrap();
     let got = within("reader", ch.reader).await.unwrap();
     assert_eq!(stats.delivered, N as u64);
@@ -163,6 +185,7 @@ async fn overload_burst_over_a_real_channel_keeps_lifecycle_and_reports_losses()
     }
     drop(guard);
     let stats = within("sink shutdown", sink.shutdown()).await;
+    ch.caught_up(stats.delivered + stats.reports).await;
     within("writer close", ch.writer.close()).await.unwrap();
     let got = within("reader", ch.reader).await.unwrap();
 

@@ -238,6 +238,7 @@ async fn failed_writes_are_counted_and_reported_downstream() {
             report_interval: Duration::from_millis(1),
             poll_interval: Duration::from_millis(1),
             max_poll_interval: Some(Duration::from_millis(8)),
+            ..TrickleEventsConfig::default()
         },
     );
     for round in 0..6 {
@@ -295,4 +296,38 @@ async fn emits_after_shutdown_are_counted_as_dropped() {
 fn spawn_outside_a_runtime_is_an_error_not_a_panic() {
     let err = TrickleEventsSink::spawn(LineCollector::new(), session(), 16).unwrap_err();
     assert!(err.to_string().contains("Tokio runtime"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lone_event_is_written_at_once_not_after_a_poll_interval() {
+    let out = LineCollector::new();
+    let sink = TrickleEventsSink::spawn_on(
+        &Handle::current(),
+        out.clone(),
+        session(),
+        TrickleEventsConfig {
+            // A poll far longer than the test: only the idle -> busy wake-up can deliver in time.
+            poll_interval: Duration::from_secs(3600),
+            ..TrickleEventsConfig::default()
+        },
+    );
+    for i in 0..3usize {
+        // Let the drain park between events.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        sink.emit(Event::from(Envelope::new(
+            "stream_heartbeat",
+            Fields::new().meta("i", i),
+        )));
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while out.len() <= i && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        assert_eq!(
+            out.len(),
+            i + 1,
+            "event {i} written without waiting for the poll"
+        );
+    }
+    let stats = sink.shutdown().await;
+    assert_eq!((stats.delivered, stats.dropped()), (3, 0));
 }

@@ -1,100 +1,18 @@
 //! Faults over real processes: peers that stall, and a trickle server killed mid-stream.
+//!
+//! The outage tests run `serve`, `runner` and `client` as separate processes, SIGKILL the server
+//! mid-stream and restart it on the same port (channels recreated, as an orchestrator would), and
+//! then account for every envelope: what the runner emitted (`--emitted-file`), what the client
+//! egressed, what the runner counted as dropped and what the client was told of.
 
+mod common;
+
+use common::{free_addr, read_json, read_lines, serve, wait_until, Proc};
 use serde_json::Value;
 use std::collections::HashSet;
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
-
-const BIN: &str = env!("CARGO_BIN_EXE_trickle-relay");
-
-/// A child process killed when the test ends, whatever happens.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-impl Proc {
-    fn spawn(args: &[&str], stderr: Option<&Path>) -> Proc {
-        let mut cmd = Command::new(BIN);
-        cmd.args(args).env("RUST_LOG", "info").stdin(Stdio::null());
-        if let Some(path) = stderr {
-            cmd.stderr(Stdio::from(
-                std::fs::File::create(path).expect("stderr file"),
-            ));
-        }
-        Proc(cmd.spawn().expect("spawn trickle-relay"))
-    }
-
-    /// Resident memory now, in KiB (Linux).
-    fn rss_kib(&self) -> u64 {
-        let status =
-            std::fs::read_to_string(format!("/proc/{}/status", self.0.id())).expect("status");
-        let line = status
-            .lines()
-            .find(|l| l.starts_with("VmRSS:"))
-            .expect("VmRSS");
-        line.split_whitespace()
-            .nth(1)
-            .and_then(|n| n.parse().ok())
-            .expect("VmRSS value")
-    }
-
-    /// SIGKILL, and reap.
-    fn kill9(mut self) {
-        self.0.kill().expect("kill -9");
-        let _ = self.0.wait();
-    }
-
-    /// Waits for the process to exit on its own; fails the test after `timeout`.
-    fn wait(&mut self, timeout: Duration) -> std::process::ExitStatus {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.0.try_wait().expect("try_wait") {
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "process did not exit within {timeout:?}"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-fn free_addr() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-}
-
-fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn serve(addr: SocketAddr, extra: &[&str]) -> Proc {
-    let listen = addr.to_string();
-    let mut args = vec!["serve", "--listen", &listen, "--autocreate"];
-    args.extend_from_slice(extra);
-    let p = Proc::spawn(&args, None);
-    wait_until(
-        &format!("{addr} listening"),
-        Duration::from_secs(20),
-        || TcpStream::connect(addr).is_ok(),
-    );
-    p
-}
 
 /// One request on a fresh connection; the answer's status line and body, as text.
 fn request(addr: SocketAddr, req: &[u8]) -> String {
@@ -116,7 +34,7 @@ fn stalled_subscriber_and_silent_publishers_keep_server_memory_bounded() {
         request(addr, b"POST /ch HTTP/1.1\r\nConnection: close\r\n\r\n")
             .starts_with("HTTP/1.1 200")
     );
-    let base = server.rss_kib();
+    let base = server.rss_kib().expect("serve RSS");
 
     // Subscribers that ask for segments and then never read a byte.
     let mut stalled: Vec<TcpStream> = (0..4)
@@ -157,9 +75,9 @@ fn stalled_subscriber_and_silent_publishers_keep_server_memory_bounded() {
             "{}",
             String::from_utf8_lossy(&answer)
         );
-        peak = peak.max(server.rss_kib());
+        peak = peak.max(server.rss_kib().expect("serve RSS"));
     }
-    let after = server.rss_kib();
+    let after = server.rss_kib().expect("serve RSS");
     eprintln!(
         "serve RSS: {base} KiB idle, peak {peak} KiB, {after} KiB after {SEGMENTS} x {} MiB with 4 stalled readers and 200 silent publishers",
         SEGMENT >> 20
@@ -183,19 +101,6 @@ fn stalled_subscriber_and_silent_publishers_keep_server_memory_bounded() {
     drop(silent);
 }
 
-fn read_json(path: &Path) -> Value {
-    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    serde_json::from_str(&text).expect("report is JSON")
-}
-
-fn read_lines(path: &Path) -> Vec<String> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .map(str::to_string)
-        .collect()
-}
-
 /// What one kill-and-restart run saw.
 struct Outage {
     sent: Vec<String>,
@@ -203,13 +108,28 @@ struct Outage {
     runner: Value,
     client: Value,
     recovered_after: Option<Duration>,
-    logs: String,
+    runner_log: String,
+    client_log: String,
 }
 
-/// Runner and client relaying heartbeats through a `serve` that is SIGKILLed after `run_for`
-/// and restarted on the same port `down_for` later, its channels recreated (as an orchestrator
-/// would).
-fn kill_server_mid_stream(run_for: Duration, down_for: Duration) -> Outage {
+impl Outage {
+    fn logs(&self) -> String {
+        format!(
+            "--- runner\n{}\n--- client\n{}",
+            self.runner_log, self.client_log
+        )
+    }
+}
+
+/// Runner and client relaying heartbeats (every 20 ms) through a `serve` that is SIGKILLed after
+/// `run_for` and restarted on the same port `down_for` later, its channels recreated (as an
+/// orchestrator would). Both run with `--reconnect-secs reconnect_secs`.
+fn kill_server_mid_stream(
+    run_for: Duration,
+    down_for: Duration,
+    reconnect_secs: &str,
+    runner_extra: &[&str],
+) -> Outage {
     let addr = free_addr();
     let dir = tempfile::tempdir().expect("tempdir");
     let server = serve(addr, &[]);
@@ -244,11 +164,17 @@ fn kill_server_mid_stream(run_for: Duration, down_for: Duration) -> Outage {
             "--heartbeat-ms",
             "20",
             "--no-forward-logs",
+            "--reconnect-secs",
+            reconnect_secs,
             "--emitted-file",
             runner_out.to_str().unwrap(),
             "--report",
             runner_report.to_str().unwrap(),
-        ],
+        ]
+        .iter()
+        .chain(runner_extra)
+        .copied()
+        .collect::<Vec<_>>(),
         Some(&p("runner.err")),
     );
     let client_http = free_addr();
@@ -284,6 +210,8 @@ fn kill_server_mid_stream(run_for: Duration, down_for: Duration) -> Outage {
             "{}",
             "--duration-secs",
             &duration,
+            "--reconnect-secs",
+            reconnect_secs,
             "--report",
             client_report.to_str().unwrap(),
             "--http",
@@ -314,42 +242,37 @@ fn kill_server_mid_stream(run_for: Duration, down_for: Duration) -> Outage {
     }
     let client_status = client.wait(Duration::from_secs(60));
     let runner_status = runner.wait(Duration::from_secs(30));
-    assert!(client_status.success(), "client failed");
-    assert!(runner_status.success(), "runner failed");
-    let logs = format!(
-        "--- runner\n{}\n--- client\n{}",
-        std::fs::read_to_string(p("runner.err")).unwrap_or_default(),
-        std::fs::read_to_string(p("client.err")).unwrap_or_default()
-    );
+    let runner_log = std::fs::read_to_string(p("runner.err")).unwrap_or_default();
+    let client_log = std::fs::read_to_string(p("client.err")).unwrap_or_default();
+    assert!(client_status.success(), "client failed\n{client_log}");
+    assert!(runner_status.success(), "runner failed\n{runner_log}");
     Outage {
         sent: read_lines(&runner_out),
         got: read_lines(&client_out),
         runner: read_json(&runner_report),
         client: read_json(&client_report),
         recovered_after,
-        logs,
+        runner_log,
+        client_log,
     }
 }
 
-/// What every outage must satisfy: nothing panics, nothing is duplicated or invented, and the
-/// drops the runner counted are the drops the client was told of. Returns how many emitted
-/// envelopes neither arrived nor were counted.
-fn check_accounting(name: &str, o: &Outage) -> u64 {
-    let quiet: String = o
-        .logs
+/// What every outage must satisfy: nothing panics, nothing is duplicated or invented, and (when
+/// `reported`: the events channel came back) the drops the runner counted are the drops the
+/// client was told of. Prints the figures; returns how many emitted envelopes neither arrived
+/// nor were counted, and how many were lost in all.
+fn check_accounting(name: &str, o: &Outage, reported: bool) -> (u64, u64) {
+    let logs = o.logs();
+    let quiet: String = logs
         .lines()
-        .filter(|l| !l.contains("TELEMETRY"))
+        .filter(|l| {
+            !l.contains("TELEMETRY")
+                && (l.contains("WARN") || l.contains("ERROR") || l.contains("reconnected"))
+        })
         .collect::<Vec<_>>()
         .join("\n");
-    eprintln!(
-        "{name}: recovered after {:?}; sent {}, got {}\nrunner {}\nclient {}\n{quiet}",
-        o.recovered_after,
-        o.sent.len(),
-        o.got.len(),
-        o.runner,
-        o.client
-    );
-    assert!(!o.logs.contains("panicked"), "a process panicked");
+    eprintln!("{name}:\nrunner {}\nclient {}\n{quiet}", o.runner, o.client);
+    assert!(!logs.contains("panicked"), "a process panicked\n{logs}");
     let id = |l: &String| -> String {
         serde_json::from_str::<Value>(l).expect("JSON line")["id"]
             .as_str()
@@ -366,75 +289,153 @@ fn check_accounting(name: &str, o: &Outage) -> u64 {
         }
     }
     let lost = sent_ids.iter().filter(|i| !got_ids.contains(*i)).count() as u64;
-    let dropped = o.runner["dropped"].as_u64().unwrap_or(0);
-    assert_eq!(
-        o.client["dropped_reported"].as_u64(),
-        Some(dropped),
-        "every drop the runner counted was reported downstream"
-    );
-    let uncounted = lost.saturating_sub(dropped);
-    eprintln!("{name}: lost {lost}, counted {dropped}, uncounted {uncounted}");
-    uncounted
-}
-
-/// A short outage: runner and client resume on their own (the publisher retries the interrupted
-/// segment, the subscriber retries its request). What can be lost: the lines the old server had
-/// received but not yet passed to the client when it died (the client moves on to the next
-/// segment, the runner re-posts the old one); seen: 0 in most runs, 1 of ~460 in some.
-#[test]
-fn server_killed_briefly_mid_stream_resumes_losing_at_most_the_lines_in_flight() {
-    let o = kill_server_mid_stream(Duration::from_secs(2), Duration::from_millis(200));
-    let uncounted = check_accounting("kill -9, down 0.2 s", &o);
-    assert!(
-        o.recovered_after.is_some(),
-        "the relay did not resume after the restart"
-    );
-    // Heartbeats every 20 ms: 25 is half a second of them, far more than are ever in flight.
-    assert!(
-        uncounted <= 25,
-        "{uncounted} envelopes lost without being counted in a 0.2 s outage"
-    );
-}
-
-/// Today's behaviour when the server stays down past the clients' retry budget (subscriber: 5
-/// attempts 500 ms apart; publisher: 3 failed segments): the runner's control subscription fails
-/// and the runner ends the session; the client's events subscription fails and its events loop
-/// ends. Both exit cleanly, nothing is duplicated or invented, but the envelopes in flight are
-/// lost and only part of the loss is counted (see RELIABILITY.md, "not covered yet").
-#[test]
-fn server_down_past_the_retry_budget_ends_the_session_cleanly() {
-    let o = kill_server_mid_stream(Duration::from_secs(2), Duration::from_secs(3));
-    let quiet: String = o
-        .logs
-        .lines()
-        .filter(|l| !l.contains("TELEMETRY"))
-        .collect::<Vec<_>>()
-        .join("\n");
+    let counted = o.runner["dropped"].as_u64().unwrap_or(0);
+    if reported {
+        assert_eq!(
+            o.client["dropped_reported"].as_u64(),
+            Some(counted),
+            "every drop the runner counted was reported downstream"
+        );
+    }
+    let uncounted = lost.saturating_sub(counted);
     eprintln!(
-        "kill -9, down 3 s: recovered after {:?}; sent {}, got {}\nrunner {}\nclient {}\n{quiet}",
-        o.recovered_after,
+        "{name}: sent {}, got {}, lost {lost}, counted {counted}, uncounted {uncounted}, recovered after {:?}",
         o.sent.len(),
         o.got.len(),
-        o.runner,
+        o.recovered_after
+    );
+    (uncounted, lost)
+}
+
+/// How many times `log` warns that the trickle server is unreachable (once per outage per
+/// channel is the goal, not once per attempt).
+fn outage_warnings(log: &str) -> usize {
+    log.lines()
+        .filter(|l| l.contains("WARN") && l.contains("trickle server unreachable"))
+        .count()
+}
+
+/// An outage past the clients' retry budget (subscriber: 5 attempts 500 ms apart; publisher: 3
+/// failed segments): with the default reconnect window both sides reconnect by themselves and
+/// resume where they broke off. The runner's events publisher re-sends its open segment on the
+/// same seq; the client resumes that segment at the byte where it broke off; the runner's control
+/// subscription reconnects the same way. Envelopes emitted meanwhile wait in the events writer's
+/// queue (or, past it, are shed by the sink and counted). So nothing may be lost uncounted.
+fn long_outage(down_for: Duration) {
+    let name = format!("kill -9, down {down_for:?}");
+    let o = kill_server_mid_stream(Duration::from_secs(2), down_for, "60", &[]);
+    let (uncounted, _) = check_accounting(&name, &o, true);
+    let logs = o.logs();
+    assert!(
+        o.recovered_after.is_some(),
+        "the relay did not resume within 5 s of the restart\n{logs}"
+    );
+    assert!(
+        !logs.contains("control subscription failed")
+            && !logs.contains("events subscription failed"),
+        "a subscription gave up instead of reconnecting\n{logs}"
+    );
+    assert!(
+        o.runner["control_reconnects"].as_u64() >= Some(1),
+        "the runner's control subscription reconnected: {}",
+        o.runner
+    );
+    assert!(
+        o.client["events_reconnects"].as_u64() >= Some(1),
+        "the client's events subscription reconnected: {}",
         o.client
     );
-    assert!(!o.logs.contains("panicked"), "a process panicked");
-    let sent: HashSet<&str> = o.sent.iter().map(String::as_str).collect();
-    let mut seen = HashSet::new();
-    for line in &o.got {
-        assert!(seen.insert(line.as_str()), "egressed twice: {line}");
-        if !line.contains("\"type\":\"telemetry_dropped\"") {
-            let original = line.replacen(",\"relayed_via\":\"trickle\"}", "}", 1);
-            assert!(
-                sent.contains(original.as_str()),
-                "egressed but never emitted: {line}"
-            );
-        }
-    }
-    assert!(o.got.len() <= o.sent.len());
     assert!(
-        o.logs.contains("control subscription failed")
-            && o.logs.contains("events subscription failed"),
-        "expected both subscriptions to give up"
+        o.runner["events_reconnects"].as_u64() >= Some(1),
+        "the runner's events publisher reconnected: {}",
+        o.runner
+    );
+    // One warning per channel per outage (runner: control + events; client: events + control).
+    for (who, log) in [("runner", &o.runner_log), ("client", &o.client_log)] {
+        let n = outage_warnings(log);
+        assert!(
+            (1..=2).contains(&n),
+            "{who} warned {n} times about the outage\n{log}"
+        );
+    }
+    assert_eq!(uncounted, 0, "envelopes lost without being counted\n{logs}");
+}
+
+/// A short outage: the publisher re-sends the interrupted segment, the client resumes it at the
+/// byte where it broke off, and the preconnected requests retry: nothing is lost uncounted.
+#[test]
+fn server_killed_briefly_mid_stream_resumes_losing_nothing_uncounted() {
+    let o = kill_server_mid_stream(
+        Duration::from_secs(2),
+        Duration::from_millis(200),
+        "60",
+        &[],
+    );
+    let (uncounted, _) = check_accounting("kill -9, down 0.2 s", &o, true);
+    assert!(
+        o.recovered_after.is_some(),
+        "the relay did not resume after the restart\n{}",
+        o.logs()
+    );
+    assert_eq!(
+        uncounted,
+        0,
+        "envelopes lost without being counted\n{}",
+        o.logs()
+    );
+}
+
+/// Down 3 s: past the subscriber's 2.5 s retry budget.
+#[test]
+fn server_down_3s_both_sides_reconnect_and_every_loss_is_counted() {
+    long_outage(Duration::from_secs(3));
+}
+
+/// Down 8 s: well past every retry budget, and the reconnect backoff reaches its 2 s cap.
+#[test]
+fn server_down_8s_both_sides_reconnect_and_every_loss_is_counted() {
+    long_outage(Duration::from_secs(8));
+}
+
+/// `--reconnect-secs 0` keeps the reference behaviour: past the retry budget the runner's control
+/// subscription fails and the runner ends the session; the client's events loop ends. Both exit
+/// cleanly and nothing is duplicated or invented.
+#[test]
+fn reconnect_window_0_ends_the_session_when_the_server_stays_down() {
+    let o = kill_server_mid_stream(Duration::from_secs(2), Duration::from_secs(3), "0", &[]);
+    // The events channel never comes back, so the runner's count cannot reach the client.
+    check_accounting("kill -9, down 3 s, --reconnect-secs 0", &o, false);
+    let logs = o.logs();
+    assert!(
+        logs.contains("control subscription failed") && logs.contains("events subscription failed"),
+        "expected both subscriptions to give up\n{logs}"
+    );
+}
+
+/// Down 3 s with small queues (events writer: 16 lines, telemetry: 16 events) at 50 heartbeats a
+/// second: the runner's telemetry cannot wait out the outage, so its sink sheds heartbeats, never
+/// blocking, and counts them; once the server is back the count reaches the client in
+/// `telemetry_dropped`. Every envelope either arrives or is counted, exactly.
+#[test]
+fn server_down_3s_with_small_queues_sheds_and_reports_every_drop() {
+    let o = kill_server_mid_stream(
+        Duration::from_secs(2),
+        Duration::from_secs(3),
+        "60",
+        &["--queue-capacity", "16", "--events-queue-lines", "16"],
+    );
+    let (uncounted, lost) = check_accounting("kill -9, down 3 s, small queues", &o, true);
+    let logs = o.logs();
+    assert!(o.recovered_after.is_some(), "did not resume\n{logs}");
+    let counted = o.runner["dropped"].as_u64().unwrap_or(0);
+    assert!(
+        counted > 0,
+        "3 s of heartbeats cannot fit in 32 slots: {}",
+        o.runner
+    );
+    assert_eq!(uncounted, 0, "envelopes lost without being counted\n{logs}");
+    assert_eq!(
+        lost, counted,
+        "every shed envelope counted once, nothing else\n{logs}"
     );
 }

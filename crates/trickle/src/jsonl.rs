@@ -22,7 +22,7 @@ use serde::Serialize;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, Semaphore, TryAcquireError};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
@@ -153,7 +153,7 @@ impl LineSplitter {
             if self.pending.is_empty() {
                 return None;
             }
-            let Some(i) = self.pending.iter().position(|&b| b == b'\n') else {
+            let Some(i) = memchr::memchr(b'\n', &self.pending) else {
                 let rest = std::mem::take(&mut self.pending);
                 if self.discarding {
                     self.discarded += rest.len();
@@ -230,7 +230,8 @@ pub struct JsonlWriterOptions {
     pub rotate_every: Duration,
     /// Rotate before a segment would outgrow this many bytes (a single larger line gets its own).
     pub max_segment_bytes: usize,
-    /// Lines queued ahead of the writer task; `write_line` waits when it is full (backpressure).
+    /// Lines queued ahead of the writer task; `write_line` / `write_chunk` wait when it is full
+    /// (backpressure). Counted in lines, however they were queued.
     pub queue_capacity: usize,
 }
 
@@ -253,6 +254,9 @@ pub enum JsonlError {
     /// The line is empty.
     #[error("a JSONL line may not be empty")]
     Empty,
+    /// A chunk given to [`JsonlWriter::write_chunk`] does not end with `\n`.
+    #[error("a JSONL chunk must end with a newline (each of its lines is `\\n`-terminated)")]
+    Unterminated,
     /// The message did not serialize to a JSON object.
     #[error("message is not a JSON object: {0}")]
     NotObject(String),
@@ -319,12 +323,18 @@ struct WriterCounters {
 
 enum Cmd {
     Line(Bytes),
+    /// Pre-joined `\n`-terminated lines, how many, and the queue room they hold.
+    Chunk(Bytes, u64, u32),
     Flush(oneshot::Sender<()>),
     Close,
 }
 
 struct WriterInner {
-    tx: mpsc::Sender<Cmd>,
+    tx: mpsc::UnboundedSender<Cmd>,
+    /// Room in the queue, in lines: the bound on what is queued (the channel itself is unbounded,
+    /// so that a chunk of many lines counts as many). Closed when the writer task ends.
+    room: Arc<Semaphore>,
+    capacity: u32,
     closed: AtomicBool,
     terminal: Arc<Mutex<Option<String>>>,
     counters: Arc<WriterCounters>,
@@ -341,12 +351,16 @@ pub struct JsonlWriter {
 impl JsonlWriter {
     /// Starts the writer task (needs a Tokio runtime) publishing through `publisher`.
     pub fn new(publisher: Publisher, opts: JsonlWriterOptions) -> JsonlWriter {
-        let (tx, rx) = mpsc::channel(opts.queue_capacity.max(1));
+        let (tx, rx) = mpsc::unbounded_channel();
+        let capacity =
+            u32::try_from(opts.queue_capacity.clamp(1, Semaphore::MAX_PERMITS)).unwrap_or(u32::MAX);
+        let room = Arc::new(Semaphore::new(capacity as usize));
         let counters = Arc::new(WriterCounters::default());
         let terminal = Arc::new(Mutex::new(None));
         let task = WriterTask {
             publisher: Some(publisher),
             rx,
+            room: room.clone(),
             opts,
             counters: counters.clone(),
             terminal: terminal.clone(),
@@ -355,10 +369,18 @@ impl JsonlWriter {
             deadline: None,
             last_error: None,
         };
-        let handle = tokio::spawn(task.run());
+        let task_room = room.clone();
+        let handle = tokio::spawn(async move {
+            let result = task.run().await;
+            // Nobody takes lines any more: writers waiting for room get an error, not a hang.
+            task_room.close();
+            result
+        });
         JsonlWriter {
             inner: Arc::new(WriterInner {
                 tx,
+                room,
+                capacity,
                 closed: AtomicBool::new(false),
                 terminal,
                 counters,
@@ -372,11 +394,7 @@ impl JsonlWriter {
     pub async fn write_line(&self, line: Bytes) -> Result<(), JsonlError> {
         check_line(&line)?;
         self.check_open()?;
-        self.inner
-            .tx
-            .send(Cmd::Line(line))
-            .await
-            .map_err(|_| self.stopped_error())?;
+        self.enqueue(Cmd::Line(line), 1).await?;
         self.inner
             .counters
             .lines_accepted
@@ -389,17 +407,57 @@ impl JsonlWriter {
     pub fn try_write_line(&self, line: Bytes) -> Result<(), JsonlError> {
         check_line(&line)?;
         self.check_open()?;
-        match self.inner.tx.try_send(Cmd::Line(line)) {
-            Ok(()) => {
-                self.inner
-                    .counters
-                    .lines_accepted
-                    .fetch_add(1, Ordering::Relaxed);
-                Ok(())
-            }
-            Err(mpsc::error::TrySendError::Full(_)) => Err(JsonlError::Full),
-            Err(mpsc::error::TrySendError::Closed(_)) => Err(self.stopped_error()),
+        match self.inner.room.try_acquire() {
+            Ok(permit) => permit.forget(),
+            Err(TryAcquireError::NoPermits) => return Err(JsonlError::Full),
+            Err(TryAcquireError::Closed) => return Err(self.stopped_error()),
         }
+        self.send(Cmd::Line(line), 1)?;
+        self.inner
+            .counters
+            .lines_accepted
+            .fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Waits for room for `permits` lines, then queues `cmd`. Cancel-safe: nothing is taken
+    /// until the room is granted, and the send after it does not wait.
+    async fn enqueue(&self, cmd: Cmd, permits: u32) -> Result<(), JsonlError> {
+        match self.inner.room.acquire_many(permits).await {
+            Ok(permit) => permit.forget(),
+            Err(_) => return Err(self.stopped_error()),
+        }
+        self.send(cmd, permits)
+    }
+
+    /// Queues `cmd`, which holds `permits` of room (given back if the task is gone).
+    fn send(&self, cmd: Cmd, permits: u32) -> Result<(), JsonlError> {
+        self.inner.tx.send(cmd).map_err(|_| {
+            self.inner.room.add_permits(permits as usize);
+            self.stopped_error()
+        })
+    }
+
+    /// Queues several lines at once: `chunk` holds one or more JSON objects, each followed by `\n`
+    /// (no empty line, nothing after the last `\n`). One queue slot and no per-line copy: this is
+    /// the batch form of [`write_line`](JsonlWriter::write_line) for producers that already join
+    /// their lines (the telemetry drain). The lines stay together in one segment unless the segment
+    /// would overflow, in which case the chunk is split at line boundaries. Returns the number of
+    /// lines queued. Waits only while the queue is full.
+    pub async fn write_chunk(&self, chunk: Bytes) -> Result<u64, JsonlError> {
+        let lines = check_chunk(&chunk)?;
+        self.check_open()?;
+        // A chunk larger than the whole queue takes all of it (it still goes through, alone).
+        let permits = u32::try_from(lines)
+            .unwrap_or(u32::MAX)
+            .min(self.inner.capacity);
+        self.enqueue(Cmd::Chunk(chunk, lines, permits), permits)
+            .await?;
+        self.inner
+            .counters
+            .lines_accepted
+            .fetch_add(lines, Ordering::Relaxed);
+        Ok(lines)
     }
 
     /// Serializes `msg` compactly and queues it as one line.
@@ -419,7 +477,6 @@ impl JsonlWriter {
         self.inner
             .tx
             .send(Cmd::Flush(ack))
-            .await
             .map_err(|_| self.stopped_error())?;
         done.await.map_err(|_| self.stopped_error())
     }
@@ -435,7 +492,7 @@ impl JsonlWriter {
             return Ok(());
         };
         // If the task already stopped, the send fails and its result tells why.
-        let _ = self.inner.tx.send(Cmd::Close).await;
+        let _ = self.inner.tx.send(Cmd::Close);
         match task.await {
             Ok(result) => result,
             Err(e) => Err(JsonlError::Terminal(format!("writer task failed: {e}"))),
@@ -481,10 +538,30 @@ fn check_line(line: &[u8]) -> Result<(), JsonlError> {
     if line.is_empty() {
         return Err(JsonlError::Empty);
     }
-    if line.contains(&b'\n') {
+    if memchr::memchr(b'\n', line).is_some() {
         return Err(JsonlError::Newline);
     }
     Ok(())
+}
+
+/// Checks a pre-joined chunk (see [`JsonlWriter::write_chunk`]); returns its line count.
+fn check_chunk(chunk: &[u8]) -> Result<u64, JsonlError> {
+    if chunk.is_empty() {
+        return Err(JsonlError::Empty);
+    }
+    if chunk.last() != Some(&b'\n') {
+        return Err(JsonlError::Unterminated);
+    }
+    let mut lines = 0u64;
+    let mut start = 0usize;
+    for nl in memchr::memchr_iter(b'\n', chunk) {
+        if nl == start {
+            return Err(JsonlError::Empty);
+        }
+        start = nl + 1;
+        lines += 1;
+    }
+    Ok(lines)
 }
 
 struct OpenSegment {
@@ -493,11 +570,42 @@ struct OpenSegment {
     bytes: usize,
 }
 
+/// Lines gathered for one write: either one pre-joined chunk kept whole, or a built buffer.
+#[derive(Default)]
+struct Batch {
+    /// A chunk from [`JsonlWriter::write_chunk`] taken as is (no copy) while nothing else is queued.
+    whole: Option<(Bytes, u64)>,
+    buf: BytesMut,
+    lines: u64,
+}
+
+impl Batch {
+    fn len(&self) -> usize {
+        self.whole.as_ref().map_or(0, |(c, _)| c.len()) + self.buf.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Moves a whole chunk into the buffer, before more lines are appended after it.
+    fn spill(&mut self) {
+        if let Some((chunk, n)) = self.whole.take() {
+            if self.buf.capacity() == 0 {
+                self.buf.reserve((chunk.len() * 2).max(4096));
+            }
+            self.buf.extend_from_slice(&chunk);
+            self.lines += n;
+        }
+    }
+}
+
 type Closing = JoinHandle<(Result<(), PublishError>, u64)>;
 
 struct WriterTask {
     publisher: Option<Publisher>,
-    rx: mpsc::Receiver<Cmd>,
+    rx: mpsc::UnboundedReceiver<Cmd>,
+    room: Arc<Semaphore>,
     opts: JsonlWriterOptions,
     counters: Arc<WriterCounters>,
     terminal: Arc<Mutex<Option<String>>>,
@@ -525,7 +633,7 @@ impl WriterTask {
                 Some(cmd) => cmd,
                 None => tokio::select! {
                     biased;
-                    cmd = self.rx.recv() => cmd.unwrap_or(Cmd::Close),
+                    cmd = self.rx.recv() => self.taken(cmd.unwrap_or(Cmd::Close)),
                     _ = &mut sleep, if armed.is_some() => {
                         self.counters.rotations_by_time.fetch_add(1, Ordering::Relaxed);
                         self.rotate().await;
@@ -534,15 +642,14 @@ impl WriterTask {
                 },
             };
             match cmd {
-                Cmd::Line(first) => {
-                    let mut batch = BytesMut::with_capacity((first.len() + 1).max(4096));
-                    let mut lines = 0u64;
-                    self.add_line(&mut batch, &mut lines, &first).await;
+                Cmd::Line(_) | Cmd::Chunk(..) => {
+                    let mut batch = Batch::default();
+                    self.add(&mut batch, cmd).await;
                     // Coalesce everything queued since the last write into one chunk.
                     while batch.len() < MAX_BATCH_BYTES {
-                        match self.rx.try_recv() {
-                            Ok(Cmd::Line(line)) => {
-                                self.add_line(&mut batch, &mut lines, &line).await
+                        match self.rx.try_recv().map(|c| self.taken(c)) {
+                            Ok(cmd @ (Cmd::Line(_) | Cmd::Chunk(..))) => {
+                                self.add(&mut batch, cmd).await
                             }
                             Ok(other) => {
                                 stash = Some(other);
@@ -551,12 +658,69 @@ impl WriterTask {
                             Err(_) => break,
                         }
                     }
-                    self.write_batch(&mut batch, lines).await;
+                    self.write_pending(&mut batch).await;
                 }
                 Cmd::Flush(ack) => {
                     let _ = ack.send(());
                 }
                 Cmd::Close => return self.finish().await,
+            }
+        }
+    }
+
+    /// Gives back the queue room a command held, as it leaves the queue.
+    fn taken(&self, cmd: Cmd) -> Cmd {
+        match &cmd {
+            Cmd::Line(_) => self.room.add_permits(1),
+            Cmd::Chunk(_, _, permits) => self.room.add_permits(*permits as usize),
+            Cmd::Flush(_) | Cmd::Close => {}
+        }
+        cmd
+    }
+
+    /// Adds a queued line or chunk to `batch`. A chunk that fits the open segment is kept as it
+    /// is when it comes first (written without a copy); otherwise it is added line by line.
+    async fn add(&mut self, batch: &mut Batch, cmd: Cmd) {
+        match cmd {
+            Cmd::Line(line) => {
+                batch.spill();
+                if batch.buf.capacity() == 0 {
+                    batch.buf.reserve((line.len() + 1).max(4096));
+                }
+                self.add_line(&mut batch.buf, &mut batch.lines, &line).await;
+            }
+            Cmd::Chunk(chunk, n, _) => {
+                let in_segment = self.seg.as_ref().map_or(0, |s| s.bytes) + batch.len();
+                if in_segment + chunk.len() <= self.opts.max_segment_bytes {
+                    if batch.is_empty() {
+                        batch.whole = Some((chunk, n));
+                    } else {
+                        batch.spill();
+                        batch.buf.extend_from_slice(&chunk);
+                        batch.lines += n;
+                    }
+                    return;
+                }
+                batch.spill();
+                // Rare (once per segment): split at line boundaries so the segment cap holds.
+                let mut start = 0;
+                for nl in memchr::memchr_iter(b'\n', &chunk) {
+                    let line = chunk.slice(start..nl);
+                    start = nl + 1;
+                    self.add_line(&mut batch.buf, &mut batch.lines, &line).await;
+                }
+            }
+            Cmd::Flush(_) | Cmd::Close => {}
+        }
+    }
+
+    /// Writes what `batch` holds.
+    async fn write_pending(&mut self, batch: &mut Batch) {
+        match batch.whole.take() {
+            Some((chunk, n)) => self.write_data(chunk, n).await,
+            None => {
+                let lines = std::mem::take(&mut batch.lines);
+                self.write_batch(&mut batch.buf, lines).await
             }
         }
     }
@@ -587,6 +751,11 @@ impl WriterTask {
             return;
         }
         let data = batch.split().freeze();
+        self.write_data(data, lines).await
+    }
+
+    /// [`write_batch`](Self::write_batch) of bytes already framed (`lines` lines, each `\n`-ended).
+    async fn write_data(&mut self, data: Bytes, lines: u64) {
         loop {
             if self.terminal.lock().is_some() {
                 self.lost(lines);
@@ -712,11 +881,11 @@ impl WriterTask {
         self.rx.close();
         // Lines still queued (sent before close was observed) are written too.
         while let Ok(cmd) = self.rx.try_recv() {
-            if let Cmd::Line(line) = cmd {
-                let mut batch = BytesMut::new();
-                let mut lines = 0;
-                self.add_line(&mut batch, &mut lines, &line).await;
-                self.write_batch(&mut batch, lines).await;
+            let cmd = self.taken(cmd);
+            if let Cmd::Line(_) | Cmd::Chunk(..) = cmd {
+                let mut batch = Batch::default();
+                self.add(&mut batch, cmd).await;
+                self.write_pending(&mut batch).await;
             }
         }
         self.rotate().await;
@@ -824,9 +993,29 @@ impl JsonlReader {
     /// and skipped; an error means the subscriber gave up (see [`Subscriber::next_segment`]).
     /// Cancel-safe: state changes only after each await completes, so it can be used in `select!`.
     pub async fn next<T: DeserializeOwned>(&mut self) -> Result<Option<T>, SubscribeError> {
+        self.next_with(Self::take::<T>).await
+    }
+
+    /// The next line as raw bytes (without its `\n` and without a trailing `\r`), or `None` when
+    /// the channel ends; the caller validates it, so each line is parsed once. Blank lines are
+    /// skipped; oversize lines are counted ([`ReaderStats::oversize`]) and skipped, as by
+    /// [`next`](JsonlReader::next). Content is NOT checked here (UTF-8, JSON, object): a caller
+    /// that rejects a line counts it itself. A segment's unterminated tail is delivered only when
+    /// it is a complete JSON object (counted in `unterminated`), else counted as `partial`.
+    /// Cancel-safe, like [`next`](JsonlReader::next).
+    pub async fn next_line(&mut self) -> Result<Option<Bytes>, SubscribeError> {
+        self.next_with(Self::take_raw).await
+    }
+
+    /// The read loop of [`next`](JsonlReader::next) and [`next_line`](JsonlReader::next_line):
+    /// `take` turns each split event into an item or counts and skips it.
+    async fn next_with<T>(
+        &mut self,
+        take: fn(&mut Self, SplitEvent) -> Option<T>,
+    ) -> Result<Option<T>, SubscribeError> {
         loop {
             while let Some(event) = self.splitter.next_event() {
-                if let Some(msg) = self.take::<T>(event) {
+                if let Some(msg) = take(self, event) {
                     return Ok(Some(msg));
                 }
             }
@@ -835,7 +1024,7 @@ impl JsonlReader {
                     Ok(Some(chunk)) => self.splitter.push(chunk),
                     Ok(None) => {
                         self.seg = None;
-                        if let Some(msg) = self.end_of_segment::<T>() {
+                        if let Some(msg) = self.splitter.finish().and_then(|t| take(self, t)) {
                             return Ok(Some(msg));
                         }
                     }
@@ -843,7 +1032,7 @@ impl JsonlReader {
                         tracing::warn!(error = %e, "JSONL segment error; continuing with the next segment");
                         self.stats.segment_errors += 1;
                         self.seg = None;
-                        if let Some(msg) = self.end_of_segment::<T>() {
+                        if let Some(msg) = self.splitter.finish().and_then(|t| take(self, t)) {
                             return Ok(Some(msg));
                         }
                     }
@@ -899,9 +1088,42 @@ impl JsonlReader {
         }
     }
 
-    fn end_of_segment<T: DeserializeOwned>(&mut self) -> Option<T> {
-        let tail = self.splitter.finish()?;
-        self.take(tail)
+    fn take_raw(&mut self, event: SplitEvent) -> Option<Bytes> {
+        match event {
+            SplitEvent::Line(mut line) => {
+                if line.last() == Some(&b'\r') {
+                    line.truncate(line.len() - 1);
+                }
+                self.stats.lines += 1;
+                Some(line)
+            }
+            SplitEvent::Oversize { len } => {
+                self.bad(&LineError::Oversize { len, max: self.max });
+                None
+            }
+            SplitEvent::Unterminated(tail) => {
+                // Rare (once per broken segment): only a complete object is worth delivering.
+                match decode_line::<serde::de::IgnoredAny>(&tail, self.max) {
+                    Ok(_) => {
+                        let mut line = tail;
+                        if line.last() == Some(&b'\r') {
+                            line.truncate(line.len() - 1);
+                        }
+                        self.stats.lines += 1;
+                        self.stats.unterminated += 1;
+                        Some(line)
+                    }
+                    Err(_) => {
+                        self.stats.partial += 1;
+                        self.warn(&format!(
+                            "segment ended in the middle of a {}-byte line",
+                            tail.len()
+                        ));
+                        None
+                    }
+                }
+            }
+        }
     }
 
     fn bad(&mut self, e: &LineError) {

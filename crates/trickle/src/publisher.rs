@@ -12,6 +12,17 @@
 //!   re-sending the bytes already written to the segment, which the segment keeps up to
 //!   [`PublisherOptions::max_retry_bytes`]). After 3 consecutive failed segments the publisher is
 //!   terminal: every call returns [`PublishError::Terminal`] and [`Publisher::state`] says so.
+//! - Reconnect (an addition, off by default): with [`PublisherOptions::reconnect_window`] set, a
+//!   segment whose POST fails with a transient error ([`PublishError::is_transient`]: no
+//!   connection or 5xx start an outage; a 404 or a closed channel only continue one, as a
+//!   restarted server recreates its channels, but alone they are a deliberate end) is retried with
+//!   capped backoff (100 ms doubling to 2 s) until the server is back, for up to that window,
+//!   re-sending its bytes on the same seq. Sequence numbers carry on across the outage, so
+//!   subscribers resume where they were (the server, ours and go-livepeer's, accepts any seq on a
+//!   recreated channel, and a subscriber that broke off mid-segment resumes it at its byte offset).
+//!   One warning per outage, one info when it ends (when a segment is next acknowledged);
+//!   [`PublisherStats::reconnects`] counts outages survived. Only when the window passes do
+//!   failures count towards the terminal state.
 //! - Memory is bounded when the server is slow: each segment's body is fed through a small bounded
 //!   queue, so [`SegmentWriter::write`] waits (backpressure) instead of buffering without limit.
 //! - [`Publisher::close`] DELETEs the channel, as the reference publisher does, so subscribers end
@@ -24,7 +35,7 @@ use bytes::Bytes;
 use parking_lot::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
@@ -51,6 +62,9 @@ pub struct PublisherOptions {
     pub max_retry_bytes: usize,
     /// `Content-Type` of every POST (the server takes the channel's MIME type from the first one).
     pub content_type: String,
+    /// How long to keep retrying a segment through a server outage (see the module docs);
+    /// `Duration::ZERO` (the default) keeps the reference behaviour: one retry per segment.
+    pub reconnect_window: Duration,
 }
 
 impl Default for PublisherOptions {
@@ -60,6 +74,7 @@ impl Default for PublisherOptions {
             retry_delay: Duration::from_millis(500),
             max_retry_bytes: 8 << 20,
             content_type: "application/octet-stream".to_string(),
+            reconnect_window: Duration::ZERO,
         }
     }
 }
@@ -129,6 +144,21 @@ pub enum PublishError {
     Internal(String),
 }
 
+impl PublishError {
+    /// Whether the error is what a server outage or restart looks like (no connection, HTTP 5xx,
+    /// a channel missing or closed while it is recreated): worth retrying within
+    /// [`PublisherOptions::reconnect_window`].
+    pub fn is_transient(&self) -> bool {
+        match self {
+            PublishError::Unreachable { .. }
+            | PublishError::ChannelGone { .. }
+            | PublishError::ChannelClosed { .. } => true,
+            PublishError::Http { status, .. } => *status >= 500,
+            _ => false,
+        }
+    }
+}
+
 /// Where a [`Publisher`] stands.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PublisherState {
@@ -159,6 +189,8 @@ pub struct PublisherStats {
     pub bytes: u64,
     /// POSTs retried.
     pub retries: u64,
+    /// Outages (transient failures) the publisher got through by reconnecting.
+    pub reconnects: u64,
 }
 
 #[derive(Default)]
@@ -168,6 +200,7 @@ struct Counters {
     segments_failed: AtomicU64,
     bytes: AtomicU64,
     retries: AtomicU64,
+    reconnects: AtomicU64,
 }
 
 #[derive(Default)]
@@ -175,7 +208,14 @@ struct Health {
     consecutive_failures: u32,
     terminal: Option<String>,
     closed: bool,
+    /// When the current outage began (first transient failure since the last success).
+    outage_since: Option<Instant>,
 }
+
+/// First pause of the reconnect backoff.
+const RECONNECT_MIN: Duration = Duration::from_millis(100);
+/// Longest pause of the reconnect backoff.
+const RECONNECT_MAX: Duration = Duration::from_secs(2);
 
 /// State shared by a publisher and its segment writers (they outlive `&mut Publisher` borrows).
 struct Shared {
@@ -207,12 +247,69 @@ impl Shared {
         if h.terminal.is_none() {
             h.consecutive_failures = 0;
         }
+        if let Some(since) = h.outage_since.take() {
+            self.counters.reconnects.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(url = %self.url, down_ms = since.elapsed().as_millis() as u64,
+                "trickle publisher reconnected; publishing resumes on the same sequence numbers");
+        }
+    }
+
+    /// Notes a transient failure; true while the outage is within the reconnect window.
+    /// Warns once per outage. Only a lost connection or a 5xx starts an outage.
+    fn outage(&self, err: &PublishError) -> bool {
+        let window = self.opts.reconnect_window;
+        if window.is_zero() {
+            return false;
+        }
+        let mut h = self.health.lock();
+        match h.outage_since {
+            Some(since) => since.elapsed() < window,
+            // A missing or closed channel on a reachable server is an orchestrator's decision,
+            // not an outage: it only continues one that a lost connection started.
+            None if matches!(
+                err,
+                PublishError::ChannelGone { .. } | PublishError::ChannelClosed { .. }
+            ) =>
+            {
+                false
+            }
+            None => {
+                h.outage_since = Some(Instant::now());
+                tracing::warn!(url = %self.url, error = %err, window_s = window.as_secs_f64(),
+                    "trickle server unreachable; retrying the open segment until it is back");
+                true
+            }
+        }
+    }
+
+    fn stats(&self) -> PublisherStats {
+        let c = &self.counters;
+        PublisherStats {
+            segments: c.segments.load(Ordering::Relaxed),
+            segments_ok: c.segments_ok.load(Ordering::Relaxed),
+            segments_failed: c.segments_failed.load(Ordering::Relaxed),
+            bytes: c.bytes.load(Ordering::Relaxed),
+            retries: c.retries.load(Ordering::Relaxed),
+            reconnects: c.reconnects.load(Ordering::Relaxed),
+        }
+    }
+
+    /// True while an outage is being ridden out within the reconnect window.
+    fn reconnecting(&self) -> bool {
+        let window = self.opts.reconnect_window;
+        let h = self.health.lock();
+        !window.is_zero() && h.outage_since.is_some_and(|since| since.elapsed() < window)
     }
 
     fn record_failure(&self, err: &PublishError) {
         self.counters
             .segments_failed
             .fetch_add(1, Ordering::Relaxed);
+        // A segment lost within the reconnect window (e.g. too big to re-send) is counted, but
+        // does not bring the publisher down while the outage may still end.
+        if err.is_transient() && self.reconnecting() {
+            return;
+        }
         let mut h = self.health.lock();
         h.consecutive_failures += 1;
         if h.consecutive_failures >= MAX_CONSECUTIVE_FAILURES && h.terminal.is_none() {
@@ -371,7 +468,8 @@ impl Publisher {
         let reset = self.shared.opts.reset && !self.started;
         self.started = true;
         let post = match self.pending.take() {
-            Some(p) if p.seq == seq => p,
+            // A preconnect that already ended (e.g. the server restarted) is replaced, not retried.
+            Some(p) if p.seq == seq && p.done.is_none() && !p.task.is_finished() => p,
             _ => open_post(&self.shared, seq, reset),
         };
         self.next_seq = Some(seq + 1);
@@ -391,6 +489,7 @@ impl Publisher {
             retried: false,
             failed: false,
             bytes: 0,
+            backoff: RECONNECT_MIN,
         })
     }
 
@@ -412,14 +511,13 @@ impl Publisher {
 
     /// Counters over all segments.
     pub fn stats(&self) -> PublisherStats {
-        let c = &self.shared.counters;
-        PublisherStats {
-            segments: c.segments.load(Ordering::Relaxed),
-            segments_ok: c.segments_ok.load(Ordering::Relaxed),
-            segments_failed: c.segments_failed.load(Ordering::Relaxed),
-            bytes: c.bytes.load(Ordering::Relaxed),
-            retries: c.retries.load(Ordering::Relaxed),
-        }
+        self.shared.stats()
+    }
+
+    /// Reads [`Publisher::stats`] later, e.g. after the publisher was handed to a JSONL writer.
+    pub fn stats_handle(&self) -> impl Fn() -> PublisherStats + Send + Sync + 'static {
+        let shared = self.shared.clone();
+        move || shared.stats()
     }
 
     /// Closes the channel: DELETE, which ends every segment still open (close your
@@ -518,6 +616,8 @@ pub struct SegmentWriter {
     retried: bool,
     failed: bool,
     bytes: u64,
+    /// Next pause of the reconnect backoff.
+    backoff: Duration,
 }
 
 impl SegmentWriter {
@@ -619,8 +719,12 @@ impl SegmentWriter {
         }
     }
 
-    /// The single retry: a fresh POST of the same seq, re-sending what was written.
+    /// The single retry: a fresh POST of the same seq, re-sending what was written. With a
+    /// reconnect window, transient failures are retried with backoff until the window passes.
     async fn retry(&mut self, err: PublishError) -> Result<(), PublishError> {
+        if self.retaining && err.is_transient() && self.shared.outage(&err) {
+            return self.reconnect(err).await;
+        }
         if self.retried || !self.retaining {
             return Err(self.fail(err));
         }
@@ -642,6 +746,37 @@ impl SegmentWriter {
         }
         self.post = Some(post);
         Ok(())
+    }
+
+    /// Re-opens the segment's POST after the backoff and re-sends what was written, until the
+    /// data is queued on a live POST or the outage outlasts the reconnect window.
+    async fn reconnect(&mut self, mut err: PublishError) -> Result<(), PublishError> {
+        loop {
+            tracing::debug!(url = %self.shared.url, seq = self.seq, error = %err, backoff_ms = self.backoff.as_millis() as u64, "segment POST failed; reconnecting");
+            tokio::time::sleep(self.backoff).await;
+            self.backoff = (self.backoff * 2).min(RECONNECT_MAX);
+            self.shared.counters.retries.fetch_add(1, Ordering::Relaxed);
+            let mut post = open_post(&self.shared, self.seq, self.reset);
+            let mut sent = true;
+            for chunk in &self.retained {
+                if !post.send(BodyMsg::Data(chunk.clone())).await {
+                    sent = false;
+                    break;
+                }
+            }
+            self.post = Some(post);
+            if sent {
+                return Ok(());
+            }
+            err = self
+                .take_outcome()
+                .await
+                .err()
+                .unwrap_or_else(|| self.ended_early());
+            if !(err.is_transient() && self.shared.outage(&err)) {
+                return Err(self.fail(err));
+            }
+        }
     }
 
     fn fail(&mut self, err: PublishError) -> PublishError {

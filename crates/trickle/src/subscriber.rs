@@ -15,11 +15,26 @@
 //! while we waited) is confirmed with one more request after `retry_delay` instead of ending at once.
 //! A 404 then ends the subscription as usual, but a server that was merely restarting (and closed its
 //! channels on the way down) is followed to its new incarnation, so subscribers survive restarts.
+//!
+//! Reconnect (an addition, off by default): with [`SubscriberOptions::reconnect_window`] set,
+//! - a request that spent its retries on failures keeps retrying with capped backoff (100 ms
+//!   doubling to 2 s) until the server is back or the window (from its first failure) passes; a
+//!   404 after such failures means the channel is being recreated, not that it ended, and is
+//!   retried too. A channel that ends normally (closed, then 404, with the server reachable
+//!   throughout) still ends the subscription at once;
+//! - a segment whose body broke off is asked for again (same seq) and read on from the byte it
+//!   broke at, so no line is lost or repeated: the publisher re-sends a segment it could not finish
+//!   byte for byte on the same seq (see [`crate::publisher`]). If that seq is gone (the live edge
+//!   moved past it) the segment ends with [`SubscribeError::Body`] as before, counted.
+//!
+//! One warning per outage, one info when it ends; [`SubscriberStats::reconnects`] counts outages
+//! survived and [`SubscriberStats::resumed_segments`] the segments read on after a break.
 
 use bytes::Bytes;
+use parking_lot::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::task::JoinHandle;
 
 use crate::headers;
@@ -27,6 +42,12 @@ use crate::publisher::{http_client, root_cause, snippet};
 
 /// Pause before asking again when the server's live edge is behind the seq we want.
 const BEHIND_DELAY: Duration = Duration::from_millis(250);
+/// First pause of the reconnect backoff.
+const RECONNECT_MIN: Duration = Duration::from_millis(100);
+/// Longest pause of the reconnect backoff.
+const RECONNECT_MAX: Duration = Duration::from_secs(2);
+/// How often a subscriber waiting for a broken segment's re-send checks the publisher moved on.
+const MOVED_PAST_POLL: Duration = Duration::from_secs(1);
 
 /// Options of a [`Subscriber`].
 #[derive(Debug, Clone)]
@@ -39,6 +60,9 @@ pub struct SubscriberOptions {
     pub retries: u32,
     /// Pause between those attempts.
     pub retry_delay: Duration,
+    /// How long to keep reconnecting through a server outage once the retries are spent (see
+    /// the module docs); `Duration::ZERO` (the default) keeps the reference behaviour.
+    pub reconnect_window: Duration,
 }
 
 impl Default for SubscriberOptions {
@@ -48,6 +72,7 @@ impl Default for SubscriberOptions {
             max_segment_bytes: 64 << 20,
             retries: 5,
             retry_delay: Duration::from_millis(500),
+            reconnect_window: Duration::ZERO,
         }
     }
 }
@@ -115,8 +140,12 @@ pub struct SubscriberStats {
     pub behind_waits: u64,
     /// Segments cut for exceeding the byte cap.
     pub oversize_segments: u64,
-    /// Segments whose body broke off.
+    /// Segments whose body broke off and could not be resumed (their rest is lost).
     pub broken_segments: u64,
+    /// Outages the subscriber got through by reconnecting (reconnect window set).
+    pub reconnects: u64,
+    /// Segments whose body broke off and were read on from where they broke.
+    pub resumed_segments: u64,
 }
 
 #[derive(Default)]
@@ -129,6 +158,8 @@ struct Counters {
     behind_waits: AtomicU64,
     oversize_segments: AtomicU64,
     broken_segments: AtomicU64,
+    reconnects: AtomicU64,
+    resumed_segments: AtomicU64,
 }
 
 struct Shared {
@@ -136,6 +167,30 @@ struct Shared {
     url: String,
     opts: SubscriberOptions,
     counters: Counters,
+    /// When the current outage was declared (warned about); `None` while the server answers.
+    outage: Mutex<Option<Instant>>,
+}
+
+impl Shared {
+    /// Declares an outage (one warning per outage).
+    fn enter_outage(&self, err: &SubscribeError) {
+        let mut outage = self.outage.lock();
+        if outage.is_none() {
+            *outage = Some(Instant::now());
+            tracing::warn!(url = %self.url, error = %err,
+                window_s = self.opts.reconnect_window.as_secs_f64(),
+                "trickle server unreachable; reconnecting until it is back");
+        }
+    }
+
+    /// The server answered: ends a declared outage (counted, one info).
+    fn leave_outage(&self) {
+        if let Some(since) = self.outage.lock().take() {
+            self.counters.reconnects.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(url = %self.url, down_ms = since.elapsed().as_millis() as u64,
+                "trickle subscriber reconnected");
+        }
+    }
 }
 
 /// What a GET loop found.
@@ -163,6 +218,7 @@ impl Subscriber {
                 url,
                 opts,
                 counters: Counters::default(),
+                outage: Mutex::new(None),
             }),
             next_seq,
             pending: None,
@@ -210,6 +266,8 @@ impl Subscriber {
                     seq,
                     resp: Some(resp),
                     bytes: 0,
+                    skip: 0,
+                    broken: None,
                 }))
             }
         }
@@ -227,6 +285,8 @@ impl Subscriber {
             behind_waits: c.behind_waits.load(Ordering::Relaxed),
             oversize_segments: c.oversize_segments.load(Ordering::Relaxed),
             broken_segments: c.broken_segments.load(Ordering::Relaxed),
+            reconnects: c.reconnects.load(Ordering::Relaxed),
+            resumed_segments: c.resumed_segments.load(Ordering::Relaxed),
         }
     }
 }
@@ -244,15 +304,31 @@ async fn fetch(shared: Arc<Shared>, mut seq: i64) -> Result<Found, SubscribeErro
     let opts = &shared.opts;
     let c = &shared.counters;
     let mut failures = 0u32;
+    let mut first_failure: Option<Instant> = None;
+    let mut backoff = RECONNECT_MIN;
     let mut confirming_close = false;
     loop {
         let url = format!("{}/{}", shared.url, seq);
-        let err = match shared.client.get(&url).send().await {
+        let sent = shared.client.get(&url).send().await;
+        if failures > 0
+            && sent
+                .as_ref()
+                .is_ok_and(|r| r.status().as_u16() != 404 && !r.status().is_server_error())
+        {
+            shared.leave_outage();
+        }
+        let err = match sent {
             Err(e) => SubscribeError::Unreachable {
                 url,
                 cause: root_cause(&e),
             },
             Ok(resp) => match resp.status().as_u16() {
+                // After failures, a 404 is a channel being recreated by a restarted server.
+                404 if failures > 0 && !opts.reconnect_window.is_zero() => SubscribeError::Http {
+                    url,
+                    status: 404,
+                    body: "channel not found (being recreated after a restart?)".into(),
+                },
                 200 if resp.headers().contains_key(headers::CLOSED) => {
                     if confirming_close {
                         return Ok(Found::End);
@@ -301,13 +377,102 @@ async fn fetch(shared: Arc<Shared>, mut seq: i64) -> Result<Found, SubscribeErro
             },
         };
         failures += 1;
+        let since = *first_failure.get_or_insert_with(Instant::now);
         if failures >= opts.retries.max(1) {
+            if since.elapsed() < opts.reconnect_window {
+                shared.enter_outage(&err);
+                tracing::debug!(error = %err, attempt = failures, "trickle GET failed; reconnecting");
+                c.retries.fetch_add(1, Ordering::Relaxed);
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(RECONNECT_MAX);
+                continue;
+            }
             tracing::warn!(error = %err, attempts = failures, "trickle subscriber gave up");
             return Err(err);
         }
         tracing::debug!(error = %err, attempt = failures, "trickle GET failed; retrying");
         c.retries.fetch_add(1, Ordering::Relaxed);
         tokio::time::sleep(opts.retry_delay).await;
+    }
+}
+
+/// What asking again for a segment that broke off found.
+enum Resumed {
+    /// The segment again, from its first byte.
+    Again(reqwest::Response),
+    /// The segment is gone for good (or the window passed): its rest is lost.
+    Gone,
+}
+
+/// GETs segment `seq` again after its body broke off, riding out an outage for up to the
+/// reconnect window: no connection, 5xx and 404 (channel being recreated) are retried with
+/// backoff, and so is a 470 whose live edge is still behind `seq` (the publisher has not re-sent
+/// it yet). A 470 past `seq`, or a closed channel, means the segment will not come back.
+async fn refetch(shared: &Shared, seq: i64) -> Resumed {
+    let started = Instant::now();
+    let mut backoff = RECONNECT_MIN;
+    let url = format!("{}/{}", shared.url, seq);
+    loop {
+        if started.elapsed() >= shared.opts.reconnect_window {
+            return Resumed::Gone;
+        }
+        // A GET of a seq not written yet waits for it; if the publisher moves on without
+        // re-sending it, it never comes.
+        let sent = tokio::select! {
+            sent = shared.client.get(&url).send() => sent,
+            _ = moved_past(shared, seq) => return Resumed::Gone,
+        };
+        let err = match sent {
+            Err(e) => SubscribeError::Unreachable {
+                url: url.clone(),
+                cause: root_cause(&e),
+            },
+            Ok(resp) => {
+                let status = resp.status().as_u16();
+                if status != 404 && !resp.status().is_server_error() {
+                    shared.leave_outage();
+                }
+                match status {
+                    200 if resp.headers().contains_key(headers::CLOSED) => return Resumed::Gone,
+                    200 if header_i64(&resp, headers::SEQ).unwrap_or(seq) == seq => {
+                        return Resumed::Again(resp)
+                    }
+                    200 => return Resumed::Gone,
+                    headers::STATUS_SEGMENT_GONE => match header_i64(&resp, headers::LATEST) {
+                        // The restarted server has not seen this seq yet: wait for the re-send.
+                        Some(latest) if latest <= seq => {
+                            tokio::time::sleep(BEHIND_DELAY).await;
+                            continue;
+                        }
+                        _ => return Resumed::Gone,
+                    },
+                    status => SubscribeError::Http {
+                        url: url.clone(),
+                        status,
+                        body: String::new(),
+                    },
+                }
+            }
+        };
+        shared.enter_outage(&err);
+        shared.counters.retries.fetch_add(1, Ordering::Relaxed);
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(RECONNECT_MAX);
+    }
+}
+
+/// Resolves once the channel's write head is past `seq + 1`: the publisher writes a later
+/// segment, so `seq` will not be re-sent. Polls `GET {url}/next` every [`MOVED_PAST_POLL`].
+async fn moved_past(shared: &Shared, seq: i64) {
+    let url = format!("{}/next", shared.url);
+    loop {
+        tokio::time::sleep(MOVED_PAST_POLL).await;
+        let Ok(resp) = shared.client.get(&url).send().await else {
+            continue;
+        };
+        if header_i64(&resp, headers::LATEST).is_some_and(|latest| latest > seq + 1) {
+            return;
+        }
     }
 }
 
@@ -327,6 +492,10 @@ pub struct SegmentReader {
     seq: i64,
     resp: Option<reqwest::Response>,
     bytes: usize,
+    /// Bytes of a re-fetched segment to pass over (already read before it broke off).
+    skip: usize,
+    /// Why the body broke off, while it is being asked for again (kept for cancel safety).
+    broken: Option<SubscribeError>,
 }
 
 impl SegmentReader {
@@ -341,49 +510,100 @@ impl SegmentReader {
     }
 
     /// The next piece of the segment, or `None` at its end. After an error the segment is over.
-    /// Cancel-safe.
+    /// With a reconnect window, a body that breaks off is asked for again and read on from the
+    /// same byte (invisible to the caller) before it counts as an error. Cancel-safe.
     pub async fn chunk(&mut self) -> Result<Option<Bytes>, SubscribeError> {
-        let Some(resp) = self.resp.as_mut() else {
-            return Ok(None);
-        };
-        match resp.chunk().await {
-            Ok(Some(chunk)) => {
-                self.bytes += chunk.len();
-                let limit = self.shared.opts.max_segment_bytes;
-                if self.bytes > limit {
+        loop {
+            if let Some(err) = self.broken.clone() {
+                match refetch(&self.shared, self.seq).await {
+                    Resumed::Again(resp) => {
+                        self.resp = Some(resp);
+                        self.skip = self.bytes;
+                        self.broken = None;
+                        self.shared
+                            .counters
+                            .resumed_segments
+                            .fetch_add(1, Ordering::Relaxed);
+                        tracing::debug!(url = %self.shared.url, seq = self.seq, offset = self.bytes, "segment resumed");
+                    }
+                    Resumed::Gone => {
+                        self.broken = None;
+                        self.shared
+                            .counters
+                            .broken_segments
+                            .fetch_add(1, Ordering::Relaxed);
+                        return Err(err);
+                    }
+                }
+            }
+            let Some(resp) = self.resp.as_mut() else {
+                return Ok(None);
+            };
+            let mut chunk = match resp.chunk().await {
+                Ok(Some(chunk)) => chunk,
+                Ok(None) => {
                     self.resp = None;
-                    self.shared
-                        .counters
-                        .oversize_segments
-                        .fetch_add(1, Ordering::Relaxed);
-                    return Err(SubscribeError::SegmentTooLarge {
+                    if self.skip > 0 {
+                        // The segment came back shorter than what was read: not a re-send of it.
+                        self.skip = 0;
+                        self.shared
+                            .counters
+                            .broken_segments
+                            .fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(url = %self.shared.url, seq = self.seq, "resumed segment is shorter than before it broke off; its rest is lost");
+                    }
+                    return Ok(None);
+                }
+                Err(e) => {
+                    self.resp = None;
+                    let err = SubscribeError::Body {
                         url: self.shared.url.clone(),
                         seq: self.seq,
-                        limit,
-                    });
+                        cause: root_cause(&e),
+                    };
+                    if !self.shared.opts.reconnect_window.is_zero() {
+                        self.broken = Some(err);
+                        continue;
+                    }
+                    self.shared
+                        .counters
+                        .broken_segments
+                        .fetch_add(1, Ordering::Relaxed);
+                    return Err(err);
                 }
-                self.shared
-                    .counters
-                    .bytes
-                    .fetch_add(chunk.len() as u64, Ordering::Relaxed);
-                Ok(Some(chunk))
+            };
+            if self.skip > 0 {
+                if chunk.len() <= self.skip {
+                    self.skip -= chunk.len();
+                    continue;
+                }
+                chunk = chunk.slice(self.skip..);
+                self.skip = 0;
             }
-            Ok(None) => {
-                self.resp = None;
-                Ok(None)
-            }
-            Err(e) => {
-                self.resp = None;
-                self.shared
-                    .counters
-                    .broken_segments
-                    .fetch_add(1, Ordering::Relaxed);
-                Err(SubscribeError::Body {
-                    url: self.shared.url.clone(),
-                    seq: self.seq,
-                    cause: root_cause(&e),
-                })
-            }
+            return self.accept(chunk);
         }
+    }
+
+    /// Counts a new chunk against the segment cap.
+    fn accept(&mut self, chunk: Bytes) -> Result<Option<Bytes>, SubscribeError> {
+        self.bytes += chunk.len();
+        let limit = self.shared.opts.max_segment_bytes;
+        if self.bytes > limit {
+            self.resp = None;
+            self.shared
+                .counters
+                .oversize_segments
+                .fetch_add(1, Ordering::Relaxed);
+            return Err(SubscribeError::SegmentTooLarge {
+                url: self.shared.url.clone(),
+                seq: self.seq,
+                limit,
+            });
+        }
+        self.shared
+            .counters
+            .bytes
+            .fetch_add(chunk.len() as u64, Ordering::Relaxed);
+        Ok(Some(chunk))
     }
 }

@@ -373,3 +373,160 @@ async fn writer_to_an_unreachable_server_reports_every_lost_line() {
     );
     assert_eq!(s.lines_acked, 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn next_line_yields_raw_lines_and_counts_only_framing_errors() {
+    let (server, url) = start("raw").await;
+    let mut p = publisher(&url);
+    let max = 64;
+    let mut seg = p.next_segment().await.unwrap();
+    let pieces: Vec<&[u8]> = vec![
+        b"{\"i\":1}\r\n{garbage here\n",
+        b"[1]\n{\"i\":\"\xff\xfe\"}\n{\"i\":",
+        b"2}\n",
+        &[b'{'; 50],
+        &[b' '; 50],
+        b"}\n{\"i\":3}\n\n  \n{\"i\":4",
+    ];
+    for piece in pieces {
+        seg.write(Bytes::copy_from_slice(piece)).await.unwrap();
+    }
+    seg.close().await.unwrap();
+    let mut seg = p.next_segment().await.unwrap();
+    seg.write(Bytes::from_static(b"{\"i\":5}\n{\"i\":6}"))
+        .await
+        .unwrap();
+    seg.close().await.unwrap();
+
+    let mut r = reader(&url, max);
+    let mut got: Vec<Bytes> = Vec::new();
+    for _ in 0..7 {
+        got.push(within("read", r.next_line()).await.unwrap().unwrap());
+    }
+    let want: Vec<&[u8]> = vec![
+        b"{\"i\":1}",
+        b"{garbage here",
+        b"[1]",
+        b"{\"i\":\"\xff\xfe\"}",
+        b"{\"i\":2}",
+        b"{\"i\":3}",
+        b"{\"i\":5}",
+    ];
+    assert_eq!(got, want);
+    // The unterminated `{"i":6}` is a complete object: delivered, like `next` does.
+    let last = within("read", r.next_line()).await.unwrap().unwrap();
+    assert_eq!(&last[..], b"{\"i\":6}");
+    p.close().await.unwrap();
+    assert!(within("end", r.next_line()).await.unwrap().is_none());
+    let s = r.stats();
+    assert_eq!(s.oversize, 1, "{s:?}");
+    assert_eq!(s.partial, 1, "the broken `{{\"i\":4` tail: {s:?}");
+    assert_eq!(s.unterminated, 1, "{s:?}");
+    assert_eq!(
+        (s.not_json, s.not_object, s.not_utf8, s.mismatch),
+        (0, 0, 0, 0)
+    );
+    assert_eq!(s.lines, 8);
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn write_chunk_round_trips_in_order_across_size_rotations() {
+    let (server, url) = start("chunks").await;
+    let (tx, mut rx) = tokio::sync::watch::channel(0);
+    let reading = spawn_numbered_reader(reader(&url, 1 << 20), tx);
+    let w = JsonlWriter::new(
+        publisher(&url),
+        JsonlWriterOptions {
+            max_segment_bytes: 4096,
+            ..Default::default()
+        },
+    );
+    let total = 3000u64;
+    let mut i = 0u64;
+    let mut checked = 0u64;
+    while i < total {
+        // The server keeps 5 segments of ~100 lines: stay within ~1 segment of the reader.
+        if i >= checked + 100 {
+            within("reader keeps up", rx.wait_for(|n| *n + 100 >= i))
+                .await
+                .unwrap();
+            checked = i;
+        }
+        if i % 7 == 3 {
+            // Single lines interleave with chunks, in order.
+            w.write(&json!({"i": i})).await.unwrap();
+            i += 1;
+            continue;
+        }
+        let n = (i % 13 + 1).min(total - i);
+        let mut chunk = Vec::new();
+        for k in i..i + n {
+            let pad = "y".repeat((k % 40) as usize);
+            chunk.extend_from_slice(json!({"i": k, "pad": pad}).to_string().as_bytes());
+            chunk.push(b'\n');
+        }
+        assert_eq!(w.write_chunk(Bytes::from(chunk)).await.unwrap(), n);
+        i += n;
+    }
+    within("flush", w.flush()).await.unwrap();
+    if tokio::time::timeout(LIMIT, rx.wait_for(|n| *n == total))
+        .await
+        .is_err()
+    {
+        panic!(
+            "reader at {} of {total}; writer {:?}",
+            *rx.borrow(),
+            w.stats()
+        );
+    }
+    within("close", w.close()).await.unwrap();
+    let (got, r) = within("reader end", reading).await.unwrap();
+    assert_in_order(&got, total);
+    let ws = w.stats();
+    assert_eq!(
+        (
+            ws.lines_accepted,
+            ws.lines_written,
+            ws.lines_acked,
+            ws.lines_lost
+        ),
+        (total, total, total, 0)
+    );
+    assert!(ws.rotations_by_size >= 10, "{ws:?}");
+    let rs = r.stats();
+    assert_eq!((rs.lines, rs.bad_lines()), (total, 0));
+    assert!(rs.subscriber.bytes <= ws.segments * 4096, "{rs:?} {ws:?}");
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn write_chunk_rejects_chunks_that_would_break_framing() {
+    let (server, url) = start("strict-chunks").await;
+    let w = JsonlWriter::new(publisher(&url), JsonlWriterOptions::default());
+    for (bad, what) in [
+        (&b""[..], "empty"),
+        (b"{\"a\":1}", "no final newline"),
+        (b"{\"a\":1}\n\n{\"b\":2}\n", "an empty line"),
+        (b"\n{\"a\":1}\n", "a leading empty line"),
+    ] {
+        let err = w.write_chunk(Bytes::from_static(bad)).await.unwrap_err();
+        assert!(
+            matches!(err, JsonlError::Empty | JsonlError::Unterminated),
+            "{what}: {err:?}"
+        );
+    }
+    assert_eq!(
+        w.write_chunk(Bytes::from_static(b"{\"a\":1}\n{\"b\":2}\n"))
+            .await
+            .unwrap(),
+        2
+    );
+    within("close", w.close()).await.unwrap();
+    assert_eq!(w.stats().lines_acked, 2);
+    assert!(matches!(
+        w.write_chunk(Bytes::from_static(b"{}\n")).await,
+        Err(JsonlError::Closed)
+    ));
+    server.shutdown().await;
+}

@@ -14,6 +14,12 @@
 //!
 //! The client also pings the runner every 10 s, and exposes requests (`start_stream`,
 //! `stop_stream`, `api`...) that wait for their answer with a timeout.
+//!
+//! A trickle server outage shorter than [`ClientConfig::reconnect_window`] does not end the
+//! session: the events subscription reconnects and reads on from where it broke off, and the
+//! control publisher re-sends its open segment once the server is back. What the client can see
+//! of a gap (reconnects, segments resumed, segments lost mid-way or skipped) is in
+//! [`ClientReport`].
 
 pub mod http;
 
@@ -22,7 +28,6 @@ use crate::SessionIds;
 use bytes::Bytes;
 use hdrhistogram::Histogram;
 use parking_lot::Mutex;
-use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
@@ -36,7 +41,7 @@ use trickle::messages::{
     ApiRequest, ControlMessage, EventMessage, Parameters, Ping, StartStream, StopStream,
 };
 use trickle::publisher::{Publisher, PublisherOptions};
-use trickle::subscriber::{Subscriber, SubscriberOptions};
+use trickle::subscriber::{Subscriber, SubscriberOptions, SubscriberStats};
 
 /// How the client is set up.
 #[derive(Debug, Clone)]
@@ -55,6 +60,9 @@ pub struct ClientConfig {
     pub max_event_bytes: usize,
     /// Where the events subscription starts (`-2`: the segment being written now).
     pub events_start_seq: i64,
+    /// How long both channels keep reconnecting through a trickle server outage before the
+    /// events loop ends; zero: give up after the reference clients' retries (about 2.5 s).
+    pub reconnect_window: Duration,
 }
 
 impl ClientConfig {
@@ -68,6 +76,7 @@ impl ClientConfig {
             ping_interval: Duration::from_secs(10),
             max_event_bytes: 5 * 1024 * 1024,
             events_start_seq: -2,
+            reconnect_window: crate::runner::DEFAULT_RECONNECT_WINDOW,
         }
     }
 }
@@ -125,6 +134,14 @@ pub struct ClientReport {
     /// Events-channel segments skipped because the subscriber fell out of the server's window
     /// (their events are lost; the runner cannot know).
     pub events_skipped_segments: u64,
+    /// Trickle server outages the events subscription reconnected through.
+    pub events_reconnects: u64,
+    /// Events segments that broke off (server outage) and were read on from where they broke:
+    /// nothing of them was lost.
+    pub events_resumed_segments: u64,
+    /// Events segments that broke off and could not be resumed: the rest of each is lost
+    /// (uncountable here; the runner could not see it either).
+    pub events_broken_segments: u64,
     /// Origin-to-client latency of relayed envelopes, in ms: median, p99, max.
     pub latency_ms: Option<[u64; 3]>,
 }
@@ -160,6 +177,8 @@ struct Shared {
     /// JSON objects that are not a valid events message (counted with `bad_lines`).
     bad_messages: AtomicU64,
     skipped_segments: AtomicU64,
+    /// The events subscriber's counters, as of the last line read.
+    subscriber: Mutex<SubscriberStats>,
     latency: Mutex<Histogram<u64>>,
     ready: watch::Sender<Option<u64>>,
     notifications: broadcast::Sender<Value>,
@@ -186,6 +205,7 @@ impl Client {
                 config.control_url.clone(),
                 PublisherOptions {
                     content_type: "application/jsonl".into(),
+                    reconnect_window: config.reconnect_window,
                     ..PublisherOptions::default()
                 },
             ),
@@ -201,6 +221,7 @@ impl Client {
             bad_lines: AtomicU64::new(0),
             bad_messages: AtomicU64::new(0),
             skipped_segments: AtomicU64::new(0),
+            subscriber: Mutex::new(SubscriberStats::default()),
             latency: Mutex::new(latency),
             ready: watch::channel(None).0,
             notifications: broadcast::channel(256).0,
@@ -358,6 +379,7 @@ impl Shared {
             let h = self.latency.lock();
             (!h.is_empty()).then(|| [h.value_at_quantile(0.5), h.value_at_quantile(0.99), h.max()])
         };
+        let sub = *self.subscriber.lock();
         ClientReport {
             telemetry_received: s.telemetry_received.load(Relaxed),
             relayed: s.relayed.load(Relaxed),
@@ -371,18 +393,21 @@ impl Shared {
             pongs: s.pongs.load(Relaxed),
             request_timeouts: s.request_timeouts.load(Relaxed),
             events_skipped_segments: self.skipped_segments.load(Relaxed),
+            events_reconnects: sub.reconnects,
+            events_resumed_segments: sub.resumed_segments,
+            events_broken_segments: sub.broken_segments,
             latency_ms: latency,
         }
     }
 
-    /// Handles one events-channel line (a JSON object).
+    /// Handles one events-channel line (raw bytes from `JsonlReader::next_line`: validated here, once).
     ///
     /// Fast path: a line exactly as the runner's sink writes it (`{"type":"telemetry","event":E}`)
     /// goes straight to [`Shared::relay_envelope`] with `E` sliced out of the line, without building an
     /// [`EventMessage`] or copying it. Anything else, or an `E` that is not a valid envelope there,
     /// takes the general path, which decides exactly as before.
-    fn dispatch_line(&self, line: Box<RawValue>) {
-        let line = Bytes::from(String::from(Box::<str>::from(line)));
+    fn dispatch_line(&self, line: Bytes) {
+        // The line is raw (the reader checks framing only): each path below validates it, once.
         if let Some(envelope) = canonical_telemetry(&line) {
             if let Ok(envelope) = RawEnvelope::parse(envelope) {
                 self.stats.telemetry_received.fetch_add(1, Relaxed);
@@ -390,7 +415,10 @@ impl Shared {
                 return;
             }
         }
-        match serde_json::from_slice::<EventMessage>(&line) {
+        let msg = std::str::from_utf8(&line)
+            .map_err(|e| e.to_string())
+            .and_then(|text| serde_json::from_str::<EventMessage>(text).map_err(|e| e.to_string()));
+        match msg {
             Ok(msg) => self.dispatch(msg),
             Err(e) => {
                 let n = self.bad_messages.fetch_add(1, Relaxed) + 1;
@@ -573,6 +601,7 @@ async fn events_loop(config: ClientConfig, shared: Arc<Shared>) {
         config.events_url.clone(),
         SubscriberOptions {
             start_seq: config.events_start_seq,
+            reconnect_window: config.reconnect_window,
             ..SubscriberOptions::default()
         },
     );
@@ -583,10 +612,11 @@ async fn events_loop(config: ClientConfig, shared: Arc<Shared>) {
         },
     );
     loop {
-        // Each line is validated once here and kept as its bytes; `dispatch_line` decides.
-        let next = reader.next::<Box<RawValue>>().await;
+        // Raw lines (framing checked, oversize counted); `dispatch_line` validates each once.
+        let next = reader.next_line().await;
         let stats = reader.stats();
         shared.bad_lines.store(stats.bad_lines(), Relaxed);
+        *shared.subscriber.lock() = stats.subscriber;
         let skipped = stats.subscriber.skipped_segments;
         if shared.skipped_segments.swap(skipped, Relaxed) < skipped {
             tracing::warn!(

@@ -73,11 +73,16 @@ async fn notify(State(events): State<JsonlWriter>, body: Bytes) -> (StatusCode, 
             )
         }
     };
-    match events
-        .write(&json!({"type": "notification", "payload": payload}))
-        .await
-    {
+    let line = json!({"type": "notification", "payload": payload}).to_string();
+    // Never waits: while the trickle server is unreachable the writer's queue may be full.
+    match events.try_write_line(Bytes::from(line)) {
         Ok(()) => (StatusCode::ACCEPTED, Json(json!({"accepted": 1}))),
+        Err(trickle::jsonl::JsonlError::Full) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(
+                json!({"error": "the events channel is backed up (is the trickle server reachable?); retry later"}),
+            ),
+        ),
         Err(e) => (
             StatusCode::SERVICE_UNAVAILABLE,
             Json(json!({"error": format!("the events channel is not writable: {e}")})),

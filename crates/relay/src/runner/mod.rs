@@ -13,6 +13,14 @@
 //! When the control channel ends (the client closed it) or on shutdown, it stops the stream, drains
 //! the sink (writing a final `telemetry_dropped` if anything was dropped), and closes the events
 //! channel so the client's events loop ends too.
+//!
+//! A trickle server outage shorter than [`RunnerConfig::reconnect_window`] does not end the
+//! session: the control subscription reconnects (and reads on from where it broke off), and the
+//! events publisher keeps re-sending its open segment on the same seq until the server is back.
+//! Meanwhile telemetry never blocks: the events writer's queue fills, then the sink's bounded
+//! queue sheds and counts. Lines the writer could not deliver (a failed segment,
+//! [`trickle::jsonl::WriterStats::lines_lost`]) are added to the sink's drops, so the next
+//! `telemetry_dropped` reports them too.
 
 pub mod ingest;
 pub mod pipeline;
@@ -24,16 +32,19 @@ use anyhow::Context as _;
 use pipeline::{Emit, Pipeline};
 use serde_json::{json, Value};
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use telemetry::sinks::{SessionContext, TrickleEventsConfig, TrickleEventsSink};
 use telemetry::{Event, Fields, Sink, SinkStats};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use trickle::jsonl::{JsonlReader, JsonlReaderOptions, JsonlWriter, JsonlWriterOptions};
+use trickle::jsonl::{
+    JsonlReader, JsonlReaderOptions, JsonlWriter, JsonlWriterOptions, ReaderStats, WriterStats,
+};
 use trickle::messages::ControlMessage;
-use trickle::publisher::{Publisher, PublisherOptions};
-use trickle::subscriber::{Subscriber, SubscriberOptions};
+use trickle::publisher::{Publisher, PublisherOptions, PublisherStats};
+use trickle::subscriber::{Subscriber, SubscriberOptions, SubscriberStats};
 
 /// Default [`RunnerConfig::telemetry_poll_interval`]: 1 ms (the sink's own default is 5 ms) cuts
 /// end-to-end latency at 10,000 events/s from a 3.6 ms median to 1.3 ms (BENCHMARKS.md), for
@@ -44,6 +55,12 @@ pub const DEFAULT_TELEMETRY_POLL: Duration = Duration::from_millis(1);
 /// (the server's 5-segment window) before it skips telemetry, four times the 1 MiB default's
 /// slack, while every segment stays under the Python reader's 5 MiB cap.
 pub const DEFAULT_EVENTS_SEGMENT_BYTES: usize = 4 << 20;
+
+/// Default [`RunnerConfig::reconnect_window`]: ride out a trickle server outage of up to a minute.
+pub const DEFAULT_RECONNECT_WINDOW: Duration = Duration::from_secs(60);
+
+/// How often the runner folds the events writer's lost lines into the sink's drop count.
+const LOST_LINES_POLL: Duration = Duration::from_millis(100);
 
 /// How the runner is set up.
 #[derive(Clone)]
@@ -82,6 +99,12 @@ pub struct RunnerConfig {
     pub reset_events: bool,
     /// Also hand every event the runner emits to this sink (a record of what left, for audits).
     pub emitted_copy: Option<Arc<dyn Sink>>,
+    /// How long both channels keep reconnecting through a trickle server outage before the
+    /// session ends; zero: give up after the reference clients' retries (about 2.5 s).
+    pub reconnect_window: Duration,
+    /// Lines the events writer queues while its segment cannot be written (e.g. during an
+    /// outage); beyond them the telemetry sink's own queue sheds, counting every drop.
+    pub events_queue_lines: usize,
 }
 
 impl RunnerConfig {
@@ -103,6 +126,8 @@ impl RunnerConfig {
             started_at: Instant::now(),
             reset_events: false,
             emitted_copy: None,
+            reconnect_window: DEFAULT_RECONNECT_WINDOW,
+            events_queue_lines: JsonlWriterOptions::default().queue_capacity,
         }
     }
 }
@@ -118,6 +143,12 @@ pub struct RunnerReport {
     pub sink: SinkStats,
     /// Log lines forwarded to the client.
     pub log_lines: u64,
+    /// The events writer's counters (`lines_lost`: lines in segments that failed).
+    pub events: WriterStats,
+    /// The events publisher's counters (`reconnects`: outages ridden out).
+    pub events_publisher: PublisherStats,
+    /// The control subscription's counters (`reconnects`, `resumed_segments`...).
+    pub control: SubscriberStats,
 }
 
 /// Runs the runner until its control channel ends or `shutdown` fires.
@@ -130,13 +161,16 @@ pub async fn run(
         PublisherOptions {
             reset: config.reset_events,
             content_type: "application/jsonl".into(),
+            reconnect_window: config.reconnect_window,
             ..PublisherOptions::default()
         },
     );
+    let publisher_stats = publisher.stats_handle();
     let events = JsonlWriter::new(
         publisher,
         JsonlWriterOptions {
             max_segment_bytes: config.events_segment_bytes,
+            queue_capacity: config.events_queue_lines.max(1),
             ..JsonlWriterOptions::default()
         },
     );
@@ -162,6 +196,12 @@ pub async fn run(
         None => sink.clone(),
     };
     let guard = telemetry::install_sink(installed);
+    let folded = Arc::new(AtomicU64::new(0));
+    let lost_lines = tokio::spawn(fold_lost_lines(
+        events.clone(),
+        sink.clone(),
+        folded.clone(),
+    ));
 
     let startup_ms = config.started_at.elapsed().as_millis() as u64;
     events
@@ -193,7 +233,13 @@ pub async fn run(
 
     let (control_tx, mut control_rx) = mpsc::channel(64);
     // The reader runs in its own task so no select! ever cancels it mid-line.
-    let reader_task = tokio::spawn(read_control(config.control_url.clone(), control_tx));
+    let control_stats = Arc::new(parking_lot::Mutex::new(ReaderStats::default()));
+    let reader_task = tokio::spawn(read_control(
+        config.control_url.clone(),
+        config.reconnect_window,
+        control_tx,
+        control_stats.clone(),
+    ));
     let vram = vram::Vram::probe();
     if let Some(name) = vram.as_ref().and_then(vram::Vram::device_name) {
         tracing::info!(gpu = %name, "reading VRAM through NVML");
@@ -226,8 +272,15 @@ pub async fn run(
     }
     publish(&session, None, Emit::new("session_closed"));
     reader_task.abort();
-    report.bad_control_lines = reader_task.await.unwrap_or_default();
+    let _ = reader_task.await;
+    let control = *control_stats.lock();
+    report.bad_control_lines = control.bad_lines();
+    report.control = control.subscriber;
     drop(guard);
+    lost_lines.abort();
+    let _ = lost_lines.await;
+    // Lines lost so far go into the sink's final report.
+    fold_lost_lines_once(&events, &sink, &folded);
     report.sink = sink.shutdown().await;
     if let Some(task) = logs {
         // Give the forwarder its last tick, then stop it.
@@ -243,6 +296,8 @@ pub async fn run(
     if let Err(e) = events.close().await {
         tracing::warn!(error = %e, "closing the events channel failed");
     }
+    report.events = events.stats();
+    report.events_publisher = publisher_stats();
     tracing::info!(
         emitted = report.sink.emitted,
         dropped = report.sink.dropped(),
@@ -251,12 +306,25 @@ pub async fn run(
     Ok(report)
 }
 
-/// Reads the control channel into `tx`; returns the count of bad lines when it ends.
-async fn read_control(url: String, tx: mpsc::Sender<ControlMessage>) -> u64 {
-    let subscriber = Subscriber::new(url.clone(), SubscriberOptions::default());
+/// Reads the control channel into `tx`, keeping `stats` current, until it ends.
+async fn read_control(
+    url: String,
+    reconnect_window: Duration,
+    tx: mpsc::Sender<ControlMessage>,
+    stats: Arc<parking_lot::Mutex<ReaderStats>>,
+) {
+    let subscriber = Subscriber::new(
+        url.clone(),
+        SubscriberOptions {
+            reconnect_window,
+            ..SubscriberOptions::default()
+        },
+    );
     let mut reader = JsonlReader::new(subscriber, JsonlReaderOptions::default());
     loop {
-        match reader.next::<ControlMessage>().await {
+        let next = reader.next::<ControlMessage>().await;
+        *stats.lock() = reader.stats();
+        match next {
             Ok(Some(msg)) => {
                 if tx.send(msg).await.is_err() {
                     break;
@@ -272,7 +340,32 @@ async fn read_control(url: String, tx: mpsc::Sender<ControlMessage>) -> u64 {
             }
         }
     }
-    reader.stats().bad_lines()
+}
+
+/// Adds the events writer's newly lost lines to the sink's drops, every [`LOST_LINES_POLL`].
+async fn fold_lost_lines(
+    events: JsonlWriter,
+    sink: Arc<TrickleEventsSink>,
+    folded: Arc<AtomicU64>,
+) {
+    let mut tick = tokio::time::interval(LOST_LINES_POLL);
+    loop {
+        tick.tick().await;
+        fold_lost_lines_once(&events, &sink, &folded);
+    }
+}
+
+/// One step of [`fold_lost_lines`]: `folded` is the writer's lost count already added.
+fn fold_lost_lines_once(events: &JsonlWriter, sink: &TrickleEventsSink, folded: &AtomicU64) {
+    let lost = events.stats().lines_lost;
+    let before = folded.swap(lost, Ordering::Relaxed);
+    if lost > before {
+        sink.count_lost_downstream(lost - before);
+        tracing::warn!(
+            lines = lost - before,
+            "events lines lost in failed segments; reported as telemetry_dropped"
+        );
+    }
 }
 
 /// Answers one control message.
@@ -448,5 +541,61 @@ impl Sink for Tee {
     fn flush(&self) {
         self.primary.flush();
         self.copy.flush();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use telemetry::output::LineCollector;
+    use telemetry::sinks::SessionContext;
+
+    #[tokio::test]
+    async fn lines_the_events_writer_lost_are_reported_as_telemetry_dropped_once() {
+        // A port nobody listens on: every segment fails, and its lines are counted lost.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let events = JsonlWriter::new(
+            Publisher::new(
+                format!("http://127.0.0.1:{port}/events"),
+                PublisherOptions {
+                    retry_delay: Duration::from_millis(10),
+                    ..PublisherOptions::default()
+                },
+            ),
+            JsonlWriterOptions::default(),
+        );
+        for i in 0..5 {
+            events.write(&json!({ "i": i })).await.unwrap();
+        }
+        // Closing settles the segment: its POST failed, so its 5 lines are lost.
+        assert!(events.close().await.is_err());
+        assert_eq!(events.stats().lines_lost, 5, "{:?}", events.stats());
+        let out = LineCollector::new();
+        let sink = TrickleEventsSink::spawn_on(
+            &tokio::runtime::Handle::current(),
+            out.clone(),
+            SessionContext::default(),
+            TrickleEventsConfig::default(),
+        );
+        let folded = AtomicU64::new(0);
+        fold_lost_lines_once(&events, &sink, &folded);
+        fold_lost_lines_once(&events, &sink, &folded);
+        let stats = sink.shutdown().await;
+        assert_eq!(stats.dropped(), 5, "counted once: {stats:?}");
+        let reports: Vec<Value> = out
+            .lines()
+            .iter()
+            .map(|l| serde_json::from_slice::<Value>(l).unwrap())
+            .filter(|l| l["event"]["data"]["type"] == "telemetry_dropped")
+            .collect();
+        let reported: u64 = reports
+            .iter()
+            .map(|r| r["event"]["data"]["dropped"].as_u64().unwrap())
+            .sum();
+        assert_eq!(reported, 5, "{reports:?}");
     }
 }

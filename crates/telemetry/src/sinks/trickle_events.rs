@@ -2,10 +2,14 @@
 //!
 //! `emit` puts the event in a bounded two-class queue ([`crate::queue`]) and returns; a drain task
 //! takes everything queued per wake-up, serializes it off the caller's thread, and writes it as one
-//! batch of `{"type":"telemetry","event":<envelope>}` lines to the events writer. The drain polls
-//! every [`TrickleEventsConfig::poll_interval`] (optionally backing off to
-//! [`TrickleEventsConfig::max_poll_interval`] when idle) and is woken early only by a filling
-//! queue, so a caller never pays for a wake-up syscall except, at most, once per drained burst.
+//! batch of `{"type":"telemetry","event":<envelope>}` lines to the events writer (one pre-joined
+//! chunk per batch). While events trickle in (its batches are small), the drain parks when it
+//! has drained everything, and the first event after that wakes it at once (the idle → busy edge,
+//! [`EventQueue::wait_idle`]): a lone event is written at once instead of after a poll interval.
+//! In a flood (large batches) it polls instead, so a fast producer pays no wake-up per batch;
+//! a filling queue (the wake mark) wakes it in both modes. The drain polls every
+//! [`TrickleEventsConfig::poll_interval`] (optionally backing off to
+//! [`TrickleEventsConfig::max_poll_interval`] when idle), for loss reports.
 //!
 //! **Loss is reported, not just logged.** The sink counts every drop (queue eviction, failed write,
 //! emit after shutdown). Whenever drops happened since the last report, the drain task writes a
@@ -20,7 +24,7 @@
 use crate::envelope::{now_ms, Envelope, Event, Fields};
 use crate::output::LineOutput;
 use crate::priority::Priority;
-use crate::queue::{EventQueue, DEFAULT_CAPACITY};
+use crate::queue::{EventQueue, DEFAULT_CAPACITY, DEFAULT_MIN_IDLE};
 use crate::sink::{Sink, SinkStats};
 use bytes::Bytes;
 use parking_lot::Mutex;
@@ -34,6 +38,11 @@ use tokio::task::JoinHandle;
 pub const SINK_NAME: &str = "trickle_events";
 
 const LINE_PREFIX: &[u8] = br#"{"type":"telemetry","event":"#;
+
+/// A batch this small means events trickle in (10,000 events/s gives ~10 per 1 ms poll): the
+/// drain then parks for the idle wake-up (the next event is written at once). Larger batches mean
+/// a flood (a flat-out producer fills ≥ 50 µs × its rate): the drain polls instead.
+const SMALL_BATCH: usize = 32;
 
 /// The session whose events channel this sink writes to; stamped on loss reports.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -51,14 +60,19 @@ pub struct TrickleEventsConfig {
     pub capacity: usize,
     /// Minimum time between two loss reports (default 250 ms); shutdown always reports.
     pub report_interval: Duration,
-    /// How often the drain looks for queued events (default 1 ms): the most a quiet event waits
-    /// before it is written. Callers never wake the drain below the queue's wake mark (3/4 of the
-    /// capacity), because a wake-up is a syscall on the caller's thread.
+    /// How often the drain looks for queued events (default 1 ms) when nothing woke it. The first
+    /// event after an idle spell wakes the drain itself, so this bounds only the wait after a
+    /// failed write and the timing of loss reports.
     pub poll_interval: Duration,
     /// When set, each empty poll doubles the interval up to this (fewer idle wake-ups, more
     /// latency for the first event after a quiet spell); the first non-empty poll resets it.
     /// Default `None`: a fixed `poll_interval` (about 1,000 cheap timer wake-ups a second).
     pub max_poll_interval: Option<Duration>,
+    /// How long the drain must have been idle for an event to wake it at once (default 50 µs,
+    /// [`crate::queue::DEFAULT_MIN_IDLE`]); an event sooner than that waits for the next one,
+    /// the wake mark or the poll. Zero wakes it for every first event (a syscall per event for a
+    /// producer that outpaces the drain).
+    pub min_idle: Duration,
 }
 
 impl Default for TrickleEventsConfig {
@@ -68,6 +82,7 @@ impl Default for TrickleEventsConfig {
             report_interval: Duration::from_millis(250),
             poll_interval: Duration::from_millis(1),
             max_poll_interval: None,
+            min_idle: DEFAULT_MIN_IDLE,
         }
     }
 }
@@ -138,7 +153,7 @@ impl TrickleEventsSink {
         config: TrickleEventsConfig,
     ) -> Arc<TrickleEventsSink> {
         let shared = Arc::new(Shared {
-            queue: EventQueue::new(config.capacity),
+            queue: EventQueue::new(config.capacity).with_min_idle(config.min_idle),
             counters: Counters::default(),
         });
         let task = handle.spawn(drain(Arc::clone(&shared), output, session, config));
@@ -152,6 +167,14 @@ impl TrickleEventsSink {
     /// is queued, a final loss report if needed, and ends. Does not wait: see [`Self::shutdown`].
     pub fn close(&self) {
         self.shared.queue.close();
+    }
+
+    /// Counts `n` events lost after the sink handed them on (e.g. lines of an events segment that
+    /// failed, [`trickle::jsonl::WriterStats::lines_lost`]), so the next `telemetry_dropped`
+    /// reports them with the sink's own drops (as low priority: their class is unknown).
+    pub fn count_lost_downstream(&self, n: u64) {
+        let c = &self.shared.counters;
+        c.write_dropped_low.fetch_add(n, Ordering::Relaxed);
     }
 
     /// [`Self::close`], then waits for the drain task to finish; returns the final totals.
@@ -251,10 +274,18 @@ impl Reporter {
     }
 }
 
-fn write_line(buf: &mut Vec<u8>, event: &Event) {
+/// Appends one framed line (`{"type":"telemetry","event":E}` and `\n`); returns the `\n`'s index.
+fn write_line(buf: &mut Vec<u8>, event: &Event) -> usize {
     buf.extend_from_slice(LINE_PREFIX);
     event.write_json(buf);
-    buf.push(b'}');
+    buf.extend_from_slice(b"}\n");
+    buf.len() - 1
+}
+
+/// Bytes to reserve for a batch of `n` lines averaging `mean` bytes (a little headroom, so the
+/// buffer is allocated once: a heartbeat line is ~490 B, and a reallocation copies the batch).
+fn batch_capacity(n: usize, mean: usize) -> usize {
+    n * (mean + mean / 8 + 16) + 1024
 }
 
 async fn drain<O: LineOutput>(
@@ -275,7 +306,14 @@ async fn drain<O: LineOutput>(
     };
     let mut batch: Vec<Event> = Vec::new();
     let mut ends: Vec<usize> = Vec::new();
+    // Mean line length of the last batch (sizes the next buffer); a heartbeat line is ~490 B.
+    let mut mean_line = 512usize;
     let mut warned_drop = false;
+    // The last write failed: wait out the poll interval instead of retrying on every event.
+    let mut failed_last = false;
+    // Size of the last non-empty batch: a trickle (small batches) arms the idle wake-up; a flood
+    // (large batches) polls, so a fast producer never pays a wake-up (and a preemption) per batch.
+    let mut last_batch = 0usize;
     loop {
         let drained = shared.queue.drain_into(&mut batch);
         let totals = shared.drop_totals();
@@ -297,32 +335,25 @@ async fn drain<O: LineOutput>(
         if !batch.is_empty() || report.is_some() {
             let n = batch.len();
             shared.counters.in_flight.store(n as u64, Ordering::Relaxed);
-            // One buffer per batch, sliced into lines without copying.
-            let mut buf = Vec::with_capacity(n * 400 + 512);
+            // One buffer per batch, framed here and handed over whole (no per-line copy or send).
+            let mut buf = Vec::with_capacity(batch_capacity(n + 1, mean_line));
             ends.clear();
             for event in &batch {
-                write_line(&mut buf, event);
-                ends.push(buf.len());
+                ends.push(write_line(&mut buf, event));
+            }
+            if let Some(mean) = buf.len().checked_div(n) {
+                mean_line = mean;
+                last_batch = n;
             }
             if let Some((envelope, _)) = &report {
                 buf.extend_from_slice(LINE_PREFIX);
                 envelope.write_json(&mut buf);
-                buf.push(b'}');
-                ends.push(buf.len());
+                buf.extend_from_slice(b"}\n");
+                ends.push(buf.len() - 1);
             }
-            let all = Bytes::from(buf);
-            let mut start = 0;
-            let lines: Vec<Bytes> = ends
-                .iter()
-                .map(|&end| {
-                    let line = all.slice(start..end);
-                    start = end;
-                    line
-                })
-                .collect();
-
-            let result = output.write_lines(lines).await;
+            let result = output.write_joined(Bytes::from(buf), &ends).await;
             let failed = result.is_err();
+            failed_last = failed;
             let written = match result {
                 Ok(()) => ends.len(),
                 Err(e) => {
@@ -367,14 +398,21 @@ async fn drain<O: LineOutput>(
             if totals != reporter.reported && reporter.due(totals, true) {
                 let (envelope, _) = reporter.build(totals);
                 let mut buf = Vec::with_capacity(512);
-                write_line(&mut buf, &Event::from(envelope));
-                if output.write_lines(vec![Bytes::from(buf)]).await.is_ok() {
+                let end = write_line(&mut buf, &Event::from(envelope));
+                if output.write_joined(Bytes::from(buf), &[end]).await.is_ok() {
                     shared.counters.reports.fetch_add(1, Ordering::Relaxed);
                 }
             }
             break;
         }
         let wait = reporter.wait_for(totals).map_or(poll, |d| d.min(poll));
-        shared.queue.wait_for(wait).await;
+        if failed_last || last_batch > SMALL_BATCH {
+            // After a failed write, wait the interval out rather than retry per event; in a
+            // flood, poll (the wake mark still wakes the drain before the queue overflows).
+            shared.queue.wait_for(wait).await;
+        } else {
+            // Idle: the next event wakes the drain at once (one wake-up per idle spell).
+            shared.queue.wait_idle(wait).await;
+        }
     }
 }

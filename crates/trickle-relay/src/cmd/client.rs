@@ -83,6 +83,12 @@ pub struct Args {
     /// Write the final counters as JSON to this file on exit.
     #[arg(long)]
     pub report: Option<PathBuf>,
+    /// Ride out a trickle server outage (killed, restarting, unreachable) of up to this many
+    /// seconds: both channels keep reconnecting (backoff 100 ms doubling to 2 s) and resume where
+    /// they broke off; nothing is lost uncounted. 0: give up after the reference clients' retries
+    /// (~2.5 s) and end the session.
+    #[arg(long, default_value_t = 60.0, value_name = "SECS")]
+    pub reconnect_secs: f64,
 }
 
 /// Runs the client until Ctrl-C / SIGTERM, `--duration-secs`, or the end of the events channel.
@@ -105,6 +111,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         connection_id: args.connection_id,
     };
     config.max_event_bytes = args.max_event_bytes;
+    config.reconnect_window = Duration::try_from_secs_f64(args.reconnect_secs)
+        .context("--reconnect-secs takes a number of seconds >= 0, e.g. 60")?;
     let client = Arc::new(Client::connect(config, egress.clone()));
 
     let shutdown = CancellationToken::new();
@@ -341,4 +349,14 @@ fn print_summary(report: &ClientReport, egress: Option<&telemetry::SinkStats>) {
         report.dropped_reported,
         report.bad_lines
     );
+    if report.events_reconnects + report.events_resumed_segments + report.events_broken_segments > 0
+    {
+        eprintln!(
+            "client: events channel reconnected {} time(s) after server outages; {} segment(s) resumed where they broke off, {} lost mid-way, {} skipped",
+            report.events_reconnects,
+            report.events_resumed_segments,
+            report.events_broken_segments,
+            report.events_skipped_segments
+        );
+    }
 }

@@ -29,6 +29,11 @@ pub struct Args {
     /// Telemetry queue capacity; beyond it heartbeats are shed first, and every drop is reported.
     #[arg(long, default_value_t = 256)]
     pub queue_capacity: usize,
+    /// Lines the events writer holds while the events channel cannot be written (a trickle
+    /// server outage); past them the telemetry queue (--queue-capacity) sheds heartbeats first,
+    /// counting every drop.
+    #[arg(long, default_value_t = 8192, value_name = "LINES")]
+    pub events_queue_lines: usize,
     /// Interval of `stream_heartbeat` while a stream runs, in milliseconds.
     #[arg(long, default_value_t = 1000)]
     pub heartbeat_ms: u64,
@@ -47,6 +52,12 @@ pub struct Args {
     /// Write the final counters as JSON to this file on exit.
     #[arg(long)]
     pub report: Option<PathBuf>,
+    /// Ride out a trickle server outage (killed, restarting, unreachable) of up to this many
+    /// seconds: both channels keep reconnecting (backoff 100 ms doubling to 2 s) and resume where
+    /// they broke off; nothing is lost uncounted. 0: give up after the reference clients' retries
+    /// (~2.5 s) and end the session.
+    #[arg(long, default_value_t = 60.0, value_name = "SECS")]
+    pub reconnect_secs: f64,
 }
 
 /// Runs the runner until the control channel ends or Ctrl-C / SIGTERM.
@@ -59,10 +70,13 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     };
     config.runner_job_id = args.runner_job_id;
     config.queue_capacity = args.queue_capacity.max(1);
+    config.events_queue_lines = args.events_queue_lines.max(1);
     config.heartbeat_interval = Duration::from_millis(args.heartbeat_ms.max(1));
     config.ingest = args.ingest;
     config.forward_logs = !args.no_forward_logs;
     config.reset_events = args.reset;
+    config.reconnect_window = Duration::try_from_secs_f64(args.reconnect_secs)
+        .context("--reconnect-secs takes a number of seconds >= 0, e.g. 60")?;
     config.started_at = started_at;
     let emitted_copy = match &args.emitted_file {
         Some(path) => Some(std::sync::Arc::new(
@@ -89,6 +103,16 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         report.sink.dropped(),
         report.log_lines
     );
+    if report.events_publisher.reconnects + report.control.reconnects > 0
+        || report.events.lines_lost > 0
+    {
+        eprintln!(
+            "runner: reconnected after trickle server outages: events {} time(s), control {} time(s); events lines lost in failed segments {} (counted as dropped)",
+            report.events_publisher.reconnects,
+            report.control.reconnects,
+            report.events.lines_lost
+        );
+    }
     if let Some(path) = args.report {
         let json = serde_json::json!({
             "control_messages": report.control_messages,
@@ -99,6 +123,13 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             "dropped_high": report.sink.dropped_high,
             "dropped_low": report.sink.dropped_low,
             "log_lines": report.log_lines,
+            "events_lines_lost": report.events.lines_lost,
+            "events_segments_failed": report.events.segments_failed,
+            "events_reconnects": report.events_publisher.reconnects,
+            "events_retries": report.events_publisher.retries,
+            "control_reconnects": report.control.reconnects,
+            "control_resumed_segments": report.control.resumed_segments,
+            "control_broken_segments": report.control.broken_segments,
         });
         std::fs::write(&path, json.to_string())
             .with_context(|| format!("cannot write the report to {}", path.display()))?;
