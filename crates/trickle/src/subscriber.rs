@@ -48,6 +48,10 @@ const RECONNECT_MIN: Duration = Duration::from_millis(100);
 const RECONNECT_MAX: Duration = Duration::from_secs(2);
 /// How often a subscriber waiting for a broken segment's re-send checks the publisher moved on.
 const MOVED_PAST_POLL: Duration = Duration::from_secs(1);
+/// How long a broken segment's channel may answer 404 on a server that never went away before
+/// the segment counts as gone: a channel deleted on a live server (the runner closed it while
+/// this reader lagged) must not hold the reader for the whole reconnect window.
+const NOT_FOUND_GRACE: Duration = Duration::from_secs(3);
 
 /// Options of a [`Subscriber`].
 #[derive(Debug, Clone)]
@@ -407,10 +411,14 @@ enum Resumed {
 /// GETs segment `seq` again after its body broke off, riding out an outage for up to the
 /// reconnect window: no connection, 5xx and 404 (channel being recreated) are retried with
 /// backoff, and so is a 470 whose live edge is still behind `seq` (the publisher has not re-sent
-/// it yet). A 470 past `seq`, or a closed channel, means the segment will not come back.
+/// it yet). A 470 past `seq`, or a closed channel, means the segment will not come back; so does
+/// a 404 that lasts [`NOT_FOUND_GRACE`] from a server that answered every request (no outage).
 async fn refetch(shared: &Shared, seq: i64) -> Resumed {
     let started = Instant::now();
     let mut backoff = RECONNECT_MIN;
+    // Whether this refetch met the server down (no connection or 5xx): only then is a 404 a
+    // channel still being recreated after a restart, worth the whole window.
+    let mut server_was_down = false;
     let url = format!("{}/{}", shared.url, seq);
     loop {
         if started.elapsed() >= shared.opts.reconnect_window {
@@ -423,12 +431,27 @@ async fn refetch(shared: &Shared, seq: i64) -> Resumed {
             _ = moved_past(shared, seq) => return Resumed::Gone,
         };
         let err = match sent {
-            Err(e) => SubscribeError::Unreachable {
-                url: url.clone(),
-                cause: root_cause(&e),
-            },
+            Err(e) => {
+                server_was_down = true;
+                SubscribeError::Unreachable {
+                    url: url.clone(),
+                    cause: root_cause(&e),
+                }
+            }
             Ok(resp) => {
                 let status = resp.status().as_u16();
+                if resp.status().is_server_error() {
+                    server_was_down = true;
+                }
+                if status == 404 && !server_was_down {
+                    if started.elapsed() >= NOT_FOUND_GRACE {
+                        tracing::debug!(url = %shared.url, seq, "channel gone from a live server; the broken segment is lost");
+                        return Resumed::Gone;
+                    }
+                    // Maybe a restart so quick this reader never saw it down: ask again shortly.
+                    tokio::time::sleep(BEHIND_DELAY).await;
+                    continue;
+                }
                 if status != 404 && !resp.status().is_server_error() {
                     shared.leave_outage();
                 }

@@ -933,3 +933,53 @@ async fn a_channel_deleted_on_a_live_server_fails_the_segment_promptly_despite_t
     assert_eq!(p.stats().reconnects, 0);
     server.shutdown().await;
 }
+
+/// A reader whose segment breaks because the runner deleted the channel on a live server (it
+/// lagged behind at the end of a job) gives the segment up within a few seconds: the 404 of a
+/// server that never went away is not an outage worth the whole reconnect window.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_segment_cut_by_a_deleted_channel_ends_the_lagging_reader_promptly_despite_the_window() {
+    let server = Server::bind("127.0.0.1:0".parse().unwrap(), ServerConfig::default())
+        .await
+        .unwrap();
+    server.channels().create("lagging", None).unwrap();
+    let url = format!("{}/lagging", server.url());
+    let mut p = Publisher::new(&url, reconnecting_publisher(Duration::from_secs(60)));
+    let mut seg = p.next_segment().await.unwrap();
+    seg.write(Bytes::from_static(b"open\n")).await.unwrap();
+    let mut sub = Subscriber::new(&url, reconnecting_subscriber(0, Duration::from_secs(60)));
+    let mut reader = within("segment 0", sub.next_segment())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(read_exactly(&mut reader, 5).await, b"open\n");
+    // The runner races ahead: segment 0 falls out of the server's window (its body is cut) and
+    // the job ends (the channel is deleted) before this reader reads on.
+    // More than the socket buffers hold, so the cut reaches the reader mid-body.
+    seg.write(Bytes::from(vec![b'x'; 16 << 20])).await.unwrap();
+    seg.close().await.unwrap();
+    for _ in 0..8 {
+        let mut next = p.next_segment().await.unwrap();
+        next.write(Bytes::from_static(b"later\n")).await.unwrap();
+        next.close().await.unwrap();
+    }
+    assert!(server.channels().close("lagging"));
+    let started = std::time::Instant::now();
+    // The body ends or breaks; either way the reader is done with it well before the window.
+    let end = within("the cut segment ends", async {
+        loop {
+            match reader.chunk().await {
+                Ok(Some(_)) => continue,
+                other => return other,
+            }
+        }
+    })
+    .await;
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "held for {:?} ({end:?})",
+        started.elapsed()
+    );
+    assert_eq!(sub.stats().reconnects, 0);
+    server.shutdown().await;
+}

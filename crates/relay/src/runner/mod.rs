@@ -79,6 +79,9 @@ pub struct RunnerConfig {
     /// How often the telemetry drain looks for queued events: the most a quiet event waits
     /// before it is written (the queue wakes it sooner only when half full).
     pub telemetry_poll_interval: Duration,
+    /// How long the idle drain must have been parked before an event wakes it at once
+    /// (`Duration::MAX`: never woken, it only polls); see `telemetry::queue::DEFAULT_MIN_IDLE`.
+    pub telemetry_min_idle: Duration,
     /// Size at which the events writer starts a new segment. The server keeps the last 5
     /// segments, so this sets how far (5 × this) a reader may fall behind before it skips; the
     /// Python reader caps a whole segment at 5 MiB, so stay below that.
@@ -117,6 +120,7 @@ impl RunnerConfig {
             session: SessionIds::default(),
             queue_capacity: 256,
             telemetry_poll_interval: DEFAULT_TELEMETRY_POLL,
+            telemetry_min_idle: telemetry::queue::DEFAULT_MIN_IDLE,
             events_segment_bytes: DEFAULT_EVENTS_SEGMENT_BYTES,
             heartbeat_interval: Duration::from_secs(1),
             pipeline_id: "passthrough".into(),
@@ -185,6 +189,7 @@ pub async fn run(
         TrickleEventsConfig {
             capacity: config.queue_capacity,
             poll_interval: config.telemetry_poll_interval,
+            min_idle: config.telemetry_min_idle,
             ..TrickleEventsConfig::default()
         },
     );

@@ -54,6 +54,10 @@ pub struct Args {
     /// The runner's telemetry drain poll interval, in µs (default: the runner's, 1 ms).
     #[arg(long)]
     pub poll_us: Option<u64>,
+    /// How long the runner's idle telemetry drain must be parked before an event wakes it, in
+    /// µs (default: the runner's, 50 µs); 0 turns the wake off (the drain only polls).
+    #[arg(long)]
+    pub min_idle_us: Option<u64>,
     /// The runner's events segment size, in bytes (default: the runner's).
     #[arg(long)]
     pub segment_bytes: Option<usize>,
@@ -685,6 +689,9 @@ async fn run_once(exe: &Path, dir: &Path, args: &Args, run: usize) -> anyhow::Re
     ];
     if let Some(us) = args.poll_us {
         runner_args.extend(["--poll-us".into(), us.to_string()]);
+    }
+    if let Some(us) = args.min_idle_us {
+        runner_args.extend(["--min-idle-us".into(), us.to_string()]);
     }
     if let Some(bytes) = args.segment_bytes {
         runner_args.extend(["--segment-bytes".into(), bytes.to_string()]);

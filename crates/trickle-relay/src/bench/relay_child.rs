@@ -64,6 +64,9 @@ pub struct RunnerArgs {
     /// The telemetry drain's poll interval, in µs (default: the runner's).
     #[arg(long)]
     pub poll_us: Option<u64>,
+    /// The idle drain's wake threshold, in µs (default: the runner's; 0 disables the wake).
+    #[arg(long)]
+    pub min_idle_us: Option<u64>,
     /// The events writer's segment size, in bytes (default: the runner's).
     #[arg(long)]
     pub segment_bytes: Option<usize>,
@@ -367,6 +370,11 @@ pub async fn run_runner(args: RunnerArgs) -> anyhow::Result<()> {
     config.forward_logs = false;
     if let Some(us) = args.poll_us {
         config.telemetry_poll_interval = Duration::from_micros(us);
+    }
+    match args.min_idle_us {
+        Some(0) => config.telemetry_min_idle = Duration::MAX,
+        Some(us) => config.telemetry_min_idle = Duration::from_micros(us),
+        None => {}
     }
     if let Some(bytes) = args.segment_bytes {
         config.events_segment_bytes = bytes;
