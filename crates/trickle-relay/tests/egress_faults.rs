@@ -40,7 +40,7 @@ fn relay_up() -> Relay {
     let dir = tempfile::tempdir().unwrap();
     let addr = free_addr();
     let server = serve(addr, &[]);
-    let (control, events) = common::create_channels(addr);
+    let (control, events) = common::create_session_channels(addr);
     let ingest = free_addr();
     let runner = common::runner_with_ingest(
         (&control, &events),

@@ -133,20 +133,8 @@ fn kill_server_mid_stream(
     let addr = free_addr();
     let dir = tempfile::tempdir().expect("tempdir");
     let server = serve(addr, &[]);
-    let tag = uuid::Uuid::new_v4().simple().to_string();
-    let control = format!("http://{addr}/{tag}-control");
-    let events = format!("http://{addr}/{tag}-events");
-    let create = |url: &str| {
-        let status = reqwest::blocking::Client::new()
-            .post(url)
-            .header("Expect-Content", "application/jsonl")
-            .send()
-            .expect("create channel")
-            .status();
-        assert!(status.is_success(), "creating {url}: {status}");
-    };
-    create(&control);
-    create(&events);
+    let (control, events) = common::create_session_channels(addr);
+    let create = common::create_channel;
     let p = |n: &str| dir.path().join(n);
     let (runner_out, client_out) = (p("runner.jsonl"), p("client.jsonl"));
     let (runner_report, client_report) = (p("runner.json"), p("client.json"));

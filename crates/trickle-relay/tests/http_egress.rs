@@ -47,7 +47,7 @@ struct Relay {
 fn relay() -> Relay {
     let addr = free_addr();
     let server = common::serve(addr, &[]);
-    let (control, events) = common::create_channels(addr);
+    let (control, events) = common::create_session_channels(addr);
     let ingest = free_addr();
     let runner = common::runner_with_ingest(
         (&control, &events),

@@ -70,7 +70,7 @@ impl Relay {
         let dir = tempfile::tempdir().unwrap();
         let addr = free_addr();
         let server = common::serve(addr, &[]);
-        let (control, events) = common::create_channels(addr);
+        let (control, events) = common::create_session_channels(addr);
         let ingest = free_addr();
         let emitted = dir.path().join("emitted.jsonl");
         let report = dir.path().join("runner.json");

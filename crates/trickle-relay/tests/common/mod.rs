@@ -205,25 +205,6 @@ pub fn create_session_channels(addr: SocketAddr) -> (String, String) {
     (control, events)
 }
 
-/// Creates a fresh control and events channel pair (random names) on the trickle server at
-/// `server`; returns their URLs (control, events).
-pub fn create_channels(server: SocketAddr) -> (String, String) {
-    let tag = uuid::Uuid::new_v4().simple().to_string();
-    let control = format!("http://{server}/{tag}-control");
-    let events = format!("http://{server}/{tag}-events");
-    let http = reqwest::blocking::Client::new();
-    for url in [&control, &events] {
-        let status = http
-            .post(url)
-            .header("Expect-Content", "application/jsonl")
-            .send()
-            .expect("create channel")
-            .status();
-        assert!(status.is_success(), "creating {url}: {status}");
-    }
-    (control, events)
-}
-
 /// `trickle-relay runner` on `control`/`events` for `session`/`connection`, taking envelopes on
 /// `--ingest ingest` (queue of 100,000, no log forwarding), plus `extra` flags and stderr into
 /// `stderr` when given; returns once the ingest listens.
