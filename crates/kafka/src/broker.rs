@@ -81,22 +81,7 @@ pub struct TestBroker {
 impl TestBroker {
     /// Starts a broker on a free port and waits until it answers metadata requests.
     pub fn start() -> Result<TestBroker, String> {
-        let bin = tansu_bin()?;
-        // A port can be taken between picking and binding: try a few.
-        let mut last = String::new();
-        for _ in 0..5 {
-            let mut b = TestBroker {
-                bin: bin.clone(),
-                port: free_port(),
-                advertised: None,
-                child: None,
-            };
-            match b.launch() {
-                Ok(()) => return Ok(b),
-                Err(e) => last = e,
-            }
-        }
-        Err(last)
+        TestBroker::start_on_a_free_port(None)
     }
 
     /// Starts a broker on `port` (e.g. one a client was already pointed at while no broker ran).
@@ -114,13 +99,19 @@ impl TestBroker {
     /// Starts a broker on a free port that tells clients to connect to `advertised_port` (on
     /// 127.0.0.1) instead: a proxy there in front of it sees every connection (fault tests).
     pub fn start_advertising(advertised_port: u16) -> Result<TestBroker, String> {
+        TestBroker::start_on_a_free_port(Some(advertised_port))
+    }
+
+    /// Starts a broker on a free port (advertising `advertised` when given). A port can be
+    /// taken between picking and binding: tries a few.
+    fn start_on_a_free_port(advertised: Option<u16>) -> Result<TestBroker, String> {
         let bin = tansu_bin()?;
         let mut last = String::new();
         for _ in 0..5 {
             let mut b = TestBroker {
                 bin: bin.clone(),
                 port: free_port(),
-                advertised: Some(advertised_port),
+                advertised,
                 child: None,
             };
             match b.launch() {

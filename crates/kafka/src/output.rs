@@ -28,11 +28,10 @@ use futures::future::BoxFuture;
 use rdkafka::config::FromClientConfigAndContext;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
-use serde::de::{self, Deserializer, MapAccess, Visitor};
-use serde_json::value::RawValue;
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
+use telemetry::envelope::{first_byte, Members};
 
 /// The collector's Kafka output. See the module docs.
 pub struct KafkaOutput {
@@ -170,34 +169,6 @@ impl Output for KafkaOutput {
             })
         })
     }
-}
-
-/// Top-level members in order, values as raw JSON slices of the input.
-struct Members<'a>(Vec<(String, &'a RawValue)>);
-
-impl<'de> de::Deserialize<'de> for Members<'de> {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = Members<'de>;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("a JSON object")
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-                let mut out = Vec::with_capacity(6);
-                while let Some(k) = map.next_key::<String>()? {
-                    let v: &'de RawValue = map.next_value()?;
-                    out.push((k, v));
-                }
-                Ok(Members(out))
-            }
-        }
-        d.deserialize_map(V)
-    }
-}
-
-fn first_byte(raw: &RawValue) -> u8 {
-    raw.get().as_bytes().first().copied().unwrap_or(b' ')
 }
 
 /// Turns one API event (`{"type","data","id","timestamp",...}`) back into its envelope

@@ -8,9 +8,8 @@
 //! verbatim. It runs once per event, in the writer thread; what is stored on disk is exactly
 //! what goes into a body, so building a body ([`BodyBuilder`]) is concatenation only.
 
-use serde::de::{self, Deserializer, MapAccess, Visitor};
 use serde_json::value::RawValue;
-use std::fmt;
+use telemetry::envelope::{first_byte, Members};
 
 /// Why an envelope cannot become an API event.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -29,39 +28,11 @@ pub enum ShapeError {
     NoType,
 }
 
-/// Top-level members in order, values as raw JSON slices of the input.
-struct Members<'a>(Vec<(String, &'a RawValue)>);
-
-impl<'de> de::Deserialize<'de> for Members<'de> {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = Members<'de>;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("a JSON object")
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-                let mut out = Vec::with_capacity(6);
-                while let Some(k) = map.next_key::<String>()? {
-                    let v: &'de RawValue = map.next_value()?;
-                    out.push((k, v));
-                }
-                Ok(Members(out))
-            }
-        }
-        d.deserialize_map(V)
-    }
-}
-
 /// `data.type` as its raw JSON (a string), skipping every other member of `data` unparsed.
 #[derive(serde::Deserialize)]
 struct DataType<'a> {
     #[serde(rename = "type", borrow, default)]
     ty: Option<&'a RawValue>,
-}
-
-fn first_byte(raw: &RawValue) -> u8 {
-    raw.get().as_bytes().first().copied().unwrap_or(b' ')
 }
 
 /// Appends the API event for `envelope` (an envelope's JSON bytes) to `out`. On error `out` is

@@ -567,16 +567,10 @@ impl Src {
     }
 }
 
+/// What routing needs of a parsed envelope: its fields (as found by the parse) and its class.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct RawMeta {
-    id: Text,
-    timestamp: Text,
-    event_type: Text,
-    session_id: Text,
-    connection_id: Text,
-    relayed_via: Text,
-    /// A top-level `relayed_via` key exists (even if its value is not a string).
-    has_relayed_via: bool,
+    fields: Top,
     priority: Priority,
 }
 
@@ -614,22 +608,12 @@ impl RawEnvelope {
                 .map_err(|e| EnvelopeError::Invalid(e.to_string()))?;
             de.end()
                 .map_err(|e| EnvelopeError::Invalid(e.to_string()))?;
-            let top = top?;
-            let id = match top.id.get(&bytes) {
-                Some(id) if !id.is_empty() => top.id,
-                _ => return Err(EnvelopeError::MissingId),
-            };
-            let priority = Priority::of_opt(top.event_type.get(&bytes));
-            RawMeta {
-                id,
-                timestamp: top.timestamp,
-                event_type: top.event_type,
-                session_id: top.session_id,
-                connection_id: top.connection_id,
-                relayed_via: top.relayed_via,
-                has_relayed_via: top.has_relayed_via,
-                priority,
+            let fields = top?;
+            if fields.id.get(&bytes).is_none_or(str::is_empty) {
+                return Err(EnvelopeError::MissingId);
             }
+            let priority = Priority::of_opt(fields.event_type.get(&bytes));
+            RawMeta { fields, priority }
         };
         Ok(RawEnvelope {
             bytes,
@@ -655,32 +639,32 @@ impl RawEnvelope {
 
     /// `id`.
     pub fn id(&self) -> &str {
-        self.meta.id.get(&self.bytes).unwrap_or_default()
+        self.meta.fields.id.get(&self.bytes).unwrap_or_default()
     }
 
     /// `timestamp` as written by the origin (a number is given as its JSON text).
     pub fn timestamp(&self) -> Option<&str> {
-        self.meta.timestamp.get(&self.bytes)
+        self.meta.fields.timestamp.get(&self.bytes)
     }
 
     /// `data.type`, if it is a string.
     pub fn event_type(&self) -> Option<&str> {
-        self.meta.event_type.get(&self.bytes)
+        self.meta.fields.event_type.get(&self.bytes)
     }
 
     /// `data.session_id`, if it is a string.
     pub fn session_id(&self) -> Option<&str> {
-        self.meta.session_id.get(&self.bytes)
+        self.meta.fields.session_id.get(&self.bytes)
     }
 
     /// `data.connection_id`, if it is a string.
     pub fn connection_id(&self) -> Option<&str> {
-        self.meta.connection_id.get(&self.bytes)
+        self.meta.fields.connection_id.get(&self.bytes)
     }
 
     /// Top-level `relayed_via`, if present.
     pub fn relayed_via(&self) -> Option<&str> {
-        self.meta.relayed_via.get(&self.bytes)
+        self.meta.fields.relayed_via.get(&self.bytes)
     }
 
     /// The priority class of `data.type` (High when absent).
@@ -691,12 +675,12 @@ impl RawEnvelope {
     /// Adds the client's `"relayed_via": via` annotation. Returns false (and changes nothing) when
     /// the envelope already carries one: the first hop's annotation is kept, never duplicated.
     pub fn annotate_relayed_via(&mut self, via: &str) -> bool {
-        if self.meta.has_relayed_via {
+        if self.meta.fields.has_relayed_via {
             return false;
         }
         self.insert_member(RELAYED_VIA, via);
-        self.meta.relayed_via = Text::Owned(via.into());
-        self.meta.has_relayed_via = true;
+        self.meta.fields.relayed_via = Text::Owned(via.into());
+        self.meta.fields.has_relayed_via = true;
         true
     }
 
@@ -704,7 +688,7 @@ impl RawEnvelope {
     /// original is never changed, and a duplicate key would make the JSON ambiguous).
     pub fn annotate(&mut self, key: &str, value: &Value) -> Result<(), EnvelopeError> {
         let exists = if key == RELAYED_VIA {
-            self.meta.has_relayed_via
+            self.meta.fields.has_relayed_via
         } else {
             top_level_has_key(&self.bytes, key)
         };
@@ -713,8 +697,8 @@ impl RawEnvelope {
         }
         self.insert_member(key, value);
         if key == RELAYED_VIA {
-            self.meta.has_relayed_via = true;
-            self.meta.relayed_via = value
+            self.meta.fields.has_relayed_via = true;
+            self.meta.fields.relayed_via = value
                 .as_str()
                 .map_or(Text::Absent, |v| Text::Owned(v.into()));
         }
@@ -767,7 +751,8 @@ fn top_level_has_key(bytes: &[u8], key: &str) -> bool {
     de.deserialize_map(KeyFinder(key)).unwrap_or(false)
 }
 
-#[derive(Default)]
+/// The envelope fields routing reads, as positions in its bytes where possible.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 struct Top {
     id: Text,
     timestamp: Text,
@@ -775,6 +760,7 @@ struct Top {
     session_id: Text,
     connection_id: Text,
     relayed_via: Text,
+    /// A top-level `relayed_via` key exists (even if its value is not a string).
     has_relayed_via: bool,
 }
 
@@ -1138,4 +1124,34 @@ impl Event {
             Event::Raw(r) => r.bytes.clone(),
         }
     }
+}
+
+/// Top-level members of a JSON object in order, values as raw JSON slices of the input: for
+/// reshaping an envelope (API event <-> envelope) by splicing bytes, without re-encoding values.
+pub struct Members<'a>(pub Vec<(String, &'a RawValue)>);
+
+impl<'de> de::Deserialize<'de> for Members<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Members<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut out = Vec::with_capacity(6);
+                while let Some(k) = map.next_key::<String>()? {
+                    let v: &'de RawValue = map.next_value()?;
+                    out.push((k, v));
+                }
+                Ok(Members(out))
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
+/// The first byte of a raw JSON value (`"` for a string, `{` for an object): its kind.
+pub fn first_byte(raw: &RawValue) -> u8 {
+    raw.get().as_bytes().first().copied().unwrap_or(b' ')
 }

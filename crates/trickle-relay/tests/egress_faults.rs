@@ -252,20 +252,6 @@ impl Feeder {
     }
 }
 
-/// Every line of the collector's output (each must be a JSON event with a string id).
-fn output(path: &Path) -> Vec<Value> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .map(|l| {
-            let v: Value = serde_json::from_str(l)
-                .unwrap_or_else(|e| panic!("garbage in the output ({e}): {l}"));
-            assert!(v["id"].is_string(), "not an event: {l}");
-            v
-        })
-        .collect()
-}
-
 /// How many times each id is in the output.
 fn id_counts(lines: &[Value]) -> HashMap<String, usize> {
     let mut m = HashMap::new();
@@ -281,7 +267,7 @@ fn assert_each_once(out: &Path, ids: &[String], what: &str, timeout: Duration) -
     let mut missing;
     let deadline = Instant::now() + timeout;
     loop {
-        let counts = id_counts(&output(out));
+        let counts = id_counts(&common::collector_output(out));
         missing = ids.iter().filter(|id| !counts.contains_key(*id)).count();
         if missing == 0 || Instant::now() > deadline {
             break;
@@ -296,7 +282,7 @@ fn assert_each_once(out: &Path, ids: &[String], what: &str, timeout: Duration) -
     );
     // Let a late resend land before counting duplicates.
     std::thread::sleep(Duration::from_millis(500));
-    let lines = output(out);
+    let lines = common::collector_output(out);
     let twice: Vec<String> = id_counts(&lines)
         .into_iter()
         .filter(|(_, c)| *c > 1)
@@ -318,7 +304,7 @@ fn collector_duplicates(addr: SocketAddr) -> u64 {
 /// The highest `data.dropped_total` of the `telemetry_dropped` events in the output: cumulative,
 /// so it stays right even when the cap displaced an earlier report.
 fn reported_drops(out: &Path) -> u64 {
-    output(out)
+    common::collector_output(out)
         .iter()
         .filter(|v| v["data"]["type"] == "telemetry_dropped")
         .map(|v| n(&v["data"], "dropped_total"))
@@ -384,7 +370,7 @@ fn collector_outage(down: Duration) {
 
     let feeder = feed(r.ingest, "outage");
     wait_until("events flowing", Duration::from_secs(20), || {
-        feeder.posted() >= 100 && output(&out).len() >= 50
+        feeder.posted() >= 100 && common::collector_output(&out).len() >= 50
     });
     let dups_before = collector_duplicates(metrics);
     collector.kill9();
@@ -625,7 +611,7 @@ fn through_faulty_proxy(mode: Mode, fault: Duration, name: &str) {
 
     let feeder = feed(r.ingest, "proxy");
     wait_until("events flowing", Duration::from_secs(20), || {
-        feeder.posted() >= 100 && output(&out).len() >= 50
+        feeder.posted() >= 100 && common::collector_output(&out).len() >= 50
     });
     proxy.set(mode);
     let (relayed0, posted0) = (relayed(http), feeder.posted());
@@ -966,7 +952,7 @@ exec "$@""#;
     });
     let lines = {
         drop(lines);
-        output(&out)
+        common::collector_output(&out)
     };
     let counts = id_counts(&lines);
     assert!(counts.values().all(|c| *c == 1), "an event written twice");
@@ -1054,7 +1040,7 @@ fn unwritable_buffer_directory_falls_back_to_memory_and_recovers() {
         n(&s, "buffered") == 0 && n(&s, "handoff_pending") == 0
     });
     std::thread::sleep(Duration::from_millis(300));
-    let lines = output(&out);
+    let lines = common::collector_output(&out);
     let counts = id_counts(&lines);
     assert!(counts.values().all(|c| *c == 1), "an event written twice");
     let delivered = ids.iter().filter(|id| counts.contains_key(*id)).count() as u64;

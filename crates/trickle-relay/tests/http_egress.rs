@@ -193,23 +193,6 @@ fn spool_ids(dir: &Path) -> HashSet<String> {
     ids
 }
 
-/// The collector's output: every line must be a JSON event with a string id.
-fn output_lines(path: &Path) -> Vec<Value> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .map(|l| {
-            let v: Value = serde_json::from_str(l)
-                .unwrap_or_else(|e| panic!("garbage in the output ({e}): {l}"));
-            assert!(
-                v["id"].is_string() && v["type"].is_string() && v["data"].is_object(),
-                "not an event: {l}"
-            );
-            v
-        })
-        .collect()
-}
-
 fn reporter_stats(client_http: SocketAddr) -> Option<Value> {
     get_json(&format!("http://{client_http}/egress")).map(|v| v["reporter"].clone())
 }
@@ -285,14 +268,14 @@ fn killed_client_resends_its_disk_buffer_and_every_event_arrives_once() {
         "every event in the collector's output",
         Duration::from_secs(30),
         || {
-            let got: HashSet<String> = output_lines(&out)
+            let got: HashSet<String> = common::collector_output(&out)
                 .iter()
                 .map(|v| v["id"].as_str().unwrap().to_string())
                 .collect();
             ids.iter().all(|id| got.contains(id))
         },
     );
-    let lines_out = output_lines(&out);
+    let lines_out = common::collector_output(&out);
     let (ours, unique) = check_output(&lines_out, &sent);
     let health = get_json(&format!("http://{dead}/health")).unwrap();
     let dups = health["counters"]["duplicates"].as_u64().unwrap();
@@ -362,13 +345,13 @@ fn kill_during_a_burst_of_appends_loses_nothing_accepted_and_writes_no_garbage()
     wait_until("the output to settle", Duration::from_secs(40), || {
         let idle =
             reporter_stats(http2).is_some_and(|s| s["buffered"] == 0 && s["handoff_pending"] == 0);
-        let len = output_lines(&out).len();
+        let len = common::collector_output(&out).len();
         let stable = idle && len == last;
         last = len;
         std::thread::sleep(Duration::from_millis(300));
         stable
     });
-    let lines_out = output_lines(&out);
+    let lines_out = common::collector_output(&out);
     let (ours, unique) = check_output(&lines_out, &sent);
     let got: HashSet<&str> = lines_out
         .iter()
@@ -454,14 +437,14 @@ fn a_401_pauses_the_client_until_sighup_reloads_its_api_key_file() {
                 .is_some_and(|s| s["paused"] == true && s["buffered"].as_u64() >= Some(100))
         },
     );
-    assert!(output_lines(&out).is_empty());
+    assert!(common::collector_output(&out).is_empty());
     std::fs::write(&key_file, format!("{KEY}\n")).unwrap();
     signal(client.pid(), "HUP");
     wait_until(
         "delivered with the reloaded key",
         Duration::from_secs(20),
         || {
-            let got: HashSet<String> = output_lines(&out)
+            let got: HashSet<String> = common::collector_output(&out)
                 .iter()
                 .map(|v| v["id"].as_str().unwrap().to_string())
                 .collect();

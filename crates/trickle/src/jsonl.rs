@@ -93,6 +93,14 @@ pub fn decode_line<T: DeserializeOwned>(line: &[u8], max: usize) -> Result<T, Li
     })
 }
 
+/// `line` without a trailing `\r` (a CRLF line ending), as [`decode_line`] reads it.
+fn strip_cr(mut line: Bytes) -> Bytes {
+    if line.last() == Some(&b'\r') {
+        line.truncate(line.len() - 1);
+    }
+    line
+}
+
 /// What a [`LineSplitter`] found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SplitEvent {
@@ -1077,25 +1085,24 @@ impl JsonlReader {
                     Some(msg)
                 }
                 Err(_) => {
-                    self.stats.partial += 1;
-                    self.warn(&format!(
-                        "segment ended in the middle of a {}-byte line",
-                        tail.len()
-                    ));
+                    self.partial(tail.len());
                     None
                 }
             },
         }
     }
 
+    /// Counts and logs a segment that ended inside a `len`-byte line.
+    fn partial(&mut self, len: usize) {
+        self.stats.partial += 1;
+        self.warn(&format!("segment ended in the middle of a {len}-byte line"));
+    }
+
     fn take_raw(&mut self, event: SplitEvent) -> Option<Bytes> {
         match event {
-            SplitEvent::Line(mut line) => {
-                if line.last() == Some(&b'\r') {
-                    line.truncate(line.len() - 1);
-                }
+            SplitEvent::Line(line) => {
                 self.stats.lines += 1;
-                Some(line)
+                Some(strip_cr(line))
             }
             SplitEvent::Oversize { len } => {
                 self.bad(&LineError::Oversize { len, max: self.max });
@@ -1105,20 +1112,12 @@ impl JsonlReader {
                 // Rare (once per broken segment): only a complete object is worth delivering.
                 match decode_line::<serde::de::IgnoredAny>(&tail, self.max) {
                     Ok(_) => {
-                        let mut line = tail;
-                        if line.last() == Some(&b'\r') {
-                            line.truncate(line.len() - 1);
-                        }
                         self.stats.lines += 1;
                         self.stats.unterminated += 1;
-                        Some(line)
+                        Some(strip_cr(tail))
                     }
                     Err(_) => {
-                        self.stats.partial += 1;
-                        self.warn(&format!(
-                            "segment ended in the middle of a {}-byte line",
-                            tail.len()
-                        ));
+                        self.partial(tail.len());
                         None
                     }
                 }

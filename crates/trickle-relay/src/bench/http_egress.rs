@@ -14,8 +14,7 @@
 //! (dashed) and accepted or acknowledged (solid) per time bucket.
 
 use super::report::{
-    self, CommonArgs, Labels, LatencySeries, Recording, Sampler, ScratchDir, Spread,
-    ThroughputSeries, Timeline,
+    self, CommonArgs, Labels, LatencySeries, Recording, Sampler, ScratchDir, Spread, Timeline,
 };
 use collector::{ApiKeys, Collector, CollectorConfig, JsonlOutput, Output};
 use hdrhistogram::Histogram;
@@ -200,18 +199,7 @@ async fn scenarios(args: &Args, root: &Path) -> anyhow::Result<(Vec<Scenario>, u
         });
         if let Some(t) = first {
             let what = if i == 0 { "accepted" } else { "acked" };
-            recording.throughput.push(ThroughputSeries {
-                label: format!("{name} {what}"),
-                timeline: t.done,
-                dashed: false,
-                color: i,
-            });
-            recording.throughput.push(ThroughputSeries {
-                label: format!("{name} emitted"),
-                timeline: t.emitted,
-                dashed: true,
-                color: i,
-            });
+            recording.achieved_vs_emitted(name, what, t.done, t.emitted, i);
         }
     }
     Ok((

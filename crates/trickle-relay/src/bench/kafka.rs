@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::report::{
-    self, CommonArgs, Labels, LatencySeries, Recording, Sampler, Spread, ThroughputSeries, Timeline,
+    self, CommonArgs, Labels, LatencySeries, Recording, Sampler, Spread, Timeline,
 };
 use anyhow::Context;
 use bytes::Bytes;
@@ -197,18 +197,7 @@ async fn run_all(args: &Args) -> anyhow::Result<(Report, Recording)> {
             hist,
         });
         if let Some(t) = first {
-            recording.throughput.push(ThroughputSeries {
-                label: format!("{name} delivered"),
-                timeline: t.delivered,
-                dashed: false,
-                color: i,
-            });
-            recording.throughput.push(ThroughputSeries {
-                label: format!("{name} emitted"),
-                timeline: t.emitted,
-                dashed: true,
-                color: i,
-            });
+            recording.achieved_vs_emitted(name, "delivered", t.delivered, t.emitted, i);
         }
         scenarios.push(Scenario {
             name,

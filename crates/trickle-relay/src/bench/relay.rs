@@ -450,11 +450,7 @@ fn figure(args: &Args, runs: &[RunResult]) -> Figure {
         if let Some(l) = r.latency() {
             latency.push(Series {
                 label: label.clone(),
-                points: l
-                    .curve
-                    .iter()
-                    .map(|&(q, us)| (q, us as f64 / 1000.0))
-                    .collect(),
+                points: l.curve.iter().map(|&(q, us)| (q, us / 1000.0)).collect(),
                 color: i,
                 dashed: false,
             });

@@ -207,7 +207,7 @@ pub struct LatencyUs {
     /// Mean.
     pub mean: f64,
     /// The percentile curve: `[quantile, µs]` points, for plots.
-    pub curve: Vec<(f64, u64)>,
+    pub curve: Vec<(f64, f64)>,
 }
 
 /// What the client child reports.
@@ -482,7 +482,7 @@ impl CountingSink {
             p999: h.value_at_quantile(0.999),
             max: h.max(),
             mean: h.mean(),
-            curve: latency_curve(h),
+            curve: super::report::percentile_curve(h, 1.0),
         });
         ClientReport {
             delivered: self.delivered(),
@@ -496,23 +496,6 @@ impl CountingSink {
             ..ClientReport::default()
         }
     }
-}
-
-/// Points of the percentile curve, dense in the tail, up to the last quantile the sample size
-/// resolves (1 - 1/count), where the curve ends at the maximum.
-fn latency_curve(h: &Histogram<u64>) -> Vec<(f64, u64)> {
-    let last = 1.0 - 1.0 / h.len().max(2) as f64;
-    let mut points = Vec::new();
-    // Quantiles 1 - 10^(-k/10): evenly spaced on a "nines" axis.
-    for k in 0..=60 {
-        let q = 1.0 - 10f64.powf(-(k as f64) / 10.0);
-        if q >= last {
-            break;
-        }
-        points.push((q, h.value_at_quantile(q)));
-    }
-    points.push((last, h.max()));
-    points
 }
 
 /// The unsigned integer right after the key `finder` looks for (e.g. `"bench_seq":`), if any.

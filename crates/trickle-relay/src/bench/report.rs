@@ -342,6 +342,30 @@ pub fn percentile_curve(h: &Histogram<u64>, div: f64) -> Vec<(f64, f64)> {
 }
 
 impl Recording {
+    /// Two throughput lines of scenario `name` in colour `color`: what it achieved (solid,
+    /// labelled `name what`) beside what was emitted (dashed).
+    pub fn achieved_vs_emitted(
+        &mut self,
+        name: &str,
+        what: &str,
+        achieved: Timeline,
+        emitted: Timeline,
+        color: usize,
+    ) {
+        self.throughput.push(ThroughputSeries {
+            label: format!("{name} {what}"),
+            timeline: achieved,
+            dashed: false,
+            color,
+        });
+        self.throughput.push(ThroughputSeries {
+            label: format!("{name} emitted"),
+            timeline: emitted,
+            dashed: true,
+            color,
+        });
+    }
+
     /// The two-panel figure (latency percentiles, throughput over time) and its marks (median,
     /// p99 and max on each latency curve).
     pub fn figure(&self, labels: &Labels) -> (Figure, Vec<Vec<Mark>>) {

@@ -237,3 +237,23 @@ pub fn runner_with_ingest(
     wait_listening(ingest);
     p
 }
+
+/// Every complete line of a collector's `jsonl:` output, each asserted to be an API event (a
+/// string `id` and `type`, an object `data`): anything else is garbage and fails the test. A last
+/// line without its `\n` is one the running collector is still appending: not output yet.
+pub fn collector_output(path: &Path) -> Vec<Value> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let complete = text.rfind('\n').map_or("", |end| &text[..end]);
+    complete
+        .lines()
+        .map(|l| {
+            let v: Value = serde_json::from_str(l)
+                .unwrap_or_else(|e| panic!("garbage in the output ({e}): {l}"));
+            assert!(
+                v["id"].is_string() && v["type"].is_string() && v["data"].is_object(),
+                "not an event: {l}"
+            );
+            v
+        })
+        .collect()
+}
