@@ -18,5 +18,7 @@ echo "== cargo clippy" >&2
 cargo clippy --workspace --all-targets -- -D warnings
 echo "== test Kafka broker (tansu)" >&2
 scripts/test-broker.sh
+echo "== Python test venv (livepeer-gateway, pytest)" >&2
+scripts/python-env.sh
 echo "== cargo nextest run" >&2
 cargo nextest run --workspace --no-fail-fast
