@@ -385,6 +385,74 @@ async fn delete_channel_wakes_pending_get_streaming_reader_and_preconnected_post
 }
 
 #[tokio::test]
+async fn a_deleted_channel_is_not_recreated_by_a_late_segment_post() {
+    let server = start(auto()).await;
+    let url = server.url();
+    let c = client();
+    let status = |r: reqwest::Response| r.status().as_u16();
+    assert_eq!(
+        status(c.post(format!("{url}/gone")).send().await.unwrap()),
+        200
+    );
+    assert_eq!(
+        status(
+            c.post(format!("{url}/gone/0"))
+                .body("a")
+                .send()
+                .await
+                .unwrap()
+        ),
+        200
+    );
+    assert_eq!(
+        status(c.delete(format!("{url}/gone")).send().await.unwrap()),
+        200
+    );
+    // The publisher's preconnected POST of its next segment, reaching the server after its
+    // DELETE: recreating the channel would strand every subscriber on an empty channel.
+    let late = c
+        .post(format!("{url}/gone/1"))
+        .body("b")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(late.status().as_u16(), 404);
+    assert_eq!(late.text().await.unwrap(), "Stream not found\n");
+    assert!(!server.channels().list().contains(&"gone".to_string()));
+    assert_eq!(
+        status(c.get(format!("{url}/gone/1")).send().await.unwrap()),
+        404
+    );
+    // An explicit create brings it back at once; its segments are then written as usual.
+    assert_eq!(
+        status(c.post(format!("{url}/gone")).send().await.unwrap()),
+        200
+    );
+    assert_eq!(
+        status(
+            c.post(format!("{url}/gone/0"))
+                .body("c")
+                .send()
+                .await
+                .unwrap()
+        ),
+        200
+    );
+    // Names never deleted are still created by their first segment.
+    assert_eq!(
+        status(
+            c.post(format!("{url}/fresh/0"))
+                .body("d")
+                .send()
+                .await
+                .unwrap()
+        ),
+        200
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test]
 async fn reset_wakes_readers_of_older_segments() {
     let server = start(auto()).await;
     let url = server.url();

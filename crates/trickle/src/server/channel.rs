@@ -18,6 +18,12 @@ pub(crate) const CHANGES: &str = "_changes";
 /// Longest channel name accepted at creation.
 const MAX_NAME: usize = 256;
 
+/// How long a deleted channel's name may not be recreated by a segment POST (autocreate).
+/// A publisher's preconnected POST of its next segment can reach the server just after the
+/// publisher deleted its channel; recreating the channel then would leave its subscribers waiting
+/// on an empty channel forever. An explicit create (`POST /{channel}`) is always allowed.
+pub(crate) const TOMBSTONE: Duration = Duration::from_secs(30);
+
 /// One channel: its MIME type, its ring of segments and its write head.
 pub(crate) struct Channel {
     name: String,
@@ -248,6 +254,8 @@ pub(crate) enum Lookup {
 /// All channels of a server.
 pub(crate) struct Registry {
     map: Mutex<HashMap<String, Arc<Channel>>>,
+    /// Channels deleted within [`TOMBSTONE`], and when: segment POSTs do not recreate them.
+    deleted: Mutex<HashMap<String, Instant>>,
     max_channels: usize,
     changes: bool,
     shutting_down: AtomicBool,
@@ -270,6 +278,7 @@ impl Registry {
     pub(crate) fn new(max_channels: usize, changes: bool) -> Registry {
         let reg = Registry {
             map: Mutex::new(HashMap::new()),
+            deleted: Mutex::new(HashMap::new()),
             max_channels,
             changes,
             shutting_down: AtomicBool::new(false),
@@ -288,8 +297,38 @@ impl Registry {
         self.map.lock().get(name).cloned()
     }
 
-    /// The channel called `name`, creating it (with `mime`) when `may_create`.
+    /// The channel called `name`, creating it (with `mime`) when `may_create`: an explicit
+    /// create (`POST /{channel}`, or in process), which may recreate a deleted channel at once.
     pub(crate) fn get_or_create(
+        &self,
+        name: &str,
+        mime: &str,
+        may_create: bool,
+    ) -> Result<Arc<Channel>, Lookup> {
+        if may_create {
+            self.deleted.lock().remove(name);
+        }
+        self.lookup_or_create(name, mime, may_create)
+    }
+
+    /// The channel a segment POST writes to, creating it when `may_create` (autocreate) unless
+    /// it was deleted within [`TOMBSTONE`]: then it is not found, as without autocreate.
+    pub(crate) fn get_or_create_for_segment(
+        &self,
+        name: &str,
+        mime: &str,
+        may_create: bool,
+    ) -> Result<Arc<Channel>, Lookup> {
+        let recently_deleted = may_create
+            && self
+                .deleted
+                .lock()
+                .get(name)
+                .is_some_and(|at| at.elapsed() < TOMBSTONE);
+        self.lookup_or_create(name, mime, may_create && !recently_deleted)
+    }
+
+    fn lookup_or_create(
         &self,
         name: &str,
         mime: &str,
@@ -323,8 +362,18 @@ impl Registry {
         Ok(ch)
     }
 
-    /// Closes and removes a channel; false if it did not exist.
+    /// Deletes a channel: closes and removes it, and keeps segment POSTs from recreating it for
+    /// [`TOMBSTONE`]; false if it did not exist.
     pub(crate) fn close(&self, name: &str) -> bool {
+        let closed = self.remove(name);
+        if closed {
+            self.deleted.lock().insert(name.to_string(), Instant::now());
+        }
+        closed
+    }
+
+    /// Closes and removes a channel; false if it did not exist.
+    fn remove(&self, name: &str) -> bool {
         let Some(ch) = self.map.lock().remove(name) else {
             return false;
         };
@@ -334,9 +383,13 @@ impl Registry {
         true
     }
 
-    /// Closes every channel (except `_`-prefixed ones) idle for longer than `idle`.
+    /// Closes every channel (except `_`-prefixed ones) idle for longer than `idle` (a returning
+    /// publisher may recreate those), and forgets deletions older than [`TOMBSTONE`].
     pub(crate) fn sweep(&self, idle: Duration) -> usize {
         let now = Instant::now();
+        self.deleted
+            .lock()
+            .retain(|_, at| now.saturating_duration_since(*at) < TOMBSTONE);
         let stale: Vec<String> = self
             .map
             .lock()
@@ -346,7 +399,7 @@ impl Registry {
             .collect();
         let mut swept = 0;
         for name in stale {
-            if self.close(&name) {
+            if self.remove(&name) {
                 tracing::info!(channel = %name, "closed idle channel");
                 swept += 1;
             }

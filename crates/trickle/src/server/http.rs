@@ -15,14 +15,15 @@ const MAX_HEADERS: usize = 64;
 const MAX_LINE: usize = 4096;
 /// Most trailer lines accepted after a chunked body.
 const MAX_TRAILERS: usize = 64;
-/// Bytes reserved for each socket read.
+/// Most bytes reserved for one body read: a body that keeps filling its reads ramps up to it.
 const READ_RESERVE: usize = 128 * 1024;
-/// Below this many spare bytes the read buffer is topped up before reading a body.
-const MIN_SPARE: usize = 16 * 1024;
-/// Bytes reserved for reading heads and watching idle connections.
-const SMALL_RESERVE: usize = 8 * 1024;
+/// Bytes reserved for a body's first read (a telemetry line is ~500 B; video ramps up).
+const BODY_RESERVE: usize = 4 * 1024;
+/// Bytes reserved for reading heads and watching idle connections: a trickle request head is
+/// ~200 B, and ten thousand sessions hold ~80,000 connections, most of them waiting.
+const SMALL_RESERVE: usize = 1024;
 /// Below this many spare bytes the buffer is topped up before a small read.
-const SMALL_SPARE: usize = 1024;
+const SMALL_SPARE: usize = 256;
 /// Body pieces at least this big are split off the read buffer without copying; smaller ones are
 /// copied, so a tiny piece never pins a whole read buffer in a segment.
 const ZERO_COPY_MIN: usize = 32 * 1024;
@@ -35,21 +36,33 @@ pub(crate) struct Conn {
     pub(crate) rd: OwnedReadHalf,
     pub(crate) wr: OwnedWriteHalf,
     pub(crate) buf: BytesMut,
+    /// Bytes to reserve for the next body read: doubles while reads fill what was reserved.
+    body_reserve: usize,
 }
 
 impl Conn {
-    /// Wraps an accepted socket.
+    /// Wraps an accepted socket. Its buffer is allocated by the first read, small.
     pub(crate) fn new(stream: tokio::net::TcpStream) -> Conn {
         let (rd, wr) = stream.into_split();
         Conn {
             rd,
             wr,
-            buf: BytesMut::with_capacity(8 * 1024),
+            buf: BytesMut::new(),
+            body_reserve: BODY_RESERVE,
         }
     }
 
+    /// Between requests: an empty buffer grown for a body goes back to the allocator, so a
+    /// connection that waits (keep-alive, or a long poll) holds ~1 KiB, not a body-sized buffer.
+    pub(crate) fn shrink(&mut self) {
+        if self.buf.is_empty() && self.buf.capacity() > SMALL_RESERVE {
+            self.buf = BytesMut::new();
+        }
+        self.body_reserve = BODY_RESERVE;
+    }
+
     /// Reads more bytes into the buffer with a small reservation (heads, idle waits): an idle
-    /// connection costs a few KiB, not a body-sized buffer. Ok(0) at end of stream.
+    /// connection costs ~1 KiB, not a body-sized buffer. Ok(0) at end of stream.
     pub(crate) async fn fill(&mut self) -> io::Result<usize> {
         if self.buf.capacity() - self.buf.len() < SMALL_SPARE {
             self.buf.reserve(SMALL_RESERVE);
@@ -57,12 +70,20 @@ impl Conn {
         self.rd.read_buf(&mut self.buf).await
     }
 
-    /// Reads more body bytes with a large reservation, so big bodies arrive in few reads.
+    /// Reads more body bytes. The reservation starts small (a telemetry segment's chunks are
+    /// ~500 B) and doubles, up to [`READ_RESERVE`], while reads fill it, so a large body
+    /// arrives in few reads and in pieces big enough to be shared without a copy.
     async fn fill_body(&mut self) -> io::Result<usize> {
-        if self.buf.capacity() - self.buf.len() < MIN_SPARE {
-            self.buf.reserve(READ_RESERVE);
+        let spare = self.buf.capacity() - self.buf.len();
+        if spare < self.body_reserve / 4 {
+            self.buf.reserve(self.body_reserve);
         }
-        self.rd.read_buf(&mut self.buf).await
+        let offered = self.buf.capacity() - self.buf.len();
+        let n = self.rd.read_buf(&mut self.buf).await?;
+        if n == offered {
+            self.body_reserve = (self.body_reserve * 2).min(READ_RESERVE);
+        }
+        Ok(n)
     }
 
     /// Writes all of `bytes`.

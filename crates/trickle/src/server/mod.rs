@@ -16,6 +16,7 @@
 
 mod channel;
 mod http;
+pub mod limits;
 mod routes;
 mod segment;
 
@@ -47,8 +48,10 @@ pub struct ServerConfig {
     /// Largest segment accepted; a POST past it gets 413 and the segment is closed.
     pub max_segment_bytes: u64,
     /// Most channels at once; creating one more gets 503 (HTTP) or `TooManyChannels`.
+    /// Default: sized from the open-file limit ([`limits::sized_limits`]).
     pub max_channels: usize,
     /// Most open connections; one more is answered 503 and closed.
+    /// Default: just under the open-file limit ([`limits::sized_limits`]).
     pub max_connections: usize,
     /// A channel with no new segment for this long is closed (`_`-prefixed ones never are).
     pub idle_timeout: Duration,
@@ -59,13 +62,16 @@ pub struct ServerConfig {
 }
 
 impl Default for ServerConfig {
+    /// The defaults, with the connection and channel limits sized from this process's open-file
+    /// limit as it is now (raise it first: [`limits::raise_open_file_limit`]).
     fn default() -> Self {
+        let (max_connections, max_channels) = limits::sized_limits(limits::open_file_limit().soft);
         ServerConfig {
             base_path: "/".to_string(),
             autocreate: false,
             max_segment_bytes: 64 * 1024 * 1024,
-            max_channels: 10_000,
-            max_connections: 4096,
+            max_channels,
+            max_connections,
             idle_timeout: Duration::from_secs(300),
             keepalive_interval: Duration::from_secs(10),
             changes_feed: false,
@@ -190,7 +196,12 @@ impl Server {
             stop_rx.clone(),
         ));
         let sweeper = tokio::spawn(sweep_loop(registry.clone(), config.idle_timeout, stop_rx));
-        tracing::info!(%url, "trickle server listening");
+        tracing::info!(
+            %url,
+            max_connections = config.max_connections,
+            max_channels = config.max_channels,
+            "trickle server listening"
+        );
         Ok(Server {
             local_addr,
             url,
@@ -326,6 +337,7 @@ async fn serve_conn(
     let mut conn = Conn::new(stream);
     let mut wait_for_head = FIRST_REQUEST;
     loop {
+        conn.shrink();
         let head = tokio::select! {
             biased;
             _ = stopped_signal(&mut stop) => return,

@@ -250,8 +250,9 @@ impl Req<'_> {
         let chunked = !self.head.http10;
         let keep = chunked && self.reusable();
         let mut pos = 0usize;
-        let mut batch: Vec<Bytes> = Vec::with_capacity(MAX_BATCH);
-        let mut prefix: Vec<u8> = Vec::with_capacity(256);
+        // Grown on first use: a preconnected reader may wait a long time before any data.
+        let mut batch: Vec<Bytes> = Vec::new();
+        let mut prefix: Vec<u8> = Vec::new();
         let mut started = false;
         loop {
             batch.clear();
@@ -326,7 +327,10 @@ impl Req<'_> {
             return self.error(404, &[], "Stream not found", true).await;
         };
         let mime = self.head.content_type.clone().unwrap_or_default();
-        let ch = match ctx.registry.get_or_create(name, &mime, ctx.autocreate) {
+        let ch = match ctx
+            .registry
+            .get_or_create_for_segment(name, &mime, ctx.autocreate)
+        {
             Ok(ch) => ch,
             Err(e) => return self.refused(e).await,
         };
