@@ -67,6 +67,9 @@ pub struct SubscriberOptions {
     /// How long to keep reconnecting through a server outage once the retries are spent (see
     /// the module docs); `Duration::ZERO` (the default) keeps the reference behaviour.
     pub reconnect_window: Duration,
+    /// Local address to connect from (`None`: the system's choice); see
+    /// [`crate::publisher::PublisherOptions::local_address`].
+    pub local_address: Option<std::net::IpAddr>,
 }
 
 impl Default for SubscriberOptions {
@@ -77,6 +80,7 @@ impl Default for SubscriberOptions {
             retries: 5,
             retry_delay: Duration::from_millis(500),
             reconnect_window: Duration::ZERO,
+            local_address: None,
         }
     }
 }
@@ -218,7 +222,7 @@ impl Subscriber {
         let next_seq = opts.start_seq;
         Subscriber {
             shared: Arc::new(Shared {
-                client: http_client(),
+                client: http_client(opts.local_address),
                 url,
                 opts,
                 counters: Counters::default(),
