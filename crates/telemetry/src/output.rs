@@ -49,11 +49,20 @@ pub trait LineOutput: Send + 'static {
             .collect();
         self.write_lines(lines)
     }
+
+    /// Lines this output accepted but failed to deliver later (a running total), e.g. the lines
+    /// of an events segment that failed after the writer took them. A drain task adds what is
+    /// new to its drops at each wake-up, so they are reported as `telemetry_dropped` too.
+    /// Default: 0 (an output that fails, if at all, in `write_lines`).
+    fn lines_lost(&self) -> u64 {
+        0
+    }
 }
 
 /// The session's events writer: each line is queued on the writer, which coalesces everything
 /// queued into one HTTP chunk. "Written" here means accepted by the writer; lines the writer later
-/// fails to deliver are counted in its own [`trickle::jsonl::WriterStats::lines_lost`].
+/// fails to deliver are counted in its own [`trickle::jsonl::WriterStats::lines_lost`], which
+/// [`LineOutput::lines_lost`] hands to the drain.
 impl LineOutput for JsonlWriter {
     async fn write_lines(&mut self, lines: Vec<Bytes>) -> Result<(), OutputError> {
         for (written, line) in lines.into_iter().enumerate() {
@@ -76,6 +85,11 @@ impl LineOutput for JsonlWriter {
                 written: 0,
                 reason: e.to_string(),
             })
+    }
+
+    /// [`JsonlWriter::lines_lost`]: lines of segments that failed.
+    fn lines_lost(&self) -> u64 {
+        JsonlWriter::lines_lost(self)
     }
 }
 

@@ -64,6 +64,9 @@ pub struct ClientConfig {
     /// How long both channels keep reconnecting through a trickle server outage before the
     /// events loop ends; zero: give up after the reference clients' retries (about 2.5 s).
     pub reconnect_window: Duration,
+    /// Local address both channels connect from (`None`: the system's choice); see
+    /// [`trickle::publisher::PublisherOptions::local_address`].
+    pub local_address: Option<std::net::IpAddr>,
 }
 
 impl ClientConfig {
@@ -78,6 +81,7 @@ impl ClientConfig {
             max_event_bytes: 5 * 1024 * 1024,
             events_start_seq: -2,
             reconnect_window: crate::runner::DEFAULT_RECONNECT_WINDOW,
+            local_address: None,
         }
     }
 }
@@ -145,6 +149,8 @@ pub struct ClientReport {
     pub events_broken_segments: u64,
     /// Origin-to-client latency of relayed envelopes, in ms: median, p99, max.
     pub latency_ms: Option<[u64; 3]>,
+    /// The events channel has ended (the runner closed it, or the subscription failed).
+    pub events_ended: bool,
 }
 
 /// Why a request failed.
@@ -207,6 +213,7 @@ impl Client {
                 PublisherOptions {
                     content_type: "application/jsonl".into(),
                     reconnect_window: config.reconnect_window,
+                    local_address: config.local_address,
                     ..PublisherOptions::default()
                 },
             ),
@@ -398,6 +405,7 @@ impl Shared {
             events_resumed_segments: sub.resumed_segments,
             events_broken_segments: sub.broken_segments,
             latency_ms: latency,
+            events_ended: self.events_ended.load(Relaxed),
         }
     }
 
@@ -603,6 +611,7 @@ async fn events_loop(config: ClientConfig, shared: Arc<Shared>) {
         SubscriberOptions {
             start_seq: config.events_start_seq,
             reconnect_window: config.reconnect_window,
+            local_address: config.local_address,
             ..SubscriberOptions::default()
         },
     );

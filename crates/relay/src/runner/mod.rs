@@ -19,8 +19,13 @@
 //! events publisher keeps re-sending its open segment on the same seq until the server is back.
 //! Meanwhile telemetry never blocks: the events writer's queue fills, then the sink's bounded
 //! queue sheds and counts. Lines the writer could not deliver (a failed segment,
-//! [`trickle::jsonl::WriterStats::lines_lost`]) are added to the sink's drops, so the next
-//! `telemetry_dropped` reports them too.
+//! [`trickle::jsonl::WriterStats::lines_lost`]) are added to the sink's drops by its drain task
+//! (`LineOutput::lines_lost`), so the next `telemetry_dropped` reports them too.
+//!
+//! An idle runner costs next to nothing: its telemetry drain parks until an event arrives (polling
+//! at most every [`RunnerConfig::telemetry_max_poll`] for loss reports), and it has no other
+//! timers than its heartbeat and its writers' segment rotation. Many runners may share a process
+//! ([`RunnerConfig::install_sink`] off), as `bench sessions` runs them.
 
 pub mod ingest;
 pub mod pipeline;
@@ -31,12 +36,11 @@ use crate::SessionIds;
 use anyhow::Context as _;
 use pipeline::{Emit, Pipeline};
 use serde_json::{json, Value};
-use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use telemetry::sinks::{SessionContext, TrickleEventsConfig, TrickleEventsSink};
-use telemetry::{Event, Fields, Sink, SinkStats};
+use telemetry::{Envelope, Event, Fields, Sink, SinkStats};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use trickle::jsonl::{
@@ -51,6 +55,12 @@ use trickle::subscriber::{Subscriber, SubscriberOptions, SubscriberStats};
 /// about a thousand cheap timer wake-ups a second.
 pub const DEFAULT_TELEMETRY_POLL: Duration = Duration::from_millis(1);
 
+/// Default [`RunnerConfig::telemetry_max_poll`]: an idle drain wakes once a second, instead of
+/// every poll interval (a thousand times a second); events still wake it at once, and a pending
+/// loss report at its due time. The poll only bounds how soon lines the events writer lost in a
+/// failed segment are counted (and reported as `telemetry_dropped`).
+pub const DEFAULT_TELEMETRY_MAX_POLL: Duration = Duration::from_secs(1);
+
 /// Default [`RunnerConfig::events_segment_bytes`]: 4 MiB, so a client may fall 20 MiB behind
 /// (the server's 5-segment window) before it skips telemetry, four times the 1 MiB default's
 /// slack, while every segment stays under the Python reader's 5 MiB cap.
@@ -58,9 +68,6 @@ pub const DEFAULT_EVENTS_SEGMENT_BYTES: usize = 4 << 20;
 
 /// Default [`RunnerConfig::reconnect_window`]: ride out a trickle server outage of up to a minute.
 pub const DEFAULT_RECONNECT_WINDOW: Duration = Duration::from_secs(60);
-
-/// How often the runner folds the events writer's lost lines into the sink's drop count.
-const LOST_LINES_POLL: Duration = Duration::from_millis(100);
 
 /// How the runner is set up.
 #[derive(Clone)]
@@ -79,6 +86,9 @@ pub struct RunnerConfig {
     /// How often the telemetry drain looks for queued events: the most a quiet event waits
     /// before it is written (the queue wakes it sooner only when half full).
     pub telemetry_poll_interval: Duration,
+    /// How far an idle telemetry drain backs off its polling (it doubles from
+    /// `telemetry_poll_interval` while nothing comes); an event wakes it at once regardless.
+    pub telemetry_max_poll: Duration,
     /// How long the idle drain must have been parked before an event wakes it at once
     /// (`Duration::MAX`: never woken, it only polls); see `telemetry::queue::DEFAULT_MIN_IDLE`.
     pub telemetry_min_idle: Duration,
@@ -108,6 +118,13 @@ pub struct RunnerConfig {
     /// Lines the events writer queues while its segment cannot be written (e.g. during an
     /// outage); beyond them the telemetry sink's own queue sheds, counting every drop.
     pub events_queue_lines: usize,
+    /// Install the runner's sink as the process-wide sink (default), so that every
+    /// `publish_event` in the process goes to this session. Off, only the runner's own events
+    /// (and [`ingest`]) reach its events channel: for many runners in one process.
+    pub install_sink: bool,
+    /// Local address both channels connect from (`None`: the system's choice); see
+    /// [`trickle::publisher::PublisherOptions::local_address`].
+    pub local_address: Option<IpAddr>,
 }
 
 impl RunnerConfig {
@@ -120,6 +137,7 @@ impl RunnerConfig {
             session: SessionIds::default(),
             queue_capacity: 256,
             telemetry_poll_interval: DEFAULT_TELEMETRY_POLL,
+            telemetry_max_poll: DEFAULT_TELEMETRY_MAX_POLL,
             telemetry_min_idle: telemetry::queue::DEFAULT_MIN_IDLE,
             events_segment_bytes: DEFAULT_EVENTS_SEGMENT_BYTES,
             heartbeat_interval: Duration::from_secs(1),
@@ -132,6 +150,8 @@ impl RunnerConfig {
             emitted_copy: None,
             reconnect_window: DEFAULT_RECONNECT_WINDOW,
             events_queue_lines: JsonlWriterOptions::default().queue_capacity,
+            install_sink: true,
+            local_address: None,
         }
     }
 }
@@ -166,6 +186,7 @@ pub async fn run(
             reset: config.reset_events,
             content_type: "application/jsonl".into(),
             reconnect_window: config.reconnect_window,
+            local_address: config.local_address,
             ..PublisherOptions::default()
         },
     );
@@ -189,6 +210,7 @@ pub async fn run(
         TrickleEventsConfig {
             capacity: config.queue_capacity,
             poll_interval: config.telemetry_poll_interval,
+            max_poll_interval: Some(config.telemetry_max_poll),
             min_idle: config.telemetry_min_idle,
             ..TrickleEventsConfig::default()
         },
@@ -200,13 +222,9 @@ pub async fn run(
         }),
         None => sink.clone(),
     };
-    let guard = telemetry::install_sink(installed);
-    let folded = Arc::new(AtomicU64::new(0));
-    let lost_lines = tokio::spawn(fold_lost_lines(
-        events.clone(),
-        sink.clone(),
-        folded.clone(),
-    ));
+    let guard = config
+        .install_sink
+        .then(|| telemetry::install_sink(installed.clone()));
 
     let startup_ms = config.started_at.elapsed().as_millis() as u64;
     events
@@ -218,6 +236,7 @@ pub async fn run(
         .await
         .with_context(|| format!("cannot write to the events channel {}", config.events_url))?;
     publish(
+        &installed,
         &session,
         None,
         Emit::new("runner_ready").with("startup_ms", json!(startup_ms)),
@@ -242,6 +261,7 @@ pub async fn run(
     let reader_task = tokio::spawn(read_control(
         config.control_url.clone(),
         config.reconnect_window,
+        config.local_address,
         control_tx,
         control_stats.clone(),
     ));
@@ -260,32 +280,29 @@ pub async fn run(
             msg = control_rx.recv() => match msg {
                 Some(msg) => {
                     report.control_messages += 1;
-                    handle(msg, &mut pipeline, &mut session, &events, &vram).await;
+                    handle(msg, &installed, &mut pipeline, &mut session, &events, &vram).await;
                 }
                 None => break,
             },
             _ = heartbeat.tick(), if pipeline.is_streaming() => {
                 if let Some(emit) = pipeline.heartbeat(Instant::now(), vram.as_ref().and_then(vram::Vram::read)) {
-                    publish(&session, Some(pipeline.id()), emit);
+                    publish(&installed, &session, Some(pipeline.id()), emit);
                 }
             }
         }
     }
 
     for emit in pipeline.stop(Instant::now()) {
-        publish(&session, Some(pipeline.id()), emit);
+        publish(&installed, &session, Some(pipeline.id()), emit);
     }
-    publish(&session, None, Emit::new("session_closed"));
+    publish(&installed, &session, None, Emit::new("session_closed"));
     reader_task.abort();
     let _ = reader_task.await;
     let control = *control_stats.lock();
     report.bad_control_lines = control.bad_lines();
     report.control = control.subscriber;
     drop(guard);
-    lost_lines.abort();
-    let _ = lost_lines.await;
-    // Lines lost so far go into the sink's final report.
-    fold_lost_lines_once(&events, &sink, &folded);
+    // The drain folds the events writer's lost lines into its final report as it ends.
     report.sink = sink.shutdown().await;
     if let Some(task) = logs {
         // Give the forwarder its last tick, then stop it.
@@ -315,6 +332,7 @@ pub async fn run(
 async fn read_control(
     url: String,
     reconnect_window: Duration,
+    local_address: Option<IpAddr>,
     tx: mpsc::Sender<ControlMessage>,
     stats: Arc<parking_lot::Mutex<ReaderStats>>,
 ) {
@@ -322,6 +340,7 @@ async fn read_control(
         url.clone(),
         SubscriberOptions {
             reconnect_window,
+            local_address,
             ..SubscriberOptions::default()
         },
     );
@@ -347,35 +366,10 @@ async fn read_control(
     }
 }
 
-/// Adds the events writer's newly lost lines to the sink's drops, every [`LOST_LINES_POLL`].
-async fn fold_lost_lines(
-    events: JsonlWriter,
-    sink: Arc<TrickleEventsSink>,
-    folded: Arc<AtomicU64>,
-) {
-    let mut tick = tokio::time::interval(LOST_LINES_POLL);
-    loop {
-        tick.tick().await;
-        fold_lost_lines_once(&events, &sink, &folded);
-    }
-}
-
-/// One step of [`fold_lost_lines`]: `folded` is the writer's lost count already added.
-fn fold_lost_lines_once(events: &JsonlWriter, sink: &TrickleEventsSink, folded: &AtomicU64) {
-    let lost = events.stats().lines_lost;
-    let before = folded.swap(lost, Ordering::Relaxed);
-    if lost > before {
-        sink.count_lost_downstream(lost - before);
-        tracing::warn!(
-            lines = lost - before,
-            "events lines lost in failed segments; reported as telemetry_dropped"
-        );
-    }
-}
-
 /// Answers one control message.
 async fn handle(
     msg: ControlMessage,
+    sink: &Arc<dyn Sink>,
     pipeline: &mut Pipeline,
     session: &mut SessionIds,
     events: &JsonlWriter,
@@ -387,21 +381,21 @@ async fn handle(
         }
         ControlMessage::StartStream(start) => {
             adopt_session(session, &start.params);
-            publish(session, None, Emit::new("session_created"));
+            publish(sink, session, None, Emit::new("session_created"));
             for emit in pipeline.start(Instant::now()) {
-                publish(session, Some(pipeline.id()), emit);
+                publish(sink, session, Some(pipeline.id()), emit);
             }
             // The first heartbeat carries the GPU's state at start.
             if let Some(emit) =
                 pipeline.heartbeat(Instant::now(), vram.as_ref().and_then(vram::Vram::read))
             {
-                publish(session, Some(pipeline.id()), emit);
+                publish(sink, session, Some(pipeline.id()), emit);
             }
             json!({"type": "stream_started", "request_id": start.request_id, "pipeline_id": pipeline.id()})
         }
         ControlMessage::StopStream(stop) => {
             for emit in pipeline.stop(Instant::now()) {
-                publish(session, Some(pipeline.id()), emit);
+                publish(sink, session, Some(pipeline.id()), emit);
             }
             json!({"type": "stream_stopped", "request_id": stop.request_id})
         }
@@ -410,7 +404,7 @@ async fn handle(
             if let Some(message) = p.params.get("inject_error").and_then(Value::as_str) {
                 let media_loop = p.params.get("media_loop").and_then(Value::as_str);
                 for emit in pipeline.fail(message, media_loop) {
-                    publish(session, Some(pipeline.id()), emit);
+                    publish(sink, session, Some(pipeline.id()), emit);
                 }
             }
             json!({"type": "parameters_ack", "params": p.params})
@@ -453,8 +447,12 @@ fn adopt_session(session: &mut SessionIds, params: &Value) {
     }
 }
 
-/// Builds the envelope for `emit` and hands it to the installed sink.
-fn publish(session: &SessionIds, pipeline_id: Option<&str>, emit: Emit) {
+/// Builds the envelope for `emit` and hands it to the runner's sink (not the process-wide one,
+/// which another runner in the same process may hold). A no-op when telemetry is opted out.
+fn publish(sink: &Arc<dyn Sink>, session: &SessionIds, pipeline_id: Option<&str>, emit: Emit) {
+    if !telemetry::telemetry_enabled() {
+        return;
+    }
     let mut fields = Fields::new();
     if let Some(id) = &session.session_id {
         fields = fields.session_id(id.clone());
@@ -471,7 +469,10 @@ fn publish(session: &SessionIds, pipeline_id: Option<&str>, emit: Emit) {
     for (key, value) in emit.metadata {
         fields = fields.meta(key, value);
     }
-    telemetry::publish_event(emit.event_type, fields);
+    sink.emit(Event::Built(Box::new(Envelope::new(
+        emit.event_type,
+        fields,
+    ))));
 }
 
 /// Drops `null` members so optional answer fields are omitted, as the Python runner omits them.
@@ -546,61 +547,5 @@ impl Sink for Tee {
     fn flush(&self) {
         self.primary.flush();
         self.copy.flush();
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use telemetry::output::LineCollector;
-    use telemetry::sinks::SessionContext;
-
-    #[tokio::test]
-    async fn lines_the_events_writer_lost_are_reported_as_telemetry_dropped_once() {
-        // A port nobody listens on: every segment fails, and its lines are counted lost.
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let events = JsonlWriter::new(
-            Publisher::new(
-                format!("http://127.0.0.1:{port}/events"),
-                PublisherOptions {
-                    retry_delay: Duration::from_millis(10),
-                    ..PublisherOptions::default()
-                },
-            ),
-            JsonlWriterOptions::default(),
-        );
-        for i in 0..5 {
-            events.write(&json!({ "i": i })).await.unwrap();
-        }
-        // Closing settles the segment: its POST failed, so its 5 lines are lost.
-        assert!(events.close().await.is_err());
-        assert_eq!(events.stats().lines_lost, 5, "{:?}", events.stats());
-        let out = LineCollector::new();
-        let sink = TrickleEventsSink::spawn_on(
-            &tokio::runtime::Handle::current(),
-            out.clone(),
-            SessionContext::default(),
-            TrickleEventsConfig::default(),
-        );
-        let folded = AtomicU64::new(0);
-        fold_lost_lines_once(&events, &sink, &folded);
-        fold_lost_lines_once(&events, &sink, &folded);
-        let stats = sink.shutdown().await;
-        assert_eq!(stats.dropped(), 5, "counted once: {stats:?}");
-        let reports: Vec<Value> = out
-            .lines()
-            .iter()
-            .map(|l| serde_json::from_slice::<Value>(l).unwrap())
-            .filter(|l| l["event"]["data"]["type"] == "telemetry_dropped")
-            .collect();
-        let reported: u64 = reports
-            .iter()
-            .map(|r| r["event"]["data"]["dropped"].as_u64().unwrap())
-            .sum();
-        assert_eq!(reported, 5, "{reports:?}");
     }
 }

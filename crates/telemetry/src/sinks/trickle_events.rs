@@ -8,11 +8,12 @@
 //! [`EventQueue::wait_idle`]): a lone event is written at once instead of after a poll interval.
 //! In a flood (large batches) it polls instead, so a fast producer pays no wake-up per batch;
 //! a filling queue (the wake mark) wakes it in both modes. The drain polls every
-//! [`TrickleEventsConfig::poll_interval`] (optionally backing off to
-//! [`TrickleEventsConfig::max_poll_interval`] when idle), for loss reports.
+//! [`TrickleEventsConfig::poll_interval`] (or, once idle, every
+//! [`TrickleEventsConfig::max_poll_interval`] when that is set), for loss reports.
 //!
 //! **Loss is reported, not just logged.** The sink counts every drop (queue eviction, failed write,
-//! emit after shutdown). Whenever drops happened since the last report, the drain task writes a
+//! emit after shutdown, and lines its output lost after taking them, [`LineOutput::lines_lost`],
+//! folded in at each wake-up). Whenever drops happened since the last report, the drain task writes a
 //! `High`-priority `telemetry_dropped` envelope into the channel (at most one per
 //! [`TrickleEventsConfig::report_interval`], and always a final one on shutdown), built with the
 //! session's ids, with metadata `dropped` (this window), `dropped_high`, `dropped_low`,
@@ -64,8 +65,10 @@ pub struct TrickleEventsConfig {
     /// event after an idle spell wakes the drain itself, so this bounds only the wait after a
     /// failed write and the timing of loss reports.
     pub poll_interval: Duration,
-    /// When set, each empty poll doubles the interval up to this (fewer idle wake-ups, more
-    /// latency for the first event after a quiet spell); the first non-empty poll resets it.
+    /// When set, an idle drain (two empty polls in a row) polls only this often: events still
+    /// wake it at once, so this bounds only how soon its output's later losses
+    /// ([`LineOutput::lines_lost`]) are counted. Thousands of idle sinks in one process (many
+    /// sessions) then cost a few wake-ups a second each instead of a thousand.
     /// Default `None`: a fixed `poll_interval` (about 1,000 cheap timer wake-ups a second).
     pub max_poll_interval: Option<Duration>,
     /// How long the drain must have been idle for an event to wake it at once (default 50 µs,
@@ -296,7 +299,8 @@ async fn drain<O: LineOutput>(
 ) {
     let min_poll = config.poll_interval.max(Duration::from_micros(100));
     let max_poll = config.max_poll_interval.unwrap_or(min_poll).max(min_poll);
-    let mut poll = min_poll;
+    // Polls in a row that found nothing (and wrote no report).
+    let mut empty_polls = 0u32;
     let mut reporter = Reporter {
         session,
         interval: config.report_interval,
@@ -314,8 +318,22 @@ async fn drain<O: LineOutput>(
     // Size of the last non-empty batch: a trickle (small batches) arms the idle wake-up; a flood
     // (large batches) polls, so a fast producer never pays a wake-up (and a preemption) per batch.
     let mut last_batch = 0usize;
+    // The output's lost lines already counted as drops (all of them count: the output is ours).
+    let mut lost_counted = 0u64;
     loop {
         let drained = shared.queue.drain_into(&mut batch);
+        let lost = output.lines_lost();
+        if lost > lost_counted {
+            // Their class is unknown: counted as low priority, reported with the sink's own drops.
+            let n = lost - lost_counted;
+            lost_counted = lost;
+            shared
+                .counters
+                .write_dropped_low
+                .fetch_add(n, Ordering::Relaxed);
+            tracing::warn!(target: "telemetry", lines = n,
+                "events lines lost in failed segments; reported as telemetry_dropped");
+        }
         let totals = shared.drop_totals();
         if totals != (0, 0) && !warned_drop {
             warned_drop = true;
@@ -326,12 +344,19 @@ async fn drain<O: LineOutput>(
             .due(totals, drained.closed)
             .then(|| reporter.build(totals));
 
-        // Poll fast while events flow, back off while idle.
-        poll = if batch.is_empty() {
-            (poll * 2).min(max_poll)
+        // Poll fast while events flow. After the first empty poll, one more short wait catches an
+        // event pushed just as the drain parked (sooner than min_idle, which does not wake it);
+        // after the second the drain is idle: pushes wake it, and it polls only every max_poll.
+        empty_polls = if batch.is_empty() {
+            empty_polls.saturating_add(1)
         } else {
-            min_poll
+            0
         };
+        let poll = if empty_polls <= 1 { min_poll } else { max_poll };
+        if empty_polls >= 2 {
+            // A flood that stopped: back to the idle wake-up, so a lone event is not held a poll.
+            last_batch = 0;
+        }
         if !batch.is_empty() || report.is_some() {
             let n = batch.len();
             shared.counters.in_flight.store(n as u64, Ordering::Relaxed);
