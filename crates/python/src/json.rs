@@ -88,22 +88,13 @@ fn write_at(obj: &Bound<'_, PyAny>, out: &mut Vec<u8>, depth: usize) -> Result<(
             write_at(&v, out, depth + 1)?;
         }
         out.push(b'}');
-    } else if let Ok(l) = obj.downcast::<PyList>() {
+    } else if obj.is_instance_of::<PyList>() || obj.is_instance_of::<PyTuple>() {
         out.push(b'[');
-        for (i, v) in l.iter().enumerate() {
+        for (i, v) in obj.try_iter().map_err(|e| e.to_string())?.enumerate() {
             if i > 0 {
                 out.push(b',');
             }
-            write_at(&v, out, depth + 1)?;
-        }
-        out.push(b']');
-    } else if let Ok(t) = obj.downcast::<PyTuple>() {
-        out.push(b'[');
-        for (i, v) in t.iter().enumerate() {
-            if i > 0 {
-                out.push(b',');
-            }
-            write_at(&v, out, depth + 1)?;
+            write_at(&v.map_err(|e| e.to_string())?, out, depth + 1)?;
         }
         out.push(b']');
     } else {
