@@ -142,6 +142,11 @@ def test_metadata_merge_keeps_order_and_cannot_override_reserved_keys():
     assert env["data"]["session_id"] == "s"
     assert env["data"]["type"] == "stream_heartbeat"
     assert list(env["data"])[4:] == ["z", "a", "m"]
+    # The same rule on the general path (a connection_info dict takes it).
+    info = {"gpu_type": "H100"}
+    env = build_event_envelope("stream_heartbeat", session_id="s", metadata=meta, connection_info=info)
+    same_as_spec(env, "stream_heartbeat", session_id="s", metadata=meta, connection_info=info)
+    assert list(env["data"])[5:] == ["z", "a", "m"]
 
 
 def test_seed_error_dict_in_another_shape_is_kept_as_given():

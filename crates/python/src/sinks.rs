@@ -118,7 +118,14 @@ impl TrickleEventsSink {
                 ..PublisherOptions::default()
             },
         );
-        let writer = JsonlWriter::new(publisher, JsonlWriterOptions::default());
+        // The runner's segment size: a reader may fall 20 MiB behind before it loses segments.
+        let writer = JsonlWriter::new(
+            publisher,
+            JsonlWriterOptions {
+                max_segment_bytes: relay::runner::DEFAULT_EVENTS_SEGMENT_BYTES,
+                ..JsonlWriterOptions::default()
+            },
+        );
         let sink = telemetry::sinks::TrickleEventsSink::spawn_on(
             &handle,
             writer.clone(),
