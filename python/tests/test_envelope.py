@@ -256,6 +256,13 @@ def test_help_shows_docstrings():
     ]:
         assert obj.__doc__ and len(obj.__doc__) > 40, obj
     assert "maxsize" in trickle_relay.TrickleEventsSink.__doc__
+    assert "maxsize=256" in trickle_relay.TrickleEventsSink.__text_signature__
+    import inspect
+
+    params = inspect.signature(trickle_relay.EventsRelay).parameters
+    assert list(params) == ["events_url", "control_url", "session_id", "connection_id"]
+    sink = trickle_relay.TrickleEventsSink("http://127.0.0.1:9/e")
+    assert sink.maxsize == trickle_relay.DEFAULT_QUEUE_MAXSIZE == 256
     assert "(event_type, session_id=None" in trickle_relay.publish_event.__text_signature__.replace("$module, ", "")
 
 

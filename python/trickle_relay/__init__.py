@@ -94,6 +94,16 @@ class TelemetrySink(Protocol):
 class EventsRelay(_native.EventsRelay):
     __doc__ = _native.EventsRelay.__doc__
 
+    def __init__(
+        self,
+        events_url: str,
+        control_url: str | None = None,
+        session_id: str | None = None,
+        connection_id: str | None = None,
+    ) -> None:
+        # The native constructor (__new__) did the work; this gives help() the signature.
+        pass
+
     def __aiter__(self) -> EventsRelay:
         return self
 

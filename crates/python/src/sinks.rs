@@ -96,7 +96,9 @@ pub struct TrickleEventsSink {
 #[pymethods]
 impl TrickleEventsSink {
     #[new]
-    #[pyo3(signature = (events_url, maxsize=telemetry::queue::DEFAULT_CAPACITY as i64, *, session_id=None, connection_id=None))]
+    // 256: the seed's DEFAULT_QUEUE_MAXSIZE (`telemetry::queue::DEFAULT_CAPACITY`), written out
+    // so that `help()` shows it.
+    #[pyo3(signature = (events_url, maxsize=256, *, session_id=None, connection_id=None))]
     fn new(
         events_url: &str,
         maxsize: i64,
