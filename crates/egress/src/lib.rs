@@ -70,6 +70,8 @@ pub use config::{state_dir, Cap, DriverConfig, Reason};
 pub use stats::{DriverStats, MAX_REASONS};
 /// The telemetry sink contract the driver implements (for [`deref_driver!`]).
 pub use telemetry::Sink;
+#[doc(hidden)]
+pub use telemetry;
 
 use buffer::Buffer;
 use handoff::{Handoff, Pushed};
@@ -86,8 +88,8 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 /// Gives a service's types the driver's side of them, through a field named `driver`:
-/// `deref_driver!(handle MySink)` makes `MySink` (with `driver: Arc<Driver>`) dereference to the
-/// [`Driver`] (so `emit`, `flush_timeout` and the `Sink` methods are the driver's) and adds
+/// `deref_driver!(handle MySink)` makes `MySink` (with `driver: Arc<Driver>`) a telemetry `Sink`
+/// that is its driver, dereferencing to the [`Driver`] (`flush_timeout`, `resume`...), and adds
 /// `MySink::sink()`, the driver as an `Arc<dyn Sink>`; `deref_driver!(stats MyStats)` makes
 /// `MyStats` (with `driver: DriverStats`) dereference to its [`DriverStats`].
 #[macro_export]
@@ -102,9 +104,27 @@ macro_rules! deref_driver {
         }
 
         impl $t {
-            /// This sink as a telemetry sink to hand to the client: the same driver.
+            /// The driver as a telemetry sink of its own, to hand out as an `Arc<dyn Sink>`.
             pub fn sink(&self) -> ::std::sync::Arc<dyn $crate::Sink> {
                 self.driver.clone()
+            }
+        }
+
+        impl $crate::Sink for $t {
+            fn emit(&self, event: $crate::telemetry::Event) {
+                $crate::Sink::emit(&*self.driver, event)
+            }
+
+            fn stats(&self) -> $crate::telemetry::SinkStats {
+                $crate::Sink::stats(&*self.driver)
+            }
+
+            fn name(&self) -> &'static str {
+                $crate::Sink::name(&*self.driver)
+            }
+
+            fn flush(&self) {
+                $crate::Sink::flush(&*self.driver)
             }
         }
     };
