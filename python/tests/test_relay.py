@@ -360,7 +360,8 @@ def test_every_other_message_is_handed_to_python_async(channel):
 
     got, waiting_ticks = asyncio.run(main())
     assert got == RUNNER_MESSAGES
-    assert waiting_ticks > 20, "the event loop was blocked while the relay waited"
+    # Blocked, the ticker could not have run at all while the consumer waited.
+    assert waiting_ticks > 5, "the event loop was blocked while the relay waited"
     wait_for(lambda: len(sink.events) == 1, what="the relayed envelope")
 
 
