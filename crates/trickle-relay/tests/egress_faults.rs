@@ -8,7 +8,7 @@
 
 mod common;
 
-use common::{free_addr, log_file, relay, serve, tail, wait_listening, wait_until, Proc};
+use common::{free_addr, get_json, log_file, relay, serve, tail, wait_listening, wait_until, Proc};
 use serde_json::{json, Value};
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -171,16 +171,6 @@ fn post(ingest: SocketAddr, lines: &[String]) -> u64 {
         .json()
         .expect("ingest answers JSON");
     answer["accepted"].as_u64().unwrap_or(0)
-}
-
-fn get_json(url: &str) -> Option<Value> {
-    reqwest::blocking::Client::new()
-        .get(url)
-        .timeout(Duration::from_secs(2))
-        .send()
-        .ok()?
-        .json()
-        .ok()
 }
 
 /// Envelopes the client relayed to its egress so far.

@@ -4,8 +4,9 @@
 //! [`open`] turns an [`EgressChoice`] into a running sink: `auto` follows the environment in the
 //! spec's order (`SCOPE_TELEMETRY_LOG_SINK`, then `SCOPE_CLOUD_API_KEY`, then
 //! `KAFKA_BOOTSTRAP_SERVERS`, see [`telemetry::select_from_env`]), honouring
-//! `SCOPE_TELEMETRY_DISABLED` / `DO_NOT_TRACK`. The HTTP metrics reporter buffers on disk
-//! (`SCOPE_METRICS_BUFFER_PATH`) and re-sends what a previous run left there on start; its API key
+//! `SCOPE_TELEMETRY_DISABLED` / `DO_NOT_TRACK`. The HTTP metrics reporter buffers on disk beside
+//! the seed's buffer file (`SCOPE_METRICS_BUFFER_PATH`), imports what the seed left in that file,
+//! and re-sends what a previous run left on disk, on start; its API key
 //! comes from a key file or `SCOPE_CLOUD_API_KEY`, and [`reload_api_key_on_sighup`] re-reads it.
 //! The Kafka sink does the same with `SCOPE_KAFKA_BUFFER_PATH`.
 

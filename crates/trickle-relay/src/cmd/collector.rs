@@ -2,8 +2,10 @@
 //!
 //! Authenticates each request against `--api-keys` (one key per line; reloaded on SIGHUP),
 //! enforces the size, count and rate limits, drops duplicates by event id, and answers 200 only
-//! once the output (`--output jsonl:PATH`, appended and fsynced) has the events. See the
-//! `collector` crate for the full contract.
+//! once the output has the events: `--output jsonl:PATH` (appended and fsynced) or `kafka[:TOPIC]`;
+//! without `--output`, Kafka when `KAFKA_BOOTSTRAP_SERVERS` is set (as the seed's collector
+//! publishes to Kafka), else `metrics.jsonl` in the working directory, named in full in the
+//! startup line. See the `collector` crate for the full contract.
 
 use anyhow::Context as _;
 use collector::{ApiKeys, Collector, CollectorConfig, Output};
@@ -24,8 +26,9 @@ pub struct Args {
     pub api_keys: PathBuf,
     /// Where accepted events go: `jsonl:PATH` (appended, fsynced before each 200), or
     /// `kafka[:TOPIC]` (produced, acknowledged by Kafka before each 200; `KAFKA_BOOTSTRAP_SERVERS`).
-    #[arg(long, default_value = "jsonl:metrics.jsonl")]
-    pub output: String,
+    /// Default: `kafka` when `KAFKA_BOOTSTRAP_SERVERS` is set, else `jsonl:metrics.jsonl`.
+    #[arg(long)]
+    pub output: Option<String>,
     /// Largest request body in bytes, compressed or not.
     #[arg(long, default_value_t = 1_000_000)]
     pub max_body_bytes: usize,
@@ -52,7 +55,11 @@ pub struct Args {
 /// Runs the collector until Ctrl-C / SIGTERM.
 pub async fn run(args: Args) -> anyhow::Result<()> {
     let keys = Arc::new(ApiKeys::load(&args.api_keys)?);
-    let output = open_output(&args.output)?;
+    let (spec, why) = match &args.output {
+        Some(spec) => (spec.clone(), ""),
+        None => default_output(),
+    };
+    let output = open_output(&spec)?;
     let config = CollectorConfig {
         max_body_bytes: args.max_body_bytes,
         max_events: args.max_events,
@@ -72,9 +79,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         })?;
     let addr = listener.local_addr()?;
     eprintln!(
-        "collector: listening on http://{addr}/v1/metrics ({} keys, output {})",
+        "collector: listening on http://{addr}/v1/metrics ({} keys, output {spec}{why})",
         keys.len(),
-        args.output
     );
 
     let shutdown = CancellationToken::new();
@@ -108,6 +114,24 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let _ = logger.await;
     collector.log_stats();
     Ok(())
+}
+
+/// The output without `--output`, and why, for the startup line: Kafka when
+/// `KAFKA_BOOTSTRAP_SERVERS` is set, else `metrics.jsonl` in the working directory (in full).
+fn default_output() -> (String, &'static str) {
+    let kafka = std::env::var("KAFKA_BOOTSTRAP_SERVERS").is_ok_and(|v| !v.trim().is_empty());
+    if kafka {
+        return (
+            "kafka".into(),
+            " (KAFKA_BOOTSTRAP_SERVERS is set and no --output)",
+        );
+    }
+    let file = std::path::Path::new("metrics.jsonl");
+    let path = std::path::absolute(file).unwrap_or_else(|_| file.to_path_buf());
+    (
+        format!("jsonl:{}", path.display()),
+        " (the default: no --output, KAFKA_BOOTSTRAP_SERVERS unset)",
+    )
 }
 
 /// Opens the output an `--output` spec names. Outputs that live outside the `collector` crate
