@@ -296,3 +296,90 @@ pub fn media_loop_error(error_type: &'static str, message: &str, exception_type:
     }
     .with("mode", json!("livepeer"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use parking_lot::Mutex;
+    use trickle::server::{Server, ServerConfig};
+
+    /// A real trickle server on loopback that does not create channels over HTTP.
+    async fn server() -> Server {
+        Server::bind(([127, 0, 0, 1], 0).into(), ServerConfig::default())
+            .await
+            .unwrap()
+    }
+
+    fn options(base_url: String, max_segment_bytes: usize) -> MediaOptions {
+        MediaOptions {
+            base_url,
+            reconnect_window: Duration::ZERO,
+            max_segment_bytes,
+        }
+    }
+
+    /// Runs the passthrough between `input` and `output` and returns the failures it reported.
+    async fn failures_of(
+        server: &Server,
+        opts: MediaOptions,
+        output: &str,
+        publish: Bytes,
+    ) -> Vec<Emit> {
+        let input = format!("{}/in", server.url());
+        let reported = Arc::new(Mutex::new(Vec::new()));
+        let sink = reported.clone();
+        let on_failure: FailureSink = Arc::new(move |e| sink.lock().push(e));
+        let loop_task = tokio::spawn(passthrough(
+            input.clone(),
+            format!("{}/{output}", server.url()),
+            opts,
+            CancellationToken::new(),
+            Arc::new(Counters::default()),
+            on_failure,
+        ));
+        let mut publisher = Publisher::new(input, PublisherOptions::default());
+        let mut w = publisher.next_segment().await.unwrap();
+        // The server may cut an oversized body; what matters is what the loop reports.
+        let _ = w.write(publish).await;
+        let _ = w.close().await;
+        tokio::time::timeout(Duration::from_secs(20), loop_task)
+            .await
+            .expect("the loop ended on the failure")
+            .unwrap();
+        let out = reported.lock().clone();
+        out
+    }
+
+    fn assert_seed_error(emits: &[Emit], error_type: &str) {
+        assert_eq!(emits.len(), 1, "{emits:?}");
+        let e = &emits[0];
+        assert_eq!(e.event_type, "error");
+        let error = e.error.as_ref().unwrap();
+        assert_eq!(error.error_type, error_type);
+        assert!(!error.recoverable);
+        assert!(!error.message.is_empty());
+        assert_eq!(e.metadata["mode"], json!("livepeer"));
+    }
+
+    #[tokio::test]
+    async fn an_input_failure_is_the_seeds_media_input_loop_failed_error() {
+        let server = server().await;
+        server.channels().create("in", Some(MEDIA_MIME)).unwrap();
+        server.channels().create("out", Some(MEDIA_MIME)).unwrap();
+        // An input segment past the loop's limit fails the input side.
+        let opts = options(server.url(), 1000);
+        let emits = failures_of(&server, opts, "out", Bytes::from(vec![0x47; 5000])).await;
+        assert_seed_error(&emits, "media_input_loop_failed");
+    }
+
+    #[tokio::test]
+    async fn an_output_failure_is_the_seeds_media_output_loop_failed_error() {
+        let server = server().await;
+        server.channels().create("in", Some(MEDIA_MIME)).unwrap();
+        // The output channel does not exist (and the server creates none): the POST is refused.
+        let opts = options(server.url(), 1 << 20);
+        let emits = failures_of(&server, opts, "gone", Bytes::from(vec![0x47; 188])).await;
+        assert_seed_error(&emits, "media_output_loop_failed");
+    }
+}
