@@ -83,36 +83,18 @@ fn logs_tail_follows_scopes_offset_contract() {
     }
 
     // A poller passing back the offset gets only what was written since, never a line twice.
-    publish_telemetry(&events, 0, "aaaaaaaa-0000-4000-8000-000000000001");
     let (mut offset, mut seen) = (start, Vec::new());
-    wait_until("the first TELEMETRY line", Duration::from_secs(20), || {
-        let (_, page) = get(&format!("{tail}?since_offset={offset}&lines=1000"));
-        offset = page["offset"].as_u64().unwrap();
-        seen.extend(
-            page["lines"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|l| l.as_str().unwrap().to_string()),
-        );
-        seen.iter()
-            .any(|l| l.contains("id=aaaaaaaa-0000-4000-8000-000000000001"))
-    });
+    for (seq, id) in [(0, "000000000001"), (1, "000000000002")] {
+        publish_telemetry(&events, seq, &format!("aaaaaaaa-0000-4000-8000-{id}"));
+        wait_until("the TELEMETRY line", Duration::from_secs(20), || {
+            let (_, page) = get(&format!("{tail}?since_offset={offset}&lines=1000"));
+            offset = page["offset"].as_u64().unwrap();
+            let new = page["lines"].as_array().unwrap().iter();
+            seen.extend(new.map(|l| l.as_str().unwrap().to_string()));
+            seen.iter().any(|l| l.contains(id))
+        });
+    }
     assert!(offset > start);
-    publish_telemetry(&events, 1, "aaaaaaaa-0000-4000-8000-000000000002");
-    wait_until("the second TELEMETRY line", Duration::from_secs(20), || {
-        let (_, page) = get(&format!("{tail}?since_offset={offset}&lines=1000"));
-        offset = page["offset"].as_u64().unwrap();
-        seen.extend(
-            page["lines"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|l| l.as_str().unwrap().to_string()),
-        );
-        seen.iter()
-            .any(|l| l.contains("id=aaaaaaaa-0000-4000-8000-000000000002"))
-    });
     let mut unique = seen.clone();
     unique.sort();
     unique.dedup();
