@@ -21,6 +21,7 @@
 //! of a gap (reconnects, segments resumed, segments lost mid-way or skipped) is in
 //! [`ClientReport`].
 
+pub mod egress;
 pub mod http;
 
 use crate::logtail::parse_level;
