@@ -2,8 +2,10 @@
 //!
 //! The events loop reads the events channel and dispatches every message type of the spec:
 //! - `telemetry`: the envelope is checked against this session (a runner must not speak for
-//!   another: a foreign `session_id`/`connection_id` is rejected and counted), annotated with
-//!   `"relayed_via":"trickle"` (every original byte kept) and emitted to the egress sink;
+//!   another: a foreign `session_id`/`connection_id` is rejected and counted), annotated inside
+//!   its `data` with `"relayed_via":"trickle"` and `"relay_received_timestamp":"<unix ms>"` (every
+//!   other byte kept; a second hop's annotations are kept, not duplicated) and emitted to the
+//!   egress sink;
 //!   `telemetry_dropped` envelopes also add their `dropped` count to [`ClientStats`];
 //! - `runner_ready` marks the runner ready; `notification` is re-broadcast to local listeners;
 //!   `logs` lines are re-emitted as local log records at their parsed level; `pong` logs the
@@ -533,11 +535,12 @@ impl Shared {
             self.stats.dropped_reported.fetch_add(dropped, Relaxed);
             tracing::warn!(dropped, "the runner reported dropped telemetry");
         }
+        let received_ms = crate::unix_ms();
         if let Some(ts) = envelope.timestamp().and_then(|t| t.parse::<u64>().ok()) {
-            let lag = crate::unix_ms().saturating_sub(ts).max(1);
+            let lag = received_ms.saturating_sub(ts).max(1);
             let _ = self.latency.lock().record(lag);
         }
-        envelope.annotate_relayed_via("trickle");
+        envelope.annotate_relay("trickle", received_ms);
         self.stats.relayed.fetch_add(1, Relaxed);
         if let Some(egress) = &self.egress {
             egress.emit(Event::Raw(envelope));
