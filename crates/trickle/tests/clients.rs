@@ -8,6 +8,9 @@ use trickle::publisher::{PublishError, Publisher, PublisherOptions, PublisherSta
 use trickle::server::{Server, ServerConfig};
 use trickle::subscriber::{SegmentReader, SubscribeError, Subscriber, SubscriberOptions};
 
+mod common;
+use common::parked;
+
 const LIMIT: Duration = Duration::from_secs(20);
 
 async fn within<T>(what: &str, f: impl Future<Output = T>) -> T {
@@ -214,8 +217,8 @@ async fn subscriber_falling_behind_jumps_to_the_live_edge() {
             }
         }
     });
-    // Give the reader time to hit the 470 and wait at the live edge, then write it.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Once the reader has hit the 470 and waits at the live edge, write it.
+    parked(&server.channels(), "behind", 15, 1, 0).await;
     publish_segment(&mut p, 15).await;
     let (seqs, stats) = within("jump", reader).await.unwrap();
     assert_eq!(seqs.last(), Some(&15));
@@ -374,9 +377,9 @@ async fn publisher_and_subscriber_survive_a_server_restart() {
         publish_segment(&mut p, seq).await;
     }
     wait_progress(&mut rx, 10).await;
-    // Let the reader's preconnected GET of seq 10 reach the server: the server answers requests
-    // that arrive during its shutdown with 404 (channel gone), which ends any subscription.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The reader's preconnected GET of seq 10 must have reached the server: the server answers
+    // requests that arrive during its shutdown with 404 (channel gone), which ends a subscription.
+    parked(&server.channels(), "restart", 10, 1, 0).await;
 
     // Restart: every channel closes, the preconnected POST and GET are woken, the port rebinds.
     within("shutdown", server.shutdown()).await;
@@ -422,7 +425,7 @@ async fn subscriber_ends_on_404_after_the_publisher_closes() {
     }
     // The subscriber is now waiting (preconnected) on seq 2.
     let waiting = tokio::spawn(async move { (sub.next_segment().await.map(|s| s.is_none()), sub) });
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    parked(&server.channels(), "ending", 2, 1, 0).await;
     within("close", p.close()).await.unwrap();
     let (ended, mut sub) = within("subscriber end", waiting).await.unwrap();
     assert!(ended.unwrap(), "a closed channel ends the subscription");
@@ -721,7 +724,7 @@ async fn a_normal_end_still_ends_a_reconnecting_subscriber_promptly() {
     assert_eq!(read_all(&mut seg).await.unwrap(), segment_bytes(0));
     // Waiting (preconnected) on seq 1 when the publisher closes the channel.
     let waiting = tokio::spawn(async move { sub.next_segment().await.map(|s| s.is_none()) });
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    parked(&server.channels(), "normal-end", 1, 1, 0).await;
     let closed_at = std::time::Instant::now();
     p.close().await.unwrap();
     let ended = within("subscriber end", waiting).await.unwrap();
@@ -872,6 +875,7 @@ async fn a_broken_segment_never_re_sent_is_given_up_once_the_publisher_moves_on(
     server.kill().await;
     drop((w, p));
     let reader = tokio::spawn(async move { (read_all(&mut seg).await, sub) });
+    // The fault: the server stays down for 0.5 s (a duration, not a wait for an event).
     tokio::time::sleep(Duration::from_millis(500)).await;
     // Another publisher (not re-sending segment 1) carries on at seq 2 on the restarted server.
     let _server = Killable::start(addr).await;

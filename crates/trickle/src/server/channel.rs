@@ -93,6 +93,14 @@ impl Channel {
         (st.closed, st.next)
     }
 
+    /// The segments in the ring, oldest first.
+    pub(crate) fn segments(&self) -> Vec<super::SegmentInfo> {
+        let segs: Vec<Arc<Segment>> = self.state.lock().slots.iter().flatten().cloned().collect();
+        let mut infos: Vec<super::SegmentInfo> = segs.iter().map(|s| s.info()).collect();
+        infos.sort_by_key(|i| i.seq);
+        infos
+    }
+
     /// Whether the channel is closed.
     pub(crate) fn is_closed(&self) -> bool {
         self.state.lock().closed

@@ -122,6 +122,28 @@ impl Channels {
     pub fn list(&self) -> Vec<String> {
         self.registry.list()
     }
+
+    /// The segments a channel holds now, oldest first, with the requests on each; `None` if
+    /// there is no such channel. Shows what HTTP cannot: a subscriber parked on a segment, a
+    /// publisher preconnected to one.
+    pub fn segments(&self, name: &str) -> Option<Vec<SegmentInfo>> {
+        self.registry.get(name).map(|ch| ch.segments())
+    }
+}
+
+/// One segment of a channel, as [`Channels::segments`] sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SegmentInfo {
+    /// Its sequence number.
+    pub seq: i64,
+    /// GET requests streaming it or waiting for its data.
+    pub readers: usize,
+    /// POST requests writing it, or preconnected and waiting for their first byte.
+    pub writers: usize,
+    /// Bytes it holds.
+    pub bytes: u64,
+    /// Whether it is complete (or was closed).
+    pub closed: bool,
 }
 
 /// What every connection task shares.

@@ -247,6 +247,7 @@ impl Req<'_> {
 
     /// Streams a segment: what it holds, then the rest as it arrives, until it closes.
     async fn stream(&mut self, ch: &Channel, seg: Arc<Segment>, latest: i64) -> Outcome {
+        let _reading = seg.reading();
         let chunked = !self.head.http10;
         let keep = chunked && self.reusable();
         let mut pos = 0usize;
@@ -340,7 +341,10 @@ impl Req<'_> {
             return Outcome::Abort;
         }
         match w.writer {
-            Some(writer) => self.write_segment(&ch, &w.seg, w.seq, writer).await,
+            Some(writer) => {
+                let _writing = w.seg.writing();
+                self.write_segment(&ch, &w.seg, w.seq, writer).await
+            }
             None => self.discard_body(w.seq).await,
         }
     }
