@@ -233,8 +233,9 @@ async fn a_failed_write_releases_its_claims_so_the_retry_elsewhere_writes_them_a
     let started = Instant::now();
     let (status, v) = post(&b.url(), &body).await;
     assert_eq!((status, v["accepted"].as_u64()), (200, Some(30)), "{v}");
+    // Released claims: at once. Held ones: the whole 5 s wait, then 503.
     assert!(
-        started.elapsed() < Duration::from_secs(2),
+        started.elapsed() < Duration::from_secs(4),
         "the retry waited {:?} for claims of a failed write",
         started.elapsed()
     );
