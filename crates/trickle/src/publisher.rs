@@ -510,6 +510,19 @@ impl Publisher {
         })
     }
 
+    /// Makes `seq` the next segment [`Publisher::next_segment`] opens (and the numbering go on
+    /// from there): for a publisher that mirrors another channel's sequence numbers, e.g. a
+    /// passthrough re-publishing input segment `n` as output segment `n`, jumps included. A
+    /// preconnected POST for another seq is cut (it carried no byte, so it is no segment).
+    pub fn set_next_seq(&mut self, seq: i64) {
+        if self.next_seq != Some(seq) {
+            self.next_seq = Some(seq);
+            if self.pending.as_ref().is_some_and(|p| p.seq != seq) {
+                self.pending = None;
+            }
+        }
+    }
+
     /// Where the publisher stands (active with its failure streak, terminal, or closed).
     pub fn state(&self) -> PublisherState {
         let h = self.shared.health.lock();

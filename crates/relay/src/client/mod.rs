@@ -25,6 +25,7 @@
 
 pub mod egress;
 pub mod http;
+pub mod media;
 
 use crate::logtail::parse_level;
 use crate::SessionIds;
@@ -99,6 +100,8 @@ pub struct ClientStats {
     pub telemetry_received: AtomicU64,
     /// Envelopes handed to the egress sink.
     pub relayed: AtomicU64,
+    /// Envelopes accepted but discarded: no egress sink (none configured, or telemetry opted out).
+    pub discarded: AtomicU64,
     /// Envelopes rejected because they claim another session or connection.
     pub rejected_foreign: AtomicU64,
     /// `telemetry` messages whose envelope is not a valid envelope.
@@ -122,8 +125,11 @@ pub struct ClientStats {
 pub struct ClientReport {
     /// `telemetry` messages received.
     pub telemetry_received: u64,
-    /// Envelopes handed to the egress sink.
+    /// Envelopes handed to the egress sink (or discarded, when there is none).
     pub relayed: u64,
+    /// Envelopes accepted but discarded: no egress sink (none configured, or telemetry opted out
+    /// by `SCOPE_TELEMETRY_DISABLED` / `DO_NOT_TRACK`).
+    pub discarded: u64,
     /// Envelopes claiming another session or connection.
     pub rejected_foreign: u64,
     /// Invalid envelopes.
@@ -174,6 +180,9 @@ pub enum RequestError {
     /// The client is shutting down.
     #[error("the client closed before the answer arrived")]
     Closed,
+    /// The answer came but cannot be used, e.g. `stream_started` without its media channels.
+    #[error("{0}")]
+    BadAnswer(String),
 }
 
 type Pending = Mutex<HashMap<String, oneshot::Sender<EventMessage>>>;
@@ -259,7 +268,8 @@ impl Client {
         }
     }
 
-    /// Waits until the runner reported `runner_ready`; returns its `startup_ms`.
+    /// Waits until the runner reported `runner_ready`; returns the `startup_ms` the message carried
+    /// (0: Scope's runner, and this one, report the cold start in the telemetry event instead).
     pub async fn wait_ready(&self, timeout: Duration) -> Option<u64> {
         let mut rx = self.shared.ready.subscribe();
         let ready = tokio::time::timeout(timeout, rx.wait_for(Option::is_some)).await;
@@ -274,7 +284,9 @@ impl Client {
         self.shared.notifications.subscribe()
     }
 
-    /// Starts the stream and waits for `stream_started`.
+    /// Starts the stream and waits for `stream_started`, which must list the stream's media
+    /// channels with an `in` and an `out` (as Scope's client requires), unless it says
+    /// `status: "already_running"`. The answer is returned whole (see [`media_channels`]).
     pub async fn start_stream(&self, params: Value) -> Result<EventMessage, RequestError> {
         let request_id = new_request_id();
         let msg = ControlMessage::StartStream(StartStream {
@@ -282,7 +294,14 @@ impl Client {
             params,
             extra: Map::new(),
         });
-        self.request(request_id, msg).await
+        let answer = self.request(request_id, msg).await?;
+        if let EventMessage::StreamStarted(r) = &answer {
+            let running = r.extra.get("status").and_then(Value::as_str) == Some("already_running");
+            if !running {
+                media_channels(&answer).map_err(RequestError::BadAnswer)?;
+            }
+        }
+        Ok(answer)
     }
 
     /// Stops the stream and waits for `stream_stopped`.
@@ -401,6 +420,32 @@ impl Client {
     }
 }
 
+/// The `in` and `out` media channel URLs of a `stream_started` answer, checked as Scope's client
+/// checks them: a missing list, or one without an `in` or an `out`, is an error.
+pub fn media_channels(answer: &EventMessage) -> Result<(String, String), String> {
+    let EventMessage::StreamStarted(r) = answer else {
+        return Err(format!(
+            "expected stream_started, the runner answered {}",
+            answer.type_name()
+        ));
+    };
+    let Some(channels) = r.extra.get("channels").and_then(Value::as_array) else {
+        return Err("stream_started response missing channels list".into());
+    };
+    let url_of = |direction: &str| {
+        channels.iter().rev().find_map(|c| {
+            (c.get("direction").and_then(Value::as_str) == Some(direction))
+                .then(|| c.get("url").and_then(Value::as_str))
+                .flatten()
+                .map(str::to_string)
+        })
+    };
+    match (url_of("in"), url_of("out")) {
+        (Some(input), Some(output)) => Ok((input, output)),
+        _ => Err("stream_started response missing in/out channels".into()),
+    }
+}
+
 fn new_request_id() -> String {
     uuid::Uuid::new_v4().simple().to_string()
 }
@@ -416,6 +461,7 @@ impl Shared {
         ClientReport {
             telemetry_received: s.telemetry_received.load(Relaxed),
             relayed: s.relayed.load(Relaxed),
+            discarded: s.discarded.load(Relaxed),
             rejected_foreign: s.rejected_foreign.load(Relaxed),
             rejected_invalid: s.rejected_invalid.load(Relaxed),
             dropped_reported: s.dropped_reported.load(Relaxed),
@@ -476,9 +522,9 @@ impl Shared {
                 self.relay(Bytes::copy_from_slice(t.event.get().as_bytes()))
             }
             EventMessage::RunnerReady(r) => {
+                // Scope's runner puts its cold start in the `runner_ready` telemetry event only.
                 let startup_ms = r.startup_ms.as_ref().and_then(|n| n.as_u64()).unwrap_or(0);
                 tracing::info!(
-                    startup_ms,
                     job = r.runner_job_id.as_deref().unwrap_or("-"),
                     "runner ready"
                 );
@@ -579,8 +625,11 @@ impl Shared {
         }
         envelope.annotate_relay("trickle", received_ms);
         self.stats.relayed.fetch_add(1, Relaxed);
-        if let Some(egress) = &self.egress {
-            egress.emit(Event::Raw(envelope));
+        match &self.egress {
+            Some(egress) => egress.emit(Event::Raw(envelope)),
+            None => {
+                self.stats.discarded.fetch_add(1, Relaxed);
+            }
         }
     }
 }
@@ -589,23 +638,7 @@ impl Shared {
 ///
 /// An orchestrator normally creates a job's channels; this is for servers run with autocreate.
 pub async fn create_channel(url: &str) -> anyhow::Result<()> {
-    let response = reqwest::Client::new()
-        .post(url)
-        .header(trickle::headers::EXPECT_CONTENT, "application/jsonl")
-        .send()
-        .await
-        .map_err(|e| {
-            anyhow::anyhow!(
-                "cannot reach {url} to create the channel ({e}); is the trickle server running?"
-            )
-        })?;
-    if !response.status().is_success() {
-        anyhow::bail!(
-            "creating channel {url} answered {}; does the server allow channel creation (serve --autocreate)?",
-            response.status()
-        );
-    }
-    Ok(())
+    crate::channels::create_channel(url, "application/jsonl").await
 }
 
 /// What the runner's sink writes before each envelope (its exact bytes).

@@ -1,5 +1,5 @@
 //! The trickle server: a hand-written HTTP/1.1 server that speaks the protocol byte for byte as
-//! go-livepeer's reference does (see `shared/spec/trickle.md`).
+//! go-livepeer's reference does (see `docs/trickle.md`).
 //!
 //! ```no_run
 //! # async fn demo() -> std::io::Result<()> {
