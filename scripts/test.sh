@@ -12,6 +12,13 @@ if ! pkg-config --exists openssl 2>/dev/null; then
     $SUDO apt-get update -qq && $SUDO apt-get install -y -qq pkg-config libssl-dev
 fi
 
+# The shared-dedup tests run a real Redis (Debian's redis-server package); install it if missing.
+if ! command -v redis-server >/dev/null 2>&1; then
+    echo "== installing redis-server (for the shared-dedup tests)" >&2
+    SUDO=""; [[ $(id -u) -ne 0 ]] && SUDO="sudo"
+    $SUDO apt-get update -qq && $SUDO apt-get install -y -qq redis-server
+fi
+
 echo "== cargo fmt --check" >&2
 cargo fmt --all -- --check
 echo "== cargo clippy" >&2

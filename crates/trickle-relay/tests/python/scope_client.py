@@ -7,7 +7,9 @@ matched to answers by request_id, start_stream waiting 10 s for `stream_started`
 list holding an `in` and an `out`. Media goes to `in` with the gateway's TricklePublisher and is
 read back from `out` with its TrickleSubscriber.
 
-Usage: scope_client.py CONTROL_URL EVENTS_URL SEGMENTS SEGMENT_BYTES
+Usage: scope_client.py CONTROL_URL EVENTS_URL SEGMENTS SEGMENT_BYTES [BIG_SEGMENT_BYTES]
+(with BIG_SEGMENT_BYTES, one more segment of that size goes through last: the runner must pass it
+on without holding it whole).
 Prints one JSON object (what it saw) on stdout; exits 1 with the reason on stderr if any answer
 is not what the spec says.
 """
@@ -142,6 +144,7 @@ async def status_of(url):
 
 async def main():
     control_url, events_url, count, size = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+    big = int(sys.argv[5]) if len(sys.argv) > 5 else 0
     client = Client(control_url, events_url)
     report = {}
     await asyncio.wait_for(client.ready.wait(), timeout=30)
@@ -153,6 +156,9 @@ async def main():
 
     # Media: published to `in` with the gateway's publisher, read back from `out` byte for byte.
     sent = [segment(n, size + n * 1000) for n in range(count)]
+    if big:
+        sent.append((bytes([0x47]) + bytes(range(187))) * (big // 188))
+        count += 1
     reader = asyncio.create_task(read_segments(output_url, count))
     publisher = TricklePublisher(input_url, "video/MP2T")
     for data in sent:

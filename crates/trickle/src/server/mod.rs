@@ -13,6 +13,13 @@
 //!
 //! Modules: `http` (request heads, bodies, responses), `segment` (one growing segment),
 //! `channel` (the five-segment ring and the registry), `routes` (the handlers).
+//!
+//! One addition to the reference: with autocreate, a deleted channel is not created again by
+//! the first request of a connection accepted before the delete (for 10 s after it). Such a
+//! request was on its way before the DELETE, typically the publisher's preconnected POST of its
+//! next segment read late by a busy server; recreating the channel from it would leave the
+//! channel's subscribers waiting for an end that never comes. It is answered 404, as without
+//! autocreate.
 
 mod channel;
 mod http;
@@ -298,7 +305,9 @@ async fn accept_loop(
             r = listener.accept() => match r {
                 Ok((stream, _)) => match limit.clone().try_acquire_owned() {
                     Ok(permit) => {
-                        conns.spawn(serve_conn(stream, ctx.clone(), permit, stop.clone()));
+                        // Numbered here, in accept order, so a DELETE knows which connections came before it.
+                        let serial = ctx.registry.accepted();
+                        conns.spawn(serve_conn(stream, ctx.clone(), permit, stop.clone(), serial));
                     }
                     Err(_) => {
                         conns.spawn(reject_conn(stream, max_connections));
@@ -343,10 +352,14 @@ async fn serve_conn(
     ctx: Arc<Ctx>,
     _permit: OwnedSemaphorePermit,
     mut stop: watch::Receiver<bool>,
+    serial: u64,
 ) {
     let _ = stream.set_nodelay(true);
     let mut conn = Conn::new(stream);
     let mut wait_for_head = FIRST_REQUEST;
+    // Only the first request can have been sent before a DELETE this server handled first; a
+    // later one follows an answer (keep-alive requests are not covered).
+    let mut first_on = Some(serial);
     loop {
         let head = tokio::select! {
             biased;
@@ -379,7 +392,7 @@ async fn serve_conn(
                 return;
             }
         };
-        match routes::handle(&ctx, &mut conn, head).await {
+        match routes::handle(&ctx, &mut conn, head, first_on.take()).await {
             Outcome::KeepAlive if !*stop.borrow() => {}
             Outcome::KeepAlive | Outcome::Abort => return,
             Outcome::Close => {

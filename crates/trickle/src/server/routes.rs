@@ -55,14 +55,21 @@ fn parse_seq(s: &str) -> Option<i64> {
     s.parse::<i64>().ok().filter(|n| (-2..=MAX_SEQ).contains(n))
 }
 
-/// One request, start to finish.
-pub(crate) async fn handle(ctx: &Ctx, conn: &mut Conn, head: Head) -> Outcome {
+/// One request, start to finish. `first_on` is the connection's serial when this is its first
+/// request (what a DELETE racing it compares with).
+pub(crate) async fn handle(
+    ctx: &Ctx,
+    conn: &mut Conn,
+    head: Head,
+    first_on: Option<u64>,
+) -> Outcome {
     let mut body = Body::new(head.body);
     let mut req = Req {
         ctx,
         conn,
         head: &head,
         body: &mut body,
+        first_on,
     };
     match (head.method, route(&ctx.base, &head.path)) {
         (Method::Post, Route::Channel(name)) => req.create(name).await,
@@ -98,6 +105,8 @@ struct Req<'a> {
     conn: &'a mut Conn,
     head: &'a Head,
     body: &'a mut Body,
+    /// The connection's serial, on its first request only.
+    first_on: Option<u64>,
 }
 
 impl Req<'_> {
@@ -155,7 +164,7 @@ impl Req<'_> {
         match self
             .ctx
             .registry
-            .get_or_create(name, &mime, self.ctx.autocreate)
+            .get_or_create_for(name, &mime, self.ctx.autocreate, self.first_on)
         {
             Ok(_) => self.ok(&[], b"", false).await,
             Err(Lookup::NotFound) => self.error(404, &[], "Stream not found", false).await,
@@ -327,7 +336,10 @@ impl Req<'_> {
             return self.error(404, &[], "Stream not found", true).await;
         };
         let mime = self.head.content_type.clone().unwrap_or_default();
-        let ch = match ctx.registry.get_or_create(name, &mime, ctx.autocreate) {
+        let ch = match ctx
+            .registry
+            .get_or_create_for(name, &mime, ctx.autocreate, self.first_on)
+        {
             Ok(ch) => ch,
             Err(e) => return self.refused(e).await,
         };
