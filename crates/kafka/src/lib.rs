@@ -6,12 +6,19 @@
 //!
 //! Topic `KAFKA_TOPIC` (default `scope-events`); key = the envelope id (its UTF-8 bytes);
 //! value = the envelope's exact JSON bytes, as the hop before built them (the client's
-//! `"relayed_via":"trickle"` annotation included). No headers. The partition is librdkafka's
-//! default partitioner (`consistent_random`: CRC-32 of the key modulo the partition count, as
-//! any librdkafka-based producer such as Python's confluent-kafka picks it), so every event of
-//! one id lands in one partition ([`broker::default_partition`] computes it).
+//! `data.relayed_via` / `data.relay_received_timestamp` annotations included). No headers. The
+//! partition is the Java client's: librdkafka's `partitioner=murmur2_random`, murmur2 of the key
+//! (`& 0x7fffffff`) modulo the partition count, which is what the seed's producer (aiokafka, whose
+//! default partitioner is the Java one) picks; so an id lands on the same partition whichever of
+//! them wrote it ([`broker::default_partition`] computes it). librdkafka's own default
+//! (`consistent_random`, CRC-32, also confluent-kafka's) would place ids differently.
 //!
 //! # The path of one event through the sink
+//!
+//! The sink is a service of the buffered-egress driver ([`egress`]): the handoff, the writer
+//! thread, the disk buffer and its memory fallback, the sender loop, backoff and loss reports
+//! are the driver's, shared with the HTTP reporter; [`sink`]'s `encoding` frames a record and
+//! its `service` produces a batch and classifies each delivery report.
 //!
 //! ```text
 //! emit(event)                        any thread; never blocks, never fails
@@ -21,8 +28,8 @@
 //!        -> memory queue  (bounded, retried to disk every `disk_retry`)
 //!   -> sender thread: read <= batch_max_events from the oldest, produce each (idempotent
 //!        producer, key = id), wait for EVERY delivery report of the batch; failed ones are
-//!        produced again after a backoff (500 ms doubling to 30 s), on a fresh producer, until
-//!        the broker takes them; then Spool::ack the batch (removes it).
+//!        produced again after a backoff (500 ms doubling to 30 s, +-20% jitter), on a fresh
+//!        producer, until the broker takes them; then Spool::ack the batch (removes it).
 //! ```
 //!
 //! # Delivery guarantees
@@ -62,13 +69,13 @@
 //! against the system zlib and OpenSSL (`libssl-dev`, for SASL_SSL).
 
 pub mod broker;
-mod buffer;
 pub mod config;
 pub mod output;
 mod producer;
-mod sink;
+pub mod sink;
 
 pub use config::{default_buffer_path, ConfigError, KafkaConfig, SaslPlain, DEFAULT_TOPIC};
+pub use egress::FlushOutcome;
 pub use output::{envelope_from_api_event, KafkaOutput};
 pub use producer::BrokerHealth;
-pub use sink::{FlushOutcome, KafkaSink, KafkaSinkError, KafkaStats};
+pub use sink::{KafkaSink, KafkaSinkError, KafkaStats};

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{free_addr, read_json, read_lines, wait_listening, Proc};
+use common::{free_addr, read_json, read_lines, unrelay_or_fail, wait_listening, wait_until, Proc};
 
 /// A trickle server process with autocreate, and two fresh channels on it.
 struct Setup {
@@ -38,12 +38,29 @@ fn data_type(line: &str) -> String {
     v["data"]["type"].as_str().unwrap_or_default().to_string()
 }
 
-fn relayed(line: &str) -> String {
-    format!("{},\"relayed_via\":\"trickle\"}}", &line[..line.len() - 1])
-}
-
 fn path(dir: &tempfile::TempDir, name: &str) -> PathBuf {
     dir.path().join(name)
+}
+
+/// The client's counters (`GET /health` on its `--http` address); fails the test when it does not
+/// answer.
+fn client_health(http: SocketAddr) -> Value {
+    let health: Value = reqwest::blocking::Client::new()
+        .get(format!("http://{http}/health"))
+        .timeout(Duration::from_secs(10))
+        .send()
+        .expect("client /health")
+        .json()
+        .expect("client /health answers JSON");
+    assert!(health["client"].is_object(), "{health}");
+    health["client"].clone()
+}
+
+/// The counter `key` of the client's `/health`; a missing one fails the test.
+fn counter(client: &Value, key: &str) -> u64 {
+    client[key]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no counter `{key}` in {client}"))
 }
 
 fn post_ingest(addr: SocketAddr, body: String) -> Value {
@@ -69,7 +86,7 @@ fn three_processes_relay_every_event_verbatim_and_in_order() {
     let s = setup();
     let (runner_out, client_out) = (path(&s.dir, "runner.jsonl"), path(&s.dir, "client.jsonl"));
     let (runner_report, client_report) = (path(&s.dir, "runner.json"), path(&s.dir, "client.json"));
-    let ingest = free_addr();
+    let (ingest, client_http) = (free_addr(), free_addr());
     let (session, connection) = ("sess-e2e", "conn-e2e");
     let mut runner = Proc::spawn(
         &[
@@ -110,10 +127,10 @@ fn three_processes_relay_every_event_verbatim_and_in_order() {
             client_out.to_str().unwrap(),
             "--start-stream",
             r#"{"pipeline_id":"passthrough"}"#,
-            "--duration-secs",
-            "3",
             "--report",
             client_report.to_str().unwrap(),
+            "--http",
+            &client_http.to_string(),
         ],
         None,
     );
@@ -144,6 +161,19 @@ fn three_processes_relay_every_event_verbatim_and_in_order() {
         .status();
     assert_eq!(status.as_u16(), 202);
 
+    // The runner took all of it; once the client has the notification and the stream has run a
+    // while (100 ingested + lifecycle + a few dozen heartbeats relayed), end the session as an
+    // operator would: the client stops the stream, and both sides drain what is in flight.
+    wait_listening(client_http);
+    wait_until(
+        "the notification and 120 envelopes at the client",
+        Duration::from_secs(40),
+        || {
+            let c = client_health(client_http);
+            counter(&c, "notifications") >= 1 && counter(&c, "relayed") >= 120
+        },
+    );
+    client.terminate();
     assert!(
         client.wait(Duration::from_secs(40)).success(),
         "client failed"
@@ -163,11 +193,28 @@ fn three_processes_relay_every_event_verbatim_and_in_order() {
         got.len()
     );
 
-    // Every envelope the runner emitted arrived byte for byte, plus the relay's annotation.
-    let got_set: std::collections::HashSet<&str> = got.iter().map(String::as_str).collect();
+    // Every envelope the runner emitted arrived byte for byte, plus the relay's two annotations
+    // inside `data`, stamped when the client received it (not before the runner emitted it).
+    let originals: Vec<String> = got
+        .iter()
+        .map(|g| {
+            let (original, received) = unrelay_or_fail(g);
+            let ts: u64 = serde_json::from_str::<Value>(&original).unwrap()["timestamp"]
+                .as_str()
+                .unwrap()
+                .parse()
+                .unwrap();
+            assert!(
+                received >= ts,
+                "received {received} before it was emitted {ts}: {g}"
+            );
+            original
+        })
+        .collect();
+    let got_set: std::collections::HashSet<&str> = originals.iter().map(String::as_str).collect();
     for line in &sent {
         assert!(
-            got_set.contains(relayed(line).as_str()),
+            got_set.contains(line.as_str()),
             "not egressed verbatim: {line}"
         );
     }
@@ -175,8 +222,9 @@ fn three_processes_relay_every_event_verbatim_and_in_order() {
     let positions: Vec<usize> = built
         .iter()
         .map(|b| {
-            got.iter()
-                .position(|g| *g == relayed(b))
+            originals
+                .iter()
+                .position(|g| g == b)
                 .expect("built envelope egressed verbatim")
         })
         .collect();
@@ -193,6 +241,41 @@ fn three_processes_relay_every_event_verbatim_and_in_order() {
     ] {
         assert!(types.iter().any(|x| x == t), "missing {t}");
     }
+    // In the seed's shapes: runner_ready and session_created say `mode: livepeer` (the former
+    // with the cold start), heartbeats carry the seed's fields with `mode: local`, cumulative.
+    let data_of = |t: &str| -> Vec<Value> {
+        got.iter()
+            .map(|l| serde_json::from_str::<Value>(l).unwrap()["data"].clone())
+            .filter(|d| d["type"] == t)
+            .collect()
+    };
+    let ready = &data_of("runner_ready")[0];
+    assert_eq!(ready["mode"], "livepeer", "{ready}");
+    assert!(ready["startup_ms"].is_u64(), "{ready}");
+    assert_eq!(data_of("session_created")[0]["mode"], "livepeer");
+    let beats = data_of("stream_heartbeat");
+    for hb in &beats {
+        assert_eq!(hb["mode"], "local", "{hb}");
+        for key in [
+            "frames_in",
+            "frames_out",
+            "fps_in",
+            "fps_out",
+            "elapsed_ms",
+            "since_last_heartbeat_ms",
+            "pipeline_fps",
+        ] {
+            assert!(hb[key].is_number(), "heartbeat without {key}: {hb}");
+        }
+    }
+    let elapsed: Vec<u64> = beats
+        .iter()
+        .map(|b| b["elapsed_ms"].as_u64().unwrap())
+        .collect();
+    assert!(
+        elapsed.windows(2).all(|w| w[0] <= w[1]),
+        "cumulative: {elapsed:?}"
+    );
     // The counts add up: emitted = egressed + counted drops.
     let dropped = runner["dropped"].as_u64().unwrap();
     assert_eq!(runner["emitted"].as_u64().unwrap(), sent.len() as u64);
@@ -212,7 +295,7 @@ fn overload_sheds_heartbeats_keeps_lifecycle_and_reports_every_drop() {
     let s = setup();
     let client_out = path(&s.dir, "client.jsonl");
     let (runner_report, client_report) = (path(&s.dir, "runner.json"), path(&s.dir, "client.json"));
-    let ingest = free_addr();
+    let (ingest, client_http) = (free_addr(), free_addr());
     let mut runner = Proc::spawn(
         &[
             "runner",
@@ -251,13 +334,18 @@ fn overload_sheds_heartbeats_keeps_lifecycle_and_reports_every_drop() {
             client_out.to_str().unwrap(),
             "--start-stream",
             "{}",
-            "--duration-secs",
-            "4",
             "--report",
             client_report.to_str().unwrap(),
+            "--http",
+            &client_http.to_string(),
         ],
         None,
     );
+    // The client reads the events channel before the burst starts (it relayed runner_ready).
+    wait_listening(client_http);
+    wait_until("the client relays", Duration::from_secs(40), || {
+        counter(&client_health(client_http), "relayed") >= 1
+    });
     // Far past the queue: 100,000 heartbeats in bursts of 20,000 (each body under the ingest's
     // 5 MiB limit), with an error event every 2,000.
     let mut bursts = vec![String::with_capacity(3 << 20)];
@@ -285,6 +373,9 @@ fn overload_sheds_heartbeats_keeps_lifecycle_and_reports_every_drop() {
     }
     let peak_kib = runner.peak_rss_kib();
 
+    // The runner accepted the whole burst: end the session. It drains its queue and sends its
+    // final `telemetry_dropped`; the client reads the events channel to its end.
+    client.terminate();
     assert!(
         client.wait(Duration::from_secs(60)).success(),
         "client failed"
@@ -342,6 +433,7 @@ fn bad_lines_are_counted_and_skipped_while_valid_telemetry_flows() {
     let s = setup();
     let client_out = path(&s.dir, "client.jsonl");
     let client_report = path(&s.dir, "client.json");
+    let client_http = free_addr();
     let mut client = Proc::spawn(
         &[
             "client",
@@ -361,10 +453,14 @@ fn bad_lines_are_counted_and_skipped_while_valid_telemetry_flows() {
             "4096",
             "--report",
             client_report.to_str().unwrap(),
+            "--http",
+            &client_http.to_string(),
         ],
         None,
     );
-    std::thread::sleep(Duration::from_millis(500));
+    // No wait for the subscription: the client starts at seq -2, which on this channel is
+    // segment 0 whether it subscribes before the publish below (it waits for it) or after.
+    wait_listening(client_http);
     let envelope = |i: u32, session: &str| {
         json!({"id": format!("00000000-0000-4000-8000-{i:012}"), "type": "stream_trace", "timestamp": "1700000000000",
                "data": {"type": "stream_heartbeat", "client_source": "scope", "timestamp": "1700000000000", "session_id": session, "connection_id": "conn"}})
@@ -407,7 +503,26 @@ fn bad_lines_are_counted_and_skipped_while_valid_telemetry_flows() {
         .expect("publish")
         .status();
     assert!(status.is_success(), "{status}");
-    std::thread::sleep(Duration::from_millis(500));
+    // Every one of the 13 lines handled (relayed, rejected, or counted as bad or unknown) before
+    // the channel goes: a DELETE drops a segment nobody has read yet.
+    wait_until(
+        "the client to handle all 13 lines",
+        Duration::from_secs(30),
+        || {
+            let c = client_health(client_http);
+            [
+                "relayed",
+                "rejected_foreign",
+                "rejected_invalid",
+                "bad_lines",
+                "unknown_messages",
+            ]
+            .iter()
+            .map(|k| counter(&c, k))
+            .sum::<u64>()
+                >= 13
+        },
+    );
     // The channel's end ends the client's events loop, and the client exits.
     http.delete(&s.events).send().expect("delete channel");
     assert!(

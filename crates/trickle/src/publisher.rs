@@ -365,6 +365,23 @@ impl Post {
         }
     }
 
+    /// Cuts the body and waits until the request is over, so nothing of it is sent later: the
+    /// cut body makes the HTTP client give the request up (after connecting and sending the
+    /// head if it had not yet). Aborted if that takes longer than a connection attempt may.
+    async fn cancel(mut self) {
+        self.tx = None;
+        if self.done.is_some() {
+            return;
+        }
+        if tokio::time::timeout(CONNECT_TIMEOUT, &mut self.task)
+            .await
+            .is_err()
+        {
+            self.task.abort();
+            let _ = (&mut self.task).await;
+        }
+    }
+
     /// Waits for the POST's answer (drops the body sender first, so an unfinished body is cut).
     async fn outcome(&mut self) -> Result<(), PublishError> {
         self.tx = None;
@@ -503,6 +520,19 @@ impl Publisher {
         })
     }
 
+    /// Makes `seq` the next segment [`Publisher::next_segment`] opens (and the numbering go on
+    /// from there): for a publisher that mirrors another channel's sequence numbers, e.g. a
+    /// passthrough re-publishing input segment `n` as output segment `n`, jumps included. A
+    /// preconnected POST for another seq is cut (it carried no byte, so it is no segment).
+    pub fn set_next_seq(&mut self, seq: i64) {
+        if self.next_seq != Some(seq) {
+            self.next_seq = Some(seq);
+            if self.pending.as_ref().is_some_and(|p| p.seq != seq) {
+                self.pending = None;
+            }
+        }
+    }
+
     /// Where the publisher stands (active with its failure streak, terminal, or closed).
     pub fn state(&self) -> PublisherState {
         let h = self.shared.health.lock();
@@ -533,12 +563,18 @@ impl Publisher {
     /// Closes the channel: DELETE, which ends every segment still open (close your
     /// [`SegmentWriter`] first to know its data arrived) and makes subscribers end on 404.
     /// A channel that is already gone counts as closed.
+    ///
+    /// The preconnected POST of the next segment is cut (never ended, so it is no empty
+    /// segment) and has finished before the DELETE goes out: a request still on its way after
+    /// the DELETE would make a server with autocreate create the channel again, and its
+    /// subscribers would wait for an end that never comes.
     pub async fn close(mut self) -> Result<(), PublishError> {
         self.shared.health.lock().closed = true;
+        if let Some(post) = self.pending.take() {
+            post.cancel().await;
+        }
         let url = self.shared.url.clone();
         let result = self.shared.client.delete(&url).send().await;
-        // After the DELETE, so the server wakes it; cut, never ended, so it is no empty segment.
-        self.pending = None;
         let resp = result.map_err(|e| unreachable_error(&url, &e))?;
         let status = resp.status().as_u16();
         match status {

@@ -2,8 +2,10 @@
 //!
 //! The events loop reads the events channel and dispatches every message type of the spec:
 //! - `telemetry`: the envelope is checked against this session (a runner must not speak for
-//!   another: a foreign `session_id`/`connection_id` is rejected and counted), annotated with
-//!   `"relayed_via":"trickle"` (every original byte kept) and emitted to the egress sink;
+//!   another: a foreign `session_id`/`connection_id` is rejected and counted), annotated inside
+//!   its `data` with `"relayed_via":"trickle"` and `"relay_received_timestamp":"<unix ms>"` (every
+//!   other byte kept; a second hop's annotations are kept, not duplicated) and emitted to the
+//!   egress sink;
 //!   `telemetry_dropped` envelopes also add their `dropped` count to [`ClientStats`];
 //! - `runner_ready` marks the runner ready; `notification` is re-broadcast to local listeners;
 //!   `logs` lines are re-emitted as local log records at their parsed level; `pong` logs the
@@ -23,6 +25,7 @@
 
 pub mod egress;
 pub mod http;
+pub mod media;
 
 use crate::logtail::parse_level;
 use crate::SessionIds;
@@ -44,10 +47,15 @@ use trickle::messages::{
 use trickle::publisher::{Publisher, PublisherOptions};
 use trickle::subscriber::{Subscriber, SubscriberOptions, SubscriberStats};
 
+/// How long `start_stream` waits for `stream_started`: 10 s, as Scope's client.
+pub const START_STREAM_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// How the client is set up.
 #[derive(Debug, Clone)]
 pub struct ClientConfig {
-    /// The control channel URL (the client publishes).
+    /// The control channel URL (the client publishes). Empty: the client only reads the events
+    /// channel (no pings; requests fail with [`RequestError::Control`]), for an application that
+    /// writes the control channel itself.
     pub control_url: String,
     /// The events channel URL (the client subscribes).
     pub events_url: String,
@@ -67,6 +75,11 @@ pub struct ClientConfig {
     /// Local address both channels connect from (`None`: the system's choice); see
     /// [`trickle::publisher::PublisherOptions::local_address`].
     pub local_address: Option<std::net::IpAddr>,
+    /// Where every valid events message that is not `telemetry` also goes, as its raw line, after
+    /// the client's own dispatch (an embedding application's handlers: the Python package). The
+    /// events loop waits while it is full: a consumer that stops reading stalls the loop rather
+    /// than losing a message. `None`: nowhere.
+    pub messages: Option<tokio::sync::mpsc::Sender<Bytes>>,
 }
 
 impl ClientConfig {
@@ -82,6 +95,7 @@ impl ClientConfig {
             events_start_seq: -2,
             reconnect_window: crate::runner::DEFAULT_RECONNECT_WINDOW,
             local_address: None,
+            messages: None,
         }
     }
 }
@@ -93,6 +107,8 @@ pub struct ClientStats {
     pub telemetry_received: AtomicU64,
     /// Envelopes handed to the egress sink.
     pub relayed: AtomicU64,
+    /// Envelopes accepted but discarded: no egress sink (none configured, or telemetry opted out).
+    pub discarded: AtomicU64,
     /// Envelopes rejected because they claim another session or connection.
     pub rejected_foreign: AtomicU64,
     /// `telemetry` messages whose envelope is not a valid envelope.
@@ -116,8 +132,11 @@ pub struct ClientStats {
 pub struct ClientReport {
     /// `telemetry` messages received.
     pub telemetry_received: u64,
-    /// Envelopes handed to the egress sink.
+    /// Envelopes handed to the egress sink (or discarded, when there is none).
     pub relayed: u64,
+    /// Envelopes accepted but discarded: no egress sink (none configured, or telemetry opted out
+    /// by `SCOPE_TELEMETRY_DISABLED` / `DO_NOT_TRACK`).
+    pub discarded: u64,
     /// Envelopes claiming another session or connection.
     pub rejected_foreign: u64,
     /// Invalid envelopes.
@@ -170,6 +189,9 @@ pub enum RequestError {
     /// The client is shutting down.
     #[error("the client closed before the answer arrived")]
     Closed,
+    /// The answer came but cannot be used, e.g. `stream_started` without its media channels.
+    #[error("{0}")]
+    BadAnswer(String),
 }
 
 type Pending = Mutex<HashMap<String, oneshot::Sender<EventMessage>>>;
@@ -195,10 +217,11 @@ struct Shared {
 /// A connected client: the control writer, the events loop and the pinger.
 pub struct Client {
     config: ClientConfig,
-    control: JsonlWriter,
+    /// `None` when [`ClientConfig::control_url`] is empty (events only).
+    control: Option<JsonlWriter>,
     shared: Arc<Shared>,
     events: JoinHandle<()>,
-    pinger: JoinHandle<()>,
+    pinger: Option<JoinHandle<()>>,
 }
 
 impl Client {
@@ -207,18 +230,20 @@ impl Client {
     /// `egress` receives every accepted envelope; `None` makes the client count and drop them
     /// (as the seed does when no sink is installed).
     pub fn connect(config: ClientConfig, egress: Option<Arc<dyn Sink>>) -> Client {
-        let control = JsonlWriter::new(
-            Publisher::new(
-                config.control_url.clone(),
-                PublisherOptions {
-                    content_type: "application/jsonl".into(),
-                    reconnect_window: config.reconnect_window,
-                    local_address: config.local_address,
-                    ..PublisherOptions::default()
-                },
-            ),
-            JsonlWriterOptions::default(),
-        );
+        let control = (!config.control_url.is_empty()).then(|| {
+            JsonlWriter::new(
+                Publisher::new(
+                    config.control_url.clone(),
+                    PublisherOptions {
+                        content_type: "application/jsonl".into(),
+                        reconnect_window: config.reconnect_window,
+                        local_address: config.local_address,
+                        ..PublisherOptions::default()
+                    },
+                ),
+                JsonlWriterOptions::default(),
+            )
+        });
         // Constant, valid bounds: 1 ms to 1 h at 3 significant figures.
         let latency = Histogram::new_with_bounds(1, 3_600_000, 3).expect("valid histogram bounds");
         let shared = Arc::new(Shared {
@@ -236,7 +261,14 @@ impl Client {
             events_ended: AtomicBool::new(false),
         });
         let events = tokio::spawn(events_loop(config.clone(), shared.clone()));
-        let pinger = tokio::spawn(ping_loop(control.clone(), config.ping_interval));
+        // Only the events loop holds the message sender: the channel closes when the loop ends.
+        let config = ClientConfig {
+            messages: None,
+            ..config
+        };
+        let pinger = control
+            .clone()
+            .map(|control| tokio::spawn(ping_loop(control, config.ping_interval)));
         Client {
             config,
             control,
@@ -246,7 +278,8 @@ impl Client {
         }
     }
 
-    /// Waits until the runner reported `runner_ready`; returns its `startup_ms`.
+    /// Waits until the runner reported `runner_ready`; returns the `startup_ms` the message carried
+    /// (0: Scope's runner, and this one, report the cold start in the telemetry event instead).
     pub async fn wait_ready(&self, timeout: Duration) -> Option<u64> {
         let mut rx = self.shared.ready.subscribe();
         let ready = tokio::time::timeout(timeout, rx.wait_for(Option::is_some)).await;
@@ -261,7 +294,10 @@ impl Client {
         self.shared.notifications.subscribe()
     }
 
-    /// Starts the stream and waits for `stream_started`.
+    /// Starts the stream and waits for `stream_started` (at most [`START_STREAM_TIMEOUT`], as
+    /// Scope's client, or the request timeout if shorter), which must list the stream's media
+    /// channels with an `in` and an `out` (as Scope's client requires), unless it says
+    /// `status: "already_running"`. The answer is returned whole (see [`media_channels`]).
     pub async fn start_stream(&self, params: Value) -> Result<EventMessage, RequestError> {
         let request_id = new_request_id();
         let msg = ControlMessage::StartStream(StartStream {
@@ -269,7 +305,15 @@ impl Client {
             params,
             extra: Map::new(),
         });
-        self.request(request_id, msg).await
+        let timeout = self.config.request_timeout.min(START_STREAM_TIMEOUT);
+        let answer = self.request_within(request_id, msg, timeout).await?;
+        if let EventMessage::StreamStarted(r) = &answer {
+            let running = r.extra.get("status").and_then(Value::as_str) == Some("already_running");
+            if !running {
+                media_channels(&answer).map_err(RequestError::BadAnswer)?;
+            }
+        }
+        Ok(answer)
     }
 
     /// Stops the stream and waits for `stream_stopped`.
@@ -315,13 +359,24 @@ impl Client {
         request_id: String,
         msg: ControlMessage,
     ) -> Result<EventMessage, RequestError> {
+        self.request_within(request_id, msg, self.config.request_timeout)
+            .await
+    }
+
+    /// [`Client::request`], waiting at most `timeout`.
+    async fn request_within(
+        &self,
+        request_id: String,
+        msg: ControlMessage,
+        timeout: Duration,
+    ) -> Result<EventMessage, RequestError> {
         let (tx, rx) = oneshot::channel();
         self.shared.pending.lock().insert(request_id.clone(), tx);
         if let Err(e) = self.send(&msg).await {
             self.shared.pending.lock().remove(&request_id);
             return Err(e);
         }
-        let answer = tokio::time::timeout(self.config.request_timeout, rx).await;
+        let answer = tokio::time::timeout(timeout, rx).await;
         match answer {
             Ok(Ok(EventMessage::Error(e))) => Err(RequestError::Runner(Value::Object(e.extra))),
             Ok(Ok(msg)) => Ok(msg),
@@ -329,13 +384,18 @@ impl Client {
             Err(_) => {
                 self.shared.pending.lock().remove(&request_id);
                 self.shared.stats.request_timeouts.fetch_add(1, Relaxed);
-                Err(RequestError::Timeout(self.config.request_timeout))
+                Err(RequestError::Timeout(timeout))
             }
         }
     }
 
     async fn send(&self, msg: &ControlMessage) -> Result<(), RequestError> {
-        self.control
+        let Some(control) = &self.control else {
+            return Err(RequestError::Control(
+                "this client has no control channel (control_url is empty)".into(),
+            ));
+        };
+        control
             .write(msg)
             .await
             .map_err(|e| RequestError::Control(e.to_string()))
@@ -360,19 +420,52 @@ impl Client {
     /// Ends the session: closes the control channel (so the runner stops), then waits up to
     /// `drain` for the runner to flush and close the events channel, and returns the counters.
     pub async fn close(self, drain: Duration) -> ClientReport {
-        self.pinger.abort();
-        if let Err(e) = self.control.close().await {
-            tracing::warn!(error = %e, "closing the control channel failed");
+        if let Some(pinger) = &self.pinger {
+            pinger.abort();
+        }
+        if let Some(control) = &self.control {
+            if let Err(e) = control.close().await {
+                tracing::warn!(error = %e, "closing the control channel failed");
+            }
         }
         let mut events = self.events;
         if tokio::time::timeout(drain, &mut events).await.is_err() {
-            tracing::warn!(
-                ?drain,
-                "the events channel did not end in time; stopping the events loop"
-            );
+            // A zero drain asks to stop reading now: nothing to warn about.
+            if !drain.is_zero() {
+                tracing::warn!(
+                    ?drain,
+                    "the events channel did not end in time; stopping the events loop"
+                );
+            }
             events.abort();
         }
         self.shared.report()
+    }
+}
+
+/// The `in` and `out` media channel URLs of a `stream_started` answer, checked as Scope's client
+/// checks them: a missing list, or one without an `in` or an `out`, is an error.
+pub fn media_channels(answer: &EventMessage) -> Result<(String, String), String> {
+    let EventMessage::StreamStarted(r) = answer else {
+        return Err(format!(
+            "expected stream_started, the runner answered {}",
+            answer.type_name()
+        ));
+    };
+    let Some(channels) = r.extra.get("channels").and_then(Value::as_array) else {
+        return Err("stream_started response missing channels list".into());
+    };
+    let url_of = |direction: &str| {
+        channels.iter().rev().find_map(|c| {
+            (c.get("direction").and_then(Value::as_str) == Some(direction))
+                .then(|| c.get("url").and_then(Value::as_str))
+                .flatten()
+                .map(str::to_string)
+        })
+    };
+    match (url_of("in"), url_of("out")) {
+        (Some(input), Some(output)) => Ok((input, output)),
+        _ => Err("stream_started response missing in/out channels".into()),
     }
 }
 
@@ -391,6 +484,7 @@ impl Shared {
         ClientReport {
             telemetry_received: s.telemetry_received.load(Relaxed),
             relayed: s.relayed.load(Relaxed),
+            discarded: s.discarded.load(Relaxed),
             rejected_foreign: s.rejected_foreign.load(Relaxed),
             rejected_invalid: s.rejected_invalid.load(Relaxed),
             dropped_reported: s.dropped_reported.load(Relaxed),
@@ -410,30 +504,37 @@ impl Shared {
     }
 
     /// Handles one events-channel line (raw bytes from `JsonlReader::next_line`: validated here, once).
+    /// Returns the line when it is a valid message other than `telemetry`, for
+    /// [`ClientConfig::messages`].
     ///
     /// Fast path: a line exactly as the runner's sink writes it (`{"type":"telemetry","event":E}`)
     /// goes straight to [`Shared::relay_envelope`] with `E` sliced out of the line, without building an
     /// [`EventMessage`] or copying it. Anything else, or an `E` that is not a valid envelope there,
     /// takes the general path, which decides exactly as before.
-    fn dispatch_line(&self, line: Bytes) {
+    fn dispatch_line(&self, line: Bytes) -> Option<Bytes> {
         // The line is raw (the reader checks framing only): each path below validates it, once.
         if let Some(envelope) = canonical_telemetry(&line) {
             if let Ok(envelope) = RawEnvelope::parse(envelope) {
                 self.stats.telemetry_received.fetch_add(1, Relaxed);
                 self.relay_envelope(envelope);
-                return;
+                return None;
             }
         }
         let msg = std::str::from_utf8(&line)
             .map_err(|e| e.to_string())
             .and_then(|text| serde_json::from_str::<EventMessage>(text).map_err(|e| e.to_string()));
         match msg {
-            Ok(msg) => self.dispatch(msg),
+            Ok(msg) => {
+                let forward = !matches!(msg, EventMessage::Telemetry(_));
+                self.dispatch(msg);
+                forward.then_some(line)
+            }
             Err(e) => {
                 let n = self.bad_messages.fetch_add(1, Relaxed) + 1;
                 if n.is_power_of_two() {
                     tracing::warn!(error = %e, bad_messages = n, "events line is not a valid message; skipped");
                 }
+                None
             }
         }
     }
@@ -445,9 +546,9 @@ impl Shared {
                 self.relay(Bytes::copy_from_slice(t.event.get().as_bytes()))
             }
             EventMessage::RunnerReady(r) => {
+                // Scope's runner puts its cold start in the `runner_ready` telemetry event only.
                 let startup_ms = r.startup_ms.as_ref().and_then(|n| n.as_u64()).unwrap_or(0);
                 tracing::info!(
-                    startup_ms,
                     job = r.runner_job_id.as_deref().unwrap_or("-"),
                     "runner ready"
                 );
@@ -541,14 +642,18 @@ impl Shared {
             self.stats.dropped_reported.fetch_add(dropped, Relaxed);
             tracing::warn!(dropped, "the runner reported dropped telemetry");
         }
+        let received_ms = crate::unix_ms();
         if let Some(ts) = envelope.timestamp().and_then(|t| t.parse::<u64>().ok()) {
-            let lag = crate::unix_ms().saturating_sub(ts).max(1);
+            let lag = received_ms.saturating_sub(ts).max(1);
             let _ = self.latency.lock().record(lag);
         }
-        envelope.annotate_relayed_via("trickle");
+        envelope.annotate_relay("trickle", received_ms);
         self.stats.relayed.fetch_add(1, Relaxed);
-        if let Some(egress) = &self.egress {
-            egress.emit(Event::Raw(envelope));
+        match &self.egress {
+            Some(egress) => egress.emit(Event::Raw(envelope)),
+            None => {
+                self.stats.discarded.fetch_add(1, Relaxed);
+            }
         }
     }
 }
@@ -557,23 +662,7 @@ impl Shared {
 ///
 /// An orchestrator normally creates a job's channels; this is for servers run with autocreate.
 pub async fn create_channel(url: &str) -> anyhow::Result<()> {
-    let response = reqwest::Client::new()
-        .post(url)
-        .header(trickle::headers::EXPECT_CONTENT, "application/jsonl")
-        .send()
-        .await
-        .map_err(|e| {
-            anyhow::anyhow!(
-                "cannot reach {url} to create the channel ({e}); is the trickle server running?"
-            )
-        })?;
-    if !response.status().is_success() {
-        anyhow::bail!(
-            "creating channel {url} answered {}; does the server allow channel creation (serve --autocreate)?",
-            response.status()
-        );
-    }
-    Ok(())
+    crate::channels::create_channel(url, "application/jsonl").await
 }
 
 /// What the runner's sink writes before each envelope (its exact bytes).
@@ -635,7 +724,13 @@ async fn events_loop(config: ClientConfig, shared: Arc<Shared>) {
             );
         }
         match next {
-            Ok(Some(line)) => shared.dispatch_line(line),
+            Ok(Some(line)) => {
+                let forward = shared.dispatch_line(line);
+                if let (Some(line), Some(tx)) = (forward, &config.messages) {
+                    // A consumer that went away only stops getting messages; telemetry goes on.
+                    let _ = tx.send(line).await;
+                }
+            }
             Ok(None) => {
                 tracing::info!(events = %config.events_url, "events channel ended");
                 break;

@@ -1,18 +1,28 @@
 //! The runner role: the GPU side of a session.
 //!
-//! For the life of its control subscription the runner:
+//! It behaves as Scope's runner (`livepeer_app.py`) does, so a Scope client can drive it. For the
+//! life of its control subscription the runner:
 //! - installs a [`TrickleEventsSink`] as the process's telemetry sink, so every `publish_event`
 //!   (its own, or a local process's through [`ingest`]) becomes a `telemetry` line on the events
 //!   channel;
-//! - writes `runner_ready` with its cold-start `startup_ms`;
-//! - answers the control channel: `ping` → `pong`, `start_stream` → `stream_started`,
-//!   `stop_stream` → `stream_stopped`, `parameters` → `parameters_ack`, `api` → `api_response`,
-//!   driving a simulated [`pipeline::Pipeline`] that emits lifecycle, heartbeat and error telemetry;
+//! - writes the `runner_ready` control message (`runner_job_id`), and a `runner_ready` telemetry
+//!   event with metadata `{"mode": "livepeer", "startup_ms": <cold start>}`;
+//! - answers **every** control message in Scope's shapes ([`control`]): `start_stream` creates the
+//!   stream's `in` and `out` media channels and passes input segments through to the output
+//!   ([`media`]), `stream_started` lists them in `channels`; unknown types get `error`;
+//! - drives a simulated [`pipeline::Pipeline`]: `session_created` (`{"mode": "livepeer"}`) and
+//!   lifecycle events at the start, `stream_heartbeat` with the seed's fields every
+//!   [`RunnerConfig::heartbeat_interval`] (10 s, as the seed) while a stream runs, lifecycle
+//!   events and `session_closed` at its stop, media loop failures as `error` events;
 //! - forwards its own log lines in `logs` batches (at most 50 lines, every 0.5 s).
 //!
-//! When the control channel ends (the client closed it) or on shutdown, it stops the stream, drains
-//! the sink (writing a final `telemetry_dropped` if anything was dropped), and closes the events
-//! channel so the client's events loop ends too.
+//! With telemetry opted out (`SCOPE_TELEMETRY_DISABLED` / `DO_NOT_TRACK`) it says so once and
+//! publishes nothing: its own events and the ingest endpoint's are discarded (the endpoint counts
+//! them); control is answered as usual.
+//!
+//! When the control channel ends (the client closed it) or on shutdown, it stops the stream (media
+//! channels deleted), drains the sink (writing a final `telemetry_dropped` if anything was
+//! dropped), and closes the events channel so the client's events loop ends too.
 //!
 //! A trickle server outage shorter than [`RunnerConfig::reconnect_window`] does not end the
 //! session: the control subscription reconnects (and reads on from where it broke off), and the
@@ -25,9 +35,12 @@
 //! An idle runner costs next to nothing: its telemetry drain parks until an event arrives (polling
 //! at most every [`RunnerConfig::telemetry_max_poll`] for loss reports), and it has no other
 //! timers than its heartbeat and its writers' segment rotation. Many runners may share a process
-//! ([`RunnerConfig::install_sink`] off), as `bench sessions` runs them.
+//! ([`RunnerConfig::install_sink`] off), as `bench sessions` runs them: each publishes its own
+//! events to its own sink.
 
+pub mod control;
 pub mod ingest;
+pub mod media;
 pub mod pipeline;
 pub mod vram;
 
@@ -35,7 +48,7 @@ use crate::logtail::LogTail;
 use crate::SessionIds;
 use anyhow::Context as _;
 use pipeline::{Emit, Pipeline};
-use serde_json::{json, Value};
+use serde_json::{json, Map, Value};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -46,7 +59,6 @@ use tokio_util::sync::CancellationToken;
 use trickle::jsonl::{
     JsonlReader, JsonlReaderOptions, JsonlWriter, JsonlWriterOptions, ReaderStats, WriterStats,
 };
-use trickle::messages::ControlMessage;
 use trickle::publisher::{Publisher, PublisherOptions, PublisherStats};
 use trickle::subscriber::{Subscriber, SubscriberOptions, SubscriberStats};
 
@@ -65,6 +77,9 @@ pub const DEFAULT_TELEMETRY_MAX_POLL: Duration = Duration::from_secs(1);
 /// (the server's 5-segment window) before it skips telemetry, four times the 1 MiB default's
 /// slack, while every segment stays under the Python reader's 5 MiB cap.
 pub const DEFAULT_EVENTS_SEGMENT_BYTES: usize = 4 << 20;
+
+/// Default [`RunnerConfig::heartbeat_interval`]: every 10 s, as the seed's `FrameProcessor`.
+pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Default [`RunnerConfig::reconnect_window`]: ride out a trickle server outage of up to a minute.
 pub const DEFAULT_RECONNECT_WINDOW: Duration = Duration::from_secs(60);
@@ -86,8 +101,8 @@ pub struct RunnerConfig {
     /// How often the telemetry drain looks for queued events: the most a quiet event waits
     /// before it is written (the queue wakes it sooner only when half full).
     pub telemetry_poll_interval: Duration,
-    /// How far an idle telemetry drain backs off its polling (it doubles from
-    /// `telemetry_poll_interval` while nothing comes); an event wakes it at once regardless.
+    /// How far an idle telemetry drain backs off its polling (after activity it polls every
+    /// `telemetry_poll_interval` once more, then this); an event wakes it at once regardless.
     pub telemetry_max_poll: Duration,
     /// How long the idle drain must have been parked before an event wakes it at once
     /// (`Duration::MAX`: never woken, it only polls); see `telemetry::queue::DEFAULT_MIN_IDLE`.
@@ -96,8 +111,13 @@ pub struct RunnerConfig {
     /// segments, so this sets how far (5 × this) a reader may fall behind before it skips; the
     /// Python reader caps a whole segment at 5 MiB, so stay below that.
     pub events_segment_bytes: usize,
-    /// How often a running stream emits `stream_heartbeat`.
+    /// How often a running stream emits `stream_heartbeat` (the seed: every 10 s).
     pub heartbeat_interval: Duration,
+    /// Where `start_stream` creates the media channels: the trickle server's base URL. `None`:
+    /// the server and base path of the control channel.
+    pub media_base_url: Option<String>,
+    /// Largest media input segment the passthrough accepts.
+    pub max_media_segment_bytes: usize,
     /// The simulated pipeline's id and frame rate.
     pub pipeline_id: String,
     /// Nominal frames per second of the simulated pipeline.
@@ -122,8 +142,8 @@ pub struct RunnerConfig {
     /// `publish_event` in the process goes to this session. Off, only the runner's own events
     /// (and [`ingest`]) reach its events channel: for many runners in one process.
     pub install_sink: bool,
-    /// Local address both channels connect from (`None`: the system's choice); see
-    /// [`trickle::publisher::PublisherOptions::local_address`].
+    /// Local address every channel of the runner connects from (`None`: the system's choice);
+    /// see [`trickle::publisher::PublisherOptions::local_address`].
     pub local_address: Option<IpAddr>,
 }
 
@@ -140,7 +160,9 @@ impl RunnerConfig {
             telemetry_max_poll: DEFAULT_TELEMETRY_MAX_POLL,
             telemetry_min_idle: telemetry::queue::DEFAULT_MIN_IDLE,
             events_segment_bytes: DEFAULT_EVENTS_SEGMENT_BYTES,
-            heartbeat_interval: Duration::from_secs(1),
+            heartbeat_interval: DEFAULT_HEARTBEAT_INTERVAL,
+            media_base_url: None,
+            max_media_segment_bytes: 64 << 20,
             pipeline_id: "passthrough".into(),
             pipeline_fps: 30.0,
             forward_logs: true,
@@ -173,6 +195,8 @@ pub struct RunnerReport {
     pub events_publisher: PublisherStats,
     /// The control subscription's counters (`reconnects`, `resumed_segments`...).
     pub control: SubscriberStats,
+    /// The media passthrough's counters, over every stream.
+    pub media: media::MediaStats,
 }
 
 /// Runs the runner until its control channel ends or `shutdown` fires.
@@ -199,7 +223,7 @@ pub async fn run(
             ..JsonlWriterOptions::default()
         },
     );
-    let mut session = config.session.clone();
+    let session = config.session.clone();
     let sink = TrickleEventsSink::spawn_on(
         &tokio::runtime::Handle::current(),
         events.clone(),
@@ -226,20 +250,26 @@ pub async fn run(
         .install_sink
         .then(|| telemetry::install_sink(installed.clone()));
 
+    if let Some(by) = telemetry::egress::opted_out_by(|k| std::env::var(k).ok()) {
+        telemetry::set_telemetry_enabled(false);
+        tracing::warn!("telemetry disabled by {by}: this runner publishes no telemetry (its own events and the ingest endpoint's are discarded); control is answered as usual");
+    }
     let startup_ms = config.started_at.elapsed().as_millis() as u64;
+    // Scope's runner sends only the job id here; the cold start is in the telemetry event.
     events
-        .write(&strip_nulls(json!({
+        .write(&json!({
             "type": "runner_ready",
             "runner_job_id": config.runner_job_id,
-            "startup_ms": startup_ms,
-        })))
+        }))
         .await
         .with_context(|| format!("cannot write to the events channel {}", config.events_url))?;
     publish(
         &installed,
         &session,
         None,
-        Emit::new("runner_ready").with("startup_ms", json!(startup_ms)),
+        Emit::new("runner_ready")
+            .with("mode", json!("livepeer"))
+            .with("startup_ms", json!(startup_ms)),
     );
     tracing::info!(startup_ms, events = %config.events_url, "runner ready");
 
@@ -269,7 +299,23 @@ pub async fn run(
     if let Some(name) = vram.as_ref().and_then(vram::Vram::device_name) {
         tracing::info!(gpu = %name, "reading VRAM through NVML");
     }
-    let mut pipeline = Pipeline::new(config.pipeline_id.clone(), config.pipeline_fps);
+    let mut state = control::StreamState {
+        session: session.clone(),
+        pipeline: Pipeline::new(config.pipeline_id.clone(), config.pipeline_fps),
+        vram,
+        media_options: media::MediaOptions {
+            base_url: config
+                .media_base_url
+                .clone()
+                .unwrap_or_else(|| crate::channels::sibling_url(&config.control_url, "")),
+            reconnect_window: config.reconnect_window,
+            max_segment_bytes: config.max_media_segment_bytes,
+            local_address: config.local_address,
+        },
+        media: None,
+        media_done: media::MediaStats::default(),
+        sink: installed.clone(),
+    };
     let mut heartbeat = tokio::time::interval(config.heartbeat_interval);
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut report = RunnerReport::default();
@@ -280,22 +326,24 @@ pub async fn run(
             msg = control_rx.recv() => match msg {
                 Some(msg) => {
                     report.control_messages += 1;
-                    handle(msg, &installed, &mut pipeline, &mut session, &events, &vram).await;
+                    let was_streaming = state.is_streaming();
+                    let answer = control::answer(msg, &mut state).await;
+                    if let Err(e) = events.write(&answer).await {
+                        tracing::warn!(error = %e, "cannot answer on the events channel");
+                    }
+                    if !was_streaming && state.is_streaming() {
+                        // The first heartbeat comes one interval after the start, as the seed's.
+                        heartbeat.reset();
+                    }
                 }
                 None => break,
             },
-            _ = heartbeat.tick(), if pipeline.is_streaming() => {
-                if let Some(emit) = pipeline.heartbeat(Instant::now(), vram.as_ref().and_then(vram::Vram::read)) {
-                    publish(&installed, &session, Some(pipeline.id()), emit);
-                }
-            }
+            _ = heartbeat.tick(), if state.is_streaming() => state.heartbeat(),
         }
     }
 
-    for emit in pipeline.stop(Instant::now()) {
-        publish(&installed, &session, Some(pipeline.id()), emit);
-    }
-    publish(&installed, &session, None, Emit::new("session_closed"));
+    state.stop_stream().await;
+    report.media = state.media_stats();
     reader_task.abort();
     let _ = reader_task.await;
     let control = *control_stats.lock();
@@ -333,7 +381,7 @@ async fn read_control(
     url: String,
     reconnect_window: Duration,
     local_address: Option<IpAddr>,
-    tx: mpsc::Sender<ControlMessage>,
+    tx: mpsc::Sender<Map<String, Value>>,
     stats: Arc<parking_lot::Mutex<ReaderStats>>,
 ) {
     let subscriber = Subscriber::new(
@@ -346,7 +394,8 @@ async fn read_control(
     );
     let mut reader = JsonlReader::new(subscriber, JsonlReaderOptions::default());
     loop {
-        let next = reader.next::<ControlMessage>().await;
+        // Raw objects: a message of a known type with a wrong shape is still answered (`error`).
+        let next = reader.next::<Map<String, Value>>().await;
         *stats.lock() = reader.stats();
         match next {
             Ok(Some(msg)) => {
@@ -366,90 +415,14 @@ async fn read_control(
     }
 }
 
-/// Answers one control message.
-async fn handle(
-    msg: ControlMessage,
-    sink: &Arc<dyn Sink>,
-    pipeline: &mut Pipeline,
-    session: &mut SessionIds,
-    events: &JsonlWriter,
-    vram: &Option<vram::Vram>,
-) {
-    let answer = match msg {
-        ControlMessage::Ping(ping) => {
-            json!({"type": "pong", "timestamp": ping.timestamp, "request_id": ping.request_id})
-        }
-        ControlMessage::StartStream(start) => {
-            adopt_session(session, &start.params);
-            publish(sink, session, None, Emit::new("session_created"));
-            for emit in pipeline.start(Instant::now()) {
-                publish(sink, session, Some(pipeline.id()), emit);
-            }
-            // The first heartbeat carries the GPU's state at start.
-            if let Some(emit) =
-                pipeline.heartbeat(Instant::now(), vram.as_ref().and_then(vram::Vram::read))
-            {
-                publish(sink, session, Some(pipeline.id()), emit);
-            }
-            json!({"type": "stream_started", "request_id": start.request_id, "pipeline_id": pipeline.id()})
-        }
-        ControlMessage::StopStream(stop) => {
-            for emit in pipeline.stop(Instant::now()) {
-                publish(sink, session, Some(pipeline.id()), emit);
-            }
-            json!({"type": "stream_stopped", "request_id": stop.request_id})
-        }
-        ControlMessage::Parameters(p) => {
-            // The simulated pipeline fails on demand, so the error path can be exercised end to end.
-            if let Some(message) = p.params.get("inject_error").and_then(Value::as_str) {
-                let media_loop = p.params.get("media_loop").and_then(Value::as_str);
-                for emit in pipeline.fail(message, media_loop) {
-                    publish(sink, session, Some(pipeline.id()), emit);
-                }
-            }
-            json!({"type": "parameters_ack", "params": p.params})
-        }
-        ControlMessage::Api(api) => {
-            let (status, body) = api_answer(&api.method, &api.path, pipeline);
-            json!({"type": "api_response", "request_id": api.request_id, "status": status, "body": body})
-        }
-        ControlMessage::Unknown(m) => {
-            let kind = m.get("type").and_then(Value::as_str).unwrap_or("-");
-            tracing::debug!(r#type = kind, "unknown control message skipped");
-            return;
-        }
-    };
-    if let Err(e) = events.write(&strip_nulls(answer)).await {
-        tracing::warn!(error = %e, "cannot answer on the events channel");
-    }
-}
-
-/// The simulated app's HTTP API, reached through `api` control messages.
-fn api_answer(method: &str, path: &str, pipeline: &Pipeline) -> (u16, Value) {
-    match (method, path) {
-        ("GET", "/health") => (200, json!({"status": "ok"})),
-        ("GET", "/api/v1/pipeline/status") => (
-            200,
-            json!({"pipeline_id": pipeline.id(), "streaming": pipeline.is_streaming()}),
-        ),
-        _ => (404, json!({"detail": format!("no route {method} {path}")})),
-    }
-}
-
-/// Takes the session's ids from `start_stream` params where the runner was not given them.
-fn adopt_session(session: &mut SessionIds, params: &Value) {
-    let take = |key: &str| params.get(key).and_then(Value::as_str).map(str::to_string);
-    if session.session_id.is_none() {
-        session.session_id = take("session_id");
-    }
-    if session.connection_id.is_none() {
-        session.connection_id = take("connection_id");
-    }
-}
-
 /// Builds the envelope for `emit` and hands it to the runner's sink (not the process-wide one,
 /// which another runner in the same process may hold). A no-op when telemetry is opted out.
-fn publish(sink: &Arc<dyn Sink>, session: &SessionIds, pipeline_id: Option<&str>, emit: Emit) {
+pub(crate) fn publish(
+    sink: &Arc<dyn Sink>,
+    session: &SessionIds,
+    pipeline_id: Option<&str>,
+    emit: Emit,
+) {
     if !telemetry::telemetry_enabled() {
         return;
     }
@@ -473,14 +446,6 @@ fn publish(sink: &Arc<dyn Sink>, session: &SessionIds, pipeline_id: Option<&str>
         emit.event_type,
         fields,
     ))));
-}
-
-/// Drops `null` members so optional answer fields are omitted, as the Python runner omits them.
-fn strip_nulls(mut value: Value) -> Value {
-    if let Value::Object(map) = &mut value {
-        map.retain(|_, v| !v.is_null());
-    }
-    value
 }
 
 /// Forwards this process's log lines in batches of at most 50, every 0.5 s; returns lines sent.

@@ -2,11 +2,16 @@
 //!
 //! Authenticates each request against `--api-keys` (one key per line; reloaded on SIGHUP),
 //! enforces the size, count and rate limits, drops duplicates by event id, and answers 200 only
-//! once the output (`--output jsonl:PATH`, appended and fsynced) has the events. See the
-//! `collector` crate for the full contract.
+//! once the output has the events: `--output jsonl:PATH` (appended and fsynced) or `kafka[:TOPIC]`;
+//! without `--output`, Kafka when `KAFKA_BOOTSTRAP_SERVERS` is set (as the seed's collector
+//! publishes to Kafka), else `metrics.jsonl` in the working directory, named in full in the
+//! startup line. Duplicates are remembered in this process (`--dedup memory`, the default) or, for
+//! several collectors behind one load balancer, in a Redis they share (`--dedup
+//! redis://HOST:PORT`). See the `collector` crate for the full contract.
 
 use anyhow::Context as _;
-use collector::{ApiKeys, Collector, CollectorConfig, Output};
+use collector::redis_dedup::{RedisDedup, RedisDedupConfig};
+use collector::{ApiKeys, Collector, CollectorConfig};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -24,8 +29,9 @@ pub struct Args {
     pub api_keys: PathBuf,
     /// Where accepted events go: `jsonl:PATH` (appended, fsynced before each 200), or
     /// `kafka[:TOPIC]` (produced, acknowledged by Kafka before each 200; `KAFKA_BOOTSTRAP_SERVERS`).
-    #[arg(long, default_value = "jsonl:metrics.jsonl")]
-    pub output: String,
+    /// Default: `kafka` when `KAFKA_BOOTSTRAP_SERVERS` is set, else `jsonl:metrics.jsonl`.
+    #[arg(long)]
+    pub output: Option<String>,
     /// Largest request body in bytes, compressed or not.
     #[arg(long, default_value_t = 1_000_000)]
     pub max_body_bytes: usize,
@@ -38,12 +44,22 @@ pub struct Args {
     /// Burst per API key (token bucket size).
     #[arg(long, default_value_t = 100.0)]
     pub burst: f64,
-    /// Event ids remembered for dedup.
+    /// Where written event ids are remembered: `memory` (this process; seeded from the output at
+    /// start) or `redis://[:PASSWORD@]HOST:PORT[/DB]`, shared by every collector using it (run
+    /// Redis with `--appendonly yes --appendfsync always`). While Redis is unreachable, requests
+    /// are answered 503 and the reporter retries; `/health` says so.
+    #[arg(long, default_value = "memory", env = "COLLECTOR_DEDUP")]
+    pub dedup: String,
+    /// Event ids remembered for dedup (`--dedup memory`).
     #[arg(long, default_value_t = 1_000_000)]
     pub dedup_window: usize,
     /// Seconds an event id is remembered for dedup.
     #[arg(long, default_value_t = 3600)]
     pub dedup_ttl_secs: u64,
+    /// Seconds a Redis claim lives if its collector dies before committing it: longer than any
+    /// write to the output may take (`--dedup redis://...`).
+    #[arg(long, default_value_t = 60)]
+    pub dedup_claim_secs: u64,
     /// Seconds between two counter log lines (only when they changed).
     #[arg(long, default_value_t = 10)]
     pub log_interval_secs: u64,
@@ -52,7 +68,11 @@ pub struct Args {
 /// Runs the collector until Ctrl-C / SIGTERM.
 pub async fn run(args: Args) -> anyhow::Result<()> {
     let keys = Arc::new(ApiKeys::load(&args.api_keys)?);
-    let output = open_output(&args.output)?;
+    let (spec, why) = match &args.output {
+        Some(spec) => (spec.clone(), ""),
+        None => kafka::output::default_spec(),
+    };
+    let output = kafka::output::open(&spec).map_err(anyhow::Error::msg)?;
     let config = CollectorConfig {
         max_body_bytes: args.max_body_bytes,
         max_events: args.max_events,
@@ -61,7 +81,20 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         dedup_capacity: args.dedup_window,
         dedup_ttl: Duration::from_secs(args.dedup_ttl_secs),
     };
-    let collector = Collector::new(config, keys.clone(), output);
+    let mut dedup_name = "memory".to_owned();
+    let collector = match args.dedup.as_str() {
+        "memory" => Collector::new(config, keys.clone(), output),
+        url if url.starts_with("redis://") => {
+            let mut cfg = RedisDedupConfig::new(url, config.dedup_ttl);
+            cfg.claim_ttl = Duration::from_secs(args.dedup_claim_secs.max(1));
+            let dedup = RedisDedup::start(cfg).map_err(anyhow::Error::msg)?;
+            dedup_name = format!("redis at {}", dedup.addr());
+            Collector::with_redis_dedup(config, keys.clone(), output, dedup)
+        }
+        // Not echoed: the value may carry a password.
+        _ => anyhow::bail!("--dedup: unknown store; use memory or redis://HOST:PORT"),
+    };
+    collector.check_dedup().await;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| {
@@ -72,9 +105,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         })?;
     let addr = listener.local_addr()?;
     eprintln!(
-        "collector: listening on http://{addr}/v1/metrics ({} keys, output {})",
+        "collector: listening on http://{addr}/v1/metrics ({} keys, output {spec}{why}, dedup {dedup_name})",
         keys.len(),
-        args.output
     );
 
     let shutdown = CancellationToken::new();
@@ -108,18 +140,6 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let _ = logger.await;
     collector.log_stats();
     Ok(())
-}
-
-/// Opens the output an `--output` spec names. Outputs that live outside the `collector` crate
-/// (e.g. `kafka:...`) get their arm here; `jsonl:PATH` is the collector's own.
-fn open_output(spec: &str) -> anyhow::Result<Arc<dyn Output>> {
-    // `kafka` or `kafka:TOPIC`: each event produced as its envelope, 200 only once Kafka acked
-    // the whole request (broker and credentials from KAFKA_BOOTSTRAP_SERVERS / KAFKA_SASL_*).
-    if spec == "kafka" || spec.starts_with("kafka:") {
-        let output = kafka::KafkaOutput::from_spec(spec).map_err(anyhow::Error::msg)?;
-        return Ok(Arc::new(output));
-    }
-    collector::output::open(spec).map_err(anyhow::Error::msg)
 }
 
 /// Re-reads the keys file on SIGHUP; a bad file keeps the current keys (and says why).

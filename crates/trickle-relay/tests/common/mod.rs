@@ -3,6 +3,8 @@
 //! Each test binary includes this with `mod common;` and uses what it needs.
 #![allow(dead_code)]
 
+pub mod proxy;
+
 use serde_json::Value;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
@@ -256,4 +258,108 @@ pub fn collector_output(path: &Path) -> Vec<Value> {
             v
         })
         .collect()
+}
+
+/// What the client's relay annotation of an envelope looks like, undone: from an egressed line,
+/// the line as the runner wrote it and the `relay_received_timestamp` the client stamped. `None`
+/// unless exactly `"relayed_via":"trickle"` and `"relay_received_timestamp":"<ms>"` were spliced
+/// in at the end of `data` (every other byte the same), as the spec asks.
+pub fn unrelay(line: &str) -> Option<(String, u64)> {
+    const VIA: &str = r#""relayed_via":"trickle","relay_received_timestamp":""#;
+    let at = line.rfind(VIA)?;
+    let digits_start = at + VIA.len();
+    let digits_len = line[digits_start..].find('"')?;
+    let received: u64 = line[digits_start..digits_start + digits_len].parse().ok()?;
+    let end = digits_start + digits_len + 1;
+    // The run ends `data` (its closing brace follows) and is joined by a comma unless it is alone.
+    if !line[end..].starts_with('}') {
+        return None;
+    }
+    let start = if line[..at].ends_with(',') {
+        at - 1
+    } else {
+        at
+    };
+    let original = format!("{}{}", &line[..start], &line[end..]);
+    let data_is_last: Value = serde_json::from_str(line).ok()?;
+    (data_is_last["data"]["relayed_via"] == "trickle").then_some((original, received))
+}
+
+/// [`unrelay`], failing the test with the line when it is not a relayed envelope.
+pub fn unrelay_or_fail(line: &str) -> (String, u64) {
+    unrelay(line).unwrap_or_else(|| panic!("not annotated inside data as the spec asks: {line}"))
+}
+
+/// `GET url` as JSON, `None` on any failure (not up yet, not JSON): for polling endpoints.
+pub fn get_json(url: &str) -> Option<Value> {
+    reqwest::blocking::Client::new()
+        .get(url)
+        .timeout(Duration::from_secs(2))
+        .send()
+        .ok()?
+        .json()
+        .ok()
+}
+
+/// A trickle server, a session's two channels on it, and a runner taking envelopes on `ingest`.
+pub struct Session {
+    pub server: Proc,
+    /// The trickle server's address.
+    pub addr: SocketAddr,
+    pub runner: Proc,
+    pub control: String,
+    pub events: String,
+    pub ingest: SocketAddr,
+}
+
+/// Starts a [`Session`] for `session`/`connection`, ready to take events.
+pub fn session_with_runner((session, connection): (&str, &str)) -> Session {
+    let addr = free_addr();
+    let server = serve(addr, &[]);
+    let (control, events) = create_session_channels(addr);
+    let ingest = free_addr();
+    let runner = runner_with_ingest(
+        (&control, &events),
+        (session, connection),
+        ingest,
+        &[],
+        None,
+    );
+    Session {
+        server,
+        addr,
+        runner,
+        control,
+        events,
+        ingest,
+    }
+}
+
+/// The Python interpreter of the test venv (`target/python-venv`, or `$TRICKLE_RELAY_VENV`) with
+/// livepeer-gateway installed; fails the test saying how to make it when it is missing.
+pub fn venv_python() -> std::path::PathBuf {
+    let venv = std::env::var_os("TRICKLE_RELAY_VENV")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/python-venv"));
+    let python = venv.join("bin/python");
+    let ok = Command::new(&python)
+        .args(["-c", "import livepeer_gateway"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(
+        ok,
+        "the Python test venv with livepeer-gateway is missing at {}: run scripts/python-env.sh \
+         (scripts/test.sh does) and rerun",
+        venv.display()
+    );
+    python
+}
+
+/// A Python script of `tests/python/`.
+pub fn python_script(name: &str) -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/python")
+        .join(name)
 }

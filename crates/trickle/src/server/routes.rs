@@ -55,14 +55,16 @@ fn parse_seq(s: &str) -> Option<i64> {
     s.parse::<i64>().ok().filter(|n| (-2..=MAX_SEQ).contains(n))
 }
 
-/// One request, start to finish.
-pub(crate) async fn handle(ctx: &Ctx, conn: &mut Conn, head: Head) -> Outcome {
+/// One request, start to finish. `ready_at` is the serial the connection got when it became
+/// ready for this request (what a DELETE racing it compares with).
+pub(crate) async fn handle(ctx: &Ctx, conn: &mut Conn, head: Head, ready_at: u64) -> Outcome {
     let mut body = Body::new(head.body);
     let mut req = Req {
         ctx,
         conn,
         head: &head,
         body: &mut body,
+        ready_at,
     };
     match (head.method, route(&ctx.base, &head.path)) {
         (Method::Post, Route::Channel(name)) => req.create(name).await,
@@ -98,6 +100,8 @@ struct Req<'a> {
     conn: &'a mut Conn,
     head: &'a Head,
     body: &'a mut Body,
+    /// The serial the connection got when it became ready for this request.
+    ready_at: u64,
 }
 
 impl Req<'_> {
@@ -152,11 +156,12 @@ impl Req<'_> {
     /// `POST /{channel}`: create (autocreate only); `Expect-Content` is the MIME type.
     async fn create(&mut self, name: &str) -> Outcome {
         let mime = self.head.expect_content.clone().unwrap_or_default();
-        match self
-            .ctx
-            .registry
-            .get_or_create(name, &mime, self.ctx.autocreate)
-        {
+        match self.ctx.registry.get_or_create_for(
+            name,
+            &mime,
+            self.ctx.autocreate,
+            Some(self.ready_at),
+        ) {
             Ok(_) => self.ok(&[], b"", false).await,
             Err(Lookup::NotFound) => self.error(404, &[], "Stream not found", false).await,
             Err(e) => self.refused(e).await,
@@ -247,12 +252,12 @@ impl Req<'_> {
 
     /// Streams a segment: what it holds, then the rest as it arrives, until it closes.
     async fn stream(&mut self, ch: &Channel, seg: Arc<Segment>, latest: i64) -> Outcome {
+        let _reading = seg.reading();
         let chunked = !self.head.http10;
         let keep = chunked && self.reusable();
         let mut pos = 0usize;
-        // Grown on first use: a preconnected reader may wait a long time before any data.
-        let mut batch: Vec<Bytes> = Vec::new();
-        let mut prefix: Vec<u8> = Vec::new();
+        let mut batch: Vec<Bytes> = Vec::with_capacity(MAX_BATCH);
+        let mut prefix: Vec<u8> = Vec::with_capacity(256);
         let mut started = false;
         loop {
             batch.clear();
@@ -327,13 +332,14 @@ impl Req<'_> {
             return self.error(404, &[], "Stream not found", true).await;
         };
         let mime = self.head.content_type.clone().unwrap_or_default();
-        let ch = match ctx
-            .registry
-            .get_or_create_for_segment(name, &mime, ctx.autocreate)
-        {
-            Ok(ch) => ch,
-            Err(e) => return self.refused(e).await,
-        };
+        let ch =
+            match ctx
+                .registry
+                .get_or_create_for(name, &mime, ctx.autocreate, Some(self.ready_at))
+            {
+                Ok(ch) => ch,
+                Err(e) => return self.refused(e).await,
+            };
         let Some(w) = ch.for_write(seq, self.head.reset) else {
             return self.error(404, &[], "Stream not found", true).await;
         };
@@ -344,7 +350,10 @@ impl Req<'_> {
             return Outcome::Abort;
         }
         match w.writer {
-            Some(writer) => self.write_segment(&ch, &w.seg, w.seq, writer).await,
+            Some(writer) => {
+                let _writing = w.seg.writing();
+                self.write_segment(&ch, &w.seg, w.seq, writer).await
+            }
             None => self.discard_body(w.seq).await,
         }
     }
