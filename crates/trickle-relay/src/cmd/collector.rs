@@ -97,7 +97,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             )
         })?;
     let addr = listener.local_addr()?;
-    eprintln!(
+    logging::say!(
         "collector: listening on http://{addr}/v1/metrics ({} keys, output {}, dedup {dedup_name})",
         keys.len(),
         args.output
