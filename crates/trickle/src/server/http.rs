@@ -536,6 +536,56 @@ mod tests {
         }
     }
 
+    #[tokio::test]
+    async fn a_connection_buffer_starts_small_is_bounded_for_a_body_and_released_after_it() {
+        use tokio::io::AsyncWriteExt as _;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        const BODY: usize = 1 << 20;
+        let mut wire = format!("POST /c/0 HTTP/1.1\r\nContent-Length: {BODY}\r\n\r\n").into_bytes();
+        wire.extend(std::iter::repeat_n(b'x', BODY));
+        let client = tokio::spawn(async move {
+            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+            s.write_all(&wire).await.unwrap();
+            s
+        });
+        let (stream, _) = listener.accept().await.unwrap();
+        let mut conn = Conn::new(stream);
+        assert_eq!(
+            conn.buf.capacity(),
+            0,
+            "nothing allocated before the first read"
+        );
+        let head = read_head(&mut conn).await.unwrap();
+        // A head (and an idle wait) costs ~1 KiB, not a body-sized buffer.
+        assert!(
+            conn.buf.capacity() <= SMALL_RESERVE,
+            "{}",
+            conn.buf.capacity()
+        );
+        let mut body = Body::new(head.body);
+        let (mut got, mut largest_buffer) = (0, 0);
+        while let Some(piece) = body.next(&mut conn).await.unwrap() {
+            got += piece.len();
+            largest_buffer = largest_buffer.max(conn.buf.capacity() + piece.len());
+        }
+        assert_eq!(got, BODY);
+        // Reads reserve at most READ_RESERVE (an allocation growing in place may double), never
+        // the body's size.
+        assert!(
+            largest_buffer <= 2 * READ_RESERVE + SMALL_RESERVE,
+            "{largest_buffer}"
+        );
+        // Between requests the connection holds at most the small buffer again.
+        conn.shrink();
+        assert!(
+            conn.buf.capacity() <= SMALL_RESERVE,
+            "{}",
+            conn.buf.capacity()
+        );
+        drop(client.await.unwrap());
+    }
+
     #[test]
     fn chunked_bodies() {
         let (out, done) = decode(
