@@ -30,7 +30,7 @@ pub struct Args {
     pub max_channels: Option<usize>,
     /// Most open connections; one more gets 503 and is closed. Default: the open-file limit
     /// (raised to its hard limit at start) less a reserve of an eighth (at most 1,024). A relay
-    /// session holds 8 connections.
+    /// session holds about 9 connections.
     #[arg(long)]
     pub max_connections: Option<usize>,
     /// Close a channel with no new segment for this many seconds (`_`-prefixed ones never).
@@ -90,7 +90,7 @@ fn limits_line(connections: usize, channels: usize, files: &OpenFiles) -> String
         .map(|from| format!(", raised from {from}"))
         .unwrap_or_default();
     format!(
-        "limits: {connections} connections, {channels} channels (open-file limit {}{raised}, hard {}; a relay session holds 8 connections: raise `ulimit -n` for more)",
+        "limits: {connections} connections, {channels} channels (open-file limit {}{raised}, hard {}; a relay session holds about 9 connections: raise `ulimit -n` for more)",
         files.soft, files.hard
     )
 }
