@@ -294,7 +294,17 @@ impl Collector {
         listener: tokio::net::TcpListener,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
-        let app = self.router();
+        self.serve_with(listener, Router::new(), shutdown).await
+    }
+
+    /// [`Collector::serve`] with `extra` routes beside the collector's (e.g. `GET /metrics`).
+    pub async fn serve_with(
+        self,
+        listener: tokio::net::TcpListener,
+        extra: Router,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
+        let app = self.router().merge(extra);
         axum::serve(
             listener,
             app.into_make_service_with_connect_info::<SocketAddr>(),

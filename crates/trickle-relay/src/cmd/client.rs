@@ -32,7 +32,8 @@ pub struct Args {
     /// This session's connection id: telemetry claiming another is rejected and counted.
     #[arg(long, env = "SCOPE_CONNECTION_ID")]
     pub connection_id: Option<String>,
-    /// Serve `GET /api/v1/logs/tail` and `GET /health` here.
+    /// Serve `GET /api/v1/logs/tail`, `GET /health`, `GET /egress` and `GET /metrics`
+    /// (Prometheus text format) here.
     #[arg(long)]
     pub http: Option<SocketAddr>,
     /// Where relayed telemetry goes.
@@ -161,6 +162,7 @@ async fn serve_http(
         "client: logs at http://{}/api/v1/logs/tail",
         listener.local_addr()?
     );
+    let exported = metrics::Metrics::new().with(metrics::client(&client, egress.clone()));
     let state = http::HttpState {
         tail: LogTail::global().clone(),
         report: client.reporter(),
@@ -171,9 +173,14 @@ async fn serve_http(
         axum::routing::get(move || std::future::ready(axum::Json(egress.stats_json()))),
     );
     tokio::spawn(async move {
-        let served = axum::serve(listener, http::router(state).merge(egress_route))
-            .with_graceful_shutdown(async move { stop.cancelled().await })
-            .await;
+        let served = axum::serve(
+            listener,
+            http::router(state)
+                .merge(egress_route)
+                .merge(exported.router()),
+        )
+        .with_graceful_shutdown(async move { stop.cancelled().await })
+        .await;
         if let Err(e) = served {
             tracing::warn!(error = %e, "client HTTP endpoint stopped");
         }
