@@ -522,6 +522,39 @@ fn egress_families(out: &mut Out<'_>, egress: &relay::client::egress::EgressSink
         "sink",
         &[(name, s.reports)],
     )?;
+    if let Some(k) = &egress.kafka {
+        let k = k.kafka_stats();
+        out.counter(
+            "client_kafka_acks",
+            "Records the Kafka broker acknowledged.",
+            k.delivered,
+        )?;
+        out.counter(
+            "client_kafka_retries",
+            "Re-sends of failed records after a backoff.",
+            k.retries,
+        )?;
+        out.counter(
+            "client_kafka_timeouts",
+            "Delivery reports that timed out (message.timeout.ms); the record is produced again.",
+            k.timed_out,
+        )?;
+        out.counter(
+            "client_kafka_delivery_failures",
+            "Delivery reports with an error (timeouts included).",
+            k.delivery_failures,
+        )?;
+        out.counter(
+            "client_kafka_producer_restarts",
+            "Kafka producers replaced (before a retry, after a fatal error).",
+            k.producer_restarts,
+        )?;
+        out.counter(
+            "client_kafka_broker_errors",
+            "Error events from librdkafka (broker unreachable and the like).",
+            k.broker_errors,
+        )?;
+    }
     let Some(reporter) = &egress.reporter else {
         return Ok(());
     };
@@ -609,6 +642,18 @@ pub fn collector(c: collector::Collector) -> Probe {
             "collector_output_errors",
             "Requests whose write to the output failed (answered 503).",
             r.output_failed,
+        )?;
+        let l = c.output_latency();
+        let bounds: Vec<f64> = collector::OUTPUT_LATENCY_BOUNDS_US
+            .iter()
+            .map(|&us| us as f64 / 1e6)
+            .collect();
+        out.histogram(
+            "collector_output_latency_seconds",
+            "How long each write of accepted events to the output took (fsync or Kafka acknowledgement included).",
+            &bounds,
+            &l.counts,
+            l.sum_us as f64 / 1e6,
         )
     })
 }

@@ -392,7 +392,10 @@ fn prometheus_scrapes_every_process_during_a_relay_run() {
         server(r#"sum(trickle_relay_server_requests_total{route="create_channel",class="2xx"})"#)
             >= 2.0
     );
-    assert!(server(r#"sum(trickle_relay_collector_requests_total{status="200"})"#) >= 1.0);
+    let batches = server(r#"sum(trickle_relay_collector_requests_total{status="200"})"#);
+    assert!(batches >= 1.0);
+    // Every 200 wrote to the output once at least, and was timed.
+    assert!(server("sum(trickle_relay_collector_output_latency_seconds_count)") >= batches);
     assert!(
         server("sum(trickle_relay_client_relay_latency_seconds_count)")
             >= last.relayed - last.reports

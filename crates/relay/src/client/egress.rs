@@ -64,6 +64,8 @@ pub struct EgressSinks {
     pub sink: Option<Arc<dyn Sink>>,
     /// The HTTP metrics reporter, when it is the sink.
     pub reporter: Option<Arc<Reporter>>,
+    /// The Kafka sink, when it is the sink (for its producer's counters).
+    pub kafka: Option<Arc<kafka::KafkaSink>>,
 }
 
 /// Starts the egress `choice` names (`file`: the path of [`EgressChoice::File`]; `api_key_file`:
@@ -88,9 +90,16 @@ pub fn open(
         reporter = Some(r);
         Ok(Some(sink))
     };
+    let mut kafka_sink = None;
+    let mut kafka = || -> anyhow::Result<Option<Arc<dyn Sink>>> {
+        let k = start_kafka_sink()?;
+        let sink = k.sink();
+        kafka_sink = Some(k);
+        Ok(Some(sink))
+    };
     let sink: Option<Arc<dyn Sink>> = match choice {
         EgressChoice::Http => http()?,
-        EgressChoice::Kafka => Some(start_kafka()?),
+        EgressChoice::Kafka => kafka()?,
         EgressChoice::Log => Some(Arc::new(LogSink::new())),
         EgressChoice::None => None,
         EgressChoice::File => {
@@ -104,7 +113,7 @@ pub fn open(
         EgressChoice::Auto => match telemetry::select_from_env() {
             Egress::Log => Some(Arc::new(LogSink::new())),
             Egress::HttpReporter => http()?,
-            Egress::Kafka => Some(start_kafka()?),
+            Egress::Kafka => kafka()?,
             Egress::None => {
                 tracing::info!("no telemetry egress configured (set SCOPE_TELEMETRY_LOG_SINK=1 to log events); relayed events are counted and discarded");
                 None
@@ -113,15 +122,24 @@ pub fn open(
             Egress::Disabled { .. } => None,
         },
     };
-    Ok(EgressSinks { sink, reporter })
+    Ok(EgressSinks {
+        sink,
+        reporter,
+        kafka: kafka_sink,
+    })
 }
 
 /// Starts the Kafka sink from the environment (`kafka::KafkaConfig::from_env`): its disk buffer
 /// (`SCOPE_KAFKA_BUFFER_PATH`) is produced first if a previous run left events there.
 pub fn start_kafka() -> anyhow::Result<Arc<dyn Sink>> {
+    Ok(start_kafka_sink()?.sink())
+}
+
+/// [`start_kafka`], returning the Kafka sink itself (its [`kafka::KafkaSink::kafka_stats`]).
+pub fn start_kafka_sink() -> anyhow::Result<Arc<kafka::KafkaSink>> {
     let config = kafka::KafkaConfig::from_env().context("invalid Kafka sink settings")?;
     let sink = kafka::KafkaSink::start(config).context("cannot start the Kafka sink")?;
-    Ok(sink.sink())
+    Ok(Arc::new(sink))
 }
 
 /// Starts the HTTP metrics reporter from the environment (`ReporterConfig::from_env`), with the
@@ -204,6 +222,7 @@ impl EgressSinks {
             "sink": self.sink.as_ref().map(|s| s.name()),
             "stats": self.sink.as_ref().map(|s| s.stats()),
             "reporter": self.reporter.as_ref().map(|r| r.reporter_stats()),
+            "kafka": self.kafka.as_ref().map(|k| k.kafka_stats()),
         })
     }
 }
