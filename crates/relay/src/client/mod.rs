@@ -47,6 +47,9 @@ use trickle::messages::{
 use trickle::publisher::{Publisher, PublisherOptions};
 use trickle::subscriber::{Subscriber, SubscriberOptions, SubscriberStats};
 
+/// How long `start_stream` waits for `stream_started`: 10 s, as Scope's client.
+pub const START_STREAM_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// How the client is set up.
 #[derive(Debug, Clone)]
 pub struct ClientConfig {
@@ -289,7 +292,8 @@ impl Client {
         self.shared.notifications.subscribe()
     }
 
-    /// Starts the stream and waits for `stream_started`, which must list the stream's media
+    /// Starts the stream and waits for `stream_started` (at most [`START_STREAM_TIMEOUT`], as
+    /// Scope's client, or the request timeout if shorter), which must list the stream's media
     /// channels with an `in` and an `out` (as Scope's client requires), unless it says
     /// `status: "already_running"`. The answer is returned whole (see [`media_channels`]).
     pub async fn start_stream(&self, params: Value) -> Result<EventMessage, RequestError> {
@@ -299,7 +303,8 @@ impl Client {
             params,
             extra: Map::new(),
         });
-        let answer = self.request(request_id, msg).await?;
+        let timeout = self.config.request_timeout.min(START_STREAM_TIMEOUT);
+        let answer = self.request_within(request_id, msg, timeout).await?;
         if let EventMessage::StreamStarted(r) = &answer {
             let running = r.extra.get("status").and_then(Value::as_str) == Some("already_running");
             if !running {
@@ -352,13 +357,24 @@ impl Client {
         request_id: String,
         msg: ControlMessage,
     ) -> Result<EventMessage, RequestError> {
+        self.request_within(request_id, msg, self.config.request_timeout)
+            .await
+    }
+
+    /// [`Client::request`], waiting at most `timeout`.
+    async fn request_within(
+        &self,
+        request_id: String,
+        msg: ControlMessage,
+        timeout: Duration,
+    ) -> Result<EventMessage, RequestError> {
         let (tx, rx) = oneshot::channel();
         self.shared.pending.lock().insert(request_id.clone(), tx);
         if let Err(e) = self.send(&msg).await {
             self.shared.pending.lock().remove(&request_id);
             return Err(e);
         }
-        let answer = tokio::time::timeout(self.config.request_timeout, rx).await;
+        let answer = tokio::time::timeout(timeout, rx).await;
         match answer {
             Ok(Ok(EventMessage::Error(e))) => Err(RequestError::Runner(Value::Object(e.extra))),
             Ok(Ok(msg)) => Ok(msg),
@@ -366,7 +382,7 @@ impl Client {
             Err(_) => {
                 self.shared.pending.lock().remove(&request_id);
                 self.shared.stats.request_timeouts.fetch_add(1, Relaxed);
-                Err(RequestError::Timeout(self.config.request_timeout))
+                Err(RequestError::Timeout(timeout))
             }
         }
     }
