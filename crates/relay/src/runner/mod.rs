@@ -544,7 +544,7 @@ mod tests {
     use telemetry::sinks::SessionContext;
 
     #[tokio::test]
-    async fn lines_the_events_writer_lost_are_reported_as_telemetry_dropped_once() {
+    async fn events_the_events_writer_lost_move_from_delivered_to_dropped_and_are_reported_once() {
         // A port nobody listens on: every segment fails, and its lines are counted lost.
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
@@ -561,12 +561,20 @@ mod tests {
             ),
             JsonlWriterOptions::default(),
         );
-        for i in 0..5 {
-            events.write(&json!({ "i": i })).await.unwrap();
-        }
-        // Closing settles the segment: its POST failed, so its 5 lines are lost.
+        // Five events (counted) and a loss report after them, then an answer (not counted).
+        let chunk: String = (0..6).map(|i| format!("{{\"i\":{i}}}\n")).collect();
+        events
+            .write_chunk_counted(bytes::Bytes::from(chunk), 5)
+            .await
+            .unwrap();
+        events.write(&json!({"type": "pong"})).await.unwrap();
+        // Closing settles the segment: its POST failed, so all 7 lines are lost, 5 of them events.
         assert!(events.close().await.is_err());
-        assert_eq!(events.stats().lines_lost, 5, "{:?}", events.stats());
+        let w = events.stats();
+        assert_eq!((w.lines_lost, w.counted_lost), (7, 5), "{w:?}");
+        assert_eq!((w.counted_accepted, w.counted_acked), (5, 0), "{w:?}");
+
+        // A sink that handed those five events on (delivered), then learns they were lost.
         let out = LineCollector::new();
         let sink = TrickleEventsSink::spawn_on(
             &tokio::runtime::Handle::current(),
@@ -574,11 +582,27 @@ mod tests {
             SessionContext::default(),
             TrickleEventsConfig::default(),
         );
+        for _ in 0..5 {
+            sink.emit(Event::from(telemetry::Envelope::new(
+                "stream_heartbeat",
+                Fields::new(),
+            )));
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while sink.stats().delivered < 5 {
+            assert!(Instant::now() < deadline, "{:?}", sink.stats());
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         let folded = AtomicU64::new(0);
         fold_lost_lines_once(&events, &sink, &folded);
         fold_lost_lines_once(&events, &sink, &folded);
         let stats = sink.shutdown().await;
-        assert_eq!(stats.dropped(), 5, "counted once: {stats:?}");
+        let t = Accounting::of_sink(&stats);
+        assert_eq!(
+            (t.emitted, t.delivered, t.dropped, t.queued),
+            (5, 0, 5, 0),
+            "moved once, never both delivered and lost: {stats:?}"
+        );
         let reports: Vec<Value> = out
             .lines()
             .iter()
