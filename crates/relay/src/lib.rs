@@ -10,8 +10,8 @@
 //!
 //! Both sides agree on a [`SessionIds`]: the client rejects telemetry that claims another session.
 
-pub mod channels;
 pub mod accounting;
+pub mod channels;
 pub mod client;
 pub mod logtail;
 pub mod runner;

@@ -504,8 +504,11 @@ impl JsonlWriter {
         let permits = u32::try_from(lines)
             .unwrap_or(u32::MAX)
             .min(self.inner.capacity);
-        self.enqueue(Cmd::Chunk(chunk, Lines { lines, counted }, permits), permits)
-            .await?;
+        self.enqueue(
+            Cmd::Chunk(chunk, Lines { lines, counted }, permits),
+            permits,
+        )
+        .await?;
         let c = &self.inner.counters;
         c.lines_accepted.fetch_add(lines, Ordering::Relaxed);
         c.counted_accepted.fetch_add(counted, Ordering::Relaxed);

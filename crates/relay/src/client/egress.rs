@@ -24,15 +24,15 @@
 
 use crate::accounting::Accounting;
 use anyhow::{bail, Context as _};
-use egress::{Driver, FlushOutcome};
+use egress::{Driver, DriverStats, FlushOutcome};
 use reporter::{Reporter, ReporterConfig};
 use std::ops::Deref;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio_util::sync::CancellationToken;
 use telemetry::sinks::{FileSink, LogSink};
 use telemetry::{Egress, Sink};
+use tokio_util::sync::CancellationToken;
 
 /// Where relayed telemetry goes.
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -92,6 +92,8 @@ pub struct Drained {
     pub left_in_memory: u64,
     /// The disk buffer's directory, and the setting that names it.
     pub buffer: Option<(PathBuf, &'static str)>,
+    /// What became of the telemetry handed to the egress, once it stopped (`None`: no egress).
+    pub telemetry: Option<Accounting>,
 }
 
 /// Why a drain stopped.
@@ -268,30 +270,76 @@ impl EgressSinks {
 
     /// Keeps sending what a buffered egress holds for up to `limit` (the session is over; the
     /// machine may go away), calling `progress` about once a second, until everything is
-    /// delivered, the destination pauses, the time is up, or `stop` fires (answered within a
-    /// quarter second). Then stops the driver: what it still holds (the handoff queue included)
-    /// is on disk for the next start. An unbuffered sink is flushed; no sink, nothing to do.
+    /// delivered, the destination pauses, the time is up, or `stop` fires (heard at once). Then
+    /// stops the driver: what it still holds (the handoff queue included) is on disk for the
+    /// next start. An unbuffered sink is flushed; no sink, nothing to do. Rate limits are kept:
+    /// one flush for the whole drain, so a `Retry-After` is cut short at most once.
     pub async fn drain(
         &self,
         limit: Duration,
         stop: CancellationToken,
-        progress: impl Fn(DrainProgress) + Send + 'static,
+        progress: impl Fn(DrainProgress),
     ) -> Drained {
         let Some(driver) = self.driver.clone() else {
             self.finish().await;
-            return Drained::default();
-        };
-        let stopped = stop.clone();
-        let result =
-            tokio::task::spawn_blocking(move || drain_driver(&**driver, limit, &stopped, progress))
-                .await;
-        result.unwrap_or_else(|e| {
-            tracing::error!(error = %e, "the egress drain failed; what is buffered stays on disk");
-            Drained {
-                stop: DrainStop::Stopped,
+            return Drained {
+                telemetry: self.accounting(),
                 ..Drained::default()
+            };
+        };
+        let started = Instant::now();
+        let mut flushing = {
+            let driver = driver.clone();
+            tokio::task::spawn_blocking(move || driver.flush_timeout(limit))
+        };
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.tick().await;
+        let mut delivered_before = driver.driver_stats().delivered;
+        let stop_reason = loop {
+            tokio::select! {
+                flushed = &mut flushing => break match flushed {
+                    Ok(FlushOutcome::Drained) => DrainStop::Delivered,
+                    Ok(FlushOutcome::Paused { .. }) => DrainStop::Paused,
+                    Ok(FlushOutcome::TimedOut { .. }) => DrainStop::TimedOut,
+                    Err(_) => DrainStop::Stopped,
+                },
+                _ = stop.cancelled() => break DrainStop::Stopped,
+                _ = tick.tick() => {
+                    let d = driver.driver_stats();
+                    progress(DrainProgress {
+                        left: d.handoff_pending + d.buffered,
+                        delivered: d.delivered.saturating_sub(delivered_before),
+                        remaining: limit.saturating_sub(started.elapsed()),
+                    });
+                    delivered_before = d.delivered;
+                }
             }
-        })
+        };
+        // Stores what the handoff queue holds, fsyncs the spool, stops both threads (an
+        // unfinished flush then returns at once).
+        let stopping = driver.clone();
+        let stats = tokio::task::spawn_blocking(move || stopping.shutdown(Duration::ZERO)).await;
+        if !flushing.is_finished() {
+            let _ = flushing.await;
+        }
+        let stats = match stats {
+            Ok(stats) => stats,
+            Err(e) => {
+                tracing::error!(error = %e, "stopping the egress failed; what is buffered stays on disk");
+                driver.driver_stats()
+            }
+        };
+        let config = driver.config();
+        Drained {
+            stop: stop_reason,
+            left_on_disk: stats.buffered_disk,
+            left_in_memory: stats.buffered_memory,
+            buffer: config
+                .buffer_path
+                .clone()
+                .map(|p| (p, config.buffer_setting)),
+            telemetry: Some(driver_accounting(&stats)),
+        }
     }
 
     /// What became of the telemetry handed to the egress (see [`crate::accounting`]): for a
@@ -299,13 +347,7 @@ impl EgressSinks {
     /// taken in too. `None` without an egress (everything relayed was discarded).
     pub fn accounting(&self) -> Option<Accounting> {
         if let Some(d) = &self.driver {
-            let d = d.driver_stats();
-            return Some(Accounting {
-                emitted: d.emitted + d.recovered + d.reports,
-                delivered: d.delivered,
-                dropped: d.dropped(),
-                queued: d.handoff_pending + d.buffered,
-            });
+            return Some(driver_accounting(&d.driver_stats()));
         }
         self.sink.as_ref().map(|s| Accounting::of_sink(&s.stats()))
     }
@@ -320,56 +362,13 @@ impl EgressSinks {
     }
 }
 
-/// [`EgressSinks::drain`] on the driver's thread: flushes in quarter-second steps so `stop` is
-/// heard at once, reports progress every second, then shuts the driver down without waiting.
-fn drain_driver(
-    driver: &Driver,
-    limit: Duration,
-    stop: &CancellationToken,
-    progress: impl Fn(DrainProgress),
-) -> Drained {
-    const STEP: Duration = Duration::from_millis(250);
-    const EVERY: Duration = Duration::from_secs(1);
-    let started = Instant::now();
-    let deadline = started + limit;
-    let mut next_report = started + EVERY;
-    let mut delivered_before = driver.driver_stats().delivered;
-    let stop_reason = loop {
-        if stop.is_cancelled() {
-            break DrainStop::Stopped;
-        }
-        let now = Instant::now();
-        if now >= deadline {
-            break DrainStop::TimedOut;
-        }
-        match driver.flush_timeout(STEP.min(deadline - now)) {
-            FlushOutcome::Drained => break DrainStop::Delivered,
-            FlushOutcome::Paused { .. } => break DrainStop::Paused,
-            FlushOutcome::TimedOut { left } => {
-                let now = Instant::now();
-                if now >= next_report {
-                    next_report = now + EVERY;
-                    let delivered = driver.driver_stats().delivered;
-                    progress(DrainProgress {
-                        left,
-                        delivered: delivered.saturating_sub(delivered_before),
-                        remaining: deadline.saturating_duration_since(now),
-                    });
-                    delivered_before = delivered;
-                }
-            }
-        }
-    };
-    // Stores what the handoff queue holds, fsyncs the spool, stops both threads.
-    let stats = driver.shutdown(Duration::ZERO);
-    let config = driver.config();
-    Drained {
-        stop: stop_reason,
-        left_on_disk: stats.buffered_disk,
-        left_in_memory: stats.buffered_memory,
-        buffer: config
-            .buffer_path
-            .clone()
-            .map(|p| (p, config.buffer_setting)),
+/// A buffered egress's accounting: it takes in what was emitted, what a previous run left on
+/// disk and its own loss reports.
+fn driver_accounting(d: &DriverStats) -> Accounting {
+    Accounting {
+        emitted: d.emitted + d.recovered + d.reports,
+        delivered: d.delivered,
+        dropped: d.dropped(),
+        queued: d.handoff_pending + d.buffered,
     }
 }

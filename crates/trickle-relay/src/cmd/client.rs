@@ -174,7 +174,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         .await;
     stop_on_signal.abort();
     stop_http.cancel();
-    let telemetry = egress.accounting();
+    let telemetry = drained.telemetry;
     print_summary(&report, telemetry.as_ref(), &egress, &drained);
     if let Some(path) = args.report {
         let mut json = serde_json::to_value(&report)?;
@@ -272,7 +272,9 @@ fn print_summary(
         DrainStop::Paused => {
             eprintln!("client: the egress stopped sending: the destination paused it (e.g. it refused the API key)")
         }
-        DrainStop::TimedOut => eprintln!("client: --drain-secs ran out before the egress was empty"),
+        DrainStop::TimedOut => {
+            eprintln!("client: --drain-secs ran out before the egress was empty")
+        }
         DrainStop::Stopped => eprintln!("client: stopped draining on a second signal"),
     }
     if let Some((path, setting)) = &drained.buffer {
