@@ -241,6 +241,41 @@ fn three_processes_relay_every_event_verbatim_and_in_order() {
     ] {
         assert!(types.iter().any(|x| x == t), "missing {t}");
     }
+    // In the seed's shapes: runner_ready and session_created say `mode: livepeer` (the former
+    // with the cold start), heartbeats carry the seed's fields with `mode: local`, cumulative.
+    let data_of = |t: &str| -> Vec<Value> {
+        got.iter()
+            .map(|l| serde_json::from_str::<Value>(l).unwrap()["data"].clone())
+            .filter(|d| d["type"] == t)
+            .collect()
+    };
+    let ready = &data_of("runner_ready")[0];
+    assert_eq!(ready["mode"], "livepeer", "{ready}");
+    assert!(ready["startup_ms"].is_u64(), "{ready}");
+    assert_eq!(data_of("session_created")[0]["mode"], "livepeer");
+    let beats = data_of("stream_heartbeat");
+    for hb in &beats {
+        assert_eq!(hb["mode"], "local", "{hb}");
+        for key in [
+            "frames_in",
+            "frames_out",
+            "fps_in",
+            "fps_out",
+            "elapsed_ms",
+            "since_last_heartbeat_ms",
+            "pipeline_fps",
+        ] {
+            assert!(hb[key].is_number(), "heartbeat without {key}: {hb}");
+        }
+    }
+    let elapsed: Vec<u64> = beats
+        .iter()
+        .map(|b| b["elapsed_ms"].as_u64().unwrap())
+        .collect();
+    assert!(
+        elapsed.windows(2).all(|w| w[0] <= w[1]),
+        "cumulative: {elapsed:?}"
+    );
     // The counts add up: emitted = egressed + counted drops.
     let dropped = runner["dropped"].as_u64().unwrap();
     assert_eq!(runner["emitted"].as_u64().unwrap(), sent.len() as u64);

@@ -221,3 +221,66 @@ fn a_scope_shaped_python_runner_is_relayed_with_the_annotations_inside_data() {
     assert_eq!(report["egressed"], sent.len(), "{report}");
     assert_eq!(report["bad_lines"], 0, "{report}");
 }
+
+/// A runner shut down (SIGTERM) while its stream runs deletes the stream's media channels.
+#[test]
+fn a_runner_shut_down_mid_stream_deletes_its_media_channels() {
+    let dir = tempfile::tempdir().unwrap();
+    let addr = free_addr();
+    let _server = serve(addr, &[]);
+    let (control, events) = create_session_channels(addr);
+    let runner_err = dir.path().join("runner.err");
+    let mut runner = Proc::start(
+        relay(&["runner", "--control-url", &control, "--events-url", &events])
+            .stderr(log_file(&runner_err)),
+    );
+    let mut client = Proc::spawn(
+        &[
+            "client",
+            "--control-url",
+            &control,
+            "--events-url",
+            &events,
+            "--start-stream",
+            "{}",
+        ],
+        None,
+    );
+    // The runner names the channels it made in its log.
+    let mut urls = Vec::new();
+    wait_until("the media channels", Duration::from_secs(30), || {
+        let log = std::fs::read_to_string(&runner_err).unwrap_or_default();
+        // URLs up to whitespace or a colour escape, ending in the channel's direction.
+        urls = log
+            .split("http://")
+            .skip(1)
+            .map(|rest| {
+                rest.split(|c: char| c.is_whitespace() || c == '\x1b')
+                    .next()
+                    .unwrap()
+            })
+            .filter(|u| u.ends_with("-in") || u.ends_with("-out"))
+            .map(|u| format!("http://{u}"))
+            .collect();
+        urls.len() == 2
+    });
+    let status = |url: &str| {
+        reqwest::blocking::get(format!("{url}/next"))
+            .map(|r| r.status().as_u16())
+            .unwrap_or(0)
+    };
+    for url in &urls {
+        assert_eq!(status(url), 200, "{url} exists while the stream runs");
+    }
+    runner.terminate();
+    assert!(
+        runner.wait(Duration::from_secs(30)).success(),
+        "runner failed: {}",
+        tail(&runner_err)
+    );
+    for url in &urls {
+        assert_eq!(status(url), 404, "{url} deleted at shutdown");
+    }
+    // The runner closed the events channel on its way out: the client ends too.
+    assert!(client.wait(Duration::from_secs(30)).success());
+}
