@@ -157,14 +157,14 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         })
     };
     if egress.driver.is_some() && !stop.is_cancelled() && !drain.is_zero() {
-        eprintln!(
+        logging::say!(
             "client: session over; sending what the egress holds for up to {} s (--drain-secs); SIGTERM or Ctrl-C again exits now, keeping it on disk",
             drain.as_secs_f64()
         );
     }
     let drained = egress
         .drain(drain, stop, |p| {
-            eprintln!(
+            logging::say!(
                 "client: draining: {} events left, {} delivered in the last second, {:.0} s to go",
                 p.left,
                 p.delivered,
@@ -218,7 +218,7 @@ async fn serve_http(
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("cannot listen on {addr} for --http"))?;
-    eprintln!(
+    logging::say!(
         "client: logs at http://{}/api/v1/logs/tail",
         listener.local_addr()?
     );
@@ -250,7 +250,7 @@ fn print_summary(
     egress: &EgressSinks,
     drained: &Drained,
 ) {
-    eprintln!(
+    logging::say!(
         "client: telemetry received {}: relayed {}, rejected {} (foreign session) + {} (invalid); runner-reported drops {}, bad lines {}",
         report.telemetry_received,
         report.relayed,
@@ -261,8 +261,8 @@ fn print_summary(
     );
     let name = egress.sink.as_ref().map_or("none", |s| s.name());
     match telemetry {
-        Some(t) => eprintln!("client: egress {name}: {t}"),
-        None => eprintln!(
+        Some(t) => logging::say!("client: egress {name}: {t}"),
+        None => logging::say!(
             "client: no egress: {} relayed envelopes discarded (counted)",
             report.discarded
         ),
@@ -270,16 +270,16 @@ fn print_summary(
     match drained.stop {
         DrainStop::Delivered => {}
         DrainStop::Paused => {
-            eprintln!("client: the egress stopped sending: the destination paused it (e.g. it refused the API key)")
+            logging::say!("client: the egress stopped sending: the destination paused it (e.g. it refused the API key)")
         }
         DrainStop::TimedOut => {
-            eprintln!("client: --drain-secs ran out before the egress was empty")
+            logging::say!("client: --drain-secs ran out before the egress was empty")
         }
-        DrainStop::Stopped => eprintln!("client: stopped draining on a second signal"),
+        DrainStop::Stopped => logging::say!("client: stopped draining on a second signal"),
     }
     if let Some((path, setting)) = &drained.buffer {
         if drained.left_on_disk > 0 {
-            eprintln!(
+            logging::say!(
                 "client: {} events left on disk in {} ({setting}): the next client started with the same buffer path sends them first",
                 drained.left_on_disk,
                 path.display()
@@ -287,14 +287,14 @@ fn print_summary(
         }
     }
     if drained.left_in_memory > 0 {
-        eprintln!(
+        logging::say!(
             "client: {} events were held in memory (the disk buffer was unusable) and are lost at exit",
             drained.left_in_memory
         );
     }
     if report.events_reconnects + report.events_resumed_segments + report.events_broken_segments > 0
     {
-        eprintln!(
+        logging::say!(
             "client: events channel reconnected {} time(s) after server outages; {} segment(s) resumed where they broke off, {} lost mid-way, {} skipped",
             report.events_reconnects,
             report.events_resumed_segments,

@@ -104,7 +104,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             )
         })?;
     let addr = listener.local_addr()?;
-    eprintln!(
+    logging::say!(
         "collector: listening on http://{addr}/v1/metrics ({} keys, output {spec}{why}, dedup {dedup_name})",
         keys.len(),
     );

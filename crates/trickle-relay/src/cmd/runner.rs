@@ -159,13 +159,15 @@ fn print_summary(report: &runner::RunnerReport) {
     } else {
         format!(" (dropped: {})", drops.join(", "))
     };
-    eprintln!("runner: telemetry {t}{drops}");
-    eprintln!(
+    logging::say!("runner: telemetry {t}{drops}");
+    logging::say!(
         "runner: {} control messages ({} bad lines skipped); {} log lines forwarded",
-        report.control_messages, report.bad_control_lines, report.log_lines
+        report.control_messages,
+        report.bad_control_lines,
+        report.log_lines
     );
     if report.events_publisher.reconnects + report.control.reconnects > 0 {
-        eprintln!(
+        logging::say!(
             "runner: reconnected after trickle server outages: events {} time(s), control {} time(s)",
             report.events_publisher.reconnects, report.control.reconnects
         );
