@@ -63,12 +63,22 @@ fn is_var_name(s: &str) -> bool {
             .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_')
 }
 
-/// Whether the code before a string literal reads it as a variable name: `env = "X"`, or a reader
-/// call `get("X")` / `number(&get, "X")` / `std::env::var("X")`...
+/// Whether the code before a string literal reads it as a variable name: `env = "X"`, a reader
+/// call `get("X")` / `number(&get, "X")` / `std::env::var("X")` (also split over lines by
+/// rustfmt), or a constant named for it, `const FORMAT_ENV: &str = "X"` (used as `env = FORMAT_ENV`).
 fn reads_env(before: &str) -> bool {
     let b = before.trim_end();
     if b.ends_with("env =") {
         return true;
+    }
+    if let Some(decl) = b.strip_suffix(": &str =") {
+        let name = decl
+            .rsplit(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .next()
+            .unwrap_or("");
+        if name.ends_with("_ENV") && decl.trim_end_matches(name).trim_end().ends_with("const") {
+            return true;
+        }
     }
     // `number(&get, ` -> `number(`; `set(&env, ` -> `set(`.
     let b = match b.strip_suffix(',') {
@@ -88,25 +98,67 @@ fn reads_env(before: &str) -> bool {
     READERS.contains(&name)
 }
 
+/// The string literals of Rust source (comment lines left out), each with the code before it:
+/// a small lexer that knows escapes, raw strings and the char literal `'"'`.
+fn literals(code: &str) -> Vec<(String, String)> {
+    let code: String = code
+        .lines()
+        .filter(|l| !l.trim_start().starts_with("//"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let bytes = code.as_bytes();
+    let mut found = Vec::new();
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'\'' if bytes.get(i + 1) == Some(&b'"') && bytes.get(i + 2) == Some(&b'\'') => i += 3,
+            b'r' if bytes.get(i + 1).is_some_and(|&c| c == b'#' || c == b'"')
+                && (i == 0 || !(bytes[i - 1].is_ascii_alphanumeric() || bytes[i - 1] == b'_')) =>
+            {
+                let hashes = bytes[i + 1..].iter().take_while(|&&c| c == b'#').count();
+                let open = i + 1 + hashes;
+                if bytes.get(open) != Some(&b'"') {
+                    i += 1;
+                    continue;
+                }
+                let close = format!("\"{}", "#".repeat(hashes));
+                let end = code[open + 1..]
+                    .find(&close)
+                    .map_or(code.len(), |e| open + 1 + e);
+                found.push((before(&code, i), code[open + 1..end].to_string()));
+                i = end + close.len();
+            }
+            b'"' => {
+                let mut j = i + 1;
+                while j < bytes.len() && bytes[j] != b'"' {
+                    j += if bytes[j] == b'\\' { 2 } else { 1 };
+                }
+                let end = j.min(bytes.len());
+                found.push((before(&code, i), code[i + 1..end].to_string()));
+                i = end + 1;
+            }
+            _ => i += 1,
+        }
+    }
+    found
+}
+
+/// Up to 200 bytes of code before byte `at` (enough for `number(&get, ` or `env = `).
+fn before(code: &str, at: usize) -> String {
+    let mut from = at.saturating_sub(200);
+    while !code.is_char_boundary(from) {
+        from -= 1;
+    }
+    code[from..at].to_string()
+}
+
 /// Every environment variable the sources read, with a file that reads it.
 fn variables_read() -> Vec<(String, PathBuf)> {
     let mut found = Vec::new();
     for (file, code) in sources() {
-        for line in code.lines() {
-            if line.trim_start().starts_with("//") {
-                continue;
-            }
-            let mut rest = line;
-            let mut offset = 0;
-            while let Some(open) = rest.find('"') {
-                let after = &rest[open + 1..];
-                let Some(close) = after.find('"') else { break };
-                let literal = &after[..close];
-                if is_var_name(literal) && reads_env(&line[..offset + open]) {
-                    found.push((literal.to_string(), file.clone()));
-                }
-                offset += open + 1 + close + 1;
-                rest = &after[close + 1..];
+        for (before, literal) in literals(&code) {
+            if is_var_name(&literal) && reads_env(&before) {
+                found.push((literal, file.clone()));
             }
         }
     }
@@ -143,6 +195,8 @@ fn every_variable_the_code_reads_is_in_the_readme_table_and_the_table_names_only
         "COLLECTOR_API_KEYS",
         "DO_NOT_TRACK",
         "TRICKLE_RELAY_LOG",
+        "TRICKLE_RELAY_LOG_FORMAT",
+        "SCOPE_METRICS_MAX_BATCH",
     ] {
         assert!(
             names.contains(expected),
@@ -155,7 +209,7 @@ fn every_variable_the_code_reads_is_in_the_readme_table_and_the_table_names_only
         if SYSTEM.contains(&name.as_str()) {
             continue;
         }
-        if !table.contains(&format!("`{name}")) && !table.contains(&format!("{name}`")) {
+        if !table.contains(&format!("`{name}`")) && !table.contains(&format!("`{name}=")) {
             missing.push(format!("{name} (read in {})", file.display()));
         }
     }
