@@ -5,8 +5,8 @@
 mod common;
 
 use common::{
-    assert_accounted, assert_json_accounted, free_addr, log_file, read_json, signal, tail,
-    wait_listening, wait_until, Proc,
+    assert_accounted, assert_json_accounted, free_addr, get_json, log_file, read_json, signal,
+    tail, wait_listening, wait_until, Proc,
 };
 use serde_json::{json, Value};
 use std::collections::HashSet;
@@ -22,16 +22,6 @@ fn spawn(args: &[&str], env: &[(&str, String)], stderr: &Path) -> Proc {
     cmd.envs(env.iter().map(|(k, v)| (k, v)));
     cmd.stderr(log_file(stderr));
     Proc::start(&mut cmd)
-}
-
-fn get_json(url: &str) -> Option<Value> {
-    reqwest::blocking::Client::new()
-        .get(url)
-        .timeout(Duration::from_secs(2))
-        .send()
-        .ok()?
-        .json()
-        .ok()
 }
 
 fn read(path: &Path) -> String {
