@@ -27,6 +27,13 @@ if ! command -v prometheus >/dev/null 2>&1 || ! command -v promtool >/dev/null 2
     $SUDO apt-get update -qq && $SUDO apt-get install -y -qq prometheus
 fi
 
+# The README recipe test runs the README's shell block as written, which uses curl.
+if ! command -v curl >/dev/null 2>&1; then
+    echo "== installing curl (for the README recipe test)" >&2
+    SUDO=""; [[ $(id -u) -ne 0 ]] && SUDO="sudo"
+    $SUDO apt-get update -qq && $SUDO apt-get install -y -qq curl
+fi
+
 echo "== cargo fmt --check" >&2
 cargo fmt --all -- --check
 echo "== cargo clippy" >&2
