@@ -157,9 +157,14 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             stop.cancel();
         })
     };
-    if egress.driver.is_some() && !stop.is_cancelled() && !drain.is_zero() {
+    // Said only when there is something to send: an egress that kept up exits at once, quietly.
+    let pending = egress.driver.as_ref().map_or(0, |d| {
+        let s = d.driver_stats();
+        s.handoff_pending + s.buffered
+    });
+    if pending > 0 && !stop.is_cancelled() && !drain.is_zero() {
         logging::say!(
-            "client: session over; sending what the egress holds for up to {} s (--drain-secs); SIGTERM or Ctrl-C again exits now, keeping it on disk",
+            "client: session over; sending the {pending} events the egress holds for up to {} s (--drain-secs); SIGTERM or Ctrl-C again exits now, keeping them on disk",
             drain.as_secs_f64()
         );
     }
