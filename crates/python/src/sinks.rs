@@ -10,6 +10,7 @@ use crate::runtime;
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use serde::Serialize;
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 use telemetry::sinks::{SessionContext, TrickleEventsConfig};
@@ -87,6 +88,7 @@ pub fn native(obj: &Bound<'_, PyAny>) -> Option<Arc<dyn Sink>> {
 pub struct TrickleEventsSink {
     sink: Arc<telemetry::sinks::TrickleEventsSink>,
     writer: JsonlWriter,
+    fold: tokio::task::AbortHandle,
     url: String,
     maxsize: usize,
 }
@@ -138,9 +140,17 @@ impl TrickleEventsSink {
                 ..TrickleEventsConfig::default()
             },
         );
+        let fold = handle
+            .spawn(relay::runner::fold_lost_lines(
+                writer.clone(),
+                sink.clone(),
+                Arc::new(AtomicU64::new(0)),
+            ))
+            .abort_handle();
         Ok(TrickleEventsSink {
             sink,
             writer,
+            fold,
             url: events_url.to_owned(),
             maxsize,
         })
@@ -152,9 +162,11 @@ impl TrickleEventsSink {
         emit_dict(self.sink.as_ref(), event)
     }
 
-    /// Counters: `emitted`, `delivered` (written to the channel), `dropped_high`, `dropped_low`,
-    /// `queued`, `reports` (loss reports written), `write_errors`, and `lines_lost` (lines the
-    /// channel failed to take after they were written; reported downstream too).
+    /// Counters: `emitted`, `delivered` (written to the channel; events of a segment that then
+    /// failed move to the drops), `dropped_high`, `dropped_low`, `queued`, `reports` (loss reports
+    /// written), `write_errors`, and `lines_lost` (lines the channel failed to take after they
+    /// were written, events or not; the events among them are reported downstream too), so
+    /// `emitted = delivered + dropped_high + dropped_low + queued`.
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
         let d = to_py(py, &self.sink.stats())?;
         d.set_item("lines_lost", self.writer.stats().lines_lost)?;
@@ -177,7 +189,7 @@ impl TrickleEventsSink {
         end_channel: bool,
     ) -> PyResult<Bound<'py, PyAny>> {
         let limit = seconds(timeout)?;
-        let (sink, writer) = (self.sink.clone(), self.writer.clone());
+        let (sink, writer, fold) = (self.sink.clone(), self.writer.clone(), self.fold.clone());
         let outcome = runtime::block_on(py, async move {
             let done = tokio::time::timeout(limit, async {
                 sink.shutdown().await;
@@ -189,6 +201,7 @@ impl TrickleEventsSink {
                 result.err().map(|e| e.to_string())
             })
             .await;
+            fold.abort();
             done
         })?;
         // Past the timeout the queue is closed all the same: later emits are dropped, counted.
@@ -218,6 +231,13 @@ impl TrickleEventsSink {
             "TrickleEventsSink({:?}, maxsize={})",
             self.url, self.maxsize
         )
+    }
+}
+
+impl Drop for TrickleEventsSink {
+    fn drop(&mut self) {
+        // The drain task writes what is queued and ends (the sink's own Drop closes the queue).
+        self.fold.abort();
     }
 }
 

@@ -50,10 +50,24 @@ pub trait LineOutput: Send + 'static {
         self.write_lines(lines)
     }
 
-    /// Lines this output accepted but failed to deliver later (a running total), e.g. the lines
-    /// of an events segment that failed after the writer took them. A drain task adds what is
-    /// new to its drops at each wake-up, so they are reported as `telemetry_dropped` too.
-    /// Default: 0 (an output that fails, if at all, in `write_lines`).
+    /// [`LineOutput::write_joined`] where the first `counted` lines are the caller's events and
+    /// the rest its own lines (a loss report): an output that learns later whether lines arrived
+    /// (the events writer) accounts for the events apart. The default ignores the distinction.
+    fn write_joined_counted(
+        &mut self,
+        joined: Bytes,
+        ends: &[usize],
+        counted: usize,
+    ) -> impl Future<Output = Result<(), OutputError>> + Send {
+        let _ = counted;
+        self.write_joined(joined, ends)
+    }
+
+    /// Events this output accepted but failed to deliver later (a running total). A drain task
+    /// moves what is new from its `delivered` to its drops at each wake-up, so they are reported
+    /// as `telemetry_dropped` too. Default: 0 (an output that fails, if at all, when writing).
+    /// The events writer leaves it at 0: its owner folds the writer's `counted_lost` (the
+    /// runner's `fold_lost_lines`), which counts only the events among its lost lines.
     fn lines_lost(&self) -> u64 {
         0
     }
@@ -61,8 +75,8 @@ pub trait LineOutput: Send + 'static {
 
 /// The session's events writer: each line is queued on the writer, which coalesces everything
 /// queued into one HTTP chunk. "Written" here means accepted by the writer; lines the writer later
-/// fails to deliver are counted in its own [`trickle::jsonl::WriterStats::lines_lost`], which
-/// [`LineOutput::lines_lost`] hands to the drain.
+/// fails to deliver are counted in its own [`trickle::jsonl::WriterStats::lines_lost`] (events:
+/// `counted_lost`).
 impl LineOutput for JsonlWriter {
     async fn write_lines(&mut self, lines: Vec<Bytes>) -> Result<(), OutputError> {
         for (written, line) in lines.into_iter().enumerate() {
@@ -77,19 +91,25 @@ impl LineOutput for JsonlWriter {
     }
 
     /// One queue send and no per-line copy for the whole batch ([`JsonlWriter::write_chunk`]).
-    async fn write_joined(&mut self, joined: Bytes, _ends: &[usize]) -> Result<(), OutputError> {
-        self.write_chunk(joined)
+    async fn write_joined(&mut self, joined: Bytes, ends: &[usize]) -> Result<(), OutputError> {
+        self.write_joined_counted(joined, ends, 0).await
+    }
+
+    /// The events are counted lines ([`JsonlWriter::write_chunk_counted`]): the writer's
+    /// `counted_acked` / `counted_lost` then say exactly which events arrived.
+    async fn write_joined_counted(
+        &mut self,
+        joined: Bytes,
+        _ends: &[usize],
+        counted: usize,
+    ) -> Result<(), OutputError> {
+        self.write_chunk_counted(joined, counted as u64)
             .await
             .map(|_| ())
             .map_err(|e| OutputError {
                 written: 0,
                 reason: e.to_string(),
             })
-    }
-
-    /// [`JsonlWriter::lines_lost`]: lines of segments that failed.
-    fn lines_lost(&self) -> u64 {
-        JsonlWriter::lines_lost(self)
     }
 }
 

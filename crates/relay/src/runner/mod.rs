@@ -28,13 +28,13 @@
 //! session: the control subscription reconnects (and reads on from where it broke off), and the
 //! events publisher keeps re-sending its open segment on the same seq until the server is back.
 //! Meanwhile telemetry never blocks: the events writer's queue fills, then the sink's bounded
-//! queue sheds and counts. Lines the writer could not deliver (a failed segment,
-//! [`trickle::jsonl::WriterStats::lines_lost`]) are added to the sink's drops by its drain task
-//! (`LineOutput::lines_lost`), so the next `telemetry_dropped` reports them too.
+//! queue sheds and counts. Events the writer could not deliver (a failed segment,
+//! [`trickle::jsonl::WriterStats::counted_lost`]) are moved from the sink's `delivered` to its
+//! drops every 100 ms ([`fold_lost_lines`]), so the next `telemetry_dropped` reports them too.
 //!
 //! An idle runner costs next to nothing: its telemetry drain parks until an event arrives (polling
-//! at most every [`RunnerConfig::telemetry_max_poll`] for loss reports), and it has no other
-//! timers than its heartbeat and its writers' segment rotation. Many runners may share a process
+//! at most every [`RunnerConfig::telemetry_max_poll`] for loss reports); its other timers are
+//! its heartbeat, its writers' segment rotation and the 100 ms lost-events fold. Many runners may share a process
 //! ([`RunnerConfig::install_sink`] off), as `bench sessions` runs them: each publishes its own
 //! events to its own sink.
 
@@ -44,12 +44,14 @@ pub mod media;
 pub mod pipeline;
 pub mod vram;
 
+use crate::accounting::Accounting;
 use crate::logtail::LogTail;
 use crate::SessionIds;
 use anyhow::Context as _;
 use pipeline::{Emit, Pipeline};
 use serde_json::{json, Map, Value};
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use telemetry::sinks::{SessionContext, TrickleEventsConfig, TrickleEventsSink};
@@ -69,9 +71,13 @@ pub const DEFAULT_TELEMETRY_POLL: Duration = Duration::from_millis(1);
 
 /// Default [`RunnerConfig::telemetry_max_poll`]: an idle drain wakes once a second, instead of
 /// every poll interval (a thousand times a second); events still wake it at once, and a pending
-/// loss report at its due time. The poll only bounds how soon lines the events writer lost in a
-/// failed segment are counted (and reported as `telemetry_dropped`).
+/// loss report at its due time. The poll only bounds how soon a loss counted meanwhile (events
+/// the events writer lost in a failed segment, folded every 100 ms) is reported as
+/// `telemetry_dropped`.
 pub const DEFAULT_TELEMETRY_MAX_POLL: Duration = Duration::from_secs(1);
+
+/// How often the runner folds the events writer's lost lines into the sink's drop count.
+const LOST_LINES_POLL: Duration = Duration::from_millis(100);
 
 /// Default [`RunnerConfig::events_segment_bytes`]: 4 MiB, so a client may fall 20 MiB behind
 /// (the server's 5-segment window) before it skips telemetry, four times the 1 MiB default's
@@ -87,6 +93,9 @@ pub const DEFAULT_RECONNECT_WINDOW: Duration = Duration::from_secs(60);
 /// How the runner is set up.
 #[derive(Clone)]
 pub struct RunnerConfig {
+    /// Filled by [`run`] with a reader of the live counters (what `runner --metrics-listen`
+    /// exports); the final [`RunnerReport`] comes from the same counters.
+    pub probe: Option<RunnerProbe>,
     /// The control channel URL (the runner subscribes).
     pub control_url: String,
     /// The events channel URL (the runner publishes).
@@ -174,9 +183,14 @@ impl RunnerConfig {
             events_queue_lines: JsonlWriterOptions::default().queue_capacity,
             install_sink: true,
             local_address: None,
+            probe: None,
         }
     }
 }
+
+/// Where [`run`] puts a reader of its live counters: the sink's, the events writer's and
+/// publisher's, the control subscription's (the rest of [`RunnerReport`] stays zero until the end).
+pub type RunnerProbe = Arc<std::sync::OnceLock<Box<dyn Fn() -> RunnerReport + Send + Sync>>>;
 
 /// What a runner did, returned when it ends.
 #[derive(Debug, Clone, Default)]
@@ -195,8 +209,25 @@ pub struct RunnerReport {
     pub events_publisher: PublisherStats,
     /// The control subscription's counters (`reconnects`, `resumed_segments`...).
     pub control: SubscriberStats,
+    /// The control channel was never there (404 before the server ever showed it): the runner
+    /// had nothing to answer. Not an ordinary end; the command exits non-zero naming the fix.
+    pub control_missing: bool,
     /// The media passthrough's counters, over every stream.
     pub media: media::MediaStats,
+}
+
+impl RunnerReport {
+    /// What became of the telemetry the runner emitted: delivered means acknowledged by the
+    /// trickle server; the events lost in failed segments are in `dropped`, never in `delivered`.
+    pub fn telemetry(&self) -> Accounting {
+        Accounting::of_sink(&self.sink)
+    }
+
+    /// Of the telemetry events handed to the events writer, those lost in segments that failed
+    /// (counted in [`RunnerReport::telemetry`]'s `dropped`).
+    pub fn lost_in_failed_segments(&self) -> u64 {
+        self.events.counted_lost
+    }
 }
 
 /// Runs the runner until its control channel ends or `shutdown` fires.
@@ -214,7 +245,7 @@ pub async fn run(
             ..PublisherOptions::default()
         },
     );
-    let publisher_stats = publisher.stats_handle();
+    let publisher_stats = Arc::new(publisher.stats_handle());
     let events = JsonlWriter::new(
         publisher,
         JsonlWriterOptions {
@@ -249,6 +280,12 @@ pub async fn run(
     let guard = config
         .install_sink
         .then(|| telemetry::install_sink(installed.clone()));
+    let folded = Arc::new(AtomicU64::new(0));
+    let lost_lines = tokio::spawn(fold_lost_lines(
+        events.clone(),
+        sink.clone(),
+        folded.clone(),
+    ));
 
     if let Some(by) = telemetry::egress::opted_out_by(|k| std::env::var(k).ok()) {
         telemetry::set_telemetry_enabled(false);
@@ -295,6 +332,21 @@ pub async fn run(
         control_tx,
         control_stats.clone(),
     ));
+    if let Some(probe) = &config.probe {
+        let (sink, events) = (sink.clone(), events.clone());
+        let (control, publisher) = (control_stats.clone(), publisher_stats.clone());
+        let _ = probe.set(Box::new(move || {
+            let control = *control.lock();
+            RunnerReport {
+                bad_control_lines: control.bad_lines(),
+                sink: sink.stats(),
+                events: events.stats(),
+                events_publisher: publisher(),
+                control: control.subscriber,
+                ..RunnerReport::default()
+            }
+        }));
+    }
     let vram = vram::Vram::probe();
     if let Some(name) = vram.as_ref().and_then(vram::Vram::device_name) {
         tracing::info!(gpu = %name, "reading VRAM through NVML");
@@ -345,12 +397,16 @@ pub async fn run(
     state.stop_stream().await;
     report.media = state.media_stats();
     reader_task.abort();
-    let _ = reader_task.await;
+    // `true` only if it ended by itself on a channel that was never there (aborted: false).
+    report.control_missing = reader_task.await.unwrap_or(false);
     let control = *control_stats.lock();
     report.bad_control_lines = control.bad_lines();
     report.control = control.subscriber;
     drop(guard);
-    // The drain folds the events writer's lost lines into its final report as it ends.
+    lost_lines.abort();
+    let _ = lost_lines.await;
+    // Lines lost so far go into the sink's final report.
+    fold_lost_lines_once(&events, &sink, &folded);
     report.sink = sink.shutdown().await;
     if let Some(task) = logs {
         // Give the forwarder its last tick, then stop it.
@@ -366,6 +422,10 @@ pub async fn run(
     if let Err(e) = events.close().await {
         tracing::warn!(error = %e, "closing the events channel failed");
     }
+    // Every event line is now acknowledged or lost. Those lost in the last segments can no longer
+    // be reported downstream (the channel is closed), but they count here: dropped, not delivered.
+    fold_lost_lines_once(&events, &sink, &folded);
+    report.sink = sink.stats();
     report.events = events.stats();
     report.events_publisher = publisher_stats();
     tracing::info!(
@@ -383,7 +443,7 @@ async fn read_control(
     local_address: Option<IpAddr>,
     tx: mpsc::Sender<Map<String, Value>>,
     stats: Arc<parking_lot::Mutex<ReaderStats>>,
-) {
+) -> bool {
     let subscriber = Subscriber::new(
         url.clone(),
         SubscriberOptions {
@@ -403,15 +463,48 @@ async fn read_control(
                     break;
                 }
             }
+            Ok(None) if reader.channel_missing() => {
+                tracing::error!(control = %url, "control channel does not exist (HTTP 404); nothing to answer");
+                return true;
+            }
             Ok(None) => {
                 tracing::info!(control = %url, "control channel ended");
                 break;
             }
             Err(e) => {
                 tracing::error!(control = %url, error = %e, "control subscription failed");
-                break;
+                return reader.channel_missing();
             }
         }
+    }
+    false
+}
+
+/// Adds the events writer's newly lost lines to the sink's drops, every 100 ms,
+/// until aborted (also run by the Python package's `TrickleEventsSink`).
+pub async fn fold_lost_lines(
+    events: JsonlWriter,
+    sink: Arc<TrickleEventsSink>,
+    folded: Arc<AtomicU64>,
+) {
+    let mut tick = tokio::time::interval(LOST_LINES_POLL);
+    loop {
+        tick.tick().await;
+        fold_lost_lines_once(&events, &sink, &folded);
+    }
+}
+
+/// One step of [`fold_lost_lines`]: `folded` is the writer's lost count already added.
+pub fn fold_lost_lines_once(events: &JsonlWriter, sink: &TrickleEventsSink, folded: &AtomicU64) {
+    // Only the sink's events: lost answers, log batches and loss reports are no telemetry.
+    let lost = events.stats().counted_lost;
+    let before = folded.swap(lost, Ordering::Relaxed);
+    if lost > before {
+        sink.count_lost_downstream(lost - before);
+        tracing::warn!(
+            events = lost - before,
+            "telemetry events lost in failed events segments; counted as dropped"
+        );
     }
 }
 
@@ -512,5 +605,85 @@ impl Sink for Tee {
     fn flush(&self) {
         self.primary.flush();
         self.copy.flush();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use telemetry::output::LineCollector;
+    use telemetry::sinks::SessionContext;
+
+    #[tokio::test]
+    async fn events_the_events_writer_lost_move_from_delivered_to_dropped_and_are_reported_once() {
+        // A port nobody listens on: every segment fails, and its lines are counted lost.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let events = JsonlWriter::new(
+            Publisher::new(
+                format!("http://127.0.0.1:{port}/events"),
+                PublisherOptions {
+                    retry_delay: Duration::from_millis(10),
+                    ..PublisherOptions::default()
+                },
+            ),
+            JsonlWriterOptions::default(),
+        );
+        // Five events (counted) and a loss report after them, then an answer (not counted).
+        let chunk: String = (0..6).map(|i| format!("{{\"i\":{i}}}\n")).collect();
+        events
+            .write_chunk_counted(bytes::Bytes::from(chunk), 5)
+            .await
+            .unwrap();
+        events.write(&json!({"type": "pong"})).await.unwrap();
+        // Closing settles the segment: its POST failed, so all 7 lines are lost, 5 of them events.
+        assert!(events.close().await.is_err());
+        let w = events.stats();
+        assert_eq!((w.lines_lost, w.counted_lost), (7, 5), "{w:?}");
+        assert_eq!((w.counted_accepted, w.counted_acked), (5, 0), "{w:?}");
+
+        // A sink that handed those five events on (delivered), then learns they were lost.
+        let out = LineCollector::new();
+        let sink = TrickleEventsSink::spawn_on(
+            &tokio::runtime::Handle::current(),
+            out.clone(),
+            SessionContext::default(),
+            TrickleEventsConfig::default(),
+        );
+        for _ in 0..5 {
+            sink.emit(Event::from(telemetry::Envelope::new(
+                "stream_heartbeat",
+                Fields::new(),
+            )));
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while sink.stats().delivered < 5 {
+            assert!(Instant::now() < deadline, "{:?}", sink.stats());
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let folded = AtomicU64::new(0);
+        fold_lost_lines_once(&events, &sink, &folded);
+        fold_lost_lines_once(&events, &sink, &folded);
+        let stats = sink.shutdown().await;
+        let t = Accounting::of_sink(&stats);
+        assert_eq!(
+            (t.emitted, t.delivered, t.dropped, t.queued),
+            (5, 0, 5, 0),
+            "moved once, never both delivered and lost: {stats:?}"
+        );
+        let reports: Vec<Value> = out
+            .lines()
+            .iter()
+            .map(|l| serde_json::from_slice::<Value>(l).unwrap())
+            .filter(|l| l["event"]["data"]["type"] == "telemetry_dropped")
+            .collect();
+        let reported: u64 = reports
+            .iter()
+            .map(|r| r["event"]["data"]["dropped"].as_u64().unwrap())
+            .sum();
+        assert_eq!(reported, 5, "{reports:?}");
     }
 }

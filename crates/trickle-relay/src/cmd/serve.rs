@@ -39,6 +39,9 @@ pub struct Args {
     /// Run the `_changes` feed channel announcing added and removed channels.
     #[arg(long)]
     pub changes_feed: bool,
+    /// Serve `GET /metrics` (Prometheus text format) on this address; off by default.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// Runs `trickle-relay serve`.
@@ -71,9 +74,21 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     // The URL stays the first line's last word: scripts (and `bench relay`) read it there.
     println!("trickle server listening on {}", server.url());
     println!("{}", limits_line(max_connections, max_channels, &files));
+    let stop_metrics = tokio_util::sync::CancellationToken::new();
+    if let Some(addr) = args.metrics_listen {
+        let probe = metrics::server(server.channels().clone());
+        let bound = metrics::serve(
+            addr,
+            metrics::Metrics::new().with(probe),
+            stop_metrics.clone(),
+        )
+        .await?;
+        println!("trickle server metrics at http://{bound}/metrics");
+    }
     let signal = wait_for_signal().await?;
     let channels = server.channels().list().len();
     server.shutdown().await;
+    stop_metrics.cancel();
     // Whoever read our stdout may be gone by now (killed with us): that is no reason to panic.
     let _ = writeln!(
         std::io::stdout(),
