@@ -394,6 +394,12 @@ async fn lines_the_output_loses_later_are_reported_as_telemetry_dropped_once() {
             Fields::new().meta("i", i),
         )));
     }
+    // The output takes all six (delivered); only then can it lose some.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while sink.stats().delivered < 6 {
+        assert!(std::time::Instant::now() < deadline, "{:?}", sink.stats());
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     // Two of the lines the output took are lost later: an idle drain notices at its next poll.
     lost.store(2, Ordering::Relaxed);
     wait_for(2).await;
