@@ -193,6 +193,16 @@ fn print_summary(report: &ClientReport, egress: Option<&telemetry::SinkStats>) {
         report.dropped_reported,
         report.bad_lines
     );
+    if report.read_seq > 0 {
+        logging::say!(
+            "client: the runner numbers its lines: read to seq {}; lost in transit {} in {} gap(s) (reported downstream as telemetry_lost_in_transit); runner restarts {}; runner ended {}",
+            report.read_seq,
+            report.lost_in_transit,
+            report.transit_gaps,
+            report.runner_restarts,
+            report.runner_ended
+        );
+    }
     if report.events_reconnects + report.events_resumed_segments + report.events_broken_segments > 0
     {
         logging::say!(
