@@ -197,6 +197,8 @@ pub struct ClientReport {
     pub flow_reports: u64,
     /// Origin-to-client latency of relayed envelopes, in ms: median, p99, max.
     pub latency_ms: Option<[u64; 3]>,
+    /// The events channel does not exist (404 before the server ever showed it).
+    pub events_channel_missing: bool,
 }
 
 impl ClientReport {
@@ -264,6 +266,8 @@ struct Shared {
     flow_refused: AtomicBool,
     /// `telemetry_lost_in_transit` envelopes made.
     lost_reports_made: AtomicU64,
+    /// The events channel was never there (see [`Client::events_missing`]).
+    events_missing: AtomicBool,
 }
 
 /// A connected client: the control writer, the events loop and the pinger.
@@ -316,6 +320,7 @@ impl Client {
             flow_capable: AtomicBool::new(false),
             flow_refused: AtomicBool::new(false),
             lost_reports_made: AtomicU64::new(0),
+            events_missing: AtomicBool::new(false),
         });
         let events = tokio::spawn(events_loop(config.clone(), shared.clone()));
         // Only the events loop holds the message sender: the channel closes when the loop ends.
@@ -477,6 +482,12 @@ impl Client {
         self.shared.events_ended.load(Relaxed)
     }
 
+    /// Whether the events loop ended because the events channel does not exist (a 404 before
+    /// the server ever showed it), not because it ended: a setup error, not an end of session.
+    pub fn events_missing(&self) -> bool {
+        self.shared.events_missing.load(Relaxed)
+    }
+
     /// Ends the session: closes the control channel (so the runner stops), then waits up to
     /// `drain` for the runner to flush and close the events channel, and returns the counters.
     ///
@@ -593,6 +604,7 @@ impl Shared {
             runner_ended: transit.ended,
             flow_reports: s.flow_reports.load(Relaxed),
             latency_ms: latency,
+            events_channel_missing: self.events_missing.load(Relaxed),
         }
     }
 
@@ -980,6 +992,10 @@ async fn events_loop(config: ClientConfig, shared: Arc<Shared>) {
                     let _ = tx.send(line).await;
                 }
             }
+            Ok(None) if reader.channel_missing() => {
+                tracing::error!(events = %config.events_url, "events channel does not exist (HTTP 404)");
+                break;
+            }
             Ok(None) => {
                 tracing::info!(events = %config.events_url, "events channel ended");
                 break;
@@ -990,6 +1006,9 @@ async fn events_loop(config: ClientConfig, shared: Arc<Shared>) {
             }
         }
     }
+    shared
+        .events_missing
+        .store(reader.channel_missing(), Relaxed);
     shared.events_ended.store(true, Relaxed);
     // Wake every waiter: no answer can arrive any more.
     shared.pending.lock().clear();
