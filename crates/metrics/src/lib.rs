@@ -611,6 +611,11 @@ fn egress_families(out: &mut Out<'_>, egress: &relay::client::egress::EgressSink
         "store",
         &[("disk", r.buffered_disk), ("memory", r.buffered_memory)],
     )?;
+    out.gauge(
+        "client_spool_bytes",
+        "Bytes of the HTTP reporter's disk buffer now (segment files, framing included).",
+        r.buffered_disk_bytes,
+    )?;
     out.counter(
         "client_spool_disk_errors",
         "Failed disk operations of the reporter's buffer.",
