@@ -164,6 +164,22 @@ pub struct ClientReport {
     pub events_broken_segments: u64,
     /// Origin-to-client latency of relayed envelopes, in ms: median, p99, max.
     pub latency_ms: Option<[u64; 3]>,
+    /// The events channel does not exist (404 before the server ever showed it).
+    pub events_channel_missing: bool,
+}
+
+/// A reader of the latency histogram by bucket ([`Client::latency_probe`]).
+pub type LatencyProbe = Arc<dyn Fn(&[u64]) -> LatencyBuckets + Send + Sync>;
+
+/// The latency histogram by bucket, as [`Client::latency_probe`] reads it.
+#[derive(Debug, Clone, Default)]
+pub struct LatencyBuckets {
+    /// Count per bucket (not cumulative); one more than the bounds asked for.
+    pub counts: Vec<u64>,
+    /// Every value recorded.
+    pub count: u64,
+    /// Their sum, in ms (from the histogram's mean: within its 3 significant figures).
+    pub sum_ms: f64,
 }
 
 /// Why a request failed.
@@ -206,6 +222,8 @@ struct Shared {
     ready: watch::Sender<Option<u64>>,
     notifications: broadcast::Sender<Value>,
     events_ended: AtomicBool,
+    /// The events channel was never there (see [`Client::events_missing`]).
+    events_missing: AtomicBool,
 }
 
 /// A connected client: the control writer, the events loop and the pinger.
@@ -252,6 +270,7 @@ impl Client {
             ready: watch::channel(None).0,
             notifications: broadcast::channel(256).0,
             events_ended: AtomicBool::new(false),
+            events_missing: AtomicBool::new(false),
         });
         let events = tokio::spawn(events_loop(config.clone(), shared.clone()));
         // Only the events loop holds the message sender: the channel closes when the loop ends.
@@ -405,9 +424,37 @@ impl Client {
         Arc::new(move || shared.report())
     }
 
+    /// A cheap handle that reads the origin-to-client latency histogram (the one behind
+    /// [`ClientReport::latency_ms`]) as counts per bucket of `bounds_ms` (upper bounds, ascending;
+    /// a last bucket holds the rest), with the total count and the sum in ms.
+    pub fn latency_probe(&self) -> LatencyProbe {
+        let shared = self.shared.clone();
+        Arc::new(move |bounds| {
+            let h = shared.latency.lock();
+            let mut counts = Vec::with_capacity(bounds.len() + 1);
+            let mut low = 0;
+            for &b in bounds {
+                counts.push(if b >= low { h.count_between(low, b) } else { 0 });
+                low = b.saturating_add(1);
+            }
+            counts.push(h.count_between(low, u64::MAX));
+            LatencyBuckets {
+                counts,
+                count: h.len(),
+                sum_ms: h.mean() * h.len() as f64,
+            }
+        })
+    }
+
     /// Whether the events channel has ended (the runner closed it, or it failed).
     pub fn events_ended(&self) -> bool {
         self.shared.events_ended.load(Relaxed)
+    }
+
+    /// Whether the events loop ended because the events channel does not exist (a 404 before
+    /// the server ever showed it), not because it ended: a setup error, not an end of session.
+    pub fn events_missing(&self) -> bool {
+        self.shared.events_missing.load(Relaxed)
     }
 
     /// Ends the session: closes the control channel (so the runner stops), then waits up to
@@ -492,6 +539,7 @@ impl Shared {
             events_resumed_segments: sub.resumed_segments,
             events_broken_segments: sub.broken_segments,
             latency_ms: latency,
+            events_channel_missing: self.events_missing.load(Relaxed),
         }
     }
 
@@ -722,6 +770,10 @@ async fn events_loop(config: ClientConfig, shared: Arc<Shared>) {
                     let _ = tx.send(line).await;
                 }
             }
+            Ok(None) if reader.channel_missing() => {
+                tracing::error!(events = %config.events_url, "events channel does not exist (HTTP 404)");
+                break;
+            }
             Ok(None) => {
                 tracing::info!(events = %config.events_url, "events channel ended");
                 break;
@@ -732,6 +784,9 @@ async fn events_loop(config: ClientConfig, shared: Arc<Shared>) {
             }
         }
     }
+    shared
+        .events_missing
+        .store(reader.channel_missing(), Relaxed);
     shared.events_ended.store(true, Relaxed);
     // Wake every waiter: no answer can arrive any more.
     shared.pending.lock().clear();

@@ -131,9 +131,13 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         })
     };
     let stop = shutdown.clone();
+    // `GET /metrics` (Prometheus text format) beside `/v1/metrics`, on the same listener.
+    let exported = metrics::Metrics::new().with(metrics::collector(collector.clone()));
     collector
         .clone()
-        .serve(listener, async move { stop.cancelled().await })
+        .serve_with(listener, exported.router(), async move {
+            stop.cancelled().await
+        })
         .await
         .context("collector server failed")?;
     shutdown.cancel();

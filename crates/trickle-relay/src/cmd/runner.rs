@@ -1,6 +1,6 @@
 //! `trickle-relay runner`: the runner role, as its own process.
 
-use anyhow::Context as _;
+use anyhow::{bail, Context as _};
 use relay::runner::{self, RunnerConfig};
 use relay::SessionIds;
 use std::net::SocketAddr;
@@ -63,11 +63,15 @@ pub struct Args {
     /// (~2.5 s) and end the session.
     #[arg(long, default_value_t = 60.0, value_name = "SECS")]
     pub reconnect_secs: f64,
+    /// Serve `GET /metrics` (Prometheus text format) on this address; off by default.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// Runs the runner until the control channel ends or Ctrl-C / SIGTERM.
 pub async fn run(args: Args) -> anyhow::Result<()> {
     let started_at = Instant::now();
+    let control_url = args.control_url.clone();
     let mut config = RunnerConfig::new(args.control_url, args.events_url);
     config.session = SessionIds {
         session_id: args.session_id,
@@ -96,38 +100,32 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         .map(|s| s as std::sync::Arc<dyn telemetry::Sink>);
     let shutdown = CancellationToken::new();
     super::cancel_on_signal(shutdown.clone());
+    if let Some(addr) = args.metrics_listen {
+        let probe = relay::runner::RunnerProbe::default();
+        config.probe = Some(probe.clone());
+        let exported = metrics::Metrics::new().with(metrics::runner(probe));
+        let bound = metrics::serve(addr, exported, shutdown.clone()).await?;
+        logging::say!("runner: metrics at http://{bound}/metrics");
+    }
     let report = runner::run(config, shutdown).await?;
     if let Some(copy) = &emitted_copy {
         copy.flush().context("cannot flush --emitted-file")?;
     }
-    logging::say!(
-        "runner: {} control messages ({} bad lines skipped); telemetry emitted {}, delivered {}, dropped {}; {} log lines forwarded",
-        report.control_messages,
-        report.bad_control_lines,
-        report.sink.emitted,
-        report.sink.delivered,
-        report.sink.dropped(),
-        report.log_lines
-    );
-    if report.events_publisher.reconnects + report.control.reconnects > 0
-        || report.events.lines_lost > 0
-    {
-        logging::say!(
-            "runner: reconnected after trickle server outages: events {} time(s), control {} time(s); events lines lost in failed segments {} (counted as dropped)",
-            report.events_publisher.reconnects,
-            report.control.reconnects,
-            report.events.lines_lost
-        );
-    }
+    print_summary(&report);
     if let Some(path) = args.report {
+        let telemetry = report.telemetry();
         let json = serde_json::json!({
             "control_messages": report.control_messages,
             "bad_control_lines": report.bad_control_lines,
-            "emitted": report.sink.emitted,
-            "delivered": report.sink.delivered,
-            "dropped": report.sink.dropped(),
+            "telemetry": telemetry,
+            "emitted": telemetry.emitted,
+            "delivered": telemetry.delivered,
+            "dropped": telemetry.dropped,
+            "queued": telemetry.queued,
             "dropped_high": report.sink.dropped_high,
             "dropped_low": report.sink.dropped_low,
+            "lost_in_failed_segments": report.lost_in_failed_segments(),
+            "control_missing": report.control_missing,
             "log_lines": report.log_lines,
             "events_lines_lost": report.events.lines_lost,
             "events_segments_failed": report.events.segments_failed,
@@ -143,5 +141,45 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         std::fs::write(&path, json.to_string())
             .with_context(|| format!("cannot write the report to {}", path.display()))?;
     }
+    if report.control_missing {
+        bail!(
+            "the control channel {control_url} does not exist (HTTP 404), so this runner had nothing \
+             to answer. Create the session's channels before starting the runner: start the client \
+             with --create-channels (on a server run with `serve --autocreate`), or create them on \
+             your trickle server as an orchestrator does"
+        );
+    }
     Ok(())
+}
+
+/// The summary on stderr: one accounting line for the telemetry, then what else happened.
+fn print_summary(report: &runner::RunnerReport) {
+    let t = report.telemetry();
+    let mut drops = Vec::new();
+    let lost = report.lost_in_failed_segments();
+    if lost > 0 {
+        drops.push(format!("{lost} lost in failed events segments"));
+    }
+    let shed = t.dropped.saturating_sub(lost);
+    if shed > 0 {
+        drops.push(format!("{shed} shed by the full queue or a failed write"));
+    }
+    let drops = if drops.is_empty() {
+        String::new()
+    } else {
+        format!(" (dropped: {})", drops.join(", "))
+    };
+    logging::say!("runner: telemetry {t}{drops}");
+    logging::say!(
+        "runner: {} control messages ({} bad lines skipped); {} log lines forwarded",
+        report.control_messages,
+        report.bad_control_lines,
+        report.log_lines
+    );
+    if report.events_publisher.reconnects + report.control.reconnects > 0 {
+        logging::say!(
+            "runner: reconnected after trickle server outages: events {} time(s), control {} time(s)",
+            report.events_publisher.reconnects, report.control.reconnects
+        );
+    }
 }

@@ -34,6 +34,9 @@ pub struct Args {
     /// Run the `_changes` feed channel announcing added and removed channels.
     #[arg(long)]
     pub changes_feed: bool,
+    /// Serve `GET /metrics` (Prometheus text format) on this address; off by default.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// Runs `trickle-relay serve`.
@@ -53,9 +56,21 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         .with_context(|| format!("cannot listen on {} (in use? try --listen)", args.listen))?;
     let started = Instant::now();
     println!("trickle server listening on {}", server.url());
+    let stop_metrics = tokio_util::sync::CancellationToken::new();
+    if let Some(addr) = args.metrics_listen {
+        let probe = metrics::server(server.channels().clone());
+        let bound = metrics::serve(
+            addr,
+            metrics::Metrics::new().with(probe),
+            stop_metrics.clone(),
+        )
+        .await?;
+        println!("trickle server metrics at http://{bound}/metrics");
+    }
     let signal = wait_for_signal().await?;
     let channels = server.channels().list().len();
     server.shutdown().await;
+    stop_metrics.cancel();
     println!(
         "trickle server stopped on {signal} after {:.1} s; closed {channels} channel(s)",
         started.elapsed().as_secs_f64()
