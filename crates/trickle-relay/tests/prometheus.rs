@@ -3,7 +3,8 @@
 //! processes: `serve` and `runner` with `--metrics-listen`, `client` on its `--http` listener,
 //! `collector` on its own listener. The numbers are read back through Prometheus's HTTP query API;
 //! every exposition passes `promtool check metrics`; every metric the Grafana dashboard
-//! (`docs/grafana/trickle-relay.json`) queries exists in them.
+//! (`docs/grafana/trickle-relay.json`) queries exists in them. A client with the Kafka egress
+//! (a real broker, `tansu`, which `scripts/test-broker.sh` installs) exports its producer's acks.
 
 mod common;
 
@@ -161,9 +162,14 @@ fn stack() -> Stack {
 }
 
 impl Stack {
-    /// Posts `n` heartbeats in Scope's event shape to the runner's ingest (they go through its
-    /// telemetry sink, whose queue of 8 sheds most of them), with an error event every 1,000.
+    /// Posts `n` heartbeats to the runner's ingest ([`Stack::burst_to`]).
     fn burst(&self, n: u32) {
+        Stack::burst_to(self.ingest, n);
+    }
+
+    /// Posts `n` heartbeats in Scope's event shape to the runner's ingest at `ingest` (they go
+    /// through its telemetry sink: a queue of 8 sheds most of them), an error event every 1,000.
+    fn burst_to(ingest: SocketAddr, n: u32) {
         let mut body = String::new();
         for i in 0..n {
             let kind = if i % 1000 == 0 {
@@ -177,7 +183,7 @@ impl Stack {
             body.push('\n');
         }
         let answer: Value = reqwest::blocking::Client::new()
-            .post(format!("http://{}/v1/events", self.ingest))
+            .post(format!("http://{ingest}/v1/events"))
             .body(body)
             .send()
             .expect("ingest")
@@ -403,27 +409,114 @@ fn prometheus_scrapes_every_process_during_a_relay_run() {
 
     // Every exposition is valid Prometheus text, as promtool reads it.
     for (name, text) in stack.expositions() {
-        let mut check = Command::new("promtool")
-            .args(["check", "metrics"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("promtool (Debian's prometheus package) is installed");
-        check
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(text.as_bytes())
-            .unwrap();
-        let out = check.wait_with_output().unwrap();
-        assert!(
-            out.status.success(),
-            "promtool check metrics fails on the {name}'s exposition:\n{}{}\n{text}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        promtool_check(name, &text);
     }
+}
+
+/// Fails the test unless `promtool check metrics` accepts `text` (the exposition of `name`).
+fn promtool_check(name: &str, text: &str) {
+    let mut check = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian's prometheus package) is installed");
+    check
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = check.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics fails on the {name}'s exposition:\n{}{}\n{text}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The value of the unlabelled sample `name` in an exposition.
+fn sample(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+#[test]
+fn a_kafka_egress_exports_its_producer_counters() {
+    let topic = format!("scope-events-{}", uuid::Uuid::new_v4().simple());
+    let broker = kafka::broker::TestBroker::start().unwrap_or_else(|e| panic!("{e}"));
+    broker.create_topic(&topic, 1).expect("create topic");
+    let dir = tempfile::tempdir().unwrap();
+    let log = |name: &str| dir.path().join(format!("{name}.log"));
+    let addr = free_addr();
+    let _server = spawn(
+        &["serve", "--listen", &addr.to_string(), "--autocreate"],
+        &[],
+        &log("server"),
+    );
+    wait_listening(addr);
+    let (control, events) = common::create_session_channels(addr);
+    let ingest = free_addr();
+    let _runner = common::runner_with_ingest(
+        (&control, &events),
+        (SESSION, CONNECTION),
+        ingest,
+        &[],
+        Some(&log("runner")),
+    );
+    let http = free_addr();
+    let env = [
+        ("KAFKA_BOOTSTRAP_SERVERS", broker.bootstrap()),
+        ("KAFKA_TOPIC", topic.clone()),
+        (
+            "SCOPE_KAFKA_BUFFER_PATH",
+            dir.path().join("kafka-buffer").display().to_string(),
+        ),
+    ];
+    let _client = spawn(
+        &[
+            "client",
+            "--control-url",
+            &control,
+            "--events-url",
+            &events,
+            "--session-id",
+            SESSION,
+            "--connection-id",
+            CONNECTION,
+            "--egress",
+            "kafka",
+            "--http",
+            &http.to_string(),
+        ],
+        &env,
+        &log("client"),
+    );
+    wait_listening(http);
+    Stack::burst_to(ingest, 200);
+    // Every relayed envelope acknowledged by the broker, as the client's /metrics says.
+    let mut text = String::new();
+    wait_until(
+        "the Kafka sink's acks in /metrics",
+        Duration::from_secs(60),
+        || {
+            text = reqwest::blocking::get(format!("http://{http}/metrics"))
+                .and_then(|r| r.text())
+                .unwrap_or_default();
+            let relayed = sample(&text, "trickle_relay_client_events_relayed_total");
+            let acks = sample(&text, "trickle_relay_client_kafka_acks_total");
+            relayed.is_some_and(|r| r >= 200.0) && acks == relayed
+        },
+    );
+    assert_eq!(
+        sample(&text, "trickle_relay_client_kafka_timeouts_total"),
+        Some(0.0)
+    );
+    assert!(text
+        .contains(r#"trickle_relay_client_egress_events_total{sink="kafka",outcome="delivered"}"#));
+    promtool_check("client (Kafka egress)", &text);
 }
 
 /// The metric names (`trickle_relay_*`) every panel query of the dashboard uses.
