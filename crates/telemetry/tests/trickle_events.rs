@@ -318,29 +318,46 @@ async fn failed_writes_are_counted_and_reported_downstream() {
     assert_eq!(check_numbering(&lines), stats.delivered);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stalled_client_holds_the_drain_to_the_minimum_budget_heartbeats_shed_first() {
-    const SEGMENT: usize = 64 << 10;
-    let out = LineCollector::new();
-    let sink = TrickleEventsSink::spawn_on(
+/// A sink with flow control over segments of `segment` bytes, holding while closing for
+/// `close_wait`.
+fn flow_sink(
+    out: &LineCollector,
+    segment: usize,
+    capacity: usize,
+    close_wait: Duration,
+) -> Arc<TrickleEventsSink> {
+    TrickleEventsSink::spawn_on(
         &Handle::current(),
         out.clone(),
         session(),
         TrickleEventsConfig {
-            capacity: 256,
-            flow_segment_bytes: Some(SEGMENT),
+            capacity,
+            flow_segment_bytes: Some(segment),
+            flow_close_wait: close_wait,
             ..TrickleEventsConfig::default()
         },
-    );
+    )
+}
+
+/// Heartbeat `i`, padded to a ~300-byte line.
+fn padded_heartbeat(i: usize) -> Event {
+    Event::from(Envelope::new(
+        "stream_heartbeat",
+        Fields::new().meta("i", i).meta("pad", "x".repeat(200)),
+    ))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_client_holds_the_drain_to_the_minimum_budget_heartbeats_shed_first() {
+    const SEGMENT: usize = 64 << 10;
+    let out = LineCollector::new();
+    let sink = flow_sink(&out, SEGMENT, 256, Duration::from_secs(10));
     // The client has read nothing yet, and then stops reading (stopped, starved...).
     sink.client_read(0);
     let started = std::time::Instant::now();
     let mut lifecycle = 0;
     for i in 0..20_000usize {
-        sink.emit(Event::from(Envelope::new(
-            "stream_heartbeat",
-            Fields::new().meta("i", i).meta("pad", "x".repeat(200)),
-        )));
+        sink.emit(padded_heartbeat(i));
         if i % 400 == 0 {
             lifecycle += 1;
             sink.emit(Event::from(Envelope::new(
@@ -413,26 +430,13 @@ fn numbered_bytes(out: &LineCollector) -> usize {
 async fn closing_with_a_deep_queue_writes_it_as_the_client_reads_never_past_the_credit() {
     const SEGMENT: usize = 64 << 10;
     let out = LineCollector::new();
-    let sink = TrickleEventsSink::spawn_on(
-        &Handle::current(),
-        out.clone(),
-        session(),
-        TrickleEventsConfig {
-            capacity: 10_000,
-            flow_segment_bytes: Some(SEGMENT),
-            flow_close_wait: Duration::from_secs(60),
-            ..TrickleEventsConfig::default()
-        },
-    );
+    let sink = flow_sink(&out, SEGMENT, 10_000, Duration::from_secs(60));
     let credit = telemetry::flow::WINDOW_SEGMENTS * SEGMENT as f64;
     sink.client_read(0);
     // ~1.5 MB queued (23 segments), then the runner stops: before this change the closing drain
     // wrote the whole queue at once, far past the client's window.
     for i in 0..5_000usize {
-        sink.emit(Event::from(Envelope::new(
-            "stream_heartbeat",
-            Fields::new().meta("i", i).meta("pad", "x".repeat(200)),
-        )));
+        sink.emit(padded_heartbeat(i));
     }
     sink.close();
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
@@ -488,23 +492,10 @@ async fn closing_with_a_deep_queue_writes_it_as_the_client_reads_never_past_the_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_released_flow_writes_what_is_queued_at_once() {
     let out = LineCollector::new();
-    let sink = TrickleEventsSink::spawn_on(
-        &Handle::current(),
-        out.clone(),
-        session(),
-        TrickleEventsConfig {
-            capacity: 10_000,
-            flow_segment_bytes: Some(64 << 10),
-            flow_close_wait: Duration::from_secs(600),
-            ..TrickleEventsConfig::default()
-        },
-    );
+    let sink = flow_sink(&out, 64 << 10, 10_000, Duration::from_secs(600));
     sink.client_read(0);
     for i in 0..3_000usize {
-        sink.emit(Event::from(Envelope::new(
-            "stream_heartbeat",
-            Fields::new().meta("i", i).meta("pad", "x".repeat(200)),
-        )));
+        sink.emit(padded_heartbeat(i));
     }
     // The client is gone (its control channel ended): nobody will report, nothing to wait for.
     sink.release_flow();

@@ -98,6 +98,16 @@ impl Relay {
         r
     }
 
+    /// [`Relay::start`], then 20 heartbeats through to the client; returns the events channel's
+    /// write head then.
+    fn start_warm(runner_extra: &[&str]) -> (Relay, i64) {
+        let r = Relay::start(runner_extra);
+        r.post(&heartbeats("warm", 20));
+        wait_relayed(&r, 21); // + the runner's runner_ready event
+        let head = r.events_head();
+        (r, head)
+    }
+
     fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
     }
@@ -395,6 +405,24 @@ fn event(event_type: &str, tag: &str, i: usize) -> Value {
     e
 }
 
+/// Posts `rounds` of 500 heartbeats (tagged `tag{round}`), each followed by an `error` or a
+/// `pipeline_loaded` event tagged `important`; returns those.
+fn post_burst(r: &Relay, tag: &str, rounds: usize) -> Vec<Value> {
+    let mut important = Vec::new();
+    for round in 0..rounds {
+        r.post(&heartbeats(&format!("{tag}{round}"), 500));
+        let kind = if round % 2 == 0 {
+            "error"
+        } else {
+            "pipeline_loaded"
+        };
+        let e = event(kind, "important", round);
+        r.post(std::slice::from_ref(&e));
+        important.push(e);
+    }
+    important
+}
+
 /// Waits until the client has relayed `n` telemetry envelopes.
 fn wait_relayed(r: &Relay, n: u64) {
     wait_until(
@@ -443,10 +471,7 @@ fn a_client_stalled_out_of_the_window_counts_every_lost_line_and_the_sums_close(
 fn a_server_killed_while_the_client_reads_an_older_segment_loses_only_what_is_counted() {
     let mut flags = vec!["--no-flow-control", "--queue-capacity", "100000"];
     flags.extend_from_slice(SMALL_SEGMENTS);
-    let mut r = Relay::start(&flags);
-    r.post(&heartbeats("warm", 20));
-    wait_relayed(&r, 21);
-    let stopped_at = r.events_head();
+    let (mut r, stopped_at) = Relay::start_warm(&flags);
 
     // The client stops mid-read; the runner writes three more segments past it.
     signal(r.client_pid(), "STOP");
@@ -530,26 +555,12 @@ fn a_runner_restart_is_no_gap() {
 
 #[test]
 fn flow_control_keeps_a_stalled_client_inside_the_window_and_every_lifecycle_and_error_arrives() {
-    let r = Relay::start(&["--events-segment-bytes", "262144"]);
-    r.post(&heartbeats("warm", 20));
-    wait_relayed(&r, 21);
-    let stopped_at = r.events_head();
+    let (r, stopped_at) = Relay::start_warm(&["--events-segment-bytes", "262144"]);
 
     signal(r.client_pid(), "STOP");
     // ~13 MB of heartbeats (50 segments: ten times the window) with lifecycle and error events
     // among them, while the client does not read.
-    let mut important = Vec::new();
-    for round in 0..40 {
-        r.post(&heartbeats(&format!("flood{round}"), 500));
-        let kind = if round % 2 == 0 {
-            "error"
-        } else {
-            "pipeline_loaded"
-        };
-        let e = event(kind, "important", round);
-        r.post(std::slice::from_ref(&e));
-        important.push(e);
-    }
+    let important = post_burst(&r, "flood", 40);
     let head = r.events_head();
     signal(r.client_pid(), "CONT");
     r.post(&heartbeats("after", 20));
@@ -594,27 +605,13 @@ fn flow_control_with_a_deep_runner_queue_loses_nothing_even_when_the_runner_stop
     // The large queue with which the overload bench lost 32k-40k events a run in transit.
     let mut flags = vec!["--queue-capacity", "100000"];
     flags.extend_from_slice(SMALL_SEGMENTS);
-    let mut r = Relay::start(&flags);
-    r.post(&heartbeats("warm", 20));
-    wait_relayed(&r, 21);
-    let stopped_at = r.events_head();
+    let (mut r, stopped_at) = Relay::start_warm(&flags);
 
     // A slow egress under a burst: the client stops reading while ~4 MB (60 segments of 64 KiB,
     // twelve times the server's window) is queued in the runner, lifecycle and error events
     // among the heartbeats.
     signal(r.client_pid(), "STOP");
-    let mut important = Vec::new();
-    for round in 0..12 {
-        r.post(&heartbeats(&format!("burst{round}"), 500));
-        let kind = if round % 2 == 0 {
-            "error"
-        } else {
-            "pipeline_loaded"
-        };
-        let e = event(kind, "important", round);
-        r.post(std::slice::from_ref(&e));
-        important.push(e);
-    }
+    let important = post_burst(&r, "burst", 12);
     // The runner stops with its queue full and the client still stopped. Its closing drain must
     // not write the queue past the client's window (it wrote it all at once before).
     r.terminate_runner();

@@ -565,16 +565,7 @@ async fn drain_sink(
         tokio::select! {
             stats = &mut shutdown => return stats,
             msg = control_rx.recv(), if control_open => match msg {
-                Some(msg) => {
-                    if let Some(flow) = control::flow_report(&msg) {
-                        flow_reported(&flow, sink, events).await;
-                    } else {
-                        let answer = control::answer(msg, state).await;
-                        if let Err(e) = events.write(&answer).await {
-                            tracing::warn!(error = %e, "cannot answer on the events channel");
-                        }
-                    }
-                }
+                Some(msg) => closing_message(msg, sink, events, state).await,
                 None => {
                     control_open = false;
                     sink.release_flow();
@@ -622,13 +613,24 @@ async fn wait_for_client(
         let Some(msg) = msg else {
             return sink.client_read_seq();
         };
-        if let Some(flow) = control::flow_report(&msg) {
-            flow_reported(&flow, sink, events).await;
-        } else {
-            let answer = control::answer(msg, state).await;
-            if let Err(e) = events.write(&answer).await {
-                tracing::warn!(error = %e, "cannot answer on the events channel");
-            }
+        closing_message(msg, sink, events, state).await;
+    }
+}
+
+/// A control message while the runner closes: a `telemetry_flow` report is recorded, anything
+/// else answered.
+async fn closing_message(
+    msg: Map<String, Value>,
+    sink: &TrickleEventsSink,
+    events: &JsonlWriter,
+    state: &mut control::StreamState,
+) {
+    if let Some(flow) = control::flow_report(&msg) {
+        flow_reported(&flow, sink, events).await;
+    } else {
+        let answer = control::answer(msg, state).await;
+        if let Err(e) = events.write(&answer).await {
+            tracing::warn!(error = %e, "cannot answer on the events channel");
         }
     }
 }
