@@ -27,6 +27,9 @@
 //!   queue, so [`SegmentWriter::write`] waits (backpressure) instead of buffering without limit.
 //! - [`Publisher::close`] DELETEs the channel, as the reference publisher does, so subscribers end
 //!   (their next request answers 404).
+//! - `https://` URLs: [`PublisherOptions::tls`] says how the server's certificate is treated (see
+//!   [`crate::client_tls`]). A refused certificate ([`PublishError::Tls`]) makes the publisher
+//!   terminal at once: it is not retried, not even within the reconnect window.
 //!
 //! A [`SegmentWriter`] dropped without [`SegmentWriter::close`] aborts its POST (the connection is
 //! cut, never ended cleanly), so a half-written segment is never mistaken for a complete one.
@@ -39,6 +42,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
+use crate::client_tls::{http_client, ClientTls};
 use crate::headers;
 
 /// Segments that fail in a row before the publisher gives up (reference publisher: 3).
@@ -46,9 +50,6 @@ pub const MAX_CONSECUTIVE_FAILURES: u32 = 3;
 
 /// Chunks queued ahead of the HTTP connection per segment; small, so `write` feels backpressure.
 const BODY_QUEUE: usize = 8;
-
-/// How long to wait for a TCP connection before calling the server unreachable.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Options of a [`Publisher`].
 #[derive(Debug, Clone)]
@@ -65,6 +66,9 @@ pub struct PublisherOptions {
     /// How long to keep retrying a segment through a server outage (see the module docs);
     /// `Duration::ZERO` (the default) keeps the reference behaviour: one retry per segment.
     pub reconnect_window: Duration,
+    /// How an `https://` server's certificate is treated (default: any is accepted, as the
+    /// reference clients do).
+    pub tls: ClientTls,
 }
 
 impl Default for PublisherOptions {
@@ -75,6 +79,7 @@ impl Default for PublisherOptions {
             max_retry_bytes: 8 << 20,
             content_type: "application/octet-stream".to_string(),
             reconnect_window: Duration::ZERO,
+            tls: ClientTls::default(),
         }
     }
 }
@@ -89,6 +94,17 @@ pub enum PublishError {
         url: String,
         /// The lowest-level cause, e.g. `connection refused`.
         cause: String,
+    },
+    /// The server's TLS certificate was refused ([`PublisherOptions::tls`] verifies it). Never
+    /// retried: the publisher is terminal at once.
+    #[error("TLS certificate of {url} refused: {reason}; {hint}")]
+    Tls {
+        /// The request URL.
+        url: String,
+        /// Why it was refused, e.g. an unknown issuer or another host name.
+        reason: String,
+        /// What to do about it, naming the flag.
+        hint: String,
     },
     /// The channel does not exist (404) and the server does not create channels on POST.
     #[error(
@@ -312,7 +328,9 @@ impl Shared {
         }
         let mut h = self.health.lock();
         h.consecutive_failures += 1;
-        if h.consecutive_failures >= MAX_CONSECUTIVE_FAILURES && h.terminal.is_none() {
+        // A refused certificate will not be accepted on the next try either.
+        let refused = matches!(err, PublishError::Tls { .. });
+        if (refused || h.consecutive_failures >= MAX_CONSECUTIVE_FAILURES) && h.terminal.is_none() {
             tracing::error!(url = %self.url, failures = h.consecutive_failures, error = %err, "trickle publisher gave up");
             h.terminal = Some(err.to_string());
         }
@@ -375,6 +393,7 @@ fn open_post(shared: &Arc<Shared>, seq: i64, reset: bool) -> Post {
     let (tx, rx) = mpsc::channel::<BodyMsg>(BODY_QUEUE);
     let url = format!("{}/{}", shared.url, seq);
     let client = shared.client.clone();
+    let tls = shared.opts.tls.clone();
     let content_type = shared.opts.content_type.clone();
     tracing::debug!(%url, reset, "preconnecting segment POST");
     let task = tokio::spawn(async move {
@@ -395,7 +414,10 @@ fn open_post(shared: &Arc<Shared>, seq: i64, reset: bool) -> Post {
         if reset {
             req = req.header(headers::RESET, "1");
         }
-        let resp = req.send().await.map_err(|e| unreachable_error(&url, &e))?;
+        let resp = req
+            .send()
+            .await
+            .map_err(|e| request_error(&url, &e, &tls))?;
         let status = resp.status().as_u16();
         let closed = resp.headers().contains_key(headers::CLOSED);
         let text = resp.text().await.unwrap_or_default();
@@ -437,7 +459,7 @@ impl Publisher {
         let url = url.into().trim_end_matches('/').to_string();
         Publisher {
             shared: Arc::new(Shared {
-                client: http_client(),
+                client: http_client(&opts.tls, &url),
                 url,
                 opts,
                 health: Mutex::new(Health::default()),
@@ -529,7 +551,7 @@ impl Publisher {
         let result = self.shared.client.delete(&url).send().await;
         // After the DELETE, so the server wakes it; cut, never ended, so it is no empty segment.
         self.pending = None;
-        let resp = result.map_err(|e| unreachable_error(&url, &e))?;
+        let resp = result.map_err(|e| request_error(&url, &e, &self.shared.opts.tls))?;
         let status = resp.status().as_u16();
         match status {
             200..=299 => Ok(()),
@@ -550,6 +572,10 @@ impl Publisher {
         }
         match self.fetch_next().await {
             Ok(seq) => Ok(seq),
+            Err(refused @ PublishError::Tls { .. }) => {
+                self.shared.record_failure(&refused);
+                Err(refused)
+            }
             Err(first) => {
                 tracing::warn!(url = %self.shared.url, error = %first, "GET /next failed; retrying once");
                 self.shared.counters.retries.fetch_add(1, Ordering::Relaxed);
@@ -569,7 +595,7 @@ impl Publisher {
             .get(&url)
             .send()
             .await
-            .map_err(|e| unreachable_error(&url, &e))?;
+            .map_err(|e| request_error(&url, &e, &self.shared.opts.tls))?;
         let status = resp.status().as_u16();
         if status == 404 {
             return Ok(0);
@@ -725,7 +751,7 @@ impl SegmentWriter {
         if self.retaining && err.is_transient() && self.shared.outage(&err) {
             return self.reconnect(err).await;
         }
-        if self.retried || !self.retaining {
+        if self.retried || !self.retaining || matches!(err, PublishError::Tls { .. }) {
             return Err(self.fail(err));
         }
         self.retried = true;
@@ -785,28 +811,15 @@ impl SegmentWriter {
         self.retained = Vec::new();
         self.shared.record_failure(&err);
         match self.shared.check() {
-            Err(terminal @ PublishError::Terminal { .. }) => terminal,
+            // A refused certificate is the error itself; later calls say Terminal.
+            Err(terminal @ PublishError::Terminal { .. })
+                if !matches!(err, PublishError::Tls { .. }) =>
+            {
+                terminal
+            }
             _ => err,
         }
     }
-}
-
-/// HTTP/1.1 only, no pooled idle connections (each POST/GET is preconnected on its own
-/// connection, and a stale pooled connection after a server restart would only cost a retry).
-pub(crate) fn http_client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .http1_only()
-        .pool_max_idle_per_host(0)
-        .connect_timeout(CONNECT_TIMEOUT)
-        // Preconnected requests wait indefinitely: keepalive detects a peer that vanished.
-        .tcp_keepalive(Duration::from_secs(15))
-        .tcp_nodelay(true)
-        .no_gzip()
-        .build()
-        .unwrap_or_else(|e| {
-            tracing::warn!(error = %e, "custom HTTP client unavailable; using defaults");
-            reqwest::Client::new()
-        })
 }
 
 /// The lowest-level cause of a request error, e.g. `connection refused`.
@@ -827,10 +840,18 @@ pub(crate) fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
     }
 }
 
-fn unreachable_error(url: &str, e: &reqwest::Error) -> PublishError {
-    PublishError::Unreachable {
-        url: url.to_string(),
-        cause: root_cause(e),
+/// A request that got no answer: a refused certificate, or no connection.
+fn request_error(url: &str, e: &reqwest::Error, tls: &ClientTls) -> PublishError {
+    match tls.refusal(e) {
+        Some((reason, hint)) => PublishError::Tls {
+            url: url.to_string(),
+            reason,
+            hint,
+        },
+        None => PublishError::Unreachable {
+            url: url.to_string(),
+            cause: root_cause(e),
+        },
     }
 }
 

@@ -20,6 +20,10 @@
 //! control publisher re-sends its open segment once the server is back. What the client can see
 //! of a gap (reconnects, segments resumed, segments lost mid-way or skipped) is in
 //! [`ClientReport`].
+//!
+//! Both channels treat an `https://` server's certificate as [`ClientConfig::trickle_tls`] says
+//! (see [`trickle::client_tls`]); a refused certificate ends the events loop at once and is kept
+//! as [`Client::tls_refused`], so the process can exit with it instead of waiting.
 
 pub mod http;
 
@@ -36,12 +40,13 @@ use std::time::Duration;
 use telemetry::{Event, RawEnvelope, Sink};
 use tokio::sync::{broadcast, oneshot, watch};
 use tokio::task::JoinHandle;
+use trickle::client_tls::ClientTls;
 use trickle::jsonl::{JsonlReader, JsonlReaderOptions, JsonlWriter, JsonlWriterOptions};
 use trickle::messages::{
     ApiRequest, ControlMessage, EventMessage, Parameters, Ping, StartStream, StopStream,
 };
 use trickle::publisher::{Publisher, PublisherOptions};
-use trickle::subscriber::{Subscriber, SubscriberOptions, SubscriberStats};
+use trickle::subscriber::{SubscribeError, Subscriber, SubscriberOptions, SubscriberStats};
 
 /// How the client is set up.
 #[derive(Debug, Clone)]
@@ -63,6 +68,8 @@ pub struct ClientConfig {
     /// How long both channels keep reconnecting through a trickle server outage before the
     /// events loop ends; zero: give up after the reference clients' retries (about 2.5 s).
     pub reconnect_window: Duration,
+    /// How both channels treat an `https://` server's certificate (default: any is accepted).
+    pub trickle_tls: ClientTls,
 }
 
 impl ClientConfig {
@@ -77,6 +84,7 @@ impl ClientConfig {
             max_event_bytes: 5 * 1024 * 1024,
             events_start_seq: -2,
             reconnect_window: crate::runner::DEFAULT_RECONNECT_WINDOW,
+            trickle_tls: ClientTls::default(),
         }
     }
 }
@@ -183,6 +191,8 @@ struct Shared {
     ready: watch::Sender<Option<u64>>,
     notifications: broadcast::Sender<Value>,
     events_ended: AtomicBool,
+    /// The refused certificate that ended the events loop, if that is what ended it.
+    tls_refused: Mutex<Option<String>>,
 }
 
 /// A connected client: the control writer, the events loop and the pinger.
@@ -206,6 +216,7 @@ impl Client {
                 PublisherOptions {
                     content_type: "application/jsonl".into(),
                     reconnect_window: config.reconnect_window,
+                    tls: config.trickle_tls.clone(),
                     ..PublisherOptions::default()
                 },
             ),
@@ -226,6 +237,7 @@ impl Client {
             ready: watch::channel(None).0,
             notifications: broadcast::channel(256).0,
             events_ended: AtomicBool::new(false),
+            tls_refused: Mutex::new(None),
         });
         let events = tokio::spawn(events_loop(config.clone(), shared.clone()));
         let pinger = tokio::spawn(ping_loop(control.clone(), config.ping_interval));
@@ -347,6 +359,12 @@ impl Client {
     /// Whether the events channel has ended (the runner closed it, or it failed).
     pub fn events_ended(&self) -> bool {
         self.shared.events_ended.load(Relaxed)
+    }
+
+    /// Why the events channel's server certificate was refused, when that ended the events loop
+    /// (the message names the URL, the reason and the flag).
+    pub fn tls_refused(&self) -> Option<String> {
+        self.shared.tls_refused.lock().clone()
     }
 
     /// Ends the session: closes the control channel (so the runner stops), then waits up to
@@ -548,15 +566,27 @@ impl Shared {
 ///
 /// An orchestrator normally creates a job's channels; this is for servers run with autocreate.
 pub async fn create_channel(url: &str) -> anyhow::Result<()> {
-    let response = reqwest::Client::new()
+    create_channel_with(url, &ClientTls::default()).await
+}
+
+/// [`create_channel`], treating an `https://` server's certificate as `tls` says.
+pub async fn create_channel_with(url: &str, tls: &ClientTls) -> anyhow::Result<()> {
+    let client = tls
+        .builder(url)
+        .build()
+        .map_err(|e| anyhow::anyhow!("cannot set up an HTTP client: {e}"))?;
+    let response = client
         .post(url)
         .header(trickle::headers::EXPECT_CONTENT, "application/jsonl")
         .send()
         .await
-        .map_err(|e| {
-            anyhow::anyhow!(
+        .map_err(|e| match tls.refusal(&e) {
+            Some((reason, hint)) => {
+                anyhow::anyhow!("TLS certificate of {url} refused: {reason}; {hint}")
+            }
+            None => anyhow::anyhow!(
                 "cannot reach {url} to create the channel ({e}); is the trickle server running?"
-            )
+            ),
         })?;
     if !response.status().is_success() {
         anyhow::bail!(
@@ -602,6 +632,7 @@ async fn events_loop(config: ClientConfig, shared: Arc<Shared>) {
         SubscriberOptions {
             start_seq: config.events_start_seq,
             reconnect_window: config.reconnect_window,
+            tls: config.trickle_tls.clone(),
             ..SubscriberOptions::default()
         },
     );
@@ -632,6 +663,9 @@ async fn events_loop(config: ClientConfig, shared: Arc<Shared>) {
             }
             Err(e) => {
                 tracing::error!(events = %config.events_url, error = %e, "events subscription failed");
+                if matches!(e, SubscribeError::Tls { .. }) {
+                    *shared.tls_refused.lock() = Some(e.to_string());
+                }
                 break;
             }
         }

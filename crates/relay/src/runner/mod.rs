@@ -21,6 +21,10 @@
 //! queue sheds and counts. Lines the writer could not deliver (a failed segment,
 //! [`trickle::jsonl::WriterStats::lines_lost`]) are added to the sink's drops, so the next
 //! `telemetry_dropped` reports them too.
+//!
+//! Both channels treat an `https://` server's certificate as [`RunnerConfig::trickle_tls`] says
+//! (see [`trickle::client_tls`]). A refused control-channel certificate ends the runner with that
+//! error (naming the URL, the reason and the flag) instead of a session that never starts.
 
 pub mod ingest;
 pub mod pipeline;
@@ -39,12 +43,13 @@ use telemetry::sinks::{SessionContext, TrickleEventsConfig, TrickleEventsSink};
 use telemetry::{Event, Fields, Sink, SinkStats};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+use trickle::client_tls::ClientTls;
 use trickle::jsonl::{
     JsonlReader, JsonlReaderOptions, JsonlWriter, JsonlWriterOptions, ReaderStats, WriterStats,
 };
 use trickle::messages::ControlMessage;
 use trickle::publisher::{Publisher, PublisherOptions, PublisherStats};
-use trickle::subscriber::{Subscriber, SubscriberOptions, SubscriberStats};
+use trickle::subscriber::{SubscribeError, Subscriber, SubscriberOptions, SubscriberStats};
 
 /// Default [`RunnerConfig::telemetry_poll_interval`]: 1 ms (the sink's own default is 5 ms) cuts
 /// end-to-end latency at 10,000 events/s from a 3.6 ms median to 1.3 ms (BENCHMARKS.md), for
@@ -108,6 +113,8 @@ pub struct RunnerConfig {
     /// Lines the events writer queues while its segment cannot be written (e.g. during an
     /// outage); beyond them the telemetry sink's own queue sheds, counting every drop.
     pub events_queue_lines: usize,
+    /// How both channels treat an `https://` server's certificate (default: any is accepted).
+    pub trickle_tls: ClientTls,
 }
 
 impl RunnerConfig {
@@ -132,6 +139,7 @@ impl RunnerConfig {
             emitted_copy: None,
             reconnect_window: DEFAULT_RECONNECT_WINDOW,
             events_queue_lines: JsonlWriterOptions::default().queue_capacity,
+            trickle_tls: ClientTls::default(),
         }
     }
 }
@@ -166,6 +174,7 @@ pub async fn run(
             reset: config.reset_events,
             content_type: "application/jsonl".into(),
             reconnect_window: config.reconnect_window,
+            tls: config.trickle_tls.clone(),
             ..PublisherOptions::default()
         },
     );
@@ -241,7 +250,11 @@ pub async fn run(
     let control_stats = Arc::new(parking_lot::Mutex::new(ReaderStats::default()));
     let reader_task = tokio::spawn(read_control(
         config.control_url.clone(),
-        config.reconnect_window,
+        SubscriberOptions {
+            reconnect_window: config.reconnect_window,
+            tls: config.trickle_tls.clone(),
+            ..SubscriberOptions::default()
+        },
         control_tx,
         control_stats.clone(),
     ));
@@ -277,7 +290,7 @@ pub async fn run(
     }
     publish(&session, None, Emit::new("session_closed"));
     reader_task.abort();
-    let _ = reader_task.await;
+    let refused = reader_task.await.ok().flatten();
     let control = *control_stats.lock();
     report.bad_control_lines = control.bad_lines();
     report.control = control.subscriber;
@@ -308,23 +321,21 @@ pub async fn run(
         dropped = report.sink.dropped(),
         "runner stopped"
     );
+    if let Some(refused) = refused {
+        anyhow::bail!("the control channel cannot be read: {refused}");
+    }
     Ok(report)
 }
 
-/// Reads the control channel into `tx`, keeping `stats` current, until it ends.
+/// Reads the control channel into `tx`, keeping `stats` current, until it ends. Returns the
+/// error when a refused TLS certificate ended it.
 async fn read_control(
     url: String,
-    reconnect_window: Duration,
+    options: SubscriberOptions,
     tx: mpsc::Sender<ControlMessage>,
     stats: Arc<parking_lot::Mutex<ReaderStats>>,
-) {
-    let subscriber = Subscriber::new(
-        url.clone(),
-        SubscriberOptions {
-            reconnect_window,
-            ..SubscriberOptions::default()
-        },
-    );
+) -> Option<String> {
+    let subscriber = Subscriber::new(url.clone(), options);
     let mut reader = JsonlReader::new(subscriber, JsonlReaderOptions::default());
     loop {
         let next = reader.next::<ControlMessage>().await;
@@ -341,10 +352,14 @@ async fn read_control(
             }
             Err(e) => {
                 tracing::error!(control = %url, error = %e, "control subscription failed");
+                if matches!(e, SubscribeError::Tls { .. }) {
+                    return Some(e.to_string());
+                }
                 break;
             }
         }
     }
+    None
 }
 
 /// Adds the events writer's newly lost lines to the sink's drops, every [`LOST_LINES_POLL`].
