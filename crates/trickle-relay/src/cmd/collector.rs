@@ -4,6 +4,9 @@
 //! enforces the size, count and rate limits, drops duplicates by event id, and answers 200 only
 //! once the output (`--output jsonl:PATH`, appended and fsynced) has the events. See the
 //! `collector` crate for the full contract.
+//!
+//! HTTPS: `--tls-cert FILE --tls-key FILE` (PEM; re-read on SIGHUP, a bad pair refused and the
+//! certificate in service kept). A reporter trusts a private CA with `SCOPE_METRICS_CA_FILE`.
 
 use anyhow::Context as _;
 use collector::{ApiKeys, Collector, CollectorConfig, Output};
@@ -47,10 +50,25 @@ pub struct Args {
     /// Seconds between two counter log lines (only when they changed).
     #[arg(long, default_value_t = 10)]
     pub log_interval_secs: u64,
+    /// Serve HTTPS with this certificate chain (PEM, leaf first); needs --tls-key. Re-read on
+    /// SIGHUP.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM: PKCS#8, PKCS#1 or SEC1). Re-read on SIGHUP.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
 }
 
 /// Runs the collector until Ctrl-C / SIGTERM.
 pub async fn run(args: Args) -> anyhow::Result<()> {
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => {
+            let tls = tls::ServerTls::from_pem_files(cert, key, &[b"h2", b"http/1.1"])?;
+            super::reload_tls_on_sighup(tls.clone());
+            Some(tls)
+        }
+        _ => None,
+    };
     let keys = Arc::new(ApiKeys::load(&args.api_keys)?);
     let output = open_output(&args.output)?;
     let config = CollectorConfig {
@@ -72,10 +90,17 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         })?;
     let addr = listener.local_addr()?;
     eprintln!(
-        "collector: listening on http://{addr}/v1/metrics ({} keys, output {})",
+        "collector: listening on {}://{addr}/v1/metrics ({} keys, output {})",
+        if tls.is_some() { "https" } else { "http" },
         keys.len(),
         args.output
     );
+    if let Some(tls) = &tls {
+        eprintln!(
+            "collector: TLS certificate SHA-256 fingerprint {}",
+            tls.fingerprint()
+        );
+    }
 
     let shutdown = CancellationToken::new();
     super::cancel_on_signal(shutdown.clone());
@@ -99,11 +124,12 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         })
     };
     let stop = shutdown.clone();
-    collector
-        .clone()
-        .serve(listener, async move { stop.cancelled().await })
-        .await
-        .context("collector server failed")?;
+    let stopped = async move { stop.cancelled().await };
+    match tls {
+        Some(tls) => collector.clone().serve_tls(listener, tls, stopped).await,
+        None => collector.clone().serve(listener, stopped).await,
+    }
+    .context("collector server failed")?;
     shutdown.cancel();
     let _ = logger.await;
     collector.log_stats();

@@ -58,6 +58,8 @@ pub struct Args {
     /// (~2.5 s) and end the session.
     #[arg(long, default_value_t = 60.0, value_name = "SECS")]
     pub reconnect_secs: f64,
+    #[command(flatten)]
+    pub tls: super::TrickleTlsArgs,
 }
 
 /// Runs the runner until the control channel ends or Ctrl-C / SIGTERM.
@@ -78,6 +80,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     config.reconnect_window = Duration::try_from_secs_f64(args.reconnect_secs)
         .context("--reconnect-secs takes a number of seconds >= 0, e.g. 60")?;
     config.started_at = started_at;
+    config.trickle_tls = args.tls.client_tls()?;
     let emitted_copy = match &args.emitted_file {
         Some(path) => Some(std::sync::Arc::new(
             telemetry::sinks::FileSink::create(path)
