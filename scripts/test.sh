@@ -19,6 +19,8 @@ cargo clippy --workspace --all-targets -- -D warnings
 echo "== test Kafka broker (tansu)" >&2
 scripts/test-broker.sh
 echo "== Python test venv (livepeer-gateway, pytest)" >&2
+# The trickle_relay package itself is built by the nextest run below (crates/python, with the
+# workspace's features: nothing compiled twice) and installed into this venv by its test.
 scripts/python-env.sh
 echo "== cargo nextest run" >&2
 cargo nextest run --workspace --no-fail-fast

@@ -147,7 +147,8 @@ pub fn messages(data: &[u8]) {
 }
 
 /// `RawEnvelope::parse`: never panics; an accepted envelope is a JSON object with that non-empty
-/// `id`, and the relay's `relayed_via` annotation keeps it a valid envelope with the same id.
+/// `id`, and the relay's annotations (inside `data`) keep it a valid envelope with the same id,
+/// adding only what `data` lacks and changing nothing else.
 pub fn envelope(data: &[u8]) {
     let Ok(mut env) = telemetry::RawEnvelope::parse(Bytes::copy_from_slice(data)) else {
         return;
@@ -158,15 +159,50 @@ pub fn envelope(data: &[u8]) {
     // nesting is valid JSON, and every hop, collector included, accepts it).
     let top: HashMap<String, Box<RawValue>> =
         serde_json::from_slice(env.as_bytes()).expect("accepted envelope is a JSON object");
-    let had = env.relayed_via().map(str::to_owned);
-    let added = env.annotate_relayed_via("trickle");
-    assert_eq!(added, had.is_none() && !top.contains_key("relayed_via"));
+    let data: Option<HashMap<String, Box<RawValue>>> = match top.get("data") {
+        Some(d) if d.get().starts_with('{') => {
+            Some(serde_json::from_str(d.get()).expect("data is an object"))
+        }
+        Some(_) => None,
+        None => Some(HashMap::new()),
+    };
+    let had_via = data.as_ref().is_some_and(|d| d.contains_key("relayed_via"));
+    let had_ts = data
+        .as_ref()
+        .is_some_and(|d| d.contains_key("relay_received_timestamp"));
+    let before = env.as_bytes().clone();
+    let added = env.annotate_relay("trickle", 1_700_000_000_000);
+    assert_eq!(added, data.is_some() && !(had_via && had_ts));
     let again = telemetry::RawEnvelope::parse(env.as_bytes().clone())
         .expect("an annotated envelope parses again");
     assert_eq!(again.id(), id, "annotation changed the id");
-    if added {
+    if !added {
+        assert_eq!(
+            env.as_bytes(),
+            &before,
+            "nothing added, yet the bytes changed"
+        );
+        return;
+    }
+    if !had_via {
         assert_eq!(again.relayed_via(), Some("trickle"));
     }
+    if !had_ts {
+        assert_eq!(again.relay_received_timestamp(), Some("1700000000000"));
+    }
+    // Only bytes were inserted: the original is the annotated text with one run removed.
+    let after = env.as_bytes();
+    let prefix = before
+        .iter()
+        .zip(after.iter())
+        .take_while(|(a, b)| a == b)
+        .count();
+    let extra = after.len() - before.len();
+    assert_eq!(
+        &after[prefix + extra..],
+        &before[prefix..],
+        "an original byte changed"
+    );
 }
 
 /// The collector's `POST /v1/metrics` body validation: never panics; what it accepts is at most

@@ -5,7 +5,8 @@
 //!   local process hands it through the loopback [`runner::ingest`] endpoint, to the client over the
 //!   events channel.
 //! - [`client`]: the local side. Reads the events channel, dispatches each message, and re-publishes
-//!   telemetry, verbatim plus `"relayed_via":"trickle"`, through one egress sink.
+//!   telemetry, verbatim plus `data.relayed_via` / `data.relay_received_timestamp`, through one
+//!   egress sink.
 //!
 //! Both sides agree on a [`SessionIds`]: the client rejects telemetry that claims another session.
 

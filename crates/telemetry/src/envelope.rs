@@ -54,8 +54,11 @@ pub const RESERVED_DATA_KEYS: [&str; 9] = [
     "error",
     "connection_info",
 ];
-/// The annotation the client adds to a forwarded envelope.
+/// The annotation (a key of `data`) naming how the client received a forwarded envelope.
 pub const RELAYED_VIA: &str = "relayed_via";
+/// The annotation (a key of `data`) with the unix ms, as a decimal string, when the client
+/// received a forwarded envelope.
+pub const RELAY_RECEIVED_TIMESTAMP: &str = "relay_received_timestamp";
 
 /// Event types the seed application emits, kept as `&'static str` so stamping them allocates nothing.
 const KNOWN_EVENT_TYPES: [&str; 18] = [
@@ -662,9 +665,14 @@ impl RawEnvelope {
         self.meta.fields.connection_id.get(&self.bytes)
     }
 
-    /// Top-level `relayed_via`, if present.
+    /// `data.relayed_via` (the client's annotation), if it is a string.
     pub fn relayed_via(&self) -> Option<&str> {
         self.meta.fields.relayed_via.get(&self.bytes)
+    }
+
+    /// `data.relay_received_timestamp` (the client's annotation), as written.
+    pub fn relay_received_timestamp(&self) -> Option<&str> {
+        self.meta.fields.relay_received.get(&self.bytes)
     }
 
     /// The priority class of `data.type` (High when absent).
@@ -672,56 +680,109 @@ impl RawEnvelope {
         self.meta.priority
     }
 
-    /// Adds the client's `"relayed_via": via` annotation. Returns false (and changes nothing) when
-    /// the envelope already carries one: the first hop's annotation is kept, never duplicated.
+    /// [`RawEnvelope::annotate_relay`] received now.
     pub fn annotate_relayed_via(&mut self, via: &str) -> bool {
-        if self.meta.fields.has_relayed_via {
+        self.annotate_relay(via, now_ms())
+    }
+
+    /// Adds the client's two annotations **inside `data`**, as the seed's client does:
+    /// `"relayed_via": via` and `"relay_received_timestamp": "<received_ms>"`, spliced in before
+    /// `data`'s closing brace so every other byte stays as it was (no re-serialization).
+    ///
+    /// An annotation already in `data` is kept, never duplicated (a second hop keeps the first
+    /// hop's). An envelope without `data` gets `"data":{..the two..}` appended as a top-level
+    /// member; one whose `data` is not an object cannot carry them and is left as it is. Returns
+    /// whether anything was added.
+    pub fn annotate_relay(&mut self, via: &str, received_ms: u64) -> bool {
+        let f = &self.meta.fields;
+        let (add_via, add_ts) = (!f.has_relayed_via, !f.has_relay_received);
+        if !(add_via || add_ts) || f.data == DataKind::Other {
             return false;
         }
-        self.insert_member(RELAYED_VIA, via);
-        self.meta.fields.relayed_via = Text::Owned(via.into());
-        self.meta.fields.has_relayed_via = true;
+        let mut ts_buf = itoa::Buffer::new();
+        let ts = ts_buf.format(received_ms);
+        let mut members = Vec::with_capacity(via.len() + 64);
+        if add_via {
+            str_into(&mut members, RELAYED_VIA);
+            members.push(b':');
+            str_into(&mut members, via);
+        }
+        if add_ts {
+            if add_via {
+                members.push(b',');
+            }
+            str_into(&mut members, RELAY_RECEIVED_TIMESTAMP);
+            members.extend_from_slice(b":\"");
+            members.extend_from_slice(ts.as_bytes());
+            members.push(b'"');
+        }
+        let at = match f.data {
+            DataKind::Object => match data_object_close(&self.bytes) {
+                Some((close, empty)) => {
+                    if !empty {
+                        members.insert(0, b',');
+                    }
+                    close
+                }
+                // Unreachable for a parsed envelope; leave it untouched rather than guess.
+                None => return false,
+            },
+            DataKind::Absent => {
+                let mut wrapped = Vec::with_capacity(members.len() + 10);
+                wrapped.extend_from_slice(b",\"data\":{");
+                wrapped.extend_from_slice(&members);
+                wrapped.push(b'}');
+                members = wrapped;
+                final_brace(&self.bytes)
+            }
+            DataKind::Other => return false,
+        };
+        self.splice(at, &members);
+        let f = &mut self.meta.fields;
+        if add_via {
+            f.has_relayed_via = true;
+            f.relayed_via = Text::Owned(via.into());
+        }
+        if add_ts {
+            f.has_relay_received = true;
+            f.relay_received = Text::Owned(ts.into());
+        }
+        f.data = DataKind::Object;
         true
     }
 
     /// Adds a top-level annotation `key: value`. Fails if `key` is already a top-level key (the
     /// original is never changed, and a duplicate key would make the JSON ambiguous).
     pub fn annotate(&mut self, key: &str, value: &Value) -> Result<(), EnvelopeError> {
-        let exists = if key == RELAYED_VIA {
-            self.meta.fields.has_relayed_via
-        } else {
-            top_level_has_key(&self.bytes, key)
-        };
-        if exists {
+        if top_level_has_key(&self.bytes, key) {
             return Err(EnvelopeError::AnnotationExists(key.to_owned()));
         }
         self.insert_member(key, value);
-        if key == RELAYED_VIA {
-            self.meta.fields.has_relayed_via = true;
-            self.meta.fields.relayed_via = value
-                .as_str()
-                .map_or(Text::Absent, |v| Text::Owned(v.into()));
-        }
         Ok(())
     }
 
     /// Inserts `,"key":value` before the final `}` (parse guaranteed an object with an `id`, so
     /// there is a final `}` and at least one member before it).
     fn insert_member<V: Serialize + ?Sized>(&mut self, key: &str, value: &V) {
+        let mut member = Vec::with_capacity(key.len() + 48);
+        member.push(b',');
+        json_into(&mut member, key);
+        member.push(b':');
+        json_into(&mut member, value);
+        self.splice(final_brace(&self.bytes), &member);
+    }
+
+    /// Inserts `insert` at byte `at`, moving the routed fields that lie after it.
+    fn splice(&mut self, at: usize, insert: &[u8]) {
         let b = &self.bytes;
-        let close = b
-            .iter()
-            .rposition(|c| !matches!(c, b' ' | b'\t' | b'\n' | b'\r'))
-            .unwrap_or(0);
+        let at = at.min(b.len());
         // One buffer, one copy of the original: `Bytes::from(Vec)` takes it without copying.
-        let mut out = Vec::with_capacity(b.len() + key.len() + 48);
-        out.extend_from_slice(&b[..close]);
-        out.push(b',');
-        json_into(&mut out, key);
-        out.push(b':');
-        json_into(&mut out, value);
-        out.extend_from_slice(&b[close..]);
+        let mut out = Vec::with_capacity(b.len() + insert.len());
+        out.extend_from_slice(&b[..at]);
+        out.extend_from_slice(insert);
+        out.extend_from_slice(&b[at..]);
         self.bytes = Bytes::from(out);
+        self.meta.fields.shift(at, insert.len());
     }
 
     /// Appends the exact bytes to `out`.
@@ -751,6 +812,107 @@ fn top_level_has_key(bytes: &[u8], key: &str) -> bool {
     de.deserialize_map(KeyFinder(key)).unwrap_or(false)
 }
 
+/// The position of the final `}` of a parsed envelope (trailing whitespace skipped).
+fn final_brace(bytes: &[u8]) -> usize {
+    bytes
+        .iter()
+        .rposition(|c| !matches!(c, b' ' | b'\t' | b'\n' | b'\r'))
+        .unwrap_or(0)
+}
+
+/// In a parsed envelope whose `data` is an object: the position of `data`'s closing `}` and
+/// whether the object is empty. A byte scan (strings and nesting tracked), far cheaper than a
+/// parse; `None` only on input that was not validated JSON.
+fn data_object_close(bytes: &[u8]) -> Option<(usize, bool)> {
+    let ws = |c: u8| matches!(c, b' ' | b'\t' | b'\n' | b'\r');
+    let skip_ws = |mut i: usize| {
+        while i < bytes.len() && ws(bytes[i]) {
+            i += 1;
+        }
+        i
+    };
+    // The end (exclusive) of the string starting at `i` (a `"`).
+    let string_end = |mut i: usize| -> Option<usize> {
+        i += 1;
+        while i < bytes.len() {
+            match bytes[i] {
+                b'\\' => i += 2,
+                b'"' => return Some(i + 1),
+                _ => i += 1,
+            }
+        }
+        None
+    };
+    // The end (exclusive) of the value starting at `i`.
+    let value_end = |mut i: usize| -> Option<usize> {
+        match bytes.get(i)? {
+            b'"' => string_end(i),
+            b'{' | b'[' => {
+                let mut depth = 0usize;
+                while i < bytes.len() {
+                    match bytes[i] {
+                        b'"' => {
+                            i = string_end(i)?;
+                            continue;
+                        }
+                        b'{' | b'[' => depth += 1,
+                        b'}' | b']' => {
+                            depth -= 1;
+                            if depth == 0 {
+                                return Some(i + 1);
+                            }
+                        }
+                        _ => {}
+                    }
+                    i += 1;
+                }
+                None
+            }
+            _ => {
+                while i < bytes.len() && !matches!(bytes[i], b',' | b'}' | b']') && !ws(bytes[i]) {
+                    i += 1;
+                }
+                Some(i)
+            }
+        }
+    };
+    let mut i = skip_ws(0);
+    if bytes.get(i) != Some(&b'{') {
+        return None;
+    }
+    i += 1;
+    loop {
+        i = skip_ws(i);
+        if bytes.get(i)? != &b'"' {
+            return None;
+        }
+        let key_end = string_end(i)?;
+        let key = &bytes[i..key_end];
+        let is_data = key == b"\"data\""
+            || (key.contains(&b'\\')
+                && serde_json::from_slice::<Cow<'_, str>>(key).is_ok_and(|k| k == "data"));
+        i = skip_ws(key_end);
+        if bytes.get(i)? != &b':' {
+            return None;
+        }
+        i = skip_ws(i + 1);
+        let end = value_end(i)?;
+        if is_data {
+            if bytes[i] != b'{' {
+                return None;
+            }
+            let close = end - 1;
+            let last = bytes[i + 1..close].iter().rposition(|c| !ws(*c));
+            return Some((close, last.is_none()));
+        }
+        i = skip_ws(end);
+        match bytes.get(i)? {
+            b',' => i += 1,
+            _ => return None,
+        }
+    }
+}
+
 /// The envelope fields routing reads, as positions in its bytes where possible.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 struct Top {
@@ -759,9 +921,53 @@ struct Top {
     event_type: Text,
     session_id: Text,
     connection_id: Text,
+    /// `data.relayed_via`, if a string.
     relayed_via: Text,
-    /// A top-level `relayed_via` key exists (even if its value is not a string).
+    /// `data.relay_received_timestamp`, if a string (or number).
+    relay_received: Text,
+    /// `data` has a `relayed_via` key (even if its value is not a string).
     has_relayed_via: bool,
+    /// `data` has a `relay_received_timestamp` key (whatever its value).
+    has_relay_received: bool,
+    /// What `data` is.
+    data: DataKind,
+}
+
+impl Top {
+    /// Moves every span that starts at or after `at` by `by` bytes (after an insertion at `at`).
+    fn shift(&mut self, at: usize, by: usize) {
+        for t in [
+            &mut self.id,
+            &mut self.timestamp,
+            &mut self.event_type,
+            &mut self.session_id,
+            &mut self.connection_id,
+            &mut self.relayed_via,
+            &mut self.relay_received,
+        ] {
+            if let Text::Span(start, _) = t {
+                if *start as usize >= at {
+                    match u32::try_from(*start as usize + by) {
+                        Ok(moved) => *start = moved,
+                        // Past 4 GiB: cannot happen under the size limits; drop the span, not lie.
+                        Err(_) => *t = Text::Absent,
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Whether an envelope has a `data` member, and whether it is an object.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+enum DataKind {
+    /// No `data` key.
+    #[default]
+    Absent,
+    /// `data` is a JSON object.
+    Object,
+    /// `data` is something else (a string, an array...).
+    Other,
 }
 
 /// Top-level keys of interest; everything else is skipped without allocating.
@@ -769,7 +975,6 @@ enum TopKey {
     Id,
     Timestamp,
     Data,
-    RelayedVia,
     Other,
 }
 
@@ -786,7 +991,6 @@ impl<'de> de::Deserialize<'de> for TopKey {
                     "id" => TopKey::Id,
                     "timestamp" => TopKey::Timestamp,
                     "data" => TopKey::Data,
-                    RELAYED_VIA => TopKey::RelayedVia,
                     _ => TopKey::Other,
                 })
             }
@@ -799,6 +1003,8 @@ enum DataKey {
     Type,
     SessionId,
     ConnectionId,
+    RelayedVia,
+    RelayReceived,
     Other,
 }
 
@@ -815,6 +1021,8 @@ impl<'de> de::Deserialize<'de> for DataKey {
                     "type" => DataKey::Type,
                     "session_id" => DataKey::SessionId,
                     "connection_id" => DataKey::ConnectionId,
+                    RELAYED_VIA => DataKey::RelayedVia,
+                    RELAY_RECEIVED_TIMESTAMP => DataKey::RelayReceived,
                     _ => DataKey::Other,
                 })
             }
@@ -886,12 +1094,17 @@ impl<'de> Visitor<'de> for Lenient {
     }
 }
 
-/// `data`: an object yields its three routed fields; any other value yields none of them.
+/// `data`: an object yields its routed fields and annotations; any other value yields none.
 #[derive(Default)]
 struct DataFields {
+    is_object: bool,
     event_type: Text,
     session_id: Text,
     connection_id: Text,
+    relayed_via: Text,
+    relay_received: Text,
+    has_relayed_via: bool,
+    has_relay_received: bool,
 }
 
 struct DataVisitor {
@@ -911,7 +1124,10 @@ impl<'de> Visitor<'de> for DataVisitor {
         f.write_str("any JSON value")
     }
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-        let mut out = DataFields::default();
+        let mut out = DataFields {
+            is_object: true,
+            ..DataFields::default()
+        };
         let (mut t, mut s, mut c) = (false, false, false);
         while let Some(key) = map.next_key::<DataKey>()? {
             let text = Lenient {
@@ -919,6 +1135,23 @@ impl<'de> Visitor<'de> for DataVisitor {
                 src: self.src,
             };
             let (slot, seen, name) = match key {
+                // Annotations: the first one counts; a repeat is skipped, never an error.
+                DataKey::RelayedVia | DataKey::RelayReceived => {
+                    let (slot, has) = match key {
+                        DataKey::RelayedVia => (&mut out.relayed_via, &mut out.has_relayed_via),
+                        _ => (&mut out.relay_received, &mut out.has_relay_received),
+                    };
+                    if *has {
+                        map.next_value::<IgnoredAny>()?;
+                    } else {
+                        *has = true;
+                        *slot = map.next_value_seed(Lenient {
+                            numbers: matches!(key, DataKey::RelayReceived),
+                            src: self.src,
+                        })?;
+                    }
+                    continue;
+                }
                 DataKey::Type => (&mut out.event_type, &mut t, "data.type"),
                 DataKey::SessionId => (&mut out.session_id, &mut s, "data.session_id"),
                 DataKey::ConnectionId => (&mut out.connection_id, &mut c, "data.connection_id"),
@@ -981,14 +1214,13 @@ impl<'de> Visitor<'de> for TopVisitor {
     }
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
         let mut top = Top::default();
-        let (mut id, mut ts, mut data, mut rv) = (false, false, false, false);
+        let (mut id, mut ts, mut data) = (false, false, false);
         let mut dup: Option<&'static str> = None;
         while let Some(key) = map.next_key::<TopKey>()? {
             let (seen, name) = match key {
                 TopKey::Id => (&mut id, "id"),
                 TopKey::Timestamp => (&mut ts, "timestamp"),
                 TopKey::Data => (&mut data, "data"),
-                TopKey::RelayedVia => (&mut rv, RELAYED_VIA),
                 TopKey::Other => {
                     map.next_value::<IgnoredAny>()?;
                     continue;
@@ -1004,15 +1236,20 @@ impl<'de> Visitor<'de> for TopVisitor {
             match key {
                 TopKey::Id => top.id = map.next_value_seed(self.lenient(false))?,
                 TopKey::Timestamp => top.timestamp = map.next_value_seed(self.lenient(true))?,
-                TopKey::RelayedVia => {
-                    top.has_relayed_via = true;
-                    top.relayed_via = map.next_value_seed(self.lenient(false))?
-                }
                 TopKey::Data => match map.next_value_seed(DataVisitor { src: self.src })? {
                     Ok(d) => {
+                        top.data = if d.is_object {
+                            DataKind::Object
+                        } else {
+                            DataKind::Other
+                        };
                         top.event_type = d.event_type;
                         top.session_id = d.session_id;
                         top.connection_id = d.connection_id;
+                        top.relayed_via = d.relayed_via;
+                        top.relay_received = d.relay_received;
+                        top.has_relayed_via = d.has_relayed_via;
+                        top.has_relay_received = d.has_relay_received;
                     }
                     Err(e) => {
                         dup.get_or_insert(match e {
@@ -1085,10 +1322,11 @@ impl Event {
         }
     }
 
-    /// Top-level `relayed_via` (only forwarded envelopes carry one).
+    /// `data.relayed_via`: the client's annotation on a forwarded envelope (on one built here,
+    /// only if its metadata set it).
     pub fn relayed_via(&self) -> Option<&str> {
         match self {
-            Event::Built(_) => None,
+            Event::Built(e) => e.fields.get_meta(RELAYED_VIA).and_then(Value::as_str),
             Event::Raw(r) => r.relayed_via(),
         }
     }

@@ -8,7 +8,7 @@
 //! publish_event("stream_started", fields)             events channel reader
 //!   -> Envelope::new: id + time stamped ONCE            line {"type":"telemetry","event":{..}}
 //!   -> installed Sink::emit (never blocks)              -> RawEnvelope::parse (exact bytes kept)
-//!      = TrickleEventsSink                              -> annotate_relayed_via("trickle")
+//!      = TrickleEventsSink                              -> annotate_relay("trickle", now) in data
 //!        -> bounded two-class queue (drops counted)     -> publish_raw_event -> egress Sink::emit
 //!        -> drain task: serialize, batch, write            = LogSink | HTTP reporter | Kafka
 //!        -> {"type":"telemetry","event":{..}} lines        (chosen by egress::select)
@@ -24,7 +24,8 @@
 //!    writes JSONL lines to the session's events writer and reports its own losses in-band as
 //!    `telemetry_dropped` envelopes.
 //! 3. The client parses each forwarded envelope as a [`RawEnvelope`] (the exact bytes plus the few
-//!    fields sinks route on), adds `"relayed_via":"trickle"` without touching any original byte, and
+//!    fields sinks route on), adds `data.relayed_via = "trickle"` and `data.relay_received_timestamp`
+//!    (spliced into `data`, without touching any other byte, as the seed's client does), and
 //!    re-publishes it with [`publish_raw_event`] through the egress sink picked by
 //!    [`egress::select`].
 //!

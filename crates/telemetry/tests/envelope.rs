@@ -292,25 +292,103 @@ fn raw_envelope_keeps_every_original_byte() {
 }
 
 #[test]
-fn relayed_via_annotation_is_inserted_before_the_final_brace() {
+fn relay_annotations_are_spliced_inside_data_keeping_every_other_byte() {
     let bytes = Bytes::from_static(ODD.as_bytes());
     let mut raw = RawEnvelope::parse(bytes.clone()).unwrap();
-    assert!(raw.annotate_relayed_via("trickle"));
+    assert!(raw.annotate_relay("trickle", 1700000000123));
     let out = raw.as_bytes().clone();
-    let close = ODD.rfind('}').unwrap();
-    // Every original byte survives: prefix up to the final `}`, then the annotation, then the rest.
+    // `data` closes at the `}` before `, "extra"`: the annotations go right before it.
+    let close = ODD.find("}, \"extra\"").unwrap();
+    let added = br#","relayed_via":"trickle","relay_received_timestamp":"1700000000123""#;
     assert_eq!(&out[..close], &bytes[..close]);
-    assert_eq!(&out[close..close + 24], br#","relayed_via":"trickle""#);
-    assert_eq!(&out[close + 24..], &bytes[close..]);
+    assert_eq!(&out[close..close + added.len()], added);
+    assert_eq!(&out[close + added.len()..], &bytes[close..]);
     let v: Value = serde_json::from_slice(&out).unwrap();
-    assert_eq!(v["relayed_via"], "trickle");
+    assert_eq!(v["data"]["relayed_via"], "trickle");
+    assert_eq!(v["data"]["relay_received_timestamp"], "1700000000123");
+    assert!(v.get("relayed_via").is_none(), "nothing at the top level");
     assert_eq!(raw.relayed_via(), Some("trickle"));
-    // Annotating twice never duplicates the key.
-    assert!(!raw.annotate_relayed_via("other"));
+    assert_eq!(raw.relay_received_timestamp(), Some("1700000000123"));
+    // Routed fields still read right after the splice moved the bytes.
+    assert_eq!(raw.id(), "abc-1");
+    assert_eq!(raw.session_id(), Some("s\u{e9}"));
+    assert_eq!(raw.timestamp(), Some("1700000000000"));
+    // A second hop keeps the first hop's annotations, never duplicates them.
+    assert!(!raw.annotate_relay("other", 5));
     assert_eq!(raw.as_bytes(), &out);
-    // The annotated bytes parse again, keeping the annotation.
-    let again = RawEnvelope::parse(out.clone()).unwrap();
+    let mut again = RawEnvelope::parse(out.clone()).unwrap();
     assert_eq!(again.relayed_via(), Some("trickle"));
+    assert_eq!(again.relay_received_timestamp(), Some("1700000000123"));
+    assert!(!again.annotate_relayed_via("trickle"));
+    assert_eq!(again.as_bytes(), &out);
+}
+
+#[test]
+fn relay_annotations_move_the_fields_that_follow_data() {
+    // The metrics API's event shape puts `id` and `timestamp` after `data`.
+    let text = r#"{"type":"x","data":{"type":"y","session_id":"s"},"id":"abc","timestamp":"17"}"#;
+    let mut raw = RawEnvelope::parse(Bytes::from_static(text.as_bytes())).unwrap();
+    assert!(raw.annotate_relay("trickle", 9));
+    assert_eq!(
+        raw.as_bytes().as_ref(),
+        br#"{"type":"x","data":{"type":"y","session_id":"s","relayed_via":"trickle","relay_received_timestamp":"9"},"id":"abc","timestamp":"17"}"#
+    );
+    assert_eq!(raw.id(), "abc");
+    assert_eq!(raw.timestamp(), Some("17"));
+    assert_eq!(raw.event_type(), Some("y"));
+    assert_eq!(raw.session_id(), Some("s"));
+}
+
+#[test]
+fn relay_annotations_in_empty_missing_and_odd_data() {
+    let annotated = |text: &'static str| {
+        let mut raw = RawEnvelope::parse(Bytes::from_static(text.as_bytes())).unwrap();
+        let added = raw.annotate_relay("trickle", 7);
+        (added, String::from_utf8(raw.as_bytes().to_vec()).unwrap())
+    };
+    assert_eq!(
+        annotated(r#"{"id":"1","data":{ }}"#),
+        (
+            true,
+            r#"{"id":"1","data":{ "relayed_via":"trickle","relay_received_timestamp":"7"}}"#.into()
+        )
+    );
+    // No `data`: one is added, holding the two annotations.
+    assert_eq!(
+        annotated("{\"id\":\"1\"} \n"),
+        (
+            true,
+            "{\"id\":\"1\",\"data\":{\"relayed_via\":\"trickle\",\"relay_received_timestamp\":\"7\"}} \n"
+                .into()
+        )
+    );
+    // A `data` that is not an object cannot carry them: left as it is.
+    assert_eq!(
+        annotated(r#"{"id":"1","data":"text"}"#),
+        (false, r#"{"id":"1","data":"text"}"#.into())
+    );
+    // Only the missing one is added; a non-string `relayed_via` is kept, not duplicated.
+    assert_eq!(
+        annotated(r#"{"id":"1","data":{"relayed_via":5}}"#),
+        (
+            true,
+            r#"{"id":"1","data":{"relayed_via":5,"relay_received_timestamp":"7"}}"#.into()
+        )
+    );
+    // Strings, braces and escapes inside `data` (and an escaped key) do not fool the splice.
+    assert_eq!(
+        annotated(r#"{"d\u0061ta":{"s":"}\"{","a":[{"b":"]"}]},"id":"1"}"#),
+        (
+            true,
+            r#"{"d\u0061ta":{"s":"}\"{","a":[{"b":"]"}],"relayed_via":"trickle","relay_received_timestamp":"7"},"id":"1"}"#
+                .into()
+        )
+    );
+    // A top-level `relayed_via` (from an older relay) is just another member.
+    let (added, text) = annotated(r#"{"id":"1","data":{"type":"x"},"relayed_via":"trickle"}"#);
+    assert!(added);
+    let v: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v["data"]["relayed_via"], "trickle");
 }
 
 #[test]
@@ -328,20 +406,10 @@ fn generic_annotation_refuses_existing_keys() {
         Err(EnvelopeError::AnnotationExists("id".into()))
     );
     raw.annotate("received_ms", &json!(5)).unwrap();
-    raw.annotate("relayed_via", &json!("trickle")).unwrap();
     assert_eq!(
         raw.as_bytes().as_ref(),
-        br#"{"id":"1","data":{"type":"x"},"hop":1,"received_ms":5,"relayed_via":"trickle"}"#
+        br#"{"id":"1","data":{"type":"x"},"hop":1,"received_ms":5}"#
     );
-}
-
-#[test]
-fn a_non_string_relayed_via_is_never_duplicated() {
-    let mut raw = RawEnvelope::parse(Bytes::from_static(br#"{"id":"1","relayed_via":5}"#)).unwrap();
-    assert_eq!(raw.relayed_via(), None);
-    assert!(!raw.annotate_relayed_via("trickle"));
-    assert!(raw.annotate("relayed_via", &json!("trickle")).is_err());
-    assert_eq!(raw.as_bytes().as_ref(), br#"{"id":"1","relayed_via":5}"#);
 }
 
 #[test]
@@ -492,9 +560,12 @@ proptest! {
             b.truncate(cut.max(1).min(b.len()));
         }
         if let Ok(mut raw) = RawEnvelope::parse(Bytes::from(b)) {
-            // Whatever parsed must still be valid JSON after annotation.
+            // Whatever parsed must still be valid JSON after annotation, with the same id.
+            let id = raw.id().to_owned();
             raw.annotate_relayed_via("trickle");
             prop_assert!(serde_json::from_slice::<Value>(raw.as_bytes()).is_ok());
+            let again = RawEnvelope::parse(raw.as_bytes().clone()).unwrap();
+            prop_assert_eq!(again.id(), id.as_str());
         }
     }
 
@@ -506,17 +577,26 @@ proptest! {
         let mut obj = serde_json::Map::new();
         for (k, v) in extra { obj.insert(k, v); }
         obj.insert("id".into(), Value::from(id.clone()));
-        obj.remove("relayed_via");
+        let data_is_object = match obj.get("data") {
+            Some(Value::Object(d)) => !d.contains_key("relayed_via") && !d.contains_key("relay_received_timestamp"),
+            Some(_) => false,
+            None => true,
+        };
         let v = Value::Object(obj);
         let text = if pretty { serde_json::to_vec_pretty(&v).unwrap() } else { serde_json::to_vec(&v).unwrap() };
         let bytes = Bytes::from(text);
         let mut raw = RawEnvelope::parse(bytes.clone()).unwrap();
         prop_assert_eq!(raw.as_bytes(), &bytes);
         prop_assert_eq!(raw.id(), id.as_str());
-        prop_assert!(raw.annotate_relayed_via("trickle"));
-        let mut back: Value = serde_json::from_slice(raw.as_bytes()).unwrap();
-        prop_assert_eq!(back.as_object_mut().unwrap().remove("relayed_via"), Some(Value::from("trickle")));
-        let original: Value = serde_json::from_slice(&bytes).unwrap();
+        let mut original: Value = serde_json::from_slice(&bytes).unwrap();
+        prop_assert_eq!(raw.annotate_relay("trickle", 42), data_is_object);
+        let back: Value = serde_json::from_slice(raw.as_bytes()).unwrap();
+        if data_is_object {
+            // Exactly the two annotations were added inside `data`; everything else is equal.
+            let data = original.as_object_mut().unwrap().entry("data").or_insert_with(|| json!({}));
+            data["relayed_via"] = Value::from("trickle");
+            data["relay_received_timestamp"] = Value::from("42");
+        }
         prop_assert_eq!(back, original);
     }
 }

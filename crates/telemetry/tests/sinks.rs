@@ -42,7 +42,7 @@ fn log_sink_logs_the_exact_line_through_tracing() {
         br#"{"id":"raw-1","type":"stream_trace","data":{"type":"error","session_id":"s2"}}"#,
     ))
     .unwrap();
-    raw.annotate_relayed_via("trickle");
+    raw.annotate_relay("trickle", 1);
     let bare = RawEnvelope::parse(Bytes::from_static(br#"{"id":"raw-2"}"#)).unwrap();
     tracing::subscriber::with_default(subscriber, || {
         sink.emit(Event::from(built));

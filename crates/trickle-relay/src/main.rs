@@ -2,9 +2,9 @@
 //!
 //! One binary, one subcommand per role: the trickle server, the trickle command-line client
 //! (`subscribe`, `publish`), the runner and client relay roles, the collector, an all-in-one
-//! `demo`, and the benchmarks (`bench`).
+//! `demo`, and the benchmarks (`bench`, the `bench` crate). Each command's module in [`cmd`] reads
+//! its flags and calls the library crates.
 
-mod bench;
 mod cmd;
 
 use clap::{Parser, Subcommand};

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{free_addr, read_json, read_lines, wait_listening, Proc};
+use common::{free_addr, read_json, read_lines, unrelay_or_fail, wait_listening, Proc};
 
 /// A trickle server process with autocreate, and two fresh channels on it.
 struct Setup {
@@ -66,10 +66,6 @@ fn setup_https() -> (Setup, PathBuf) {
 fn data_type(line: &str) -> String {
     let v: Value = serde_json::from_str(line).expect("egressed line is JSON");
     v["data"]["type"].as_str().unwrap_or_default().to_string()
-}
-
-fn relayed(line: &str) -> String {
-    format!("{},\"relayed_via\":\"trickle\"}}", &line[..line.len() - 1])
 }
 
 fn path(dir: &tempfile::TempDir, name: &str) -> PathBuf {
@@ -207,11 +203,28 @@ fn relay_every_event_verbatim_and_in_order(s: Setup, runner_flags: &[&str], clie
         got.len()
     );
 
-    // Every envelope the runner emitted arrived byte for byte, plus the relay's annotation.
-    let got_set: std::collections::HashSet<&str> = got.iter().map(String::as_str).collect();
+    // Every envelope the runner emitted arrived byte for byte, plus the relay's two annotations
+    // inside `data`, stamped when the client received it (not before the runner emitted it).
+    let originals: Vec<String> = got
+        .iter()
+        .map(|g| {
+            let (original, received) = unrelay_or_fail(g);
+            let ts: u64 = serde_json::from_str::<Value>(&original).unwrap()["timestamp"]
+                .as_str()
+                .unwrap()
+                .parse()
+                .unwrap();
+            assert!(
+                received >= ts,
+                "received {received} before it was emitted {ts}: {g}"
+            );
+            original
+        })
+        .collect();
+    let got_set: std::collections::HashSet<&str> = originals.iter().map(String::as_str).collect();
     for line in &sent {
         assert!(
-            got_set.contains(relayed(line).as_str()),
+            got_set.contains(line.as_str()),
             "not egressed verbatim: {line}"
         );
     }
@@ -219,8 +232,9 @@ fn relay_every_event_verbatim_and_in_order(s: Setup, runner_flags: &[&str], clie
     let positions: Vec<usize> = built
         .iter()
         .map(|b| {
-            got.iter()
-                .position(|g| *g == relayed(b))
+            originals
+                .iter()
+                .position(|g| g == b)
                 .expect("built envelope egressed verbatim")
         })
         .collect();

@@ -491,7 +491,10 @@ fn collector_serves_https_with_its_certificate_and_reloads_it_on_sighup() {
         "plain HTTP is not served on the TLS port"
     );
     let printed = std::fs::read_to_string(&log).unwrap();
-    assert!(printed.contains(&format!("https://{addr}/v1/metrics")), "{printed}");
+    assert!(
+        printed.contains(&format!("https://{addr}/v1/metrics")),
+        "{printed}"
+    );
     let fingerprint = tls::fingerprint(&tls::load_ca(&cert).unwrap()[0]);
     assert!(printed.contains(&fingerprint), "{printed}");
 

@@ -101,6 +101,30 @@ fn strip_cr(mut line: Bytes) -> Bytes {
     line
 }
 
+/// Appends valid JSON text to `out` without the whitespace outside strings: key order and every
+/// value's spelling are kept, unlike a parse and re-encode (how `subscribe --jsonl` prints a line).
+pub fn compact_json(json: &str, out: &mut Vec<u8>) {
+    let mut in_string = false;
+    let mut escaped = false;
+    for &b in json.as_bytes() {
+        if in_string {
+            out.push(b);
+            if escaped {
+                escaped = false;
+            } else if b == b'\\' {
+                escaped = true;
+            } else if b == b'"' {
+                in_string = false;
+            }
+        } else if !matches!(b, b' ' | b'\t' | b'\n' | b'\r') {
+            if b == b'"' {
+                in_string = true;
+            }
+            out.push(b);
+        }
+    }
+}
+
 /// What a [`LineSplitter`] found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SplitEvent {

@@ -530,3 +530,22 @@ async fn write_chunk_rejects_chunks_that_would_break_framing() {
     ));
     server.shutdown().await;
 }
+
+fn compact(s: &str) -> String {
+    let mut out = Vec::new();
+    trickle::jsonl::compact_json(s, &mut out);
+    String::from_utf8(out).expect("compact_json keeps UTF-8")
+}
+
+#[test]
+fn compact_json_keeps_strings_and_order() {
+    assert_eq!(
+        compact(r#"{ "b" : 1 ,  "a":[ 1, 2 ] }"#),
+        r#"{"b":1,"a":[1,2]}"#
+    );
+    assert_eq!(
+        compact(r#"{"s":"a b \" c\\","t" : "\\"}"#),
+        r#"{"s":"a b \" c\\","t":"\\"}"#
+    );
+    assert_eq!(compact(r#"{"n":1.50e3}"#), r#"{"n":1.50e3}"#);
+}

@@ -2,8 +2,10 @@
 //!
 //! The events loop reads the events channel and dispatches every message type of the spec:
 //! - `telemetry`: the envelope is checked against this session (a runner must not speak for
-//!   another: a foreign `session_id`/`connection_id` is rejected and counted), annotated with
-//!   `"relayed_via":"trickle"` (every original byte kept) and emitted to the egress sink;
+//!   another: a foreign `session_id`/`connection_id` is rejected and counted), annotated inside
+//!   its `data` with `"relayed_via":"trickle"` and `"relay_received_timestamp":"<unix ms>"` (every
+//!   other byte kept; a second hop's annotations are kept, not duplicated) and emitted to the
+//!   egress sink;
 //!   `telemetry_dropped` envelopes also add their `dropped` count to [`ClientStats`];
 //! - `runner_ready` marks the runner ready; `notification` is re-broadcast to local listeners;
 //!   `logs` lines are re-emitted as local log records at their parsed level; `pong` logs the
@@ -25,6 +27,7 @@
 //! (see [`trickle::client_tls`]); a refused certificate ends the events loop at once and is kept
 //! as [`Client::tls_refused`], so the process can exit with it instead of waiting.
 
+pub mod egress;
 pub mod http;
 
 use crate::logtail::parse_level;
@@ -51,7 +54,9 @@ use trickle::subscriber::{SubscribeError, Subscriber, SubscriberOptions, Subscri
 /// How the client is set up.
 #[derive(Debug, Clone)]
 pub struct ClientConfig {
-    /// The control channel URL (the client publishes).
+    /// The control channel URL (the client publishes). Empty: the client only reads the events
+    /// channel (no pings; requests fail with [`RequestError::Control`]), for an application that
+    /// writes the control channel itself.
     pub control_url: String,
     /// The events channel URL (the client subscribes).
     pub events_url: String,
@@ -70,6 +75,11 @@ pub struct ClientConfig {
     pub reconnect_window: Duration,
     /// How both channels treat an `https://` server's certificate (default: any is accepted).
     pub trickle_tls: ClientTls,
+    /// Where every valid events message that is not `telemetry` also goes, as its raw line, after
+    /// the client's own dispatch (an embedding application's handlers: the Python package). The
+    /// events loop waits while it is full: a consumer that stops reading stalls the loop rather
+    /// than losing a message. `None`: nowhere.
+    pub messages: Option<tokio::sync::mpsc::Sender<Bytes>>,
 }
 
 impl ClientConfig {
@@ -85,6 +95,7 @@ impl ClientConfig {
             events_start_seq: -2,
             reconnect_window: crate::runner::DEFAULT_RECONNECT_WINDOW,
             trickle_tls: ClientTls::default(),
+            messages: None,
         }
     }
 }
@@ -198,10 +209,11 @@ struct Shared {
 /// A connected client: the control writer, the events loop and the pinger.
 pub struct Client {
     config: ClientConfig,
-    control: JsonlWriter,
+    /// `None` when [`ClientConfig::control_url`] is empty (events only).
+    control: Option<JsonlWriter>,
     shared: Arc<Shared>,
     events: JoinHandle<()>,
-    pinger: JoinHandle<()>,
+    pinger: Option<JoinHandle<()>>,
 }
 
 impl Client {
@@ -210,18 +222,20 @@ impl Client {
     /// `egress` receives every accepted envelope; `None` makes the client count and drop them
     /// (as the seed does when no sink is installed).
     pub fn connect(config: ClientConfig, egress: Option<Arc<dyn Sink>>) -> Client {
-        let control = JsonlWriter::new(
-            Publisher::new(
-                config.control_url.clone(),
-                PublisherOptions {
-                    content_type: "application/jsonl".into(),
-                    reconnect_window: config.reconnect_window,
-                    tls: config.trickle_tls.clone(),
-                    ..PublisherOptions::default()
-                },
-            ),
-            JsonlWriterOptions::default(),
-        );
+        let control = (!config.control_url.is_empty()).then(|| {
+            JsonlWriter::new(
+                Publisher::new(
+                    config.control_url.clone(),
+                    PublisherOptions {
+                        content_type: "application/jsonl".into(),
+                        reconnect_window: config.reconnect_window,
+                        tls: config.trickle_tls.clone(),
+                        ..PublisherOptions::default()
+                    },
+                ),
+                JsonlWriterOptions::default(),
+            )
+        });
         // Constant, valid bounds: 1 ms to 1 h at 3 significant figures.
         let latency = Histogram::new_with_bounds(1, 3_600_000, 3).expect("valid histogram bounds");
         let shared = Arc::new(Shared {
@@ -240,7 +254,14 @@ impl Client {
             tls_refused: Mutex::new(None),
         });
         let events = tokio::spawn(events_loop(config.clone(), shared.clone()));
-        let pinger = tokio::spawn(ping_loop(control.clone(), config.ping_interval));
+        // Only the events loop holds the message sender: the channel closes when the loop ends.
+        let config = ClientConfig {
+            messages: None,
+            ..config
+        };
+        let pinger = control
+            .clone()
+            .map(|control| tokio::spawn(ping_loop(control, config.ping_interval)));
         Client {
             config,
             control,
@@ -339,7 +360,12 @@ impl Client {
     }
 
     async fn send(&self, msg: &ControlMessage) -> Result<(), RequestError> {
-        self.control
+        let Some(control) = &self.control else {
+            return Err(RequestError::Control(
+                "this client has no control channel (control_url is empty)".into(),
+            ));
+        };
+        control
             .write(msg)
             .await
             .map_err(|e| RequestError::Control(e.to_string()))
@@ -370,16 +396,23 @@ impl Client {
     /// Ends the session: closes the control channel (so the runner stops), then waits up to
     /// `drain` for the runner to flush and close the events channel, and returns the counters.
     pub async fn close(self, drain: Duration) -> ClientReport {
-        self.pinger.abort();
-        if let Err(e) = self.control.close().await {
-            tracing::warn!(error = %e, "closing the control channel failed");
+        if let Some(pinger) = &self.pinger {
+            pinger.abort();
+        }
+        if let Some(control) = &self.control {
+            if let Err(e) = control.close().await {
+                tracing::warn!(error = %e, "closing the control channel failed");
+            }
         }
         let mut events = self.events;
         if tokio::time::timeout(drain, &mut events).await.is_err() {
-            tracing::warn!(
-                ?drain,
-                "the events channel did not end in time; stopping the events loop"
-            );
+            // A zero drain asks to stop reading now: nothing to warn about.
+            if !drain.is_zero() {
+                tracing::warn!(
+                    ?drain,
+                    "the events channel did not end in time; stopping the events loop"
+                );
+            }
             events.abort();
         }
         self.shared.report()
@@ -419,30 +452,37 @@ impl Shared {
     }
 
     /// Handles one events-channel line (raw bytes from `JsonlReader::next_line`: validated here, once).
+    /// Returns the line when it is a valid message other than `telemetry`, for
+    /// [`ClientConfig::messages`].
     ///
     /// Fast path: a line exactly as the runner's sink writes it (`{"type":"telemetry","event":E}`)
     /// goes straight to [`Shared::relay_envelope`] with `E` sliced out of the line, without building an
     /// [`EventMessage`] or copying it. Anything else, or an `E` that is not a valid envelope there,
     /// takes the general path, which decides exactly as before.
-    fn dispatch_line(&self, line: Bytes) {
+    fn dispatch_line(&self, line: Bytes) -> Option<Bytes> {
         // The line is raw (the reader checks framing only): each path below validates it, once.
         if let Some(envelope) = canonical_telemetry(&line) {
             if let Ok(envelope) = RawEnvelope::parse(envelope) {
                 self.stats.telemetry_received.fetch_add(1, Relaxed);
                 self.relay_envelope(envelope);
-                return;
+                return None;
             }
         }
         let msg = std::str::from_utf8(&line)
             .map_err(|e| e.to_string())
             .and_then(|text| serde_json::from_str::<EventMessage>(text).map_err(|e| e.to_string()));
         match msg {
-            Ok(msg) => self.dispatch(msg),
+            Ok(msg) => {
+                let forward = !matches!(msg, EventMessage::Telemetry(_));
+                self.dispatch(msg);
+                forward.then_some(line)
+            }
             Err(e) => {
                 let n = self.bad_messages.fetch_add(1, Relaxed) + 1;
                 if n.is_power_of_two() {
                     tracing::warn!(error = %e, bad_messages = n, "events line is not a valid message; skipped");
                 }
+                None
             }
         }
     }
@@ -550,11 +590,12 @@ impl Shared {
             self.stats.dropped_reported.fetch_add(dropped, Relaxed);
             tracing::warn!(dropped, "the runner reported dropped telemetry");
         }
+        let received_ms = crate::unix_ms();
         if let Some(ts) = envelope.timestamp().and_then(|t| t.parse::<u64>().ok()) {
-            let lag = crate::unix_ms().saturating_sub(ts).max(1);
+            let lag = received_ms.saturating_sub(ts).max(1);
             let _ = self.latency.lock().record(lag);
         }
-        envelope.annotate_relayed_via("trickle");
+        envelope.annotate_relay("trickle", received_ms);
         self.stats.relayed.fetch_add(1, Relaxed);
         if let Some(egress) = &self.egress {
             egress.emit(Event::Raw(envelope));
@@ -656,7 +697,13 @@ async fn events_loop(config: ClientConfig, shared: Arc<Shared>) {
             );
         }
         match next {
-            Ok(Some(line)) => shared.dispatch_line(line),
+            Ok(Some(line)) => {
+                let forward = shared.dispatch_line(line);
+                if let (Some(line), Some(tx)) = (forward, &config.messages) {
+                    // A consumer that went away only stops getting messages; telemetry goes on.
+                    let _ = tx.send(line).await;
+                }
+            }
             Ok(None) => {
                 tracing::info!(events = %config.events_url, "events channel ended");
                 break;

@@ -362,8 +362,9 @@ async fn read_control(
     None
 }
 
-/// Adds the events writer's newly lost lines to the sink's drops, every [`LOST_LINES_POLL`].
-async fn fold_lost_lines(
+/// Adds the events writer's newly lost lines to the sink's drops, every 100 ms,
+/// until aborted (also run by the Python package's `TrickleEventsSink`).
+pub async fn fold_lost_lines(
     events: JsonlWriter,
     sink: Arc<TrickleEventsSink>,
     folded: Arc<AtomicU64>,
@@ -376,7 +377,7 @@ async fn fold_lost_lines(
 }
 
 /// One step of [`fold_lost_lines`]: `folded` is the writer's lost count already added.
-fn fold_lost_lines_once(events: &JsonlWriter, sink: &TrickleEventsSink, folded: &AtomicU64) {
+pub fn fold_lost_lines_once(events: &JsonlWriter, sink: &TrickleEventsSink, folded: &AtomicU64) {
     let lost = events.stats().lines_lost;
     let before = folded.swap(lost, Ordering::Relaxed);
     if lost > before {

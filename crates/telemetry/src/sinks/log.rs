@@ -1,7 +1,7 @@
 //! [`LogSink`]: one line per event, for checking a relay without a broker.
 //!
 //! The line is exactly
-//! `TELEMETRY type=<data.type> id=<id> session=<session_id> connection=<connection_id> relayed_via=<relayed_via>`,
+//! `TELEMETRY type=<data.type> id=<id> session=<data.session_id> connection=<data.connection_id> relayed_via=<data.relayed_via>`,
 //! logged with `tracing::info!(target: "telemetry")`. A missing value is written `-`.
 //!
 //! The line is formatted and handed to the installed `tracing` subscriber on the caller's thread,

@@ -1,44 +1,21 @@
 //! `trickle-relay client`: the client role, as its own process.
 //!
-//! Egress is chosen by `--egress`; `auto` (the default) follows the seed's environment variables
-//! in the spec's order (`SCOPE_TELEMETRY_LOG_SINK`, then `SCOPE_CLOUD_API_KEY`, then
-//! `KAFKA_BOOTSTRAP_SERVERS`), honouring `SCOPE_TELEMETRY_DISABLED` / `DO_NOT_TRACK`.
-//!
-//! The HTTP metrics reporter (`--egress http`, or `auto` with `SCOPE_CLOUD_API_KEY`) buffers on
-//! disk (`SCOPE_METRICS_BUFFER_PATH`) and re-sends what a previous run left there on start. Its
-//! API key comes from `--api-key-file` or `SCOPE_CLOUD_API_KEY` and is re-read on SIGHUP. With
-//! `--http`, `GET /egress` serves the egress sink's counters.
+//! Egress is chosen by `--egress` (see [`relay::client::egress`]); `auto` (the default) follows
+//! the seed's environment variables. The HTTP reporter's API key comes from `--api-key-file` or
+//! `SCOPE_CLOUD_API_KEY` and is re-read on SIGHUP. With `--http`, `GET /egress` serves the egress
+//! sink's counters.
 
-use anyhow::{bail, Context as _};
+use anyhow::Context as _;
+use relay::client::egress::{self, EgressChoice, EgressSinks};
 use relay::client::{http, Client, ClientConfig, ClientReport};
 use relay::logtail::LogTail;
 use relay::SessionIds;
-use reporter::{Reporter, ReporterConfig};
 use serde_json::Value;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
-use telemetry::sinks::{FileSink, LogSink};
-use telemetry::{Egress, Sink};
 use tokio_util::sync::CancellationToken;
-
-/// Where relayed telemetry goes.
-#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
-pub enum EgressArg {
-    /// From the environment, in the spec's order.
-    Auto,
-    /// One `TELEMETRY ...` log line per event.
-    Log,
-    /// Each envelope's exact JSON, one per line, appended to `--egress-file`.
-    File,
-    /// The HTTP metrics reporter (`DAYDREAM_METRICS_URL`, `SCOPE_CLOUD_API_KEY`, `SCOPE_METRICS_*`).
-    Http,
-    /// The Kafka sink (`KAFKA_BOOTSTRAP_SERVERS`, `KAFKA_TOPIC`, `KAFKA_SASL_*`, `SCOPE_KAFKA_*`).
-    Kafka,
-    /// Count and discard.
-    None,
-}
 
 /// Arguments of `trickle-relay client`.
 #[derive(clap::Args, Debug)]
@@ -59,8 +36,8 @@ pub struct Args {
     #[arg(long)]
     pub http: Option<SocketAddr>,
     /// Where relayed telemetry goes.
-    #[arg(long, value_enum, default_value_t = EgressArg::Auto)]
-    pub egress: EgressArg,
+    #[arg(long, value_enum, default_value_t = EgressChoice::Auto)]
+    pub egress: EgressChoice,
     /// The file of `--egress file`.
     #[arg(long, required_if_eq("egress", "file"))]
     pub egress_file: Option<PathBuf>,
@@ -95,13 +72,13 @@ pub struct Args {
 
 /// Runs the client until Ctrl-C / SIGTERM, `--duration-secs`, or the end of the events channel.
 pub async fn run(args: Args) -> anyhow::Result<()> {
-    let (egress, reporter) = build_egress(
+    let egress = egress::open(
         args.egress,
         args.egress_file.as_deref(),
         args.api_key_file.as_deref(),
     )?;
-    if let Some(r) = &reporter {
-        reload_api_key_on_sighup(r.clone(), args.api_key_file.clone());
+    if let Some(r) = &egress.reporter {
+        egress::reload_api_key_on_sighup(r.clone(), args.api_key_file.clone());
     }
     let trickle_tls = args.tls.client_tls()?;
     if args.create_channels {
@@ -117,13 +94,12 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     config.reconnect_window = Duration::try_from_secs_f64(args.reconnect_secs)
         .context("--reconnect-secs takes a number of seconds >= 0, e.g. 60")?;
     config.trickle_tls = trickle_tls;
-    let client = Arc::new(Client::connect(config, egress.clone()));
+    let client = Arc::new(Client::connect(config, egress.sink.clone()));
 
     let shutdown = CancellationToken::new();
     super::cancel_on_signal(shutdown.clone());
     if let Some(addr) = args.http {
-        let egress_info = (egress.clone(), reporter.clone());
-        serve_http(addr, client.clone(), egress_info, shutdown.clone()).await?;
+        serve_http(addr, client.clone(), egress.clone(), shutdown.clone()).await?;
     }
     if let Some(params) = &args.start_stream {
         let params: Value = serde_json::from_str(params).context(
@@ -134,7 +110,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             _ = until_events_end(&client) => None,
         };
         if let Some(refused) = client.tls_refused() {
-            bail!("the events channel cannot be read: {refused}");
+            anyhow::bail!("the events channel cannot be read: {refused}");
         }
         if ready.is_none() {
             tracing::warn!("no runner_ready within 30 s; starting the stream anyway");
@@ -162,19 +138,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         Arc::try_unwrap(client).map_err(|_| anyhow::anyhow!("client still in use at shutdown"))?;
     let refused = client.tls_refused();
     let report = client.close(Duration::from_secs(10)).await;
-    if let Some(r) = reporter.clone() {
-        // Try to deliver what is buffered; what is left stays on disk for the next start.
-        let timeout = r.config().flush_timeout;
-        let _ = tokio::task::spawn_blocking(move || r.shutdown(timeout)).await;
-    }
-    if let Some(sink) = egress.clone() {
-        if reporter.is_none() {
-            // Flushed before the counters are read, so they include what the flush delivered
-            // (the Kafka sink waits for its outstanding deliveries here).
-            let _ = tokio::task::spawn_blocking(move || sink.flush()).await;
-        }
-    }
-    let egress_stats = egress.as_ref().map(|s| s.stats());
+    // Before the counters are read, so that they include what the flush delivered.
+    egress.finish().await;
+    let egress_stats = egress.sink.as_ref().map(|s| s.stats());
     print_summary(&report, egress_stats.as_ref());
     if let Some(path) = args.report {
         let mut json = serde_json::to_value(&report)?;
@@ -186,7 +152,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             .with_context(|| format!("cannot write the report to {}", path.display()))?;
     }
     if let Some(refused) = refused {
-        bail!("the events channel cannot be read: {refused}");
+        anyhow::bail!("the events channel cannot be read: {refused}");
     }
     Ok(())
 }
@@ -198,126 +164,10 @@ async fn until_events_end(client: &Client) {
     }
 }
 
-/// The egress sink and, when that is the HTTP reporter, the reporter itself.
-type EgressInfo = (Option<Arc<dyn Sink>>, Option<Arc<Reporter>>);
-
-/// The egress sink `choice` names, or the environment's; also the HTTP reporter when it is the
-/// egress (for its key reload, counters and shutdown).
-pub fn build_egress(
-    choice: EgressArg,
-    file: Option<&std::path::Path>,
-    api_key_file: Option<&std::path::Path>,
-) -> anyhow::Result<EgressInfo> {
-    let mut reporter = None;
-    let mut http = || -> anyhow::Result<Option<Arc<dyn Sink>>> {
-        let r = build_reporter(api_key_file)?;
-        reporter = Some(r.clone());
-        Ok(Some(r as Arc<dyn Sink>))
-    };
-    let sink: Option<Arc<dyn Sink>> = match choice {
-        EgressArg::Http => http()?,
-        EgressArg::Kafka => Some(build_kafka()?),
-        EgressArg::Log => Some(Arc::new(LogSink::new())),
-        EgressArg::None => None,
-        EgressArg::File => {
-            let Some(path) = file else {
-                bail!("--egress file needs --egress-file PATH");
-            };
-            let sink = FileSink::create(path)
-                .with_context(|| format!("cannot open the egress file {}", path.display()))?;
-            Some(Arc::new(sink))
-        }
-        EgressArg::Auto => match telemetry::select_from_env() {
-            Egress::Log => Some(Arc::new(LogSink::new())),
-            Egress::HttpReporter => http()?,
-            Egress::Kafka => Some(build_kafka()?),
-            Egress::None => {
-                tracing::info!("no telemetry egress configured (set SCOPE_TELEMETRY_LOG_SINK=1 to log events); relayed events are counted and discarded");
-                None
-            }
-            Egress::Disabled { by } => {
-                tracing::info!("telemetry disabled by {by}");
-                telemetry::set_telemetry_enabled(false);
-                None
-            }
-        },
-    };
-    Ok((sink, reporter))
-}
-
-/// Starts the Kafka sink from the environment (`kafka::KafkaConfig::from_env`): its disk buffer
-/// (`SCOPE_KAFKA_BUFFER_PATH`) is produced first if a previous run left events there.
-pub fn build_kafka() -> anyhow::Result<Arc<dyn Sink>> {
-    let config = kafka::KafkaConfig::from_env().context("invalid Kafka sink settings")?;
-    let sink = kafka::KafkaSink::start(config).context("cannot start the Kafka sink")?;
-    Ok(Arc::new(sink))
-}
-
-/// Starts the HTTP metrics reporter from the environment (`ReporterConfig::from_env`), with the
-/// key from `api_key_file` when given.
-pub fn build_reporter(api_key_file: Option<&std::path::Path>) -> anyhow::Result<Arc<Reporter>> {
-    let mut config = ReporterConfig::from_env().context("invalid metrics reporter settings")?;
-    if let Some(path) = api_key_file {
-        config.api_key = read_api_key(path)?;
-    }
-    if config.api_key.trim().is_empty() {
-        bail!("the HTTP metrics reporter needs an API key: set SCOPE_CLOUD_API_KEY or pass --api-key-file FILE");
-    }
-    let reporter = Reporter::start(config).context("cannot start the HTTP metrics reporter")?;
-    Ok(Arc::new(reporter))
-}
-
-/// The first non-empty line of `path`, trimmed.
-fn read_api_key(path: &std::path::Path) -> anyhow::Result<String> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read the API key file {}", path.display()))?;
-    match text.lines().map(str::trim).find(|l| !l.is_empty()) {
-        Some(k) => Ok(k.to_owned()),
-        None => bail!(
-            "the API key file {} is empty; write the key on its first line",
-            path.display()
-        ),
-    }
-}
-
-/// On SIGHUP, re-reads the API key (from `file`, else `SCOPE_CLOUD_API_KEY`) into the reporter;
-/// a reporter paused by a 401 resumes with it.
-fn reload_api_key_on_sighup(reporter: Arc<Reporter>, file: Option<PathBuf>) {
-    #[cfg(unix)]
-    tokio::spawn(async move {
-        use tokio::signal::unix::{signal, SignalKind};
-        let Ok(mut hup) = signal(SignalKind::hangup()) else {
-            tracing::warn!("cannot listen for SIGHUP; the API key will not be reloaded");
-            return;
-        };
-        while hup.recv().await.is_some() {
-            let key = match &file {
-                Some(path) => read_api_key(path),
-                None => std::env::var("SCOPE_CLOUD_API_KEY")
-                    .map(|k| k.trim().to_owned())
-                    .ok()
-                    .filter(|k| !k.is_empty())
-                    .context("SCOPE_CLOUD_API_KEY is not set"),
-            };
-            match key {
-                Ok(k) => {
-                    reporter.set_api_key(k);
-                    tracing::info!("SIGHUP: metrics API key reloaded");
-                }
-                Err(e) => {
-                    tracing::error!(error = %format!("{e:#}"), "SIGHUP: metrics API key NOT reloaded")
-                }
-            }
-        }
-    });
-    #[cfg(not(unix))]
-    let _ = (reporter, file);
-}
-
 async fn serve_http(
     addr: SocketAddr,
     client: Arc<Client>,
-    (egress, reporter): EgressInfo,
+    egress: EgressSinks,
     stop: CancellationToken,
 ) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr)
@@ -334,16 +184,7 @@ async fn serve_http(
     // `GET /egress`: the egress sink's counters (and the HTTP reporter's, when it is the egress).
     let egress_route = axum::Router::new().route(
         "/egress",
-        axum::routing::get(move || {
-            let (egress, reporter) = (egress.clone(), reporter.clone());
-            async move {
-                axum::Json(serde_json::json!({
-                    "sink": egress.as_ref().map(|s| s.name()),
-                    "stats": egress.as_ref().map(|s| s.stats()),
-                    "reporter": reporter.as_ref().map(|r| r.reporter_stats()),
-                }))
-            }
-        }),
+        axum::routing::get(move || std::future::ready(axum::Json(egress.stats_json()))),
     );
     tokio::spawn(async move {
         let served = axum::serve(listener, http::router(state).merge(egress_route))

@@ -8,7 +8,7 @@ use anyhow::{bail, Context};
 use serde_json::value::RawValue;
 use std::time::Duration;
 use tokio::io::{AsyncWriteExt, BufWriter, Stdout};
-use trickle::jsonl::{JsonlReader, JsonlReaderOptions, ReaderStats};
+use trickle::jsonl::{compact_json, JsonlReader, JsonlReaderOptions, ReaderStats};
 use trickle::subscriber::{Subscriber, SubscriberOptions, SubscriberStats};
 
 /// How long printed lines may sit in the stdout buffer while the channel is quiet.
@@ -227,52 +227,4 @@ fn subscriber_notes(s: &SubscriberStats) -> String {
         text.push_str(&format!("; {} retries", s.retries));
     }
     text
-}
-
-/// Copies valid JSON text without the whitespace outside strings (key order and every value's
-/// spelling are kept, unlike a parse and re-encode).
-fn compact_json(json: &str, out: &mut Vec<u8>) {
-    let mut in_string = false;
-    let mut escaped = false;
-    for &b in json.as_bytes() {
-        if in_string {
-            out.push(b);
-            if escaped {
-                escaped = false;
-            } else if b == b'\\' {
-                escaped = true;
-            } else if b == b'"' {
-                in_string = false;
-            }
-        } else if !matches!(b, b' ' | b'\t' | b'\n' | b'\r') {
-            if b == b'"' {
-                in_string = true;
-            }
-            out.push(b);
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn compact(s: &str) -> String {
-        let mut out = Vec::new();
-        compact_json(s, &mut out);
-        String::from_utf8(out).unwrap()
-    }
-
-    #[test]
-    fn compact_json_keeps_strings_and_order() {
-        assert_eq!(
-            compact(r#"{ "b" : 1 ,  "a":[ 1, 2 ] }"#),
-            r#"{"b":1,"a":[1,2]}"#
-        );
-        assert_eq!(
-            compact(r#"{"s":"a b \" c\\","t" : "\\"}"#),
-            r#"{"s":"a b \" c\\","t":"\\"}"#
-        );
-        assert_eq!(compact(r#"{"n":1.50e3}"#), r#"{"n":1.50e3}"#);
-    }
 }

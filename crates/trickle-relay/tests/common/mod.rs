@@ -266,3 +266,33 @@ pub fn collector_output(path: &Path) -> Vec<Value> {
         })
         .collect()
 }
+
+/// What the client's relay annotation of an envelope looks like, undone: from an egressed line,
+/// the line as the runner wrote it and the `relay_received_timestamp` the client stamped. `None`
+/// unless exactly `"relayed_via":"trickle"` and `"relay_received_timestamp":"<ms>"` were spliced
+/// in at the end of `data` (every other byte the same), as the spec asks.
+pub fn unrelay(line: &str) -> Option<(String, u64)> {
+    const VIA: &str = r#""relayed_via":"trickle","relay_received_timestamp":""#;
+    let at = line.rfind(VIA)?;
+    let digits_start = at + VIA.len();
+    let digits_len = line[digits_start..].find('"')?;
+    let received: u64 = line[digits_start..digits_start + digits_len].parse().ok()?;
+    let end = digits_start + digits_len + 1;
+    // The run ends `data` (its closing brace follows) and is joined by a comma unless it is alone.
+    if !line[end..].starts_with('}') {
+        return None;
+    }
+    let start = if line[..at].ends_with(',') {
+        at - 1
+    } else {
+        at
+    };
+    let original = format!("{}{}", &line[..start], &line[end..]);
+    let data_is_last: Value = serde_json::from_str(line).ok()?;
+    (data_is_last["data"]["relayed_via"] == "trickle").then_some((original, received))
+}
+
+/// [`unrelay`], failing the test with the line when it is not a relayed envelope.
+pub fn unrelay_or_fail(line: &str) -> (String, u64) {
+    unrelay(line).unwrap_or_else(|| panic!("not annotated inside data as the spec asks: {line}"))
+}

@@ -1,4 +1,10 @@
-//! The bench harness: `trickle-relay bench <path>`, one module per measured path.
+//! The bench harness behind `trickle-relay bench <path>`: one module per measured path.
+//!
+//! A library, so that the `trickle-relay` binary stays the CLI: it hands `bench`'s arguments to
+//! [`run`]. `bench relay` starts its server, runner and client as separate processes by running
+//! this same program again (`trickle-relay bench relay-runner` / `relay-client`, hidden
+//! subcommands), so the binary that calls [`run`] must route those too, which it does by passing
+//! every `bench` subcommand here.
 //!
 //! Every benchmark prints a human summary (or JSON with `--json`) of the same shape:
 //! what ran, the counts, and each latency or throughput figure as median and spread; and with
