@@ -293,35 +293,17 @@ impl KafkaConfig {
     }
 }
 
-/// The default disk buffer directory: `$XDG_STATE_HOME/trickle-relay/kafka-buffer`, else
-/// `~/.local/state/trickle-relay/kafka-buffer`, else under the temp dir. A state directory rather
-/// than the temp dir by preference, because a reboot must not lose buffered events (the HTTP
-/// reporter's buffer sits beside it).
+/// The default disk buffer directory: `kafka-buffer` in [`egress::state_dir`]
+/// (`$XDG_STATE_HOME/trickle-relay/kafka-buffer`, else `~/.local/state/...`), beside the HTTP
+/// reporter's.
 pub fn default_buffer_path() -> PathBuf {
-    let base = std::env::var_os("XDG_STATE_HOME")
-        .filter(|v| !v.is_empty())
-        .map(PathBuf::from)
-        .or_else(|| {
-            std::env::var_os("HOME")
-                .filter(|v| !v.is_empty())
-                .map(|h| PathBuf::from(h).join(".local").join("state"))
-        })
-        .unwrap_or_else(std::env::temp_dir);
-    base.join("trickle-relay").join("kafka-buffer")
+    egress::state_dir().join("kafka-buffer")
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::collections::HashMap;
-
-    fn env(vars: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
-        let m: HashMap<String, String> = vars
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        move |k| m.get(k).cloned()
-    }
+    use telemetry::egress::env_from_pairs as env;
 
     #[test]
     fn bootstrap_is_required_and_topic_defaults() {

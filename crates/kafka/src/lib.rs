@@ -13,6 +13,11 @@
 //!
 //! # The path of one event through the sink
 //!
+//! The sink is a service of the buffered-egress driver ([`egress`]): the handoff, the writer
+//! thread, the disk buffer and its memory fallback, the sender loop, backoff and loss reports
+//! are the driver's, shared with the HTTP reporter; [`sink`]'s `encoding` frames a record and
+//! its `service` produces a batch and classifies each delivery report.
+//!
 //! ```text
 //! emit(event)                        any thread; never blocks, never fails
 //!   -> handoff queue (bounded, lock-free; full: dropped, counted as dropped_handoff)
@@ -21,8 +26,8 @@
 //!        -> memory queue  (bounded, retried to disk every `disk_retry`)
 //!   -> sender thread: read <= batch_max_events from the oldest, produce each (idempotent
 //!        producer, key = id), wait for EVERY delivery report of the batch; failed ones are
-//!        produced again after a backoff (500 ms doubling to 30 s), on a fresh producer, until
-//!        the broker takes them; then Spool::ack the batch (removes it).
+//!        produced again after a backoff (500 ms doubling to 30 s, +-20% jitter), on a fresh
+//!        producer, until the broker takes them; then Spool::ack the batch (removes it).
 //! ```
 //!
 //! # Delivery guarantees
@@ -62,13 +67,13 @@
 //! against the system zlib and OpenSSL (`libssl-dev`, for SASL_SSL).
 
 pub mod broker;
-mod buffer;
 pub mod config;
 pub mod output;
 mod producer;
-mod sink;
+pub mod sink;
 
 pub use config::{default_buffer_path, ConfigError, KafkaConfig, SaslPlain, DEFAULT_TOPIC};
+pub use egress::FlushOutcome;
 pub use output::{envelope_from_api_event, KafkaOutput};
 pub use producer::BrokerHealth;
-pub use sink::{FlushOutcome, KafkaSink, KafkaSinkError, KafkaStats};
+pub use sink::{KafkaSink, KafkaSinkError, KafkaStats};

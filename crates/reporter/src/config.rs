@@ -367,20 +367,11 @@ fn number(
     }
 }
 
-/// The disk buffer used when `SCOPE_METRICS_BUFFER_PATH` is unset:
-/// `$XDG_STATE_HOME/trickle-relay/metrics-buffer`, else `~/.local/state/...`, else under the
-/// temporary directory.
+/// The disk buffer used when `SCOPE_METRICS_BUFFER_PATH` is unset: `metrics-buffer` in
+/// [`egress::state_dir`] (`$XDG_STATE_HOME/trickle-relay/metrics-buffer`, else
+/// `~/.local/state/...`, else under the temporary directory).
 pub fn default_buffer_path() -> PathBuf {
-    let base = std::env::var_os("XDG_STATE_HOME")
-        .filter(|v| !v.is_empty())
-        .map(PathBuf::from)
-        .or_else(|| {
-            std::env::var_os("HOME")
-                .filter(|v| !v.is_empty())
-                .map(|h| PathBuf::from(h).join(".local").join("state"))
-        })
-        .unwrap_or_else(std::env::temp_dir);
-    base.join("trickle-relay").join("metrics-buffer")
+    egress::state_dir().join("metrics-buffer")
 }
 
 /// This machine's hostname (`unknown` if it cannot be read).
@@ -401,15 +392,7 @@ pub fn hostname() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::collections::HashMap;
-
-    fn env(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
-        let m: HashMap<String, String> = pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        move |k| m.get(k).cloned()
-    }
+    use telemetry::egress::env_from_pairs as env;
 
     #[test]
     fn defaults_follow_the_spec() {

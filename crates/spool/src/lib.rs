@@ -1,7 +1,8 @@
 //! A crash-safe, segmented, append-only disk buffer for telemetry awaiting delivery.
 //!
-//! The HTTP metrics reporter appends every event it accepts here, reads batches from the oldest,
-//! and acknowledges a batch once the metrics API answered 200. Nothing that [`Spool::append`]
+//! The buffered-egress driver (the `egress` crate, behind the HTTP metrics reporter and the Kafka
+//! sink) appends every event it accepts here, reads batches from the oldest, and acknowledges a
+//! batch once its destination took it. Nothing that [`Spool::append`]
 //! accepted is lost to a crash of the process, including `kill -9`.
 //!
 //! # Layout on disk
@@ -92,7 +93,6 @@
 //! took about 630,000 appends/s under group commit, each one safe from a process crash.
 
 mod error;
-pub mod fallback;
 mod format;
 mod recovery;
 mod spool;

@@ -331,23 +331,26 @@ impl Spool {
 
     /// Acknowledges every record with an id up to and including `up_to` (ids past the last
     /// appended one are clamped to it). Durable when it returns: the cursor is replaced
-    /// atomically and fsynced; fully acknowledged segment files are deleted.
-    pub fn ack(&self, up_to: u64) -> Result<(), SpoolError> {
+    /// atomically and fsynced; fully acknowledged segment files are deleted. Returns how many
+    /// records this call acknowledged: those an earlier ack or the size cap removed are not
+    /// counted again (so a caller racing the cap counts each record once).
+    pub fn ack(&self, up_to: u64) -> Result<u64, SpoolError> {
         let sh = &*self.shared;
         let _serial = sh.ack_lock.lock();
         let new_next = {
             let st = sh.state.lock();
             let n = up_to.saturating_add(1).min(st.next_id);
             if n <= st.ack_next {
-                return Ok(());
+                return Ok(0);
             }
             n
         };
         sh.write_ack(new_next)?;
         let mut st = sh.state.lock();
+        let acked = st.present_between(st.ack_next, new_next);
         st.ack_next = st.ack_next.max(new_next);
         st.reclaim_acked(sh);
-        Ok(())
+        Ok(acked)
     }
 
     /// Unacknowledged records.
@@ -551,6 +554,14 @@ impl State {
         self.segments
             .iter()
             .map(|s| s.end_id - s.first_id.max(self.ack_next).min(s.end_id))
+            .sum()
+    }
+
+    /// Records still in a segment file with an id in `from..to`.
+    fn present_between(&self, from: u64, to: u64) -> u64 {
+        self.segments
+            .iter()
+            .map(|s| s.end_id.min(to).saturating_sub(s.first_id.max(from)))
             .sum()
     }
 

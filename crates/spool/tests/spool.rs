@@ -626,3 +626,28 @@ fn concurrent_appenders_and_a_reader_lose_and_duplicate_nothing() {
         }
     }
 }
+
+#[test]
+fn ack_counts_only_the_records_it_removed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (s, _) = Spool::open(tmp.path(), opts(512, 2048)).unwrap();
+    for n in 0..10 {
+        s.append(&rec(n)).unwrap();
+    }
+    assert_eq!(s.ack(3).unwrap(), 4);
+    assert_eq!(s.ack(2).unwrap(), 0, "behind the cursor");
+    assert_eq!(s.ack(5).unwrap(), 2, "only the new ones");
+    // The cap deletes the oldest segments; an ack covering them counts only what was left.
+    for n in 10..200 {
+        s.append(&rec(n)).unwrap();
+    }
+    let dropped = s.dropped_records();
+    assert!(dropped > 0);
+    let left = s.len();
+    assert_eq!(
+        s.ack(199).unwrap(),
+        left,
+        "records the cap took are not counted again"
+    );
+    assert_eq!(s.ack(u64::MAX).unwrap(), 0);
+}

@@ -53,8 +53,9 @@ pub fn open(
     let mut reporter = None;
     let mut http = || -> anyhow::Result<Option<Arc<dyn Sink>>> {
         let r = start_reporter(api_key_file)?;
-        reporter = Some(r.clone());
-        Ok(Some(r as Arc<dyn Sink>))
+        let sink = r.sink();
+        reporter = Some(r);
+        Ok(Some(sink))
     };
     let sink: Option<Arc<dyn Sink>> = match choice {
         EgressChoice::Http => http()?,
@@ -92,7 +93,7 @@ pub fn open(
 pub fn start_kafka() -> anyhow::Result<Arc<dyn Sink>> {
     let config = kafka::KafkaConfig::from_env().context("invalid Kafka sink settings")?;
     let sink = kafka::KafkaSink::start(config).context("cannot start the Kafka sink")?;
-    Ok(Arc::new(sink))
+    Ok(sink.sink())
 }
 
 /// Starts the HTTP metrics reporter from the environment (`ReporterConfig::from_env`), with the

@@ -1,11 +1,29 @@
-//! The buffer between the sink's writer thread and its sender: the disk spool when it works, a
-//! bounded in-memory queue when it does not (or when no disk buffer is configured).
-//!
-//! The buffer itself is the shared [`spool::fallback::Buffer`]. A stored record is
-//! `[id length: u16 LE][id bytes][envelope JSON]`, so the sender has the Kafka key without
-//! parsing the JSON.
+//! The Kafka sink's encoding: the record the driver stores for an envelope is
+//! `[id length: u16 LE][id bytes][envelope JSON]`, so the service has the Kafka key without
+//! parsing the JSON, and the value is the envelope's exact bytes.
 
-pub(crate) use spool::fallback::{Batch, Buffer};
+use egress::{Encoder, Reason};
+use telemetry::Event;
+
+/// The driver's encoder: frames each envelope with its id.
+#[derive(Default)]
+pub(crate) struct KafkaEncoder {
+    json: Vec<u8>,
+}
+
+impl Encoder for KafkaEncoder {
+    fn encode(&mut self, event: &Event, out: &mut Vec<u8>) -> Result<(), &'static Reason> {
+        self.json.clear();
+        event.write_json(&mut self.json);
+        let id = event.id();
+        if encode(&id, &self.json, out).is_none() {
+            tracing::error!(target: "kafka", id_bytes = id.len(),
+                "Kafka sink: event id longer than 65,535 bytes; dropped (counted as dropped_oversize)");
+            return Err(&Reason::OVERSIZE);
+        }
+        Ok(())
+    }
+}
 
 /// Frames `id` and `json` as one stored record into `out` (cleared first). `None` when the id
 /// is longer than 65,535 bytes (no real envelope id is).

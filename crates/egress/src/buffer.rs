@@ -1,15 +1,15 @@
-//! A disk spool with a bounded in-memory fallback, for a sink's writer thread and its sender.
+//! The driver's buffer: the disk spool with a bounded in-memory fallback, between the writer
+//! thread and the sender.
 //!
 //! The writer appends to the [`Spool`] when it works and to memory when it does not (or when no
 //! disk buffer is configured). The sender always reads the oldest records of one source (disk
 //! first), and removes what it resolved by position: `Spool::ack(last id)` on disk, "every
 //! sequence number up to the last one" in memory. Both are prefixes of their queue, because the
-//! sender resolves the parts of a batch strictly in order. The HTTP reporter and the Kafka sink
-//! share it, and [`Disk`]: when to use the spool, when to retry it, and moving memory back.
+//! sender resolves the parts of a batch strictly in order. [`Disk`] decides when to use the
+//! spool, when to retry it after a failure, and moves memory back to it.
 
-use crate::{Spool, SpoolError, SpoolOptions};
-use crossbeam_queue::ArrayQueue;
 use parking_lot::Mutex;
+use spool::{Spool, SpoolError, SpoolOptions};
 use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering::Relaxed;
@@ -37,7 +37,7 @@ pub struct Item {
 
 /// The oldest records of one source.
 #[derive(Debug)]
-pub struct Batch {
+pub struct Oldest {
     /// The queue the items came from.
     pub source: Source,
     /// The items, oldest first.
@@ -83,11 +83,6 @@ impl Buffer {
         self.disk_len() + self.mem_len()
     }
 
-    /// Whether nothing is buffered.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     /// Stores `bytes` in memory.
     pub fn push_mem(&self, bytes: Vec<u8>) {
         let mut m = self.mem.lock();
@@ -106,17 +101,9 @@ impl Buffer {
         self.mem.lock().items.pop_front()
     }
 
-    /// Drops up to `n` of the oldest records in memory; returns how many went.
-    pub fn drop_oldest_mem(&self, n: usize) -> u64 {
-        let mut m = self.mem.lock();
-        let k = n.min(m.items.len());
-        m.items.drain(..k);
-        k as u64
-    }
-
     /// Up to `max_records` of the oldest records, their bytes summing to at most `max_bytes` (the
     /// first one is returned even when larger): disk first, memory when the disk has none.
-    pub fn peek(&self, max_records: usize, max_bytes: usize) -> Result<Option<Batch>, SpoolError> {
+    pub fn peek(&self, max_records: usize, max_bytes: usize) -> Result<Option<Oldest>, SpoolError> {
         if let Some(spool) = self.spool() {
             if !spool.is_empty() {
                 let records = spool.read_batch(max_records, max_bytes)?;
@@ -128,7 +115,7 @@ impl Buffer {
                             bytes: r.payload,
                         })
                         .collect();
-                    return Ok(Some(Batch {
+                    return Ok(Some(Oldest {
                         source: Source::Disk,
                         items,
                     }));
@@ -145,20 +132,19 @@ impl Buffer {
             bytes += item.bytes.len();
             items.push(item.clone());
         }
-        Ok((!items.is_empty()).then_some(Batch {
+        Ok((!items.is_empty()).then_some(Oldest {
             source: Source::Memory,
             items,
         }))
     }
 
     /// Removes every record of `source` up to and including key `last`. Returns how many it
-    /// removed from memory (events the cap dropped meanwhile are not counted again); `None` for
-    /// disk, where the spool does not say.
-    pub fn remove_through(&self, source: Source, last: u64) -> Result<Option<u64>, SpoolError> {
+    /// removed (records the cap dropped meanwhile are not counted again).
+    pub fn remove_through(&self, source: Source, last: u64) -> Result<u64, SpoolError> {
         match source {
             Source::Disk => match self.spool() {
-                Some(spool) => spool.ack(last).map(|()| None),
-                None => Ok(None),
+                Some(spool) => spool.ack(last),
+                None => Ok(0),
             },
             Source::Memory => {
                 let mut m = self.mem.lock();
@@ -167,7 +153,7 @@ impl Buffer {
                     m.items.pop_front();
                     n += 1;
                 }
-                Ok(Some(n))
+                Ok(n)
             }
         }
     }
@@ -187,101 +173,10 @@ impl Buffer {
         };
         let records = spool.read_batch(n, usize::MAX)?;
         match records.last() {
-            Some(last) => {
-                spool.ack(last.id)?;
-                Ok(records.len() as u64)
-            }
+            // Counts only what this ack removed: the sender may have removed some meanwhile.
+            Some(last) => spool.ack(last.id),
             None => Ok(0),
         }
-    }
-}
-
-/// The bounded, lock-free queue between a sink's `emit` (any thread; never blocks, never fails)
-/// and its writer thread, with its counters: every item offered is handed over or counted as
-/// dropped.
-#[derive(Debug)]
-pub struct Handoff<T> {
-    queue: ArrayQueue<T>,
-    /// Refuses (and counts) from now on.
-    closed: AtomicBool,
-    /// Items offered to [`Handoff::push`].
-    pub emitted: AtomicU64,
-    /// Items queued.
-    pub handed: AtomicU64,
-    /// Items the writer took and finished ([`Handoff::done`]).
-    pub processed: AtomicU64,
-    /// Items refused: the queue was full, or closed.
-    pub dropped: AtomicU64,
-}
-
-/// What [`Handoff::push`] did with an item.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Pushed {
-    /// Queued for the writer.
-    Queued,
-    /// Dropped and counted; `first` is true for the first drop ever (to warn once).
-    Dropped {
-        /// The first drop of this handoff.
-        first: bool,
-    },
-}
-
-impl<T> Handoff<T> {
-    /// A queue of `capacity` items (at least 1).
-    pub fn new(capacity: usize) -> Handoff<T> {
-        Handoff {
-            queue: ArrayQueue::new(capacity.max(1)),
-            closed: AtomicBool::new(false),
-            emitted: AtomicU64::new(0),
-            handed: AtomicU64::new(0),
-            processed: AtomicU64::new(0),
-            dropped: AtomicU64::new(0),
-        }
-    }
-
-    /// Queues `item`, or drops and counts it when full or closed. Never blocks.
-    pub fn push(&self, item: T) -> Pushed {
-        self.emitted.fetch_add(1, Relaxed);
-        if self.closed.load(Relaxed) {
-            self.dropped.fetch_add(1, Relaxed);
-            return Pushed::Dropped { first: false };
-        }
-        match self.queue.push(item) {
-            Ok(()) => {
-                self.handed.fetch_add(1, Relaxed);
-                Pushed::Queued
-            }
-            Err(_) => Pushed::Dropped {
-                first: self.dropped.fetch_add(1, Relaxed) == 0,
-            },
-        }
-    }
-
-    /// The oldest item; call [`Handoff::done`] once it is stored.
-    pub fn pop(&self) -> Option<T> {
-        self.queue.pop()
-    }
-
-    /// One popped item is stored (or dropped and counted elsewhere).
-    pub fn done(&self) {
-        self.processed.fetch_add(1, Relaxed);
-    }
-
-    /// Whether nothing waits in the queue.
-    pub fn is_empty(&self) -> bool {
-        self.queue.is_empty()
-    }
-
-    /// Items between `push` and `done` now.
-    pub fn pending(&self) -> u64 {
-        self.handed
-            .load(Relaxed)
-            .saturating_sub(self.processed.load(Relaxed))
-    }
-
-    /// Refuses every later `push` (counted as dropped).
-    pub fn close(&self) {
-        self.closed.store(true, Relaxed);
     }
 }
 
@@ -437,25 +332,8 @@ mod tests {
         assert_eq!(batch.items.len(), 2);
         b.remove_through(Source::Memory, 1).unwrap();
         assert_eq!(b.mem_len(), 3);
-        assert_eq!(b.drop_oldest_mem(1), 1);
+        assert_eq!(b.drop_oldest(1).unwrap(), 1);
         assert_eq!(b.peek(10, 1000).unwrap().unwrap().items[0].key, 3);
-    }
-
-    #[test]
-    fn handoff_counts_every_item_queued_or_dropped() {
-        let h = Handoff::new(2);
-        assert_eq!(h.push(1), Pushed::Queued);
-        assert_eq!(h.push(2), Pushed::Queued);
-        assert_eq!(h.push(3), Pushed::Dropped { first: true });
-        assert_eq!(h.push(4), Pushed::Dropped { first: false });
-        assert_eq!(h.pending(), 2);
-        assert_eq!(h.pop(), Some(1));
-        h.done();
-        assert_eq!(h.pending(), 1);
-        h.close();
-        assert_eq!(h.push(5), Pushed::Dropped { first: false });
-        let counts = [&h.emitted, &h.handed, &h.processed, &h.dropped].map(|c| c.load(Relaxed));
-        assert_eq!(counts, [5, 2, 1, 3]);
     }
 
     #[test]

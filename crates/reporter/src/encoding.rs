@@ -1,4 +1,5 @@
-//! From an envelope to one event of the metrics API body, and from stored events to a body.
+//! The reporter's encoding: from an envelope to one event of the metrics API body (the record
+//! the driver stores), and from stored events to a body.
 //!
 //! The API wants `{"type": data.type, "data": {...}, "id": ..., "timestamp": ...}` per event,
 //! while an envelope is `{"id", "type": "stream_trace", "timestamp", "data", ...annotations}`.
@@ -8,8 +9,58 @@
 //! verbatim. It runs once per event, in the writer thread; what is stored on disk is exactly
 //! what goes into a body, so building a body ([`BodyBuilder`]) is concatenation only.
 
+use egress::{Encoder, Reason};
 use serde_json::value::RawValue;
 use telemetry::envelope::{first_byte, Members};
+use telemetry::Event;
+
+/// Envelopes that cannot become an API event (see [`ShapeError`]): they would 400 a batch.
+pub(crate) const INVALID: Reason = Reason {
+    name: "invalid",
+    reported: true,
+};
+
+/// The driver's encoder: each envelope is stored as its API event, refused when it cannot be one
+/// or when it alone is larger than a request may be.
+pub(crate) struct ApiEncoder {
+    json: Vec<u8>,
+    /// The body's bytes around one event.
+    overhead: usize,
+    max_body_bytes: usize,
+    warned_invalid: bool,
+}
+
+impl ApiEncoder {
+    pub fn new(body: &BodyBuilder, max_body_bytes: usize) -> ApiEncoder {
+        ApiEncoder {
+            json: Vec::with_capacity(1024),
+            overhead: body.overhead(1),
+            max_body_bytes,
+            warned_invalid: false,
+        }
+    }
+}
+
+impl Encoder for ApiEncoder {
+    fn encode(&mut self, event: &Event, out: &mut Vec<u8>) -> Result<(), &'static Reason> {
+        self.json.clear();
+        event.write_json(&mut self.json);
+        if let Err(e) = api_event(&self.json, out) {
+            if !self.warned_invalid {
+                self.warned_invalid = true;
+                tracing::warn!(target: "reporter", id = %event.id(), error = %e,
+                    "metrics reporter: dropping an event the metrics API cannot take (counted as dropped_invalid; warned once)");
+            }
+            return Err(&INVALID);
+        }
+        if out.len() + self.overhead > self.max_body_bytes {
+            tracing::error!(target: "reporter", id = %event.id(), bytes = out.len(), limit = self.max_body_bytes,
+                "metrics reporter: event alone is larger than a request may be; dropped (counted as dropped_oversize)");
+            return Err(&Reason::OVERSIZE);
+        }
+        Ok(())
+    }
+}
 
 /// Why an envelope cannot become an API event.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
