@@ -68,10 +68,10 @@ mod writer;
 pub use batch::Batch;
 pub use config::{state_dir, Cap, DriverConfig, Reason};
 pub use stats::{DriverStats, MAX_REASONS};
-/// The telemetry sink contract the driver implements (for [`deref_driver!`]).
-pub use telemetry::Sink;
 #[doc(hidden)]
 pub use telemetry;
+/// The telemetry sink contract the driver implements (for [`deref_driver!`]).
+pub use telemetry::Sink;
 
 use buffer::Buffer;
 use handoff::{Handoff, Pushed};

@@ -25,11 +25,12 @@
 
 use arc_swap::ArcSwap;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::pki_types::PrivateKeyDer;
 use rustls::ServerConfig;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+pub use rustls::pki_types::CertificateDer;
 pub use tokio_rustls::TlsAcceptor;
 
 /// The crypto provider every configuration here uses: ring (reqwest's rustls builds it already).

@@ -4,6 +4,7 @@
 //! (the reference, `ssl=False`) publishing and reading JSONL through our TLS server.
 
 use std::io::Write as _;
+use telemetry::Sink as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -511,4 +512,121 @@ fn collector_serves_https_with_its_certificate_and_reloads_it_on_sighup() {
         .map(|v| v["id"].as_str().unwrap().to_string())
         .collect();
     assert_eq!(ids, ["e1", "e2"]);
+}
+
+/// Log lines of this test process (each test runs in its own process under nextest).
+#[derive(Clone, Default)]
+struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Captured {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+#[test]
+fn reporter_posts_to_a_tls_collector_trusting_scope_metrics_ca_file() {
+    let logs = Captured::default();
+    let writer = logs.clone();
+    tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .with_env_filter("reporter=info")
+        .init();
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = issue_files(dir.path(), "collector");
+    let keys = dir.path().join("keys");
+    std::fs::write(&keys, "reporter-tls-key\n").unwrap();
+    let out = dir.path().join("out.jsonl");
+    let addr = free_addr();
+    let _collector = Proc::spawn(
+        &[
+            "collector",
+            "--listen",
+            &addr.to_string(),
+            "--api-keys",
+            keys.to_str().unwrap(),
+            "--output",
+            &format!("jsonl:{}", out.display()),
+            "--tls-cert",
+            cert.to_str().unwrap(),
+            "--tls-key",
+            key.to_str().unwrap(),
+        ],
+        None,
+    );
+    wait_listening(addr);
+    let buffer = dir.path().join("buffer");
+    let url = format!("https://{addr}/v1/metrics");
+    let config = |ca: Option<&Path>| {
+        let vars = [
+            ("DAYDREAM_METRICS_URL", url.clone()),
+            ("SCOPE_CLOUD_API_KEY", "reporter-tls-key".to_string()),
+            ("SCOPE_METRICS_FLUSH_INTERVAL_MS", "50".to_string()),
+            ("SCOPE_METRICS_BUFFER_PATH", buffer.display().to_string()),
+            (
+                "SCOPE_METRICS_CA_FILE",
+                ca.map(|p| p.display().to_string()).unwrap_or_default(),
+            ),
+        ];
+        reporter::ReporterConfig::from_env_with(|k| {
+            vars.iter().find(|(n, _)| *n == k).map(|(_, v)| v.clone())
+        })
+        .unwrap()
+        .with_backoff(Duration::from_millis(50), Duration::from_millis(200))
+    };
+    let emit = |r: &reporter::Reporter, tag: &str| -> Vec<String> {
+        (0..5)
+            .map(|i| {
+                let e = telemetry::Event::Built(Box::new(telemetry::Envelope::new(
+                    "stream_heartbeat",
+                    telemetry::Fields::new().session_id(tag).meta("i", i),
+                )));
+                let id = e.id().into_owned();
+                r.emit(e);
+                id
+            })
+            .collect()
+    };
+
+    // Without the CA: refused like a network error, kept, retried, counted, named in the log.
+    let r = reporter::Reporter::start(config(None)).unwrap();
+    let mut ids = emit(&r, "without-ca");
+    wait_until("refused requests are retried", WAIT, || {
+        let s = r.reporter_stats();
+        s.network_errors >= 2 && s.buffered == 5
+    });
+    let text = logs.text();
+    assert!(
+        text.contains(&format!("TLS certificate of {url} refused"))
+            && text.contains("SCOPE_METRICS_CA_FILE"),
+        "{text}"
+    );
+    assert!(common::collector_output(&out).is_empty());
+    let stats = r.shutdown(Duration::from_millis(200));
+    assert_eq!((stats.acked, stats.buffered), (0, 5), "{stats:?}");
+    drop(r);
+
+    // With it: what the first reporter kept on disk is delivered, then the new events.
+    let r = reporter::Reporter::start(config(Some(&cert))).unwrap();
+    ids.extend(emit(&r, "with-ca"));
+    wait_until("every event delivered", WAIT, || {
+        common::collector_output(&out).len() == 10
+    });
+    let got: Vec<String> = common::collector_output(&out)
+        .iter()
+        .map(|v| v["id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(got, ids);
+    r.shutdown(Duration::from_secs(5));
 }
