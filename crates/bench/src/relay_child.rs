@@ -152,6 +152,9 @@ pub struct RunnerReport {
     pub cpu_secs: Option<f64>,
     /// Of which the emitter thread (the `publish_event` calls and the pacing), in seconds.
     pub emitter_cpu_secs: Option<f64>,
+    /// Bytes the runner wrote on the events channel (newlines included).
+    #[serde(default)]
+    pub events_bytes: u64,
 }
 
 /// [`SinkStats`], as the runner child reports it.
@@ -411,6 +414,7 @@ pub async fn run_runner(args: RunnerArgs) -> anyhow::Result<()> {
         peak_rss_kib: peak_rss_kib("self"),
         cpu_secs: cpu_secs("self"),
         emitter_cpu_secs: emitted.cpu_secs,
+        events_bytes: runner_report.events.bytes_written,
     };
     write_report(&args.report, &report)
 }

@@ -264,18 +264,37 @@ fn load_files(cert: &Path, key: &Path, alpn: &[Vec<u8>]) -> Result<Loaded, TlsEr
     })
 }
 
+/// The server's crypto: ring, with AES-128-GCM preferred over AES-256-GCM (both are strong; the
+/// 128-bit key does fewer rounds, which matters on a server encrypting one stream per reader).
+fn server_provider() -> Arc<rustls::crypto::CryptoProvider> {
+    let mut provider = rustls::crypto::ring::default_provider();
+    let rank = |s: &rustls::SupportedCipherSuite| {
+        use rustls::CipherSuite as C;
+        match s.suite() {
+            C::TLS13_AES_128_GCM_SHA256 | C::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256 => 0,
+            C::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256 => 0,
+            _ => 1,
+        }
+    };
+    // Stable: within each rank the provider's own order (TLS 1.3 first) is kept.
+    provider.cipher_suites.sort_by_key(rank);
+    Arc::new(provider)
+}
+
 fn build_config(
     chain: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
     alpn: &[Vec<u8>],
 ) -> Result<Arc<ServerConfig>, String> {
-    let mut config = ServerConfig::builder_with_provider(provider())
+    let mut config = ServerConfig::builder_with_provider(server_provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?
         .with_no_client_auth()
         .with_single_cert(chain, key)
         .map_err(|e| e.to_string())?;
     config.alpn_protocols = alpn.to_vec();
+    // The server's preference decides (clients list AES-256 first by habit).
+    config.ignore_client_order = true;
     Ok(Arc::new(config))
 }
 
@@ -351,6 +370,13 @@ mod tests {
         assert_eq!(certs.len(), 1);
         assert_eq!(fingerprint(&certs[0]), fp);
         assert_eq!(tls.config().alpn_protocols, vec![b"h1".to_vec()]);
+        // AES-128-GCM first, and the server's order wins.
+        let config = tls.config();
+        assert!(config.ignore_client_order);
+        assert_eq!(
+            config.crypto_provider().cipher_suites[0].suite(),
+            rustls::CipherSuite::TLS13_AES_128_GCM_SHA256
+        );
         // Nothing to reload for a generated certificate.
         assert!(tls.reload().unwrap().is_none());
     }

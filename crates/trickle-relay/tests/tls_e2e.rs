@@ -4,10 +4,10 @@
 //! (the reference, `ssl=False`) publishing and reading JSONL through our TLS server.
 
 use std::io::Write as _;
-use telemetry::Sink as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+use telemetry::Sink as _;
 
 mod common;
 use common::{free_addr, read_lines, relay, tail, wait_listening, wait_until, Proc};
@@ -112,15 +112,34 @@ fn publish_and_subscribe(base: &str, flags: &[&str]) -> (String, String, String)
         .stdout(common::log_file(&out))
         .stderr(common::log_file(&err));
     let mut sub = Proc::start(&mut cmd);
-    wait_until("the subscriber read the warmup line", WAIT, || {
-        read_lines(&out).len() == 1
-    });
+    let deadline = Instant::now() + WAIT;
+    while read_lines(&out).len() != 1 {
+        assert!(
+            Instant::now() < deadline,
+            "the subscriber did not print the warmup line; its stderr:\n{}",
+            tail(&err)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let mut args = vec!["publish", "--jsonl", "--reset", &url];
     args.extend_from_slice(flags);
     let (ok, _, publish_err, _) = run(&args, &[], LINES.as_bytes());
     assert!(ok, "publish failed: {publish_err}");
     // The publisher closed the channel: the subscriber ends by itself.
-    assert!(sub.wait(WAIT).success(), "subscribe failed: {}", tail(&err));
+    let deadline = Instant::now() + WAIT;
+    let status = loop {
+        if let Some(status) = sub.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the subscriber did not end after the publisher closed the channel; printed {:?}; its stderr:\n{}\npublisher's stderr:\n{publish_err}",
+            read_lines(&out),
+            tail(&err)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "subscribe failed: {}", tail(&err));
     let printed = read_lines(&out)[1..].join("\n") + "\n";
     (printed, publish_err, std::fs::read_to_string(&err).unwrap())
 }

@@ -157,8 +157,10 @@ impl Conn {
     /// Closes gracefully: FIN our side, then read and drop what the client still sends for a
     /// moment, so that our response is not destroyed by a reset for unread data.
     pub(crate) async fn linger_close(mut self) {
-        let _ = self.io.shutdown().await;
         let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
+        // Bounded: over TLS the shutdown writes a close_notify, which a peer that does not read
+        // could hold up.
+        let _ = tokio::time::timeout_at(deadline, self.io.shutdown()).await;
         let mut scratch = vec![0u8; 16 * 1024];
         let mut dropped = 0usize;
         while dropped < 4 * 1024 * 1024 {
