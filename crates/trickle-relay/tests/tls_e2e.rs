@@ -4,6 +4,7 @@
 //! (the reference, `ssl=False`) publishing and reading JSONL through our TLS server.
 
 use std::io::Write as _;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -131,12 +132,14 @@ fn publish_and_subscribe(base: &str, flags: &[&str]) -> (String, String, String)
         if let Some(status) = sub.0.try_wait().unwrap() {
             break status;
         }
-        assert!(
-            Instant::now() < deadline,
-            "the subscriber did not end after the publisher closed the channel; printed {:?}; its stderr:\n{}\npublisher's stderr:\n{publish_err}",
-            read_lines(&out),
-            tail(&err)
-        );
+        if Instant::now() >= deadline {
+            let next = http().get(format!("{url}/next")).send().map(|r| r.status());
+            panic!(
+                "the subscriber did not end after the publisher closed the channel (GET /next now: {next:?}); printed {:?}; its stderr:\n{}\npublisher's stderr:\n{publish_err}",
+                read_lines(&out),
+                tail(&err)
+            );
+        }
         std::thread::sleep(Duration::from_millis(20));
     };
     assert!(status.success(), "subscribe failed: {}", tail(&err));
@@ -460,18 +463,16 @@ fn issue_files(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
     (cert, key)
 }
 
-#[test]
-fn collector_serves_https_with_its_certificate_and_reloads_it_on_sighup() {
-    let dir = tempfile::tempdir().unwrap();
-    let (cert, key) = issue_files(dir.path(), "first");
-    let keys = dir.path().join("keys");
-    std::fs::write(&keys, "collector-tls-key\n").unwrap();
-    let out = dir.path().join("out.jsonl");
-    let (live_cert, live_key) = (dir.path().join("live.crt"), dir.path().join("live.key"));
-    std::fs::copy(&cert, &live_cert).unwrap();
-    std::fs::copy(&key, &live_key).unwrap();
+/// The API key the test collectors accept.
+const COLLECTOR_KEY: &str = "collector-tls-key";
+
+/// `collector --tls-cert cert --tls-key key` in `dir` (output `dir/out.jsonl`, stderr
+/// `dir/collector.err`), once it listens: (process, address, output file, stderr file).
+fn collector_tls(dir: &Path, cert: &Path, key: &Path) -> (Proc, SocketAddr, PathBuf, PathBuf) {
+    let keys = dir.join("keys");
+    std::fs::write(&keys, format!("{COLLECTOR_KEY}\n")).unwrap();
+    let (out, log) = (dir.join("out.jsonl"), dir.join("collector.err"));
     let addr = free_addr();
-    let log = dir.path().join("collector.err");
     let collector = Proc::spawn(
         &[
             "collector",
@@ -482,13 +483,24 @@ fn collector_serves_https_with_its_certificate_and_reloads_it_on_sighup() {
             "--output",
             &format!("jsonl:{}", out.display()),
             "--tls-cert",
-            live_cert.to_str().unwrap(),
+            cert.to_str().unwrap(),
             "--tls-key",
-            live_key.to_str().unwrap(),
+            key.to_str().unwrap(),
         ],
         Some(&log),
     );
     wait_listening(addr);
+    (collector, addr, out, log)
+}
+
+#[test]
+fn collector_serves_https_with_its_certificate_and_reloads_it_on_sighup() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = issue_files(dir.path(), "first");
+    let (live_cert, live_key) = (dir.path().join("live.crt"), dir.path().join("live.key"));
+    std::fs::copy(&cert, &live_cert).unwrap();
+    std::fs::copy(&key, &live_key).unwrap();
+    let (collector, addr, out, log) = collector_tls(dir.path(), &live_cert, &live_key);
     let url = format!("https://{addr}/v1/metrics");
     // POSTs one event with a client that trusts only `pin`: the status, or None when refused.
     let post = |pin: &Path, id: &str| {
@@ -499,7 +511,7 @@ fn collector_serves_https_with_its_certificate_and_reloads_it_on_sighup() {
             .build()
             .unwrap()
             .post(&url)
-            .bearer_auth("collector-tls-key")
+            .bearer_auth(COLLECTOR_KEY)
             .json(&serde_json::json!({"events": [{"id": id, "type": "stream_trace", "data": {"type": "x"}}]}))
             .send()
             .ok()
@@ -564,33 +576,13 @@ fn reporter_posts_to_a_tls_collector_trusting_scope_metrics_ca_file() {
         .init();
     let dir = tempfile::tempdir().unwrap();
     let (cert, key) = issue_files(dir.path(), "collector");
-    let keys = dir.path().join("keys");
-    std::fs::write(&keys, "reporter-tls-key\n").unwrap();
-    let out = dir.path().join("out.jsonl");
-    let addr = free_addr();
-    let _collector = Proc::spawn(
-        &[
-            "collector",
-            "--listen",
-            &addr.to_string(),
-            "--api-keys",
-            keys.to_str().unwrap(),
-            "--output",
-            &format!("jsonl:{}", out.display()),
-            "--tls-cert",
-            cert.to_str().unwrap(),
-            "--tls-key",
-            key.to_str().unwrap(),
-        ],
-        None,
-    );
-    wait_listening(addr);
+    let (_collector, addr, out, _) = collector_tls(dir.path(), &cert, &key);
     let buffer = dir.path().join("buffer");
     let url = format!("https://{addr}/v1/metrics");
     let config = |ca: Option<&Path>| {
         let vars = [
             ("DAYDREAM_METRICS_URL", url.clone()),
-            ("SCOPE_CLOUD_API_KEY", "reporter-tls-key".to_string()),
+            ("SCOPE_CLOUD_API_KEY", COLLECTOR_KEY.to_string()),
             ("SCOPE_METRICS_FLUSH_INTERVAL_MS", "50".to_string()),
             ("SCOPE_METRICS_BUFFER_PATH", buffer.display().to_string()),
             (

@@ -26,7 +26,9 @@
 //! - Memory is bounded when the server is slow: each segment's body is fed through a small bounded
 //!   queue, so [`SegmentWriter::write`] waits (backpressure) instead of buffering without limit.
 //! - [`Publisher::close`] DELETEs the channel, as the reference publisher does, so subscribers end
-//!   (their next request answers 404).
+//!   (their next request answers 404). A preconnected POST that reached the server only after
+//!   the DELETE (it re-creates the channel on an autocreate server) is cut and the channel
+//!   deleted again, so it cannot leave readers waiting on a channel that came back.
 //! - `https://` URLs: [`PublisherOptions::tls`] says how the server's certificate is treated (see
 //!   [`crate::client_tls`]). A refused certificate ([`PublishError::Tls`]) makes the publisher
 //!   terminal at once: it is not retried, not even within the reconnect window.
@@ -227,6 +229,9 @@ struct Health {
     /// When the current outage began (first transient failure since the last success).
     outage_since: Option<Instant>,
 }
+
+/// How long [`Publisher::close`] lets the server wake the preconnected POST after the DELETE.
+const PRECONNECT_SETTLE: Duration = Duration::from_secs(1);
 
 /// First pause of the reconnect backoff.
 const RECONNECT_MIN: Duration = Duration::from_millis(100);
@@ -550,7 +555,21 @@ impl Publisher {
         let url = self.shared.url.clone();
         let result = self.shared.client.delete(&url).send().await;
         // After the DELETE, so the server wakes it; cut, never ended, so it is no empty segment.
-        self.pending = None;
+        let preconnect = self.pending.take().filter(|_| result.is_ok());
+        if let Some(mut preconnect) = preconnect {
+            // A preconnect the server had not seen yet reaches it after the DELETE and, on a
+            // server that creates channels on POST, brings the channel back (readers confirming
+            // the close would then wait on its empty segment): not woken by the DELETE, it is
+            // still open after a moment, so cut it and delete the channel again.
+            if tokio::time::timeout(PRECONNECT_SETTLE, &mut preconnect.task)
+                .await
+                .is_err()
+            {
+                preconnect.task.abort();
+                tracing::debug!(%url, "a preconnected POST outlived the DELETE; deleting again");
+                let _ = self.shared.client.delete(&url).send().await;
+            }
+        }
         let resp = result.map_err(|e| request_error(&url, &e, &self.shared.opts.tls))?;
         let status = resp.status().as_u16();
         match status {

@@ -24,6 +24,18 @@ async fn within<T>(what: &str, f: impl Future<Output = T>) -> T {
     }
 }
 
+/// An HTTPS trickle server (autocreate) on a free loopback port with `tls`.
+async fn bind_tls(tls: tls::ServerTls) -> Server {
+    let config = ServerConfig {
+        autocreate: true,
+        tls: Some(tls),
+        ..Default::default()
+    };
+    Server::bind("127.0.0.1:0".parse().unwrap(), config)
+        .await
+        .unwrap()
+}
+
 /// An HTTPS trickle server (autocreate) with a certificate made at start for 127.0.0.1 and
 /// localhost; its certificate is written to `dir/cert.pem`, as `serve --tls-cert-out` does.
 async fn https_server(dir: &Path) -> (Server, PathBuf) {
@@ -32,16 +44,7 @@ async fn https_server(dir: &Path) -> (Server, PathBuf) {
             .expect("self-signed certificate");
     let cert = dir.join("cert.pem");
     std::fs::write(&cert, tls.cert_pem()).unwrap();
-    let server = Server::bind(
-        "127.0.0.1:0".parse().unwrap(),
-        ServerConfig {
-            autocreate: true,
-            tls: Some(tls),
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
+    let server = bind_tls(tls).await;
     assert!(server.url().starts_with("https://"), "{}", server.url());
     (server, cert)
 }
@@ -201,69 +204,49 @@ async fn assert_refused(url: &str, tls: ClientTls, flag: &str, reason: &str) {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn certificate_of_another_ca_is_refused_with_a_clear_error_at_once() {
+/// Our self-signed server, and a client in the mode `tls` makes (given a scratch folder):
+/// refused at once, naming `flag` and `reason` (see [`assert_refused`]).
+async fn self_signed_server_refuses(
+    tls: impl FnOnce(&Path) -> ClientTls,
+    flag: &str,
+    reason: &str,
+) {
     let dir = tempfile::tempdir().unwrap();
     let (server, _) = https_server(dir.path()).await;
+    let name = random_channel_name();
+    server.channels().create(&name, None).unwrap();
+    let url = format!("{}/{name}", server.url());
+    assert_refused(&url, tls(dir.path()), flag, reason).await;
+    server.shutdown().await;
+}
+
+/// Trust only `pem` (written to `dir`), as `--trickle-ca` does.
+fn pinned(dir: &Path, pem: &str) -> ClientTls {
+    let path = dir.join("pinned.pem");
+    std::fs::write(&path, pem).unwrap();
+    ClientTls::from_ca_file(&path).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificate_of_another_ca_is_refused_with_a_clear_error_at_once() {
     // Another CA's certificate (another issuer name).
     let other = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).unwrap();
-    let other_path = dir.path().join("other.pem");
-    std::fs::write(&other_path, other.cert.pem()).unwrap();
-    let url = format!("{}/{}", server.url(), random_channel_name());
-    server
-        .channels()
-        .create(url.rsplit('/').next().unwrap(), None)
-        .unwrap();
-    assert_refused(
-        &url,
-        ClientTls::from_ca_file(&other_path).unwrap(),
-        "--trickle-ca",
-        "not among the trusted",
-    )
-    .await;
-    server.shutdown().await;
+    let tls = |dir: &Path| pinned(dir, &other.cert.pem());
+    self_signed_server_refuses(tls, "--trickle-ca", "not among the trusted").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn certificate_regenerated_since_it_was_pinned_is_refused_saying_so() {
-    let dir = tempfile::tempdir().unwrap();
-    let (server, _) = https_server(dir.path()).await;
     // What a restarted `serve --tls-self-signed` would present: same names, another key.
     let earlier = tls::ServerTls::self_signed(&["127.0.0.1".into()], &[]).unwrap();
-    let pinned = dir.path().join("earlier.pem");
-    std::fs::write(&pinned, earlier.cert_pem()).unwrap();
-    let url = format!("{}/{}", server.url(), random_channel_name());
-    server
-        .channels()
-        .create(url.rsplit('/').next().unwrap(), None)
-        .unwrap();
-    assert_refused(
-        &url,
-        ClientTls::from_ca_file(&pinned).unwrap(),
-        "--trickle-ca",
-        "regenerated",
-    )
-    .await;
-    server.shutdown().await;
+    let tls = |dir: &Path| pinned(dir, &earlier.cert_pem());
+    self_signed_server_refuses(tls, "--trickle-ca", "regenerated").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn verify_against_system_roots_refuses_a_self_signed_server() {
-    let dir = tempfile::tempdir().unwrap();
-    let (server, _) = https_server(dir.path()).await;
-    let url = format!("{}/{}", server.url(), random_channel_name());
-    server
-        .channels()
-        .create(url.rsplit('/').next().unwrap(), None)
-        .unwrap();
-    assert_refused(
-        &url,
-        ClientTls::SystemRoots,
-        "--trickle-verify-tls",
-        "not among the trusted",
-    )
-    .await;
-    server.shutdown().await;
+    let tls = |_: &Path| ClientTls::SystemRoots;
+    self_signed_server_refuses(tls, "--trickle-verify-tls", "not among the trusted").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -271,26 +254,10 @@ async fn pinned_certificate_for_another_name_is_refused_naming_the_names() {
     let dir = tempfile::tempdir().unwrap();
     // A certificate for another host only, pinned: the issuer is trusted, the name is not.
     let tls = tls::ServerTls::self_signed(&["trickle.example".into()], &[]).unwrap();
-    let cert = dir.path().join("cert.pem");
-    std::fs::write(&cert, tls.cert_pem()).unwrap();
-    let server = Server::bind(
-        "127.0.0.1:0".parse().unwrap(),
-        ServerConfig {
-            autocreate: true,
-            tls: Some(tls),
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
+    let client = pinned(dir.path(), &tls.cert_pem());
+    let server = bind_tls(tls).await;
     let url = format!("{}/{}", server.url(), random_channel_name());
-    assert_refused(
-        &url,
-        ClientTls::from_ca_file(&cert).unwrap(),
-        "--trickle-ca",
-        "trickle.example",
-    )
-    .await;
+    assert_refused(&url, client, "--trickle-ca", "trickle.example").await;
     server.shutdown().await;
 }
 
@@ -355,16 +322,7 @@ async fn reloaded_certificate_serves_new_connections() {
     };
     let old = write("old.pem");
     let tls = tls::ServerTls::from_pem_files(&cert, &key, &[b"http/1.1"]).unwrap();
-    let server = Server::bind(
-        "127.0.0.1:0".parse().unwrap(),
-        ServerConfig {
-            autocreate: true,
-            tls: Some(tls.clone()),
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
+    let server = bind_tls(tls.clone()).await;
     round_trip(
         &server,
         "127.0.0.1",
