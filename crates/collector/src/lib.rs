@@ -12,16 +12,19 @@
 //! | a gzip body decompresses to at most `max_body_bytes` (decompression stops there) | 413 |
 //! | the JSON shape: object, `events` array, each event an object with `id`, `type`, `data` | 400 + message |
 //! | at most `max_events` events | 413 |
+//! | the dedup store answers (only with `--dedup redis://...`, see [`redis_dedup`]) | 503 + `Retry-After` |
 //! | the output durably has every new event (duplicates by id skipped) | 200, else 503 |
 //!
 //! The 200 is sent only after [`Output::append`] resolved, i.e. for the JSONL output after the
 //! lines were written and fsynced. Events whose id was accepted within the dedup window are
-//! counted as duplicates and not written again ([`dedup`]), so the reporter's at-least-once
-//! delivery becomes exactly-once in the output. Every response carries `Accept-Encoding: gzip`,
-//! which tells the reporter it may compress.
+//! counted as duplicates and not written again, so the reporter's at-least-once delivery becomes
+//! exactly-once in the output: within one process by default ([`dedup`]), across any number of
+//! collectors sharing one Redis with [`Collector::with_redis_dedup`] ([`redis_dedup`]). Every
+//! response carries `Accept-Encoding: gzip`, which tells the reporter it may compress.
 //!
-//! `GET /health`: liveness plus the counters. `GET /ready`: 200 when the output is writable,
-//! else 503.
+//! `GET /health`: liveness plus the counters and the dedup store (`"status": "degraded"` while a
+//! shared one is unreachable). `GET /ready`: 200 when the output is writable and the dedup store
+//! answers, else 503.
 //!
 //! [`Collector::serve`] speaks plain HTTP; [`Collector::serve_tls`] the same routes over TLS
 //! (HTTP/1.1 and HTTP/2 by ALPN), with the certificate of a [`tls::ServerTls`], which can be
@@ -31,6 +34,8 @@ pub mod auth;
 pub mod dedup;
 pub mod output;
 pub mod ratelimit;
+pub mod redis_dedup;
+pub mod test_redis;
 pub mod validate;
 
 pub use auth::{ApiKeys, KeysError};
@@ -49,6 +54,7 @@ use bytes::Bytes;
 use dedup::{Dedup, Verdict};
 use futures::StreamExt;
 use ratelimit::RateLimiter;
+use redis_dedup::{Claim, RedisDedup};
 use serde::Serialize;
 use serde_json::json;
 use std::future::Future;
@@ -56,7 +62,7 @@ use std::io::Read;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use validate::Invalid;
 
 /// Limits and windows of a collector.
@@ -101,6 +107,7 @@ struct Counters {
     bad_request: AtomicU64,
     unsupported_encoding: AtomicU64,
     output_failed: AtomicU64,
+    dedup_unavailable: AtomicU64,
 }
 
 /// A snapshot of the collector's counters.
@@ -133,6 +140,8 @@ pub struct Rejected {
     pub unsupported_encoding: u64,
     /// 503 (the output failed).
     pub output_failed: u64,
+    /// 503 (the shared dedup store was unreachable, or other collectors held ids too long).
+    pub dedup_unavailable: u64,
 }
 
 impl CollectorStats {
@@ -145,6 +154,7 @@ impl CollectorStats {
             + r.bad_request
             + r.unsupported_encoding
             + r.output_failed
+            + r.dedup_unavailable
     }
 }
 
@@ -153,8 +163,16 @@ struct Inner {
     keys: Arc<ApiKeys>,
     output: Arc<dyn Output>,
     limiter: RateLimiter,
-    dedup: Dedup,
+    dedup: DedupStore,
     counters: Counters,
+}
+
+/// Where the ids already written are remembered.
+enum DedupStore {
+    /// This process's window.
+    Memory(Dedup),
+    /// Shared by every collector on one Redis.
+    Redis(RedisDedup),
 }
 
 /// A collector: cheap to clone (shared state).
@@ -180,6 +198,7 @@ enum Reject {
     TooLarge(String),
     BadRequest(String),
     Output(String),
+    Dedup(String),
 }
 
 impl Collector {
@@ -192,6 +211,29 @@ impl Collector {
         if seeded > 0 {
             tracing::info!(target: "collector", seeded, "dedup window seeded from the output's latest events");
         }
+        Self::build(config, keys, output, DedupStore::Memory(dedup))
+    }
+
+    /// A collector whose dedup is shared through Redis with every other collector on it
+    /// (`config.dedup_capacity` and `dedup_ttl` are the Redis dedup's own settings then). Queues a
+    /// re-commit of the output's latest ids (up to 10,000), in case this collector was killed
+    /// between a write and its commit.
+    pub fn with_redis_dedup(
+        config: CollectorConfig,
+        keys: Arc<ApiKeys>,
+        output: Arc<dyn Output>,
+        dedup: RedisDedup,
+    ) -> Collector {
+        dedup.recommit(output.recent_ids(config.dedup_capacity.min(10_000)));
+        Self::build(config, keys, output, DedupStore::Redis(dedup))
+    }
+
+    fn build(
+        config: CollectorConfig,
+        keys: Arc<ApiKeys>,
+        output: Arc<dyn Output>,
+        dedup: DedupStore,
+    ) -> Collector {
         Collector {
             inner: Arc::new(Inner {
                 limiter: RateLimiter::new(config.rate_per_sec, config.burst),
@@ -224,6 +266,7 @@ impl Collector {
                 bad_request: c.bad_request.load(Relaxed),
                 unsupported_encoding: c.unsupported_encoding.load(Relaxed),
                 output_failed: c.output_failed.load(Relaxed),
+                dedup_unavailable: c.dedup_unavailable.load(Relaxed),
             },
         }
     }
@@ -236,7 +279,7 @@ impl Collector {
             requests = s.requests, accepted = s.accepted, duplicates = s.duplicates,
             unauthorized = r.unauthorized, rate_limited = r.rate_limited, too_large = r.too_large,
             bad_request = r.bad_request, unsupported_encoding = r.unsupported_encoding, output_failed = r.output_failed,
-            "collector counters");
+            dedup_unavailable = r.dedup_unavailable, "collector counters");
     }
 
     /// The routes: `POST /v1/metrics`, `GET /health`, `GET /ready`.
@@ -434,11 +477,27 @@ impl Collector {
 
     /// Writes the events not seen before, durably; returns (accepted, duplicates).
     async fn accept(&self, events: Vec<validate::ValidEvent>) -> Result<(u64, u64), Reject> {
+        let result = match &self.inner.dedup {
+            DedupStore::Memory(dedup) => self.accept_memory(dedup, events).await,
+            DedupStore::Redis(dedup) => self.accept_redis(dedup, events).await,
+        };
+        if result.is_ok() {
+            self.inner.counters.batches.fetch_add(1, Relaxed);
+        }
+        result
+    }
+
+    /// [`Self::accept`] with this process's window.
+    async fn accept_memory(
+        &self,
+        dedup: &Dedup,
+        events: Vec<validate::ValidEvent>,
+    ) -> Result<(u64, u64), Reject> {
         let inner = &self.inner;
         let (mut accepted, mut dups) = (0u64, 0u64);
         let mut todo = events;
         while !todo.is_empty() {
-            let mut res = inner.dedup.reservation();
+            let mut res = dedup.reservation();
             let mut fresh: Vec<Bytes> = Vec::new();
             let mut waits = Vec::new();
             let mut later = Vec::new();
@@ -472,8 +531,108 @@ impl Collector {
         }
         inner.counters.accepted.fetch_add(accepted, Relaxed);
         inner.counters.duplicates.fetch_add(dups, Relaxed);
-        inner.counters.batches.fetch_add(1, Relaxed);
         Ok((accepted, dups))
+    }
+
+    /// [`Self::accept`] with the dedup shared through Redis: claim the batch's ids in one script,
+    /// write the fresh ones, commit them (or release them if the write failed), and poll for the
+    /// ids another collector is writing until it settles them.
+    async fn accept_redis(
+        &self,
+        dedup: &RedisDedup,
+        events: Vec<validate::ValidEvent>,
+    ) -> Result<(u64, u64), Reject> {
+        let inner = &self.inner;
+        let token = dedup.token();
+        let deadline = Instant::now() + dedup.wait_for_others();
+        let mut pause = Duration::from_millis(5);
+        let mut todo = events;
+        let (mut accepted, mut dups) = (0u64, 0u64);
+        let unavailable = |m: String| {
+            inner.counters.dedup_unavailable.fetch_add(1, Relaxed);
+            Reject::Dedup(m)
+        };
+        loop {
+            let ids: Vec<&str> = todo.iter().map(|e| e.id.as_str()).collect();
+            let verdicts = dedup
+                .claim(&token, &ids)
+                .await
+                .map_err(|e| unavailable(e.to_string()))?;
+            let (mut fresh_ids, mut fresh) = (Vec::new(), Vec::new());
+            let mut later = Vec::new();
+            for (ev, verdict) in todo.into_iter().zip(verdicts) {
+                match verdict {
+                    Claim::Fresh => {
+                        fresh_ids.push(ev.id);
+                        fresh.push(ev.json);
+                    }
+                    Claim::Duplicate => dups += 1,
+                    Claim::Pending => later.push(ev),
+                }
+            }
+            if !fresh.is_empty() {
+                let n = fresh.len() as u64;
+                if let Err(e) = inner.output.append(fresh).await {
+                    // Free the claims so the retry (here or on another collector) writes them.
+                    dedup.release(&token, fresh_ids).await;
+                    inner.counters.output_failed.fetch_add(1, Relaxed);
+                    inner.counters.duplicates.fetch_add(dups, Relaxed);
+                    tracing::error!(target: "collector", error = %e, "cannot write accepted events; answering 503 so the reporter retries");
+                    return Err(Reject::Output(e.to_string()));
+                }
+                dedup.commit(&token, fresh_ids).await;
+                accepted += n;
+                inner.counters.accepted.fetch_add(n, Relaxed);
+            }
+            if later.is_empty() {
+                break;
+            }
+            if Instant::now() >= deadline {
+                inner.counters.duplicates.fetch_add(dups, Relaxed);
+                return Err(unavailable(format!(
+                    "{} ids are being written by another collector; retry",
+                    later.len()
+                )));
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(100));
+            todo = later;
+        }
+        inner.counters.duplicates.fetch_add(dups, Relaxed);
+        Ok((accepted, dups))
+    }
+
+    /// Says whether a shared dedup store answers now (logged either way), and warns when it would
+    /// forget its ids on a restart. Nothing to check for the in-memory window.
+    pub async fn check_dedup(&self) {
+        if let DedupStore::Redis(d) = &self.inner.dedup {
+            match d.ping().await {
+                Ok(()) => {
+                    tracing::info!(target: "collector", redis = %d.addr(), "dedup shared through redis");
+                    d.check_persistence().await;
+                }
+                Err(e) => {
+                    tracing::error!(target: "collector", error = %e, "dedup store unreachable at start: answering 503 until it answers")
+                }
+            }
+        }
+    }
+
+    /// The dedup store as `/health` shows it.
+    fn dedup_health(&self) -> (bool, serde_json::Value) {
+        match &self.inner.dedup {
+            DedupStore::Memory(d) => (true, json!({ "kind": "memory", "ids": d.len() })),
+            DedupStore::Redis(d) => {
+                let h = d.health();
+                let mut v = json!({ "kind": "redis" });
+                if let (Some(obj), Ok(serde_json::Value::Object(fields))) =
+                    (v.as_object_mut(), serde_json::to_value(&h))
+                {
+                    obj.extend(fields);
+                }
+                (h.reachable, v)
+            }
+        }
     }
 }
 
@@ -520,7 +679,7 @@ async fn metrics(
         Err(Reject::Unsupported(m)) => error(StatusCode::UNSUPPORTED_MEDIA_TYPE, &m),
         Err(Reject::TooLarge(m)) => error(StatusCode::PAYLOAD_TOO_LARGE, &m),
         Err(Reject::BadRequest(m)) => error(StatusCode::BAD_REQUEST, &m),
-        Err(Reject::Output(m)) => {
+        Err(Reject::Output(m) | Reject::Dedup(m)) => {
             let mut r = error(
                 StatusCode::SERVICE_UNAVAILABLE,
                 &format!("events not stored: {m}"),
@@ -533,15 +692,28 @@ async fn metrics(
 }
 
 async fn health(State(c): State<Collector>) -> Json<serde_json::Value> {
-    Json(json!({ "status": "ok", "output": c.inner.output.name(), "counters": c.stats() }))
+    let (dedup_ok, dedup) = c.dedup_health();
+    let status = if dedup_ok { "ok" } else { "degraded" };
+    Json(
+        json!({ "status": status, "output": c.inner.output.name(), "dedup": dedup, "counters": c.stats() }),
+    )
 }
 
 async fn ready(State(c): State<Collector>) -> Response {
-    match c.inner.output.check_ready().await {
+    let mut check = c
+        .inner
+        .output
+        .check_ready()
+        .await
+        .map_err(|e| e.to_string());
+    if let (Ok(()), DedupStore::Redis(d)) = (&check, &c.inner.dedup) {
+        check = d.ping().await.map_err(|e| e.to_string());
+    }
+    match check {
         Ok(()) => Json(json!({ "ready": true })).into_response(),
         Err(e) => (
             StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({ "ready": false, "error": e.to_string() })),
+            Json(json!({ "ready": false, "error": e })),
         )
             .into_response(),
     }

@@ -504,9 +504,14 @@ fn sync_forces_a_commit_without_waiting_for_the_interval() {
         ..opts(1 << 20, 8 << 20)
     };
     let (s, _) = Spool::open(tmp.path(), o).unwrap();
-    s.append(b"x").unwrap();
+    for _ in 0..3 {
+        s.append(b"x").unwrap();
+    }
+    // The background commit is an hour away: the three records are written, not yet fsynced.
+    assert_eq!(s.unsynced_records(), 3, "nothing committed before sync()");
     let t = std::time::Instant::now();
     s.sync().unwrap();
+    assert_eq!(s.unsynced_records(), 0, "sync() committed every record");
     assert!(t.elapsed() < Duration::from_secs(60));
 }
 

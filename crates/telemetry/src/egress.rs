@@ -10,7 +10,7 @@
 //! 2. `DO_NOT_TRACK` truthy: off.
 //! 3. Otherwise on.
 //!
-//! Egress, first match wins (`shared/spec/telemetry.md`), after the opt-out:
+//! Egress, first match wins (`docs/telemetry.md`), after the opt-out:
 //! 1. `SCOPE_TELEMETRY_LOG_SINK` set (non-empty): [`Egress::Log`].
 //! 2. `SCOPE_CLOUD_API_KEY` set (non-empty) and `SCOPE_METRICS_ENABLED` not `false` (any case):
 //!    [`Egress::HttpReporter`].

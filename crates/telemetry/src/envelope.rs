@@ -1,7 +1,7 @@
 //! The telemetry envelope: built once where the event happens ([`Envelope`]), forwarded verbatim
 //! everywhere after ([`RawEnvelope`]).
 //!
-//! Wire shape (`shared/spec/telemetry.md`):
+//! Wire shape (`docs/telemetry.md`):
 //!
 //! ```json
 //! {"id":"<uuid v4>","type":"stream_trace","timestamp":"<unix ms>",

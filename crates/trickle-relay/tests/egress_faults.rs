@@ -8,6 +8,7 @@
 
 mod common;
 
+use common::proxy::{FaultProxy, Mode};
 use common::{free_addr, log_file, relay, serve, tail, wait_listening, wait_until, Proc};
 use serde_json::{json, Value};
 use std::collections::{HashMap, HashSet};
@@ -170,37 +171,52 @@ fn post(ingest: SocketAddr, lines: &[String]) -> u64 {
         .expect("ingest")
         .json()
         .expect("ingest answers JSON");
-    answer["accepted"].as_u64().unwrap_or(0)
+    n(&answer, "accepted")
 }
 
-fn get_json(url: &str) -> Option<Value> {
-    reqwest::blocking::Client::new()
+/// A JSON answer from a process the test started and waited for: a failed request or an answer
+/// that is not JSON fails the test (a zero read from nothing would let `== 0` checks pass).
+fn get_json(url: &str) -> Value {
+    let answer = reqwest::blocking::Client::new()
         .get(url)
-        .timeout(Duration::from_secs(2))
+        .timeout(Duration::from_secs(10))
         .send()
-        .ok()?
+        .unwrap_or_else(|e| panic!("GET {url}: {e}"));
+    let status = answer.status();
+    assert!(status.is_success(), "GET {url}: {status}");
+    answer
         .json()
-        .ok()
+        .unwrap_or_else(|e| panic!("GET {url}: not JSON: {e}"))
 }
 
 /// Envelopes the client relayed to its egress so far.
 fn relayed(client_http: SocketAddr) -> u64 {
-    get_json(&format!("http://{client_http}/health"))
-        .and_then(|h| h["client"]["relayed"].as_u64())
-        .unwrap_or(0)
+    n(
+        &get_json(&format!("http://{client_http}/health"))["client"],
+        "relayed",
+    )
 }
 
 /// The `/egress` answer of the client: `sink`, `stats` (SinkStats) and `reporter`.
 fn egress(client_http: SocketAddr) -> Value {
-    get_json(&format!("http://{client_http}/egress")).unwrap_or(Value::Null)
+    get_json(&format!("http://{client_http}/egress"))
 }
 
+/// The HTTP reporter's counters (`/egress` `reporter`); fails when the egress is not the reporter.
 fn reporter_stats(client_http: SocketAddr) -> Value {
-    egress(client_http)["reporter"].clone()
+    let e = egress(client_http);
+    assert!(
+        e["reporter"].is_object(),
+        "no reporter counters in /egress: {e}"
+    );
+    e["reporter"].clone()
 }
 
+/// The counter `key` of `v`; a missing or non-numeric counter fails the test, never reads as 0.
 fn n(v: &Value, key: &str) -> u64 {
-    v[key].as_u64().unwrap_or(0)
+    v[key]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no counter `{key}` in {v}"))
 }
 
 /// Posts 10 events every 20 ms from a thread until stopped; keeps the ids the runner accepted.
@@ -261,9 +277,16 @@ fn id_counts(lines: &[Value]) -> HashMap<String, usize> {
     m
 }
 
-/// Waits until every id of `ids` is in `out`; then asserts no id at all is there twice.
-/// Returns the output's lines.
-fn assert_each_once(out: &Path, ids: &[String], what: &str, timeout: Duration) -> Vec<Value> {
+/// Waits until every id of `ids` is in `out` and the reporter of the client at `client_http`
+/// has nothing left to send (so no resend is still to come); then asserts no id at all is there
+/// twice. Returns the output's lines.
+fn assert_each_once(
+    out: &Path,
+    ids: &[String],
+    client_http: SocketAddr,
+    what: &str,
+    timeout: Duration,
+) -> Vec<Value> {
     let mut missing;
     let deadline = Instant::now() + timeout;
     loop {
@@ -280,8 +303,9 @@ fn assert_each_once(out: &Path, ids: &[String], what: &str, timeout: Duration) -
         "{what}: {missing} of {} events never arrived",
         ids.len()
     );
-    // Let a late resend land before counting duplicates.
-    std::thread::sleep(Duration::from_millis(500));
+    wait_until("the reporter to have nothing left to send", timeout, || {
+        reporter_idle(client_http)
+    });
     let lines = common::collector_output(out);
     let twice: Vec<String> = id_counts(&lines)
         .into_iter()
@@ -295,10 +319,18 @@ fn assert_each_once(out: &Path, ids: &[String], what: &str, timeout: Duration) -
     lines
 }
 
+/// Every event the reporter took is acknowledged: nothing buffered, nothing being handed over.
+fn reporter_idle(client_http: SocketAddr) -> bool {
+    let s = reporter_stats(client_http);
+    n(&s, "buffered") == 0 && n(&s, "handoff_pending") == 0
+}
+
+/// Duplicates the collector at `addr` recognised by id and did not write again.
 fn collector_duplicates(addr: SocketAddr) -> u64 {
-    get_json(&format!("http://{addr}/health"))
-        .map(|h| n(&h["counters"], "duplicates"))
-        .unwrap_or(0)
+    n(
+        &get_json(&format!("http://{addr}/health"))["counters"],
+        "duplicates",
+    )
 }
 
 /// The highest `data.dropped_total` of the `telemetry_dropped` events in the output: cumulative,
@@ -381,7 +413,13 @@ fn collector_outage(down: Duration) {
     std::thread::sleep(Duration::from_millis(500));
     let ids = feeder.finish();
 
-    let lines = assert_each_once(&out, &ids, "collector outage", Duration::from_secs(30));
+    let lines = assert_each_once(
+        &out,
+        &ids,
+        http,
+        "collector outage",
+        Duration::from_secs(30),
+    );
     let s = reporter_stats(http);
     let dups = dups_before + collector_duplicates(metrics);
     eprintln!(
@@ -426,182 +464,9 @@ fn collector_down_10s_every_event_once() {
 // 2. A faulty network between the reporter and the collector (and the client and Kafka).
 // ------------------------------------------------------------------------------------------
 
-/// What the proxy does with connections.
-#[derive(Debug, Clone, Copy, PartialEq)]
-enum Mode {
-    /// Forwards both ways.
-    Pass,
-    /// Forwards, but holds every answer chunk this long first.
-    Delay(Duration),
-    /// Reads the start of a request, then resets (SO_LINGER 0, close: RST).
-    Reset,
-    /// Accepts and reads, never answers.
-    Silent,
-    /// Resets every connection at once, open or new: the peer is unreachable.
-    Down,
-}
-
-#[derive(Default, Debug)]
-struct ProxyCounts {
-    connections: AtomicU64,
-    delayed: AtomicU64,
-    resets: AtomicU64,
-    silent: AtomicU64,
-}
-
-/// A TCP proxy on loopback that can delay, reset or swallow connections.
-struct FaultProxy {
-    addr: SocketAddr,
-    mode: tokio::sync::watch::Sender<Mode>,
-    counts: Arc<ProxyCounts>,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl FaultProxy {
-    /// Listens on `listen` (port 0: any), forwarding to `upstream`.
-    fn start(listen: SocketAddr, upstream: SocketAddr) -> FaultProxy {
-        let (mode, mode_rx) = tokio::sync::watch::channel(Mode::Pass);
-        let counts = Arc::new(ProxyCounts::default());
-        let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let (addr_tx, addr_rx) = std::sync::mpsc::channel();
-        let c = counts.clone();
-        let thread = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async move {
-                let listener = tokio::net::TcpListener::bind(listen).await.unwrap();
-                addr_tx.send(listener.local_addr().unwrap()).unwrap();
-                let accept = async {
-                    loop {
-                        let Ok((sock, _)) = listener.accept().await else {
-                            continue;
-                        };
-                        c.connections.fetch_add(1, Ordering::Relaxed);
-                        tokio::spawn(proxy_conn(sock, upstream, mode_rx.clone(), c.clone()));
-                    }
-                };
-                tokio::select! {
-                    _ = accept => {}
-                    _ = stop_rx => {}
-                }
-            });
-            rt.shutdown_background();
-        });
-        let addr = addr_rx.recv().unwrap();
-        FaultProxy {
-            addr,
-            mode,
-            counts,
-            stop: Some(stop),
-            thread: Some(thread),
-        }
-    }
-
-    fn set(&self, mode: Mode) {
-        self.mode.send_replace(mode);
-    }
-
-    fn count(&self, what: &AtomicU64) -> u64 {
-        what.load(Ordering::Relaxed)
-    }
-}
-
-impl Drop for FaultProxy {
-    fn drop(&mut self) {
-        self.set(Mode::Down);
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-/// Closes `sock` with an RST rather than a FIN (linger 0 never blocks the thread).
-#[allow(deprecated)]
-fn rst(sock: tokio::net::TcpStream) {
-    let _ = sock.set_linger(Some(Duration::ZERO));
-    drop(sock);
-}
-
-async fn proxy_conn(
-    mut client: tokio::net::TcpStream,
-    upstream: SocketAddr,
-    mut mode: tokio::sync::watch::Receiver<Mode>,
-    counts: Arc<ProxyCounts>,
-) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut buf = vec![0u8; 64 * 1024];
-    let start = *mode.borrow_and_update();
-    match start {
-        Mode::Down => return rst(client),
-        Mode::Reset => {
-            // Mid-request: some of it was read, then the connection is reset.
-            let _ = tokio::time::timeout(Duration::from_secs(2), client.read(&mut buf)).await;
-            counts.resets.fetch_add(1, Ordering::Relaxed);
-            return rst(client);
-        }
-        Mode::Silent => {
-            counts.silent.fetch_add(1, Ordering::Relaxed);
-            loop {
-                tokio::select! {
-                    r = client.read(&mut buf) => if !matches!(r, Ok(n) if n > 0) { return },
-                    changed = mode.changed() => {
-                        let m = *mode.borrow();
-                        if changed.is_err() || m != Mode::Silent { return rst(client) }
-                    }
-                }
-            }
-        }
-        Mode::Pass | Mode::Delay(_) => {}
-    }
-    let Ok(mut up) = tokio::net::TcpStream::connect(upstream).await else {
-        return rst(client);
-    };
-    let mut ubuf = vec![0u8; 64 * 1024];
-    let broken = {
-        let (mut cr, mut cw) = client.split();
-        let (mut ur, mut uw) = up.split();
-        loop {
-            tokio::select! {
-                r = cr.read(&mut buf) => match r {
-                    Ok(n) if n > 0 => if uw.write_all(&buf[..n]).await.is_err() { break false },
-                    _ => break false,
-                },
-                r = ur.read(&mut ubuf) => match r {
-                    Ok(n) if n > 0 => {
-                        let m = *mode.borrow();
-                        if let Mode::Delay(d) = m {
-                            counts.delayed.fetch_add(1, Ordering::Relaxed);
-                            tokio::time::sleep(d).await;
-                        }
-                        if cw.write_all(&ubuf[..n]).await.is_err() { break false }
-                    }
-                    _ => break false,
-                },
-                changed = mode.changed() => {
-                    let m = *mode.borrow();
-                    if changed.is_err() || matches!(m, Mode::Down | Mode::Reset | Mode::Silent) {
-                        break true;
-                    }
-                }
-            }
-        }
-    };
-    if broken {
-        counts.resets.fetch_add(1, Ordering::Relaxed);
-        rst(client);
-        rst(up);
-    }
-}
-
 /// Reporter -> proxy -> collector; the proxy misbehaves in `mode` for `secs` mid-stream.
-fn through_faulty_proxy(mode: Mode, fault: Duration, name: &str) {
+/// Returns the reporter's counters at the end and the duplicates the collector suppressed.
+fn through_faulty_proxy(mode: Mode, fault: Duration, name: &str) -> (Value, u64) {
     let r = relay_up();
     let metrics = free_addr();
     let out = r.path("metrics.jsonl");
@@ -622,8 +487,9 @@ fn through_faulty_proxy(mode: Mode, fault: Duration, name: &str) {
     std::thread::sleep(Duration::from_millis(500));
     let ids = feeder.finish();
 
-    let lines = assert_each_once(&out, &ids, name, Duration::from_secs(30));
+    let lines = assert_each_once(&out, &ids, http, name, Duration::from_secs(30));
     let s = reporter_stats(http);
+    let dups = collector_duplicates(metrics);
     let c = &proxy.counts;
     eprintln!(
         "egress_faults | {name} for {fault:?} | accepted {} | delivered once {} (output {} lines, 0 twice) | posted during fault {} relayed during fault {} handoff_pending at its end {} | proxy connections {} delayed answers {} resets {} silent {} | collector duplicates suppressed {} | {}",
@@ -637,7 +503,7 @@ fn through_faulty_proxy(mode: Mode, fault: Duration, name: &str) {
         proxy.count(&c.delayed),
         proxy.count(&c.resets),
         proxy.count(&c.silent),
-        collector_duplicates(metrics),
+        dups,
         reporter_row(&s)
     );
     // The caller never waited: nothing dropped at the handoff, and the client went on relaying
@@ -651,15 +517,24 @@ fn through_faulty_proxy(mode: Mode, fault: Duration, name: &str) {
         n(&s, "network_errors") > 0,
         "the reporter saw the fault: {s}"
     );
+    // Every fault fails requests: the batches they carried went out again.
+    assert!(n(&s, "retries") > 0, "the reporter re-sent: {s}");
     assert_no_panic(&r.path("client.err"));
+    (s, dups)
 }
 
+/// The collector writes each batch, its answer comes too late, and the reporter sends the batch
+/// again: the collector recognises the resent ids (duplicates suppressed) and writes each once.
 #[test]
 fn answers_slower_than_the_request_timeout_are_resent_and_written_once() {
-    through_faulty_proxy(
+    let (s, dups) = through_faulty_proxy(
         Mode::Delay(Duration::from_millis(1500)),
         Duration::from_secs(4),
         "answers delayed 1.5 s (timeout 1 s)",
+    );
+    assert!(
+        dups > 0,
+        "batches written and then resent are recognised by the collector: {s}"
     );
 }
 
@@ -810,6 +685,10 @@ fn kafka_unreachable_past_the_message_timeout_nothing_lost() {
 // 4. The disk buffer: full, unwritable.
 // ------------------------------------------------------------------------------------------
 
+/// The explicit opt-out of the real disk-full test, for machines without user + mount namespaces
+/// (`scripts/test.sh` lists every `TRICKLE_TEST_SKIP_*` set).
+const SKIP_DISK_FULL: &str = "TRICKLE_TEST_SKIP_DISK_FULL";
+
 /// Whether this machine lets an unprivileged user namespace mount a tmpfs (CI may not).
 fn can_mount_tmpfs(dir: &Path) -> bool {
     let probe = dir.join("probe");
@@ -831,15 +710,22 @@ fn can_mount_tmpfs(dir: &Path) -> bool {
 /// ("space returns"); then everything kept is delivered.
 #[test]
 fn disk_full_keeps_telemetry_in_memory_within_its_cap_and_recovers_when_space_returns() {
-    let r = relay_up();
-    let mnt = r.path("mnt");
-    if !can_mount_tmpfs(r.dir.path()) {
+    if std::env::var_os(SKIP_DISK_FULL).is_some_and(|v| !v.is_empty() && v != "0") {
         eprintln!(
-            "\n!!!!! egress_faults: `unshare --user --map-root-user --mount` + tmpfs is NOT permitted here: \
-             the REAL disk-full test is SKIPPED (the unwritable-directory test still runs) !!!!!\n"
+            "\n!!!!! egress_faults: {SKIP_DISK_FULL} is set: the REAL disk-full test is SKIPPED \
+             by request (the unwritable-directory test still runs) !!!!!\n"
         );
         return;
     }
+    let r = relay_up();
+    let mnt = r.path("mnt");
+    assert!(
+        can_mount_tmpfs(r.dir.path()),
+        "`unshare --user --map-root-user --mount` + a tmpfs mount is not permitted on this machine, \
+         so the REAL disk-full test cannot run. Allow unprivileged user namespaces \
+         (sysctl kernel.unprivileged_userns_clone=1, or a container with them), or skip this test \
+         knowingly with {SKIP_DISK_FULL}=1"
+    );
     std::fs::create_dir_all(&mnt).unwrap();
     let marker = r.path("space-returns");
     let metrics = free_addr();
@@ -943,12 +829,12 @@ exec "$@""#;
     let lines = assert_each_once(
         &out,
         &more,
+        http,
         "after the disk came back",
         Duration::from_secs(30),
     );
     wait_until("the reporter drained", Duration::from_secs(30), || {
-        let s = reporter_stats(http);
-        n(&s, "buffered") == 0 && n(&s, "handoff_pending") == 0
+        reporter_idle(http)
     });
     let lines = {
         drop(lines);
@@ -1035,11 +921,10 @@ fn unwritable_buffer_directory_falls_back_to_memory_and_recovers() {
 
     let out = r.path("metrics.jsonl");
     let _collector = r.collector(metrics, &out);
+    // Acknowledged means written: the collector answers after its output write.
     wait_until("the reporter drained", Duration::from_secs(30), || {
-        let s = reporter_stats(http);
-        n(&s, "buffered") == 0 && n(&s, "handoff_pending") == 0
+        reporter_idle(http)
     });
-    std::thread::sleep(Duration::from_millis(300));
     let lines = common::collector_output(&out);
     let counts = id_counts(&lines);
     assert!(counts.values().all(|c| *c == 1), "an event written twice");

@@ -24,10 +24,16 @@ fn request(addr: SocketAddr, req: &[u8]) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// The server keeps the last 5 segments of a channel (the reference server's ring); an older
+/// one is evicted and its data dropped, even while a reader is stuck on it. So however much is
+/// published past readers that never read, the server holds about 5 segments: bounded here by
+/// the window plus two segments of slack (the one being received, allocator reuse) and 8 MiB,
+/// with 15 times that window published.
 #[test]
 fn stalled_subscriber_and_silent_publishers_keep_server_memory_bounded() {
     const SEGMENT: usize = 4 << 20;
-    const SEGMENTS: usize = 20;
+    const WINDOW: usize = 5;
+    const SEGMENTS: usize = 15 * WINDOW;
     let addr = free_addr();
     let server = serve(addr, &["--max-segment-bytes", &(8 << 20).to_string()]);
     assert!(
@@ -56,9 +62,8 @@ fn stalled_subscriber_and_silent_publishers_keep_server_memory_bounded() {
             s
         })
         .collect();
-    // A publisher pushes 20 segments of 4 MiB (80 MiB) past the stalled readers.
+    // A publisher pushes 75 segments of 4 MiB (300 MiB) past the stalled readers.
     let payload = vec![b'x'; SEGMENT];
-    let mut peak = base;
     for seq in 0..SEGMENTS {
         let mut s = TcpStream::connect(addr).expect("connect");
         s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
@@ -75,19 +80,23 @@ fn stalled_subscriber_and_silent_publishers_keep_server_memory_bounded() {
             "{}",
             String::from_utf8_lossy(&answer)
         );
-        peak = peak.max(server.rss_kib().expect("serve RSS"));
     }
+    // The kernel's high-water mark: the true peak, not a sample between segments.
+    let peak = server.peak_rss_kib().expect("serve peak RSS");
     let after = server.rss_kib().expect("serve RSS");
+    let window_kib = (WINDOW * SEGMENT / 1024) as u64;
+    let bound = base + window_kib + 2 * (SEGMENT / 1024) as u64 + 8 * 1024;
     eprintln!(
-        "serve RSS: {base} KiB idle, peak {peak} KiB, {after} KiB after {SEGMENTS} x {} MiB with 4 stalled readers and 200 silent publishers",
+        "serve RSS: {base} KiB idle, peak {peak} KiB (+{} KiB; the {WINDOW}-segment window is {window_kib} KiB, bound +{} KiB), {after} KiB after {SEGMENTS} x {} MiB with 4 stalled readers and 200 silent publishers",
+        peak - base,
+        bound - base,
         SEGMENT >> 20
     );
-    // The server keeps 5 segments per channel; stalled readers must not pin the rest.
     assert!(
-        peak < base + 64 * 1024,
-        "RSS grew from {base} KiB to {peak} KiB: more than the 5-segment window"
+        peak <= bound,
+        "RSS grew from {base} KiB to {peak} KiB: more than the {WINDOW}-segment window ({window_kib} KiB) and slack"
     );
-    // It still serves: the live edge is the 20th segment.
+    // It still serves: the live edge is the last segment.
     let next = request(addr, b"GET /ch/next HTTP/1.1\r\nConnection: close\r\n\r\n");
     assert!(next.starts_with("HTTP/1.1 200"), "{next}");
     assert!(next.ends_with(&SEGMENTS.to_string()), "{next}");
@@ -176,9 +185,6 @@ fn kill_server_mid_stream(
             .and_then(|h| h["client"]["relayed"].as_u64())
             .unwrap_or(0)
     };
-    let duration = (run_for + down_for + Duration::from_secs(6))
-        .as_secs()
-        .to_string();
     let mut client = Proc::spawn(
         &[
             "client",
@@ -196,8 +202,6 @@ fn kill_server_mid_stream(
             client_out.to_str().unwrap(),
             "--start-stream",
             "{}",
-            "--duration-secs",
-            &duration,
             "--reconnect-secs",
             reconnect_secs,
             "--report",
@@ -221,13 +225,21 @@ fn kill_server_mid_stream(
     create(&events);
     let restarted = Instant::now();
     let mut recovered_after = None;
-    while restarted.elapsed() < Duration::from_secs(5) {
-        if relayed() > before + 20 {
-            recovered_after = Some(restarted.elapsed());
-            break;
+    if reconnect_secs != "0" {
+        while restarted.elapsed() < Duration::from_secs(5) {
+            if relayed() > before + 20 {
+                recovered_after = Some(restarted.elapsed());
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
         }
-        std::thread::sleep(Duration::from_millis(50));
+        // The test's condition holds (or never will): end the session as an operator would. The
+        // client stops the stream and closes its control channel; the runner drains its sink
+        // (a final `telemetry_dropped` when it dropped anything) and closes the events channel,
+        // which the client reads to its end.
+        client.terminate();
     }
+    // With no reconnect window both sides end by themselves once their retries run out.
     let client_status = client.wait(Duration::from_secs(60));
     let runner_status = runner.wait(Duration::from_secs(30));
     let runner_log = std::fs::read_to_string(p("runner.err")).unwrap_or_default();
@@ -245,11 +257,18 @@ fn kill_server_mid_stream(
     }
 }
 
+/// What one outage lost, against what the runner counted as dropped.
+struct Accounting {
+    /// Emitted envelopes that never reached the client's egress.
+    lost: u64,
+    /// The runner's drop count (`dropped` in its report).
+    counted: u64,
+}
+
 /// What every outage must satisfy: nothing panics, nothing is duplicated or invented, and (when
 /// `reported`: the events channel came back) the drops the runner counted are the drops the
-/// client was told of. Prints the figures; returns how many emitted envelopes neither arrived
-/// nor were counted, and how many were lost in all.
-fn check_accounting(name: &str, o: &Outage, reported: bool) -> (u64, u64) {
+/// client was told of. Prints the figures; returns what was lost and what was counted.
+fn check_accounting(name: &str, o: &Outage, reported: bool) -> Accounting {
     let logs = o.logs();
     let quiet: String = logs
         .lines()
@@ -261,10 +280,11 @@ fn check_accounting(name: &str, o: &Outage, reported: bool) -> (u64, u64) {
         .join("\n");
     eprintln!("{name}:\nrunner {}\nclient {}\n{quiet}", o.runner, o.client);
     assert!(!logs.contains("panicked"), "a process panicked\n{logs}");
+    assert!(!o.sent.is_empty(), "the runner emitted nothing\n{logs}");
     let id = |l: &String| -> String {
         serde_json::from_str::<Value>(l).expect("JSON line")["id"]
             .as_str()
-            .unwrap_or_default()
+            .expect("an envelope id")
             .to_string()
     };
     let sent_ids: HashSet<String> = o.sent.iter().map(id).collect();
@@ -277,7 +297,9 @@ fn check_accounting(name: &str, o: &Outage, reported: bool) -> (u64, u64) {
         }
     }
     let lost = sent_ids.iter().filter(|i| !got_ids.contains(*i)).count() as u64;
-    let counted = o.runner["dropped"].as_u64().unwrap_or(0);
+    let counted = o.runner["dropped"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no `dropped` in the runner's report: {}", o.runner));
     if reported {
         assert_eq!(
             o.client["dropped_reported"].as_u64(),
@@ -285,14 +307,13 @@ fn check_accounting(name: &str, o: &Outage, reported: bool) -> (u64, u64) {
             "every drop the runner counted was reported downstream"
         );
     }
-    let uncounted = lost.saturating_sub(counted);
     eprintln!(
-        "{name}: sent {}, got {}, lost {lost}, counted {counted}, uncounted {uncounted}, recovered after {:?}",
+        "{name}: sent {}, got {}, lost {lost}, counted {counted}, recovered after {:?}",
         o.sent.len(),
         o.got.len(),
         o.recovered_after
     );
-    (uncounted, lost)
+    Accounting { lost, counted }
 }
 
 /// How many times `log` warns that the trickle server is unreachable (once per outage per
@@ -303,16 +324,27 @@ fn outage_warnings(log: &str) -> usize {
         .count()
 }
 
+/// With the default queues (telemetry 256, events writer 8192 lines) an outage of a few seconds
+/// at 50 heartbeats a second fits in them: nothing may be lost, and nothing dropped either.
+fn assert_nothing_lost_or_dropped(a: &Accounting, o: &Outage) {
+    assert_eq!(
+        (a.lost, a.counted),
+        (0, 0),
+        "(lost, dropped) with queues large enough for the outage\n{}",
+        o.logs()
+    );
+}
+
 /// An outage past the clients' retry budget (subscriber: 5 attempts 500 ms apart; publisher: 3
 /// failed segments): with the default reconnect window both sides reconnect by themselves and
 /// resume where they broke off. The runner's events publisher re-sends its open segment on the
 /// same seq; the client resumes that segment at the byte where it broke off; the runner's control
 /// subscription reconnects the same way. Envelopes emitted meanwhile wait in the events writer's
-/// queue (or, past it, are shed by the sink and counted). So nothing may be lost uncounted.
+/// queue, which holds the whole outage: nothing is lost or dropped.
 fn long_outage(down_for: Duration) {
     let name = format!("kill -9, down {down_for:?}");
     let o = kill_server_mid_stream(Duration::from_secs(2), down_for, "60", &[]);
-    let (uncounted, _) = check_accounting(&name, &o, true);
+    let a = check_accounting(&name, &o, true);
     let logs = o.logs();
     assert!(
         o.recovered_after.is_some(),
@@ -338,65 +370,68 @@ fn long_outage(down_for: Duration) {
         "the runner's events publisher reconnected: {}",
         o.runner
     );
-    // One warning per channel per outage (runner: control + events; client: events + control).
-    for (who, log) in [("runner", &o.runner_log), ("client", &o.client_log)] {
+    // One warning per channel per outage (runner: control + events + the stream's media `in`
+    // and `out`; client: events + control).
+    for (who, log, channels) in [("runner", &o.runner_log, 4), ("client", &o.client_log, 2)] {
         let n = outage_warnings(log);
         assert!(
-            (1..=2).contains(&n),
+            (1..=channels).contains(&n),
             "{who} warned {n} times about the outage\n{log}"
         );
     }
-    assert_eq!(uncounted, 0, "envelopes lost without being counted\n{logs}");
+    assert_nothing_lost_or_dropped(&a, &o);
 }
 
 /// A short outage: the publisher re-sends the interrupted segment, the client resumes it at the
-/// byte where it broke off, and the preconnected requests retry: nothing is lost uncounted.
+/// byte where it broke off, and the preconnected requests retry: nothing is lost or dropped.
 #[test]
-fn server_killed_briefly_mid_stream_resumes_losing_nothing_uncounted() {
+fn server_killed_briefly_mid_stream_resumes_losing_nothing() {
     let o = kill_server_mid_stream(
         Duration::from_secs(2),
         Duration::from_millis(200),
         "60",
         &[],
     );
-    let (uncounted, _) = check_accounting("kill -9, down 0.2 s", &o, true);
+    let a = check_accounting("kill -9, down 0.2 s", &o, true);
     assert!(
         o.recovered_after.is_some(),
         "the relay did not resume after the restart\n{}",
         o.logs()
     );
-    assert_eq!(
-        uncounted,
-        0,
-        "envelopes lost without being counted\n{}",
-        o.logs()
-    );
+    assert_nothing_lost_or_dropped(&a, &o);
 }
 
 /// Down 3 s: past the subscriber's 2.5 s retry budget.
 #[test]
-fn server_down_3s_both_sides_reconnect_and_every_loss_is_counted() {
+fn server_down_3s_both_sides_reconnect_and_lose_nothing() {
     long_outage(Duration::from_secs(3));
 }
 
 /// Down 8 s: well past every retry budget, and the reconnect backoff reaches its 2 s cap.
 #[test]
-fn server_down_8s_both_sides_reconnect_and_every_loss_is_counted() {
+fn server_down_8s_both_sides_reconnect_and_lose_nothing() {
     long_outage(Duration::from_secs(8));
 }
 
 /// `--reconnect-secs 0` keeps the reference behaviour: past the retry budget the runner's control
 /// subscription fails and the runner ends the session; the client's events loop ends. Both exit
-/// cleanly and nothing is duplicated or invented.
+/// cleanly, nothing is duplicated or invented, and every envelope lost is counted by the runner
+/// (its count is an upper bound: a failed segment's answers and log batches count too).
 #[test]
 fn reconnect_window_0_ends_the_session_when_the_server_stays_down() {
     let o = kill_server_mid_stream(Duration::from_secs(2), Duration::from_secs(3), "0", &[]);
     // The events channel never comes back, so the runner's count cannot reach the client.
-    check_accounting("kill -9, down 3 s, --reconnect-secs 0", &o, false);
+    let a = check_accounting("kill -9, down 3 s, --reconnect-secs 0", &o, false);
     let logs = o.logs();
     assert!(
         logs.contains("control subscription failed") && logs.contains("events subscription failed"),
         "expected both subscriptions to give up\n{logs}"
+    );
+    assert!(
+        a.lost <= a.counted,
+        "{} envelopes lost but only {} counted by the runner\n{logs}",
+        a.lost,
+        a.counted
     );
 }
 
@@ -412,18 +447,16 @@ fn server_down_3s_with_small_queues_sheds_and_reports_every_drop() {
         "60",
         &["--queue-capacity", "16", "--events-queue-lines", "16"],
     );
-    let (uncounted, lost) = check_accounting("kill -9, down 3 s, small queues", &o, true);
+    let a = check_accounting("kill -9, down 3 s, small queues", &o, true);
     let logs = o.logs();
     assert!(o.recovered_after.is_some(), "did not resume\n{logs}");
-    let counted = o.runner["dropped"].as_u64().unwrap_or(0);
     assert!(
-        counted > 0,
+        a.counted > 0,
         "3 s of heartbeats cannot fit in 32 slots: {}",
         o.runner
     );
-    assert_eq!(uncounted, 0, "envelopes lost without being counted\n{logs}");
     assert_eq!(
-        lost, counted,
+        a.lost, a.counted,
         "every shed envelope counted once, nothing else\n{logs}"
     );
 }

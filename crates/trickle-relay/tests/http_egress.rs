@@ -3,6 +3,7 @@
 
 mod common;
 
+use common::proxy::{FaultProxy, Mode};
 use common::{free_addr, log_file, signal, wait_listening, wait_until, Proc};
 use serde_json::{json, Value};
 use std::collections::{HashMap, HashSet};
@@ -37,6 +38,7 @@ fn get_json(url: &str) -> Option<Value> {
 /// Trickle server, channels, runner (with ingest), ready to take events.
 struct Relay {
     _server: Proc,
+    server: SocketAddr,
     _runner: Proc,
     control: String,
     events: String,
@@ -58,6 +60,7 @@ fn relay() -> Relay {
     );
     Relay {
         _server: server,
+        server: addr,
         _runner: runner,
         control,
         events,
@@ -69,7 +72,37 @@ fn relay() -> Relay {
 impl Relay {
     /// A client whose egress is the HTTP reporter, buffering in `buffer`, sending to `metrics`.
     fn client(&self, metrics: SocketAddr, buffer: &Path, http: SocketAddr, stderr: &Path) -> Proc {
-        let env = [
+        let channels = (self.control.as_str(), self.events.as_str());
+        self.client_on(channels, metrics, buffer, http, stderr, &[])
+    }
+
+    /// A client restarted on the disk buffer a killed one left, on fresh channels no runner
+    /// publishes to: everything it delivers comes from that buffer. (On the runner's channels it
+    /// would read the segment being written from its start again, and deliver the events a second
+    /// way, hiding a buffer that was lost.)
+    fn restarted_client(
+        &self,
+        metrics: SocketAddr,
+        buffer: &Path,
+        http: SocketAddr,
+        stderr: &Path,
+    ) -> Proc {
+        let (control, events) = common::create_session_channels(self.server);
+        self.client_on((&control, &events), metrics, buffer, http, stderr, &[])
+    }
+
+    /// A client on `control`/`events` whose egress is the HTTP reporter, with `extra` environment
+    /// variables.
+    fn client_on(
+        &self,
+        (control, events): (&str, &str),
+        metrics: SocketAddr,
+        buffer: &Path,
+        http: SocketAddr,
+        stderr: &Path,
+        extra: &[(&str, String)],
+    ) -> Proc {
+        let mut env = vec![
             ("SCOPE_CLOUD_API_KEY", KEY.to_string()),
             (
                 "DAYDREAM_METRICS_URL",
@@ -78,13 +111,14 @@ impl Relay {
             ("SCOPE_METRICS_BUFFER_PATH", buffer.display().to_string()),
             ("SCOPE_METRICS_FLUSH_INTERVAL_MS", "100".to_string()),
         ];
+        env.extend(extra.iter().cloned());
         let p = spawn(
             &[
                 "client",
                 "--control-url",
-                &self.control,
+                control,
                 "--events-url",
-                &self.events,
+                events,
                 "--session-id",
                 SESSION,
                 "--connection-id",
@@ -238,13 +272,45 @@ fn check_output(lines: &[Value], sent: &HashMap<String, Value>) -> (usize, usize
     (ours, seen.len())
 }
 
+/// Ids of our events (`ids`) that are in the collector's output now.
+fn landed(out: &Path, ids: &[String]) -> HashSet<String> {
+    let got: HashSet<String> = common::collector_output(out)
+        .iter()
+        .map(|v| v["id"].as_str().unwrap().to_string())
+        .collect();
+    ids.iter().filter(|id| got.contains(*id)).cloned().collect()
+}
+
+fn collector_duplicates(addr: SocketAddr) -> u64 {
+    let health = get_json(&format!("http://{addr}/health")).expect("collector /health");
+    health["counters"]["duplicates"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no duplicates counter: {health}"))
+}
+
+/// The collector writes the batches the reporter sends, but every answer is lost on the way
+/// back (a proxy throws them away), so the reporter times out and keeps them on disk. The client
+/// is killed (SIGKILL) while it retries; the restarted client recovers its disk buffer and sends
+/// it all again. Every event arrives exactly once: each one the collector had already written
+/// comes back as a duplicate and is suppressed by id.
 #[test]
 fn killed_client_resends_its_disk_buffer_and_every_event_arrives_once() {
     let r = relay();
-    let dead = free_addr(); // the collector's port: nothing listens there yet
+    let metrics = free_addr();
+    let out = r.dir.path().join("metrics.jsonl");
+    let collector = r.collector(metrics, &out);
+    let proxy = FaultProxy::start("127.0.0.1:0".parse().unwrap(), metrics);
+    proxy.set(Mode::LoseAnswers);
     let buffer = r.dir.path().join("buffer");
     let (http1, http2) = (free_addr(), free_addr());
-    let client = r.client(dead, &buffer, http1, &r.dir.path().join("client1.err"));
+    let client = r.client_on(
+        (&r.control, &r.events),
+        proxy.addr,
+        &buffer,
+        http1,
+        &r.dir.path().join("client1.err"),
+        &[("SCOPE_METRICS_REQUEST_TIMEOUT_MS", "1000".to_string())],
+    );
     r.warm_up(http1);
 
     let n = 2000u64;
@@ -266,44 +332,66 @@ fn killed_client_resends_its_disk_buffer_and_every_event_arrives_once() {
             ids.iter().all(|id| on_disk.contains(id))
         },
     );
+    // Some batches landed in the collector's output, and the reporter timed out on them.
     wait_until(
-        "the reporter retrying against the dead collector",
-        Duration::from_secs(20),
-        || reporter_stats(http1).is_some_and(|s| s["network_errors"].as_u64().unwrap_or(0) >= 1),
+        "batches written by the collector, their answers lost",
+        Duration::from_secs(30),
+        || {
+            !landed(&out, &ids).is_empty()
+                && reporter_stats(http1)
+                    .is_some_and(|s| s["network_errors"].as_u64().unwrap_or(0) >= 1)
+        },
     );
-    let before = reporter_stats(http1).unwrap();
+    let before = reporter_stats(http1).expect("reporter counters");
     client.kill9();
+    // Whatever the collector wrote by now (and a request still in flight may add to it) was
+    // never acknowledged: it is all still in the disk buffer and will be sent again.
+    let landed_before = landed(&out, &ids);
+    let dups_before = collector_duplicates(metrics);
+    assert_eq!(
+        before["acked"].as_u64(),
+        Some(0),
+        "no answer reached the reporter: {before}"
+    );
+    assert!(proxy.count(&proxy.counts.lost_answers) > 0);
 
-    let out = r.dir.path().join("metrics.jsonl");
-    let collector = r.collector(dead, &out);
     let err2 = r.dir.path().join("client2.err");
-    let _client = r.client(dead, &buffer, http2, &err2);
+    let _client = r.restarted_client(metrics, &buffer, http2, &err2);
     wait_until(
         "every event in the collector's output",
         Duration::from_secs(30),
-        || {
-            let got: HashSet<String> = common::collector_output(&out)
-                .iter()
-                .map(|v| v["id"].as_str().unwrap().to_string())
-                .collect();
-            ids.iter().all(|id| got.contains(id))
-        },
+        || landed(&out, &ids).len() == ids.len(),
     );
     let lines_out = common::collector_output(&out);
     let (ours, unique) = check_output(&lines_out, &sent);
-    let health = get_json(&format!("http://{dead}/health")).unwrap();
-    let dups = health["counters"]["duplicates"].as_u64().unwrap();
+    let dups = collector_duplicates(metrics);
+    let after = reporter_stats(http2).expect("reporter counters");
+    assert_eq!(
+        (after["accepted"].as_u64(), after["recovered"].as_u64()),
+        (Some(0), Some(n + 2)),
+        "the restarted client relayed nothing new and sent what it recovered (ours, the warm-up, runner_ready): {after}"
+    );
     let stderr = std::fs::read_to_string(&err2).unwrap();
     assert!(
         stderr.contains("disk buffer recovered"),
         "the restarted client recovered its buffer:\n{stderr}"
     );
     eprintln!(
-        "http_egress crash (collector down, kill -9 while retrying): N={n}, accepted before the kill {}, \
-         delivered {ours} of {n} exactly once ({unique} events in the output), duplicates suppressed by the collector {dups}",
-        before["accepted"]
+        "http_egress crash (answers lost, kill -9 while retrying): N={n}, accepted before the kill {}, \
+         written by the collector before the kill {} (answers lost {}), delivered {ours} of {n} exactly once \
+         ({unique} events in the output), duplicates suppressed by the collector {dups_before} before the kill, {dups} in all",
+        before["accepted"],
+        landed_before.len(),
+        proxy.count(&proxy.counts.lost_answers),
     );
     assert_eq!(ours as u64, n);
+    assert!(
+        dups - dups_before >= landed_before.len() as u64,
+        "the {} events written before the kill were resent by the restarted client and \
+         suppressed, but the collector counted only {} duplicates since",
+        landed_before.len(),
+        dups - dups_before
+    );
     drop(collector);
 }
 
@@ -353,7 +441,7 @@ fn kill_during_a_burst_of_appends_loses_nothing_accepted_and_writes_no_garbage()
     poster.join().unwrap();
 
     let err2 = r.dir.path().join("client2.err");
-    let _client = r.client(metrics, &buffer, http2, &err2);
+    let _client = r.restarted_client(metrics, &buffer, http2, &err2);
     // Done when the restarted reporter has nothing left and the output stopped growing.
     let mut last = usize::MAX;
     wait_until("the output to settle", Duration::from_secs(40), || {

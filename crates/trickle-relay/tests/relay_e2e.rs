@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{free_addr, read_json, read_lines, unrelay_or_fail, wait_listening, Proc};
+use common::{free_addr, read_json, read_lines, unrelay_or_fail, wait_listening, wait_until, Proc};
 
 /// A trickle server process with autocreate, and two fresh channels on it.
 struct Setup {
@@ -72,6 +72,27 @@ fn path(dir: &tempfile::TempDir, name: &str) -> PathBuf {
     dir.path().join(name)
 }
 
+/// The client's counters (`GET /health` on its `--http` address); fails the test when it does not
+/// answer.
+fn client_health(http: SocketAddr) -> Value {
+    let health: Value = reqwest::blocking::Client::new()
+        .get(format!("http://{http}/health"))
+        .timeout(Duration::from_secs(10))
+        .send()
+        .expect("client /health")
+        .json()
+        .expect("client /health answers JSON");
+    assert!(health["client"].is_object(), "{health}");
+    health["client"].clone()
+}
+
+/// The counter `key` of the client's `/health`; a missing one fails the test.
+fn counter(client: &Value, key: &str) -> u64 {
+    client[key]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no counter `{key}` in {client}"))
+}
+
 fn post_ingest(addr: SocketAddr, body: String) -> Value {
     let deadline = Instant::now() + Duration::from_secs(20);
     let http = reqwest::blocking::Client::new();
@@ -110,8 +131,8 @@ fn three_processes_relay_every_event_over_https() {
 fn relay_every_event_verbatim_and_in_order(s: Setup, runner_flags: &[&str], client_flags: &[&str]) {
     let (runner_out, client_out) = (path(&s.dir, "runner.jsonl"), path(&s.dir, "client.jsonl"));
     let (runner_report, client_report) = (path(&s.dir, "runner.json"), path(&s.dir, "client.json"));
-    let ingest = free_addr();
-    let ingest_s = ingest.to_string();
+    let (ingest, client_http) = (free_addr(), free_addr());
+    let (ingest_s, client_http_s) = (ingest.to_string(), client_http.to_string());
     let (session, connection) = ("sess-e2e", "conn-e2e");
     let mut args = vec![
         "runner",
@@ -150,10 +171,10 @@ fn relay_every_event_verbatim_and_in_order(s: Setup, runner_flags: &[&str], clie
         client_out.to_str().unwrap(),
         "--start-stream",
         r#"{"pipeline_id":"passthrough"}"#,
-        "--duration-secs",
-        "3",
         "--report",
         client_report.to_str().unwrap(),
+        "--http",
+        &client_http_s,
     ];
     args.extend_from_slice(client_flags);
     let mut client = Proc::spawn(&args, None);
@@ -184,6 +205,19 @@ fn relay_every_event_verbatim_and_in_order(s: Setup, runner_flags: &[&str], clie
         .status();
     assert_eq!(status.as_u16(), 202);
 
+    // The runner took all of it; once the client has the notification and the stream has run a
+    // while (100 ingested + lifecycle + a few dozen heartbeats relayed), end the session as an
+    // operator would: the client stops the stream, and both sides drain what is in flight.
+    wait_listening(client_http);
+    wait_until(
+        "the notification and 120 envelopes at the client",
+        Duration::from_secs(40),
+        || {
+            let c = client_health(client_http);
+            counter(&c, "notifications") >= 1 && counter(&c, "relayed") >= 120
+        },
+    );
+    client.terminate();
     assert!(
         client.wait(Duration::from_secs(40)).success(),
         "client failed"
@@ -251,6 +285,41 @@ fn relay_every_event_verbatim_and_in_order(s: Setup, runner_flags: &[&str], clie
     ] {
         assert!(types.iter().any(|x| x == t), "missing {t}");
     }
+    // In the seed's shapes: runner_ready and session_created say `mode: livepeer` (the former
+    // with the cold start), heartbeats carry the seed's fields with `mode: local`, cumulative.
+    let data_of = |t: &str| -> Vec<Value> {
+        got.iter()
+            .map(|l| serde_json::from_str::<Value>(l).unwrap()["data"].clone())
+            .filter(|d| d["type"] == t)
+            .collect()
+    };
+    let ready = &data_of("runner_ready")[0];
+    assert_eq!(ready["mode"], "livepeer", "{ready}");
+    assert!(ready["startup_ms"].is_u64(), "{ready}");
+    assert_eq!(data_of("session_created")[0]["mode"], "livepeer");
+    let beats = data_of("stream_heartbeat");
+    for hb in &beats {
+        assert_eq!(hb["mode"], "local", "{hb}");
+        for key in [
+            "frames_in",
+            "frames_out",
+            "fps_in",
+            "fps_out",
+            "elapsed_ms",
+            "since_last_heartbeat_ms",
+            "pipeline_fps",
+        ] {
+            assert!(hb[key].is_number(), "heartbeat without {key}: {hb}");
+        }
+    }
+    let elapsed: Vec<u64> = beats
+        .iter()
+        .map(|b| b["elapsed_ms"].as_u64().unwrap())
+        .collect();
+    assert!(
+        elapsed.windows(2).all(|w| w[0] <= w[1]),
+        "cumulative: {elapsed:?}"
+    );
     // The counts add up: emitted = egressed + counted drops.
     let dropped = runner["dropped"].as_u64().unwrap();
     assert_eq!(runner["emitted"].as_u64().unwrap(), sent.len() as u64);
@@ -270,7 +339,7 @@ fn overload_sheds_heartbeats_keeps_lifecycle_and_reports_every_drop() {
     let s = setup();
     let client_out = path(&s.dir, "client.jsonl");
     let (runner_report, client_report) = (path(&s.dir, "runner.json"), path(&s.dir, "client.json"));
-    let ingest = free_addr();
+    let (ingest, client_http) = (free_addr(), free_addr());
     let mut runner = Proc::spawn(
         &[
             "runner",
@@ -309,13 +378,18 @@ fn overload_sheds_heartbeats_keeps_lifecycle_and_reports_every_drop() {
             client_out.to_str().unwrap(),
             "--start-stream",
             "{}",
-            "--duration-secs",
-            "4",
             "--report",
             client_report.to_str().unwrap(),
+            "--http",
+            &client_http.to_string(),
         ],
         None,
     );
+    // The client reads the events channel before the burst starts (it relayed runner_ready).
+    wait_listening(client_http);
+    wait_until("the client relays", Duration::from_secs(40), || {
+        counter(&client_health(client_http), "relayed") >= 1
+    });
     // Far past the queue: 100,000 heartbeats in bursts of 20,000 (each body under the ingest's
     // 5 MiB limit), with an error event every 2,000.
     let mut bursts = vec![String::with_capacity(3 << 20)];
@@ -343,6 +417,9 @@ fn overload_sheds_heartbeats_keeps_lifecycle_and_reports_every_drop() {
     }
     let peak_kib = runner.peak_rss_kib();
 
+    // The runner accepted the whole burst: end the session. It drains its queue and sends its
+    // final `telemetry_dropped`; the client reads the events channel to its end.
+    client.terminate();
     assert!(
         client.wait(Duration::from_secs(60)).success(),
         "client failed"
@@ -400,6 +477,7 @@ fn bad_lines_are_counted_and_skipped_while_valid_telemetry_flows() {
     let s = setup();
     let client_out = path(&s.dir, "client.jsonl");
     let client_report = path(&s.dir, "client.json");
+    let client_http = free_addr();
     let mut client = Proc::spawn(
         &[
             "client",
@@ -419,10 +497,14 @@ fn bad_lines_are_counted_and_skipped_while_valid_telemetry_flows() {
             "4096",
             "--report",
             client_report.to_str().unwrap(),
+            "--http",
+            &client_http.to_string(),
         ],
         None,
     );
-    std::thread::sleep(Duration::from_millis(500));
+    // No wait for the subscription: the client starts at seq -2, which on this channel is
+    // segment 0 whether it subscribes before the publish below (it waits for it) or after.
+    wait_listening(client_http);
     let envelope = |i: u32, session: &str| {
         json!({"id": format!("00000000-0000-4000-8000-{i:012}"), "type": "stream_trace", "timestamp": "1700000000000",
                "data": {"type": "stream_heartbeat", "client_source": "scope", "timestamp": "1700000000000", "session_id": session, "connection_id": "conn"}})
@@ -465,7 +547,26 @@ fn bad_lines_are_counted_and_skipped_while_valid_telemetry_flows() {
         .expect("publish")
         .status();
     assert!(status.is_success(), "{status}");
-    std::thread::sleep(Duration::from_millis(500));
+    // Every one of the 13 lines handled (relayed, rejected, or counted as bad or unknown) before
+    // the channel goes: a DELETE drops a segment nobody has read yet.
+    wait_until(
+        "the client to handle all 13 lines",
+        Duration::from_secs(30),
+        || {
+            let c = client_health(client_http);
+            [
+                "relayed",
+                "rejected_foreign",
+                "rejected_invalid",
+                "bad_lines",
+                "unknown_messages",
+            ]
+            .iter()
+            .map(|k| counter(&c, k))
+            .sum::<u64>()
+                >= 13
+        },
+    );
     // The channel's end ends the client's events loop, and the client exits.
     http.delete(&s.events).send().expect("delete channel");
     assert!(

@@ -23,7 +23,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 /// How long to wait for a TCP connection (and TLS handshake) before calling the server unreachable.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How a trickle client treats an `https://` server's certificate (see the module docs).
 #[derive(Clone, Default)]

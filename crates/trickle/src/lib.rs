@@ -2,7 +2,7 @@
 //!
 //! A *channel* is a named stream of *segments*; each segment is one HTTP body, streamed while it is
 //! being written. This crate speaks the protocol byte for byte as go-livepeer's reference server and
-//! the Python clients do (see `shared/spec/trickle.md`):
+//! the Python clients do (see `docs/trickle.md`):
 //!
 //! - [`server`]: the server, with the five-segment ring, preconnects, 470 live-edge jumps and the rest.
 //! - [`publisher`]: writes segments to a channel, preconnecting the next one.

@@ -1,4 +1,4 @@
-//! Typed messages of the two JSONL channels (see `shared/spec/telemetry.md`).
+//! Typed messages of the two JSONL channels (see `docs/telemetry.md`).
 //!
 //! - [`ControlMessage`]: the control channel, client to runner.
 //! - [`EventMessage`]: the events channel, runner to client.

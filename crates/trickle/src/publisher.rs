@@ -26,9 +26,7 @@
 //! - Memory is bounded when the server is slow: each segment's body is fed through a small bounded
 //!   queue, so [`SegmentWriter::write`] waits (backpressure) instead of buffering without limit.
 //! - [`Publisher::close`] DELETEs the channel, as the reference publisher does, so subscribers end
-//!   (their next request answers 404). A preconnected POST that reached the server only after
-//!   the DELETE (it re-creates the channel on an autocreate server) is cut and the channel
-//!   deleted again, so it cannot leave readers waiting on a channel that came back.
+//!   (their next request answers 404).
 //! - `https://` URLs: [`PublisherOptions::tls`] says how the server's certificate is treated (see
 //!   [`crate::client_tls`]). A refused certificate ([`PublishError::Tls`]) makes the publisher
 //!   terminal at once: it is not retried, not even within the reconnect window.
@@ -44,7 +42,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use crate::client_tls::{http_client, ClientTls};
+use crate::client_tls::{http_client, ClientTls, CONNECT_TIMEOUT};
 use crate::headers;
 
 /// Segments that fail in a row before the publisher gives up (reference publisher: 3).
@@ -230,9 +228,6 @@ struct Health {
     outage_since: Option<Instant>,
 }
 
-/// How long [`Publisher::close`] lets the server wake the preconnected POST after the DELETE.
-const PRECONNECT_SETTLE: Duration = Duration::from_secs(1);
-
 /// First pause of the reconnect backoff.
 const RECONNECT_MIN: Duration = Duration::from_millis(100);
 /// Longest pause of the reconnect backoff.
@@ -378,6 +373,23 @@ impl Post {
         }
     }
 
+    /// Cuts the body and waits until the request is over, so nothing of it is sent later: the
+    /// cut body makes the HTTP client give the request up (after connecting and sending the
+    /// head if it had not yet). Aborted if that takes longer than a connection attempt may.
+    async fn cancel(mut self) {
+        self.tx = None;
+        if self.done.is_some() {
+            return;
+        }
+        if tokio::time::timeout(CONNECT_TIMEOUT, &mut self.task)
+            .await
+            .is_err()
+        {
+            self.task.abort();
+            let _ = (&mut self.task).await;
+        }
+    }
+
     /// Waits for the POST's answer (drops the body sender first, so an unfinished body is cut).
     async fn outcome(&mut self) -> Result<(), PublishError> {
         self.tx = None;
@@ -520,6 +532,19 @@ impl Publisher {
         })
     }
 
+    /// Makes `seq` the next segment [`Publisher::next_segment`] opens (and the numbering go on
+    /// from there): for a publisher that mirrors another channel's sequence numbers, e.g. a
+    /// passthrough re-publishing input segment `n` as output segment `n`, jumps included. A
+    /// preconnected POST for another seq is cut (it carried no byte, so it is no segment).
+    pub fn set_next_seq(&mut self, seq: i64) {
+        if self.next_seq != Some(seq) {
+            self.next_seq = Some(seq);
+            if self.pending.as_ref().is_some_and(|p| p.seq != seq) {
+                self.pending = None;
+            }
+        }
+    }
+
     /// Where the publisher stands (active with its failure streak, terminal, or closed).
     pub fn state(&self) -> PublisherState {
         let h = self.shared.health.lock();
@@ -550,26 +575,18 @@ impl Publisher {
     /// Closes the channel: DELETE, which ends every segment still open (close your
     /// [`SegmentWriter`] first to know its data arrived) and makes subscribers end on 404.
     /// A channel that is already gone counts as closed.
+    ///
+    /// The preconnected POST of the next segment is cut (never ended, so it is no empty
+    /// segment) and has finished before the DELETE goes out: a request still on its way after
+    /// the DELETE would make a server with autocreate create the channel again, and its
+    /// subscribers would wait for an end that never comes.
     pub async fn close(mut self) -> Result<(), PublishError> {
         self.shared.health.lock().closed = true;
+        if let Some(post) = self.pending.take() {
+            post.cancel().await;
+        }
         let url = self.shared.url.clone();
         let result = self.shared.client.delete(&url).send().await;
-        // After the DELETE, so the server wakes it; cut, never ended, so it is no empty segment.
-        let preconnect = self.pending.take().filter(|_| result.is_ok());
-        if let Some(mut preconnect) = preconnect {
-            // A preconnect the server had not seen yet reaches it after the DELETE and, on a
-            // server that creates channels on POST, brings the channel back (readers confirming
-            // the close would then wait on its empty segment): not woken by the DELETE, it is
-            // still open after a moment, so cut it and delete the channel again.
-            if tokio::time::timeout(PRECONNECT_SETTLE, &mut preconnect.task)
-                .await
-                .is_err()
-            {
-                preconnect.task.abort();
-                tracing::debug!(%url, "a preconnected POST outlived the DELETE; deleting again");
-                let _ = self.shared.client.delete(&url).send().await;
-            }
-        }
         let resp = result.map_err(|e| request_error(&url, &e, &self.shared.opts.tls))?;
         let status = resp.status().as_u16();
         match status {

@@ -8,6 +8,9 @@ use trickle::publisher::{PublishError, Publisher, PublisherOptions, PublisherSta
 use trickle::server::{Server, ServerConfig};
 use trickle::subscriber::{SegmentReader, SubscribeError, Subscriber, SubscriberOptions};
 
+mod common;
+use common::parked;
+
 const LIMIT: Duration = Duration::from_secs(20);
 
 async fn within<T>(what: &str, f: impl Future<Output = T>) -> T {
@@ -214,8 +217,8 @@ async fn subscriber_falling_behind_jumps_to_the_live_edge() {
             }
         }
     });
-    // Give the reader time to hit the 470 and wait at the live edge, then write it.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Once the reader has hit the 470 and waits at the live edge, write it.
+    parked(&server.channels(), "behind", 15, 1, 0).await;
     publish_segment(&mut p, 15).await;
     let (seqs, stats) = within("jump", reader).await.unwrap();
     assert_eq!(seqs.last(), Some(&15));
@@ -374,9 +377,9 @@ async fn publisher_and_subscriber_survive_a_server_restart() {
         publish_segment(&mut p, seq).await;
     }
     wait_progress(&mut rx, 10).await;
-    // Let the reader's preconnected GET of seq 10 reach the server: the server answers requests
-    // that arrive during its shutdown with 404 (channel gone), which ends any subscription.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The reader's preconnected GET of seq 10 must have reached the server: the server answers
+    // requests that arrive during its shutdown with 404 (channel gone), which ends a subscription.
+    parked(&server.channels(), "restart", 10, 1, 0).await;
 
     // Restart: every channel closes, the preconnected POST and GET are woken, the port rebinds.
     within("shutdown", server.shutdown()).await;
@@ -422,7 +425,7 @@ async fn subscriber_ends_on_404_after_the_publisher_closes() {
     }
     // The subscriber is now waiting (preconnected) on seq 2.
     let waiting = tokio::spawn(async move { (sub.next_segment().await.map(|s| s.is_none()), sub) });
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    parked(&server.channels(), "ending", 2, 1, 0).await;
     within("close", p.close()).await.unwrap();
     let (ended, mut sub) = within("subscriber end", waiting).await.unwrap();
     assert!(ended.unwrap(), "a closed channel ends the subscription");
@@ -721,7 +724,7 @@ async fn a_normal_end_still_ends_a_reconnecting_subscriber_promptly() {
     assert_eq!(read_all(&mut seg).await.unwrap(), segment_bytes(0));
     // Waiting (preconnected) on seq 1 when the publisher closes the channel.
     let waiting = tokio::spawn(async move { sub.next_segment().await.map(|s| s.is_none()) });
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    parked(&server.channels(), "normal-end", 1, 1, 0).await;
     let closed_at = std::time::Instant::now();
     p.close().await.unwrap();
     let ended = within("subscriber end", waiting).await.unwrap();
@@ -872,6 +875,7 @@ async fn a_broken_segment_never_re_sent_is_given_up_once_the_publisher_moves_on(
     server.kill().await;
     drop((w, p));
     let reader = tokio::spawn(async move { (read_all(&mut seg).await, sub) });
+    // The fault: the server stays down for 0.5 s (a duration, not a wait for an event).
     tokio::time::sleep(Duration::from_millis(500)).await;
     // Another publisher (not re-sending segment 1) carries on at seq 2 on the restarted server.
     let _server = Killable::start(addr).await;
@@ -981,5 +985,172 @@ async fn a_segment_cut_by_a_deleted_channel_ends_the_lagging_reader_promptly_des
         started.elapsed()
     );
     assert_eq!(sub.stats().reconnects, 0);
+    server.shutdown().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Closing a channel while the next segment's POST is preconnected
+// ---------------------------------------------------------------------------------------------
+
+/// What [`HoldingProxy`] saw of the race between a held preconnect and the DELETE.
+#[derive(Debug, Default, Clone)]
+struct HoldReport {
+    /// The preconnect's request line was caught and held.
+    held: bool,
+    /// When the DELETE arrived, the preconnect's client side had already ended.
+    ended_before_delete: Option<bool>,
+    /// The held connection is finished: its bytes went to the server and the server answered
+    /// (or closed).
+    done: bool,
+}
+
+/// A loopback proxy in front of the server that makes the race of a slow server happen every
+/// time: it connects upstream at once (the server accepts the connection), but holds back the
+/// bytes of the request whose line starts with `hold` (the next segment's preconnected POST)
+/// until the channel's DELETE was answered, as a busy server reads a request late. Before it
+/// forwards the DELETE it waits (up to 5 s) for the held request's client to end, to record
+/// whether the publisher's preconnect outlived its DELETE. Everything else is piped unchanged.
+async fn holding_proxy(
+    upstream: std::net::SocketAddr,
+    hold: String,
+    delete: String,
+) -> (std::net::SocketAddr, watch::Receiver<HoldReport>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (report, rx) = watch::channel(HoldReport::default());
+    let report = std::sync::Arc::new(report);
+    // `released` turns true once the DELETE's answer went back to the publisher.
+    let (release, released) = watch::channel(false);
+    let release = std::sync::Arc::new(release);
+    // `client_ended` turns true once the held request's client closed its side.
+    let (client_end, client_ended) = watch::channel(false);
+    let client_end = std::sync::Arc::new(client_end);
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut client, _)) = listener.accept().await else {
+                continue;
+            };
+            let mut server = tokio::net::TcpStream::connect(upstream).await.unwrap();
+            let (hold, delete) = (hold.clone(), delete.clone());
+            let (report, release, mut released) =
+                (report.clone(), release.clone(), released.clone());
+            let (client_end, mut client_ended) = (client_end.clone(), client_ended.clone());
+            tokio::spawn(async move {
+                // The request line decides what happens to this connection.
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !head.windows(2).any(|w| w == b"\r\n") {
+                    match client.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                if head.starts_with(hold.as_bytes()) {
+                    report.send_modify(|r| r.held = true);
+                    // Hold everything the client sends; note when it ends its side.
+                    let (mut cr, mut cw) = client.into_split();
+                    let reading = tokio::spawn(async move {
+                        let mut rest = Vec::new();
+                        let _ = cr.read_to_end(&mut rest).await;
+                        client_end.send_replace(true);
+                        rest
+                    });
+                    let _ = released.wait_for(|r| *r).await;
+                    let _ = server.write_all(&head).await;
+                    let rest = reading.await.unwrap_or_default();
+                    let _ = server.write_all(&rest).await;
+                    let _ = server.shutdown().await;
+                    // Whatever the server answers goes back (the client may be gone).
+                    let mut answer = Vec::new();
+                    let _ = server.read_to_end(&mut answer).await;
+                    let _ = cw.write_all(&answer).await;
+                    report.send_modify(|r| r.done = true);
+                    return;
+                }
+                if head.starts_with(delete.as_bytes()) {
+                    let ended =
+                        tokio::time::timeout(Duration::from_secs(5), client_ended.wait_for(|e| *e))
+                            .await
+                            .is_ok();
+                    report.send_modify(|r| r.ended_before_delete = Some(ended));
+                    let _ = server.write_all(&head).await;
+                    // Pipe the rest; once the answer is back with the client, release the hold.
+                    let (mut cr, mut cw) = client.into_split();
+                    let (mut sr, mut sw) = server.into_split();
+                    let up = tokio::spawn(async move {
+                        let _ = tokio::io::copy(&mut cr, &mut sw).await;
+                    });
+                    let mut n = vec![0u8; 4096];
+                    if let Ok(read) = sr.read(&mut n).await {
+                        let _ = cw.write_all(&n[..read]).await;
+                    }
+                    release.send_replace(true);
+                    let _ = tokio::io::copy(&mut sr, &mut cw).await;
+                    up.abort();
+                    return;
+                }
+                let _ = server.write_all(&head).await;
+                let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+            });
+        }
+    });
+    (addr, rx)
+}
+
+/// The flake of `cli_trickle.rs::publish_jsonl_from_stdin_and_subscribe_jsonl_prints_every_line`
+/// ("subscribe did not end" while the channel still existed), made to happen every time: the
+/// publisher's preconnected POST of the next segment reaches a busy server only after the
+/// publisher's DELETE, and a server with autocreate used to create the channel again from it, so
+/// a subscriber waiting for the end waited forever. The publisher must end its preconnect before
+/// the DELETE, and the server must not recreate a channel from a request that was already on its
+/// way (on a connection accepted before the delete).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_preconnect_the_server_reads_after_the_delete_does_not_bring_the_channel_back() {
+    let server = start_server().await;
+    let (addr, mut report) = holding_proxy(
+        server.local_addr(),
+        "POST /late/1 ".into(),
+        "DELETE /late ".into(),
+    )
+    .await;
+    let url = format!("http://{addr}/late");
+    let mut p = Publisher::new(&url, fast_publisher());
+    publish_segment(&mut p, 0).await;
+    // A subscriber that read segment 0 waits for the next one, as `subscribe` does.
+    let mut sub = Subscriber::new(format!("{}/late", server.url()), sub_from(0));
+    let mut seg = within("seg 0", sub.next_segment()).await.unwrap().unwrap();
+    assert_eq!(read_all(&mut seg).await.unwrap(), segment_bytes(0));
+    within(
+        "the preconnect of seq 1 is held",
+        report.wait_for(|r| r.held),
+    )
+    .await
+    .unwrap();
+    within("close", p.close()).await.unwrap();
+    match tokio::time::timeout(LIMIT, sub.next_segment()).await {
+        Ok(Ok(None)) => {}
+        Ok(Ok(Some(seg))) => panic!("segment {} after the close", seg.seq()),
+        Ok(Err(e)) => panic!("the subscription failed: {e}"),
+        Err(_) => panic!(
+            "the subscriber did not end; channels {:?}; {:?}",
+            server.channels().list(),
+            *report.borrow()
+        ),
+    }
+    let seen = within("the held request is answered", report.wait_for(|r| r.done))
+        .await
+        .unwrap()
+        .clone();
+    assert_eq!(
+        seen.ended_before_delete,
+        Some(true),
+        "the preconnected POST was still open when the DELETE went out"
+    );
+    assert!(
+        server.channels().list().is_empty(),
+        "the channel came back: {:?}",
+        server.channels().list()
+    );
     server.shutdown().await;
 }

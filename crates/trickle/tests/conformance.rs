@@ -9,7 +9,10 @@ use serde_json::{json, Map, Value};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
-use trickle::server::{random_channel_name, Server, ServerConfig};
+use trickle::server::{random_channel_name, Channels, Server, ServerConfig};
+
+mod common;
+use common::until;
 
 const NORMATIVE: [&str; 3] = ["lp-trickle-seq", "lp-trickle-latest", "lp-trickle-closed"];
 
@@ -89,9 +92,31 @@ async fn wait_gate(shared: &Shared, name: &str) {
     }
 }
 
+/// Requests holding one of `chan`'s segments (readers and writers), and the bytes it holds.
+fn activity(channels: &Channels, chan: &str) -> (usize, u64) {
+    channels.segments(chan).map_or((0, 0), |segs| {
+        segs.iter()
+            .fold((0, 0), |(n, b), s| (n + s.readers + s.writers, b + s.bytes))
+    })
+}
+
+/// How long a step may wait for the server to reach the state the next step needs.
+const STEP: Duration = Duration::from_secs(10);
+
 /// Runs one scenario's steps; returns each request's record.
-async fn run_scenario(client: reqwest::Client, base: String, sc: Value) -> HashMap<String, Value> {
+///
+/// The recording was made with fixed pauses (a background request, then 150 ms; a chunk or the
+/// end of a body, then 100 ms). Here each step waits for what the pause stood for instead, seen
+/// at the server: a background request holds one of the channel's segments (or already has its
+/// answer), a chunk is stored, a finished body's POST is answered.
+async fn run_scenario(
+    client: reqwest::Client,
+    base: String,
+    channels: Channels,
+    sc: Value,
+) -> HashMap<String, Value> {
     let chan = format!("t{}", &random_channel_name()[..10]);
+    let answered = |shared: &Shared, name: &str| shared.results.lock().contains_key(name);
     let shared = Arc::new(Shared::default());
     let mut tasks = HashMap::new();
     for (i, st) in sc["steps"].as_array().unwrap().iter().enumerate() {
@@ -114,8 +139,12 @@ async fn run_scenario(client: reqwest::Client, base: String, sc: Value) -> HashM
                 .and_then(Value::as_bool)
                 .unwrap_or(false)
             {
-                tasks.insert(name, tokio::spawn(fut));
-                tokio::time::sleep(Duration::from_millis(150)).await;
+                let (held, _) = activity(&channels, &chan);
+                tasks.insert(name.clone(), tokio::spawn(fut));
+                until(&format!("{name} at the server"), STEP, || {
+                    activity(&channels, &chan).0 > held || answered(&shared, &name)
+                })
+                .await;
             } else {
                 fut.await;
             }
@@ -123,17 +152,25 @@ async fn run_scenario(client: reqwest::Client, base: String, sc: Value) -> HashM
             let name = chunk[0].as_str().unwrap();
             let text = chunk[1].as_str().unwrap().to_string();
             wait_gate(&shared, name).await;
+            let (_, stored) = activity(&channels, &chan);
+            let len = text.len() as u64;
             if let Some(Some(tx)) = shared.gates.lock().get(name) {
                 let _ = tx.unbounded_send(Ok(Bytes::from(text)));
             }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            until(&format!("{name}'s chunk stored"), STEP, || {
+                activity(&channels, &chan).1 >= stored + len || answered(&shared, name)
+            })
+            .await;
         } else if let Some(name) = st.get("finish").and_then(Value::as_str) {
             wait_gate(&shared, name).await;
             // Dropping the sender ends the streamed body.
             if let Some(slot) = shared.gates.lock().get_mut(name) {
                 slot.take();
             }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            until(&format!("{name} answered"), STEP, || {
+                answered(&shared, name)
+            })
+            .await;
         } else if let Some(ms) = st.get("sleep_ms").and_then(Value::as_u64) {
             tokio::time::sleep(Duration::from_millis(ms)).await;
         } else if let Some(name) = st.get("await").and_then(Value::as_str) {
@@ -166,10 +203,10 @@ async fn replay(server: Server, client: reqwest::Client) {
     let scenarios = doc["scenarios"].as_array().unwrap().clone();
     let mut set = tokio::task::JoinSet::new();
     for sc in scenarios.iter().cloned() {
-        let (client, base) = (client.clone(), server.url());
+        let (client, base, channels) = (client.clone(), server.url(), server.channels());
         set.spawn(async move {
             let name = sc["name"].as_str().unwrap().to_string();
-            let got = run_scenario(client, base, sc.clone()).await;
+            let got = run_scenario(client, base, channels, sc.clone()).await;
             (name, sc, got)
         });
     }

@@ -9,6 +9,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use trickle::server::{random_channel_name, Server, ServerConfig, ServerError};
 
+mod common;
+use common::parked;
+
 const WAIT: Duration = Duration::from_secs(10);
 
 async fn start(config: ServerConfig) -> Server {
@@ -48,15 +51,6 @@ async fn raw(server: &Server, request: &[u8]) -> String {
     let mut out = Vec::new();
     let _ = tokio::time::timeout(WAIT, s.read_to_end(&mut out)).await;
     String::from_utf8_lossy(&out).into_owned()
-}
-
-/// Polls `cond` until true, failing after `WAIT`.
-async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while !cond() {
-        assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 #[tokio::test]
@@ -345,7 +339,8 @@ async fn delete_channel_wakes_pending_get_streaming_reader_and_preconnected_post
     let pending = tokio::spawn(c.get(format!("{url}/d/1")).send());
     let (_feed1, body1) = streamed();
     let preconnected = tokio::spawn(c.post(format!("{url}/d/2")).body(body1).send());
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    parked(&server.channels(), "d", 1, 1, 0).await;
+    parked(&server.channels(), "d", 2, 0, 1).await;
 
     let del = c.delete(format!("{url}/d")).send().await.unwrap();
     assert_eq!(del.status().as_u16(), 200);
@@ -475,7 +470,7 @@ async fn idle_channels_are_swept_but_underscore_channels_are_not() {
     let channels = server.channels();
     channels.create("idle", None).unwrap();
     channels.create("_internal", None).unwrap();
-    eventually("idle channel swept", || {
+    common::until("idle channel swept", WAIT, || {
         !channels.list().contains(&"idle".to_string())
     })
     .await;
@@ -501,7 +496,7 @@ async fn changes_feed_announces_added_and_removed() {
     assert!(server.channels().list().contains(&"_changes".to_string()));
     // A subscriber preconnected to the feed sees the first announcement.
     let first = tokio::spawn(c.get(format!("{url}/_changes/-1")).send());
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    parked(&server.channels(), "_changes", 0, 1, 0).await;
     c.post(format!("{url}/news")).send().await.unwrap();
     let first = tokio::time::timeout(WAIT, first)
         .await
@@ -525,7 +520,8 @@ async fn shutdown_makes_every_waiter_return() {
     let pending = tokio::spawn(c.get(format!("{url}/s/0")).send());
     let (_feed, body) = streamed();
     let preconnected = tokio::spawn(c.post(format!("{url}/s/1")).body(body).send());
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    parked(&server.channels(), "s", 0, 1, 0).await;
+    parked(&server.channels(), "s", 1, 0, 1).await;
     tokio::time::timeout(WAIT, server.shutdown())
         .await
         .expect("shutdown is prompt");
@@ -707,7 +703,7 @@ async fn in_process_channels_api() {
     // close() wakes a reader waiting on the channel.
     let url = server.url();
     let pending = tokio::spawn(reqwest::get(format!("{url}/{name}/0")));
-    tokio::time::sleep(Duration::from_millis(150)).await;
+    parked(&server.channels(), &name, 0, 1, 0).await;
     assert!(ch.close(&name));
     assert!(!ch.close(&name));
     let pending = tokio::time::timeout(WAIT, pending)
@@ -728,7 +724,7 @@ async fn rewriting_a_segment_keeps_the_first_data_and_retry_of_an_idle_post_wins
     // A preconnected POST that never sent a byte is superseded by a retry of the same seq.
     let (_stale_feed, stale_body) = streamed();
     let _stale = tokio::spawn(c.post(format!("{url}/w/0")).body(stale_body).send());
-    tokio::time::sleep(Duration::from_millis(150)).await;
+    parked(&server.channels(), "w", 0, 0, 1).await;
     let retry = c
         .post(format!("{url}/w/0"))
         .body("retry")
@@ -745,5 +741,46 @@ async fn rewriting_a_segment_keeps_the_first_data_and_retry_of_an_idle_post_wins
     assert_eq!(again.headers()["lp-trickle-seq"], "0");
     let got = c.get(format!("{url}/w/0")).send().await.unwrap();
     assert_eq!(got.text().await.unwrap(), "retry");
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn channels_segments_shows_parked_readers_and_preconnected_writers() {
+    let server = start(auto()).await;
+    let url = server.url();
+    let c = client();
+    let channels = server.channels();
+    assert_eq!(channels.segments("v"), None, "no such channel");
+    c.post(format!("{url}/v")).send().await.unwrap();
+    assert_eq!(channels.segments("v"), Some(vec![]));
+    // A reader waiting for segment 0, a publisher preconnected to segment 0 without a byte.
+    let reader = tokio::spawn(c.get(format!("{url}/v/0")).send());
+    let (feed, body) = streamed();
+    let writer = tokio::spawn(c.post(format!("{url}/v/0")).body(body).send());
+    parked(&channels, "v", 0, 1, 1).await;
+    let seg = common::segment(&channels, "v", 0).unwrap();
+    assert_eq!((seg.bytes, seg.closed), (0, false), "{seg:?}");
+    send(&feed, "hello");
+    common::until("5 bytes stored", WAIT, || {
+        common::segment(&channels, "v", 0).is_some_and(|s| s.bytes == 5)
+    })
+    .await;
+    drop(feed);
+    let posted = tokio::time::timeout(WAIT, writer).await.unwrap().unwrap();
+    assert_eq!(posted.unwrap().status().as_u16(), 200);
+    let read = tokio::time::timeout(WAIT, reader).await.unwrap().unwrap();
+    assert_eq!(read.unwrap().text().await.unwrap(), "hello");
+    // Both requests are done: nobody holds the segment any more.
+    common::until("the requests let go of the segment", WAIT, || {
+        common::segment(&channels, "v", 0)
+            == Some(trickle::server::SegmentInfo {
+                seq: 0,
+                readers: 0,
+                writers: 0,
+                bytes: 5,
+                closed: true,
+            })
+    })
+    .await;
     server.shutdown().await;
 }

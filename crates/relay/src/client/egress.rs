@@ -4,7 +4,15 @@
 //! [`open`] turns an [`EgressChoice`] into a running sink: `auto` follows the environment in the
 //! spec's order (`SCOPE_TELEMETRY_LOG_SINK`, then `SCOPE_CLOUD_API_KEY`, then
 //! `KAFKA_BOOTSTRAP_SERVERS`, see [`telemetry::select_from_env`]), honouring
-//! `SCOPE_TELEMETRY_DISABLED` / `DO_NOT_TRACK`. The HTTP metrics reporter buffers on disk
+//! `SCOPE_TELEMETRY_DISABLED` / `DO_NOT_TRACK`.
+//!
+//! **The opt-out wins over every choice.** With `SCOPE_TELEMETRY_DISABLED` or `DO_NOT_TRACK` set
+//! (precedence in `telemetry::egress`), [`open`] builds no sink whatever the choice: no file is
+//! opened, no reporter or Kafka producer starts (so nothing a previous run left on disk is sent
+//! either). It says once which variable turned telemetry off; the client still relays control and
+//! counts every envelope it discards (`ClientReport::discarded`).
+//!
+//! The HTTP metrics reporter buffers on disk
 //! (`SCOPE_METRICS_BUFFER_PATH`) and re-sends what a previous run left there on start; its API key
 //! comes from a key file or `SCOPE_CLOUD_API_KEY`, and [`reload_api_key_on_sighup`] re-reads it.
 //! The Kafka sink does the same with `SCOPE_KAFKA_BUFFER_PATH`.
@@ -33,6 +41,20 @@ pub enum EgressChoice {
     None,
 }
 
+impl EgressChoice {
+    /// The flag value, for messages.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EgressChoice::Auto => "auto",
+            EgressChoice::Log => "log",
+            EgressChoice::File => "file",
+            EgressChoice::Http => "http",
+            EgressChoice::Kafka => "kafka",
+            EgressChoice::None => "none",
+        }
+    }
+}
+
 /// The running egress: the sink (none: count and discard) and, when it is the HTTP reporter, the
 /// reporter itself (for its key reload, its counters and its shutdown).
 #[derive(Clone, Default)]
@@ -50,6 +72,14 @@ pub fn open(
     file: Option<&Path>,
     api_key_file: Option<&Path>,
 ) -> anyhow::Result<EgressSinks> {
+    if let Some(by) = telemetry::egress::opted_out_by(|k| std::env::var(k).ok()) {
+        tracing::warn!(
+            "telemetry disabled by {by}: relayed telemetry is counted and discarded, whatever --egress says ({}); control messages are still relayed",
+            choice.as_str()
+        );
+        telemetry::set_telemetry_enabled(false);
+        return Ok(EgressSinks::default());
+    }
     let mut reporter = None;
     let mut http = || -> anyhow::Result<Option<Arc<dyn Sink>>> {
         let r = start_reporter(api_key_file)?;
@@ -78,11 +108,8 @@ pub fn open(
                 tracing::info!("no telemetry egress configured (set SCOPE_TELEMETRY_LOG_SINK=1 to log events); relayed events are counted and discarded");
                 None
             }
-            Egress::Disabled { by } => {
-                tracing::info!("telemetry disabled by {by}");
-                telemetry::set_telemetry_enabled(false);
-                None
-            }
+            // Answered above: an opt-out returns before any sink is built.
+            Egress::Disabled { .. } => None,
         },
     };
     Ok(EgressSinks { sink, reporter })

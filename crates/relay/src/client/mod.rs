@@ -29,6 +29,7 @@
 
 pub mod egress;
 pub mod http;
+pub mod media;
 
 use crate::logtail::parse_level;
 use crate::SessionIds;
@@ -50,6 +51,9 @@ use trickle::messages::{
 };
 use trickle::publisher::{Publisher, PublisherOptions};
 use trickle::subscriber::{SubscribeError, Subscriber, SubscriberOptions, SubscriberStats};
+
+/// How long `start_stream` waits for `stream_started`: 10 s, as Scope's client.
+pub const START_STREAM_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How the client is set up.
 #[derive(Debug, Clone)]
@@ -107,6 +111,8 @@ pub struct ClientStats {
     pub telemetry_received: AtomicU64,
     /// Envelopes handed to the egress sink.
     pub relayed: AtomicU64,
+    /// Envelopes accepted but discarded: no egress sink (none configured, or telemetry opted out).
+    pub discarded: AtomicU64,
     /// Envelopes rejected because they claim another session or connection.
     pub rejected_foreign: AtomicU64,
     /// `telemetry` messages whose envelope is not a valid envelope.
@@ -130,8 +136,11 @@ pub struct ClientStats {
 pub struct ClientReport {
     /// `telemetry` messages received.
     pub telemetry_received: u64,
-    /// Envelopes handed to the egress sink.
+    /// Envelopes handed to the egress sink (or discarded, when there is none).
     pub relayed: u64,
+    /// Envelopes accepted but discarded: no egress sink (none configured, or telemetry opted out
+    /// by `SCOPE_TELEMETRY_DISABLED` / `DO_NOT_TRACK`).
+    pub discarded: u64,
     /// Envelopes claiming another session or connection.
     pub rejected_foreign: u64,
     /// Invalid envelopes.
@@ -182,6 +191,9 @@ pub enum RequestError {
     /// The client is shutting down.
     #[error("the client closed before the answer arrived")]
     Closed,
+    /// The answer came but cannot be used, e.g. `stream_started` without its media channels.
+    #[error("{0}")]
+    BadAnswer(String),
 }
 
 type Pending = Mutex<HashMap<String, oneshot::Sender<EventMessage>>>;
@@ -271,7 +283,8 @@ impl Client {
         }
     }
 
-    /// Waits until the runner reported `runner_ready`; returns its `startup_ms`.
+    /// Waits until the runner reported `runner_ready`; returns the `startup_ms` the message carried
+    /// (0: Scope's runner, and this one, report the cold start in the telemetry event instead).
     pub async fn wait_ready(&self, timeout: Duration) -> Option<u64> {
         let mut rx = self.shared.ready.subscribe();
         let ready = tokio::time::timeout(timeout, rx.wait_for(Option::is_some)).await;
@@ -286,7 +299,10 @@ impl Client {
         self.shared.notifications.subscribe()
     }
 
-    /// Starts the stream and waits for `stream_started`.
+    /// Starts the stream and waits for `stream_started` (at most [`START_STREAM_TIMEOUT`], as
+    /// Scope's client, or the request timeout if shorter), which must list the stream's media
+    /// channels with an `in` and an `out` (as Scope's client requires), unless it says
+    /// `status: "already_running"`. The answer is returned whole (see [`media_channels`]).
     pub async fn start_stream(&self, params: Value) -> Result<EventMessage, RequestError> {
         let request_id = new_request_id();
         let msg = ControlMessage::StartStream(StartStream {
@@ -294,7 +310,15 @@ impl Client {
             params,
             extra: Map::new(),
         });
-        self.request(request_id, msg).await
+        let timeout = self.config.request_timeout.min(START_STREAM_TIMEOUT);
+        let answer = self.request_within(request_id, msg, timeout).await?;
+        if let EventMessage::StreamStarted(r) = &answer {
+            let running = r.extra.get("status").and_then(Value::as_str) == Some("already_running");
+            if !running {
+                media_channels(&answer).map_err(RequestError::BadAnswer)?;
+            }
+        }
+        Ok(answer)
     }
 
     /// Stops the stream and waits for `stream_stopped`.
@@ -340,13 +364,24 @@ impl Client {
         request_id: String,
         msg: ControlMessage,
     ) -> Result<EventMessage, RequestError> {
+        self.request_within(request_id, msg, self.config.request_timeout)
+            .await
+    }
+
+    /// [`Client::request`], waiting at most `timeout`.
+    async fn request_within(
+        &self,
+        request_id: String,
+        msg: ControlMessage,
+        timeout: Duration,
+    ) -> Result<EventMessage, RequestError> {
         let (tx, rx) = oneshot::channel();
         self.shared.pending.lock().insert(request_id.clone(), tx);
         if let Err(e) = self.send(&msg).await {
             self.shared.pending.lock().remove(&request_id);
             return Err(e);
         }
-        let answer = tokio::time::timeout(self.config.request_timeout, rx).await;
+        let answer = tokio::time::timeout(timeout, rx).await;
         match answer {
             Ok(Ok(EventMessage::Error(e))) => Err(RequestError::Runner(Value::Object(e.extra))),
             Ok(Ok(msg)) => Ok(msg),
@@ -354,7 +389,7 @@ impl Client {
             Err(_) => {
                 self.shared.pending.lock().remove(&request_id);
                 self.shared.stats.request_timeouts.fetch_add(1, Relaxed);
-                Err(RequestError::Timeout(self.config.request_timeout))
+                Err(RequestError::Timeout(timeout))
             }
         }
     }
@@ -419,6 +454,32 @@ impl Client {
     }
 }
 
+/// The `in` and `out` media channel URLs of a `stream_started` answer, checked as Scope's client
+/// checks them: a missing list, or one without an `in` or an `out`, is an error.
+pub fn media_channels(answer: &EventMessage) -> Result<(String, String), String> {
+    let EventMessage::StreamStarted(r) = answer else {
+        return Err(format!(
+            "expected stream_started, the runner answered {}",
+            answer.type_name()
+        ));
+    };
+    let Some(channels) = r.extra.get("channels").and_then(Value::as_array) else {
+        return Err("stream_started response missing channels list".into());
+    };
+    let url_of = |direction: &str| {
+        channels.iter().rev().find_map(|c| {
+            (c.get("direction").and_then(Value::as_str) == Some(direction))
+                .then(|| c.get("url").and_then(Value::as_str))
+                .flatten()
+                .map(str::to_string)
+        })
+    };
+    match (url_of("in"), url_of("out")) {
+        (Some(input), Some(output)) => Ok((input, output)),
+        _ => Err("stream_started response missing in/out channels".into()),
+    }
+}
+
 fn new_request_id() -> String {
     uuid::Uuid::new_v4().simple().to_string()
 }
@@ -434,6 +495,7 @@ impl Shared {
         ClientReport {
             telemetry_received: s.telemetry_received.load(Relaxed),
             relayed: s.relayed.load(Relaxed),
+            discarded: s.discarded.load(Relaxed),
             rejected_foreign: s.rejected_foreign.load(Relaxed),
             rejected_invalid: s.rejected_invalid.load(Relaxed),
             dropped_reported: s.dropped_reported.load(Relaxed),
@@ -494,9 +556,9 @@ impl Shared {
                 self.relay(Bytes::copy_from_slice(t.event.get().as_bytes()))
             }
             EventMessage::RunnerReady(r) => {
+                // Scope's runner puts its cold start in the `runner_ready` telemetry event only.
                 let startup_ms = r.startup_ms.as_ref().and_then(|n| n.as_u64()).unwrap_or(0);
                 tracing::info!(
-                    startup_ms,
                     job = r.runner_job_id.as_deref().unwrap_or("-"),
                     "runner ready"
                 );
@@ -597,8 +659,11 @@ impl Shared {
         }
         envelope.annotate_relay("trickle", received_ms);
         self.stats.relayed.fetch_add(1, Relaxed);
-        if let Some(egress) = &self.egress {
-            egress.emit(Event::Raw(envelope));
+        match &self.egress {
+            Some(egress) => egress.emit(Event::Raw(envelope)),
+            None => {
+                self.stats.discarded.fetch_add(1, Relaxed);
+            }
         }
     }
 }
@@ -612,30 +677,7 @@ pub async fn create_channel(url: &str) -> anyhow::Result<()> {
 
 /// [`create_channel`], treating an `https://` server's certificate as `tls` says.
 pub async fn create_channel_with(url: &str, tls: &ClientTls) -> anyhow::Result<()> {
-    let client = tls
-        .builder(url)
-        .build()
-        .map_err(|e| anyhow::anyhow!("cannot set up an HTTP client: {e}"))?;
-    let response = client
-        .post(url)
-        .header(trickle::headers::EXPECT_CONTENT, "application/jsonl")
-        .send()
-        .await
-        .map_err(|e| match tls.refusal(&e) {
-            Some((reason, hint)) => {
-                anyhow::anyhow!("TLS certificate of {url} refused: {reason}; {hint}")
-            }
-            None => anyhow::anyhow!(
-                "cannot reach {url} to create the channel ({e}); is the trickle server running?"
-            ),
-        })?;
-    if !response.status().is_success() {
-        anyhow::bail!(
-            "creating channel {url} answered {}; does the server allow channel creation (serve --autocreate)?",
-            response.status()
-        );
-    }
-    Ok(())
+    crate::channels::create_channel(url, "application/jsonl", tls).await
 }
 
 /// What the runner's sink writes before each envelope (its exact bytes).

@@ -6,8 +6,10 @@
 //! - a `publish_event` request (`{"event_type": "...", "session_id"?, "connection_id"?,
 //!   "pipeline_ids"?, "user_id"?, "error"?, "connection_info"?, "metadata"?: {...}}`), stamped here.
 //!
-//! The answer is `202 {"accepted": n, "rejected": m, "errors": [...]}`: a bad line is reported and
-//! skipped, never fatal to the rest of the body.
+//! The answer is `202 {"accepted": n, "rejected": m, "discarded": d, "errors": [...]}`: a bad line
+//! is reported and skipped, never fatal to the rest of the body. With telemetry opted out
+//! (`SCOPE_TELEMETRY_DISABLED` / `DO_NOT_TRACK`), valid lines are still checked but discarded,
+//! never published, and counted in `discarded`.
 //!
 //! `POST /v1/notifications` takes one JSON object and forwards it to the client as a
 //! `{"type":"notification","payload":...}` message, which the client re-broadcasts locally. It binds loopback addresses only: the endpoint
@@ -107,6 +109,7 @@ async fn ingest(body: Bytes) -> (StatusCode, Json<Value>) {
         Json(json!({
             "accepted": outcome.accepted,
             "rejected": outcome.errors.len(),
+            "discarded": outcome.discarded,
             "errors": outcome.errors,
         })),
     )
@@ -117,6 +120,8 @@ async fn ingest(body: Bytes) -> (StatusCode, Json<Value>) {
 pub struct Outcome {
     /// Events handed to the sink.
     pub accepted: usize,
+    /// Valid events discarded because telemetry is opted out.
+    pub discarded: usize,
     /// One message per rejected line (`line N: why`).
     pub errors: Vec<String>,
 }
@@ -124,30 +129,37 @@ pub struct Outcome {
 /// Publishes every valid line of `body`; the plain function behind the handler.
 pub fn ingest_body(body: &[u8]) -> Outcome {
     let mut outcome = Outcome::default();
+    let enabled = telemetry::telemetry_enabled();
     for (n, line) in body.split(|b| *b == b'\n').enumerate() {
         if line.iter().all(u8::is_ascii_whitespace) {
             continue;
         }
-        match ingest_line(line) {
-            Ok(()) => outcome.accepted += 1,
+        match ingest_line(line, enabled) {
+            Ok(()) if enabled => outcome.accepted += 1,
+            Ok(()) => outcome.discarded += 1,
             Err(e) => outcome.errors.push(format!("line {}: {e}", n + 1)),
         }
     }
     outcome
 }
 
-fn ingest_line(line: &[u8]) -> Result<(), String> {
+/// Checks one line and, when `publish` (telemetry is on), hands it to the sink.
+fn ingest_line(line: &[u8], publish: bool) -> Result<(), String> {
     let value: Map<String, Value> =
         serde_json::from_slice(line).map_err(|e| format!("not a JSON object: {e}"))?;
     if value.contains_key("id") && value.contains_key("data") {
         let raw = RawEnvelope::parse(Bytes::copy_from_slice(line)).map_err(|e| e.to_string())?;
-        telemetry::publish_raw_event(raw);
+        if publish {
+            telemetry::publish_raw_event(raw);
+        }
         return Ok(());
     }
     let request: EventRequest = serde_json::from_value(Value::Object(value))
         .map_err(|e| format!("neither an envelope nor a publish_event request: {e}"))?;
-    let event_type = request.event_type.clone();
-    telemetry::publish_event(&event_type, request.into_fields());
+    if publish {
+        let event_type = request.event_type.clone();
+        telemetry::publish_event(&event_type, request.into_fields());
+    }
     Ok(())
 }
 

@@ -1,18 +1,28 @@
 //! The runner role: the GPU side of a session.
 //!
-//! For the life of its control subscription the runner:
+//! It behaves as Scope's runner (`livepeer_app.py`) does, so a Scope client can drive it. For the
+//! life of its control subscription the runner:
 //! - installs a [`TrickleEventsSink`] as the process's telemetry sink, so every `publish_event`
 //!   (its own, or a local process's through [`ingest`]) becomes a `telemetry` line on the events
 //!   channel;
-//! - writes `runner_ready` with its cold-start `startup_ms`;
-//! - answers the control channel: `ping` → `pong`, `start_stream` → `stream_started`,
-//!   `stop_stream` → `stream_stopped`, `parameters` → `parameters_ack`, `api` → `api_response`,
-//!   driving a simulated [`pipeline::Pipeline`] that emits lifecycle, heartbeat and error telemetry;
+//! - writes the `runner_ready` control message (`runner_job_id`), and a `runner_ready` telemetry
+//!   event with metadata `{"mode": "livepeer", "startup_ms": <cold start>}`;
+//! - answers **every** control message in Scope's shapes ([`control`]): `start_stream` creates the
+//!   stream's `in` and `out` media channels and passes input segments through to the output
+//!   ([`media`]), `stream_started` lists them in `channels`; unknown types get `error`;
+//! - drives a simulated [`pipeline::Pipeline`]: `session_created` (`{"mode": "livepeer"}`) and
+//!   lifecycle events at the start, `stream_heartbeat` with the seed's fields every
+//!   [`RunnerConfig::heartbeat_interval`] (10 s, as the seed) while a stream runs, lifecycle
+//!   events and `session_closed` at its stop, media loop failures as `error` events;
 //! - forwards its own log lines in `logs` batches (at most 50 lines, every 0.5 s).
 //!
-//! When the control channel ends (the client closed it) or on shutdown, it stops the stream, drains
-//! the sink (writing a final `telemetry_dropped` if anything was dropped), and closes the events
-//! channel so the client's events loop ends too.
+//! With telemetry opted out (`SCOPE_TELEMETRY_DISABLED` / `DO_NOT_TRACK`) it says so once and
+//! publishes nothing: its own events and the ingest endpoint's are discarded (the endpoint counts
+//! them); control is answered as usual.
+//!
+//! When the control channel ends (the client closed it) or on shutdown, it stops the stream (media
+//! channels deleted), drains the sink (writing a final `telemetry_dropped` if anything was
+//! dropped), and closes the events channel so the client's events loop ends too.
 //!
 //! A trickle server outage shorter than [`RunnerConfig::reconnect_window`] does not end the
 //! session: the control subscription reconnects (and reads on from where it broke off), and the
@@ -26,7 +36,9 @@
 //! (see [`trickle::client_tls`]). A refused control-channel certificate ends the runner with that
 //! error (naming the URL, the reason and the flag) instead of a session that never starts.
 
+pub mod control;
 pub mod ingest;
+pub mod media;
 pub mod pipeline;
 pub mod vram;
 
@@ -34,7 +46,7 @@ use crate::logtail::LogTail;
 use crate::SessionIds;
 use anyhow::Context as _;
 use pipeline::{Emit, Pipeline};
-use serde_json::{json, Value};
+use serde_json::{json, Map, Value};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -47,7 +59,6 @@ use trickle::client_tls::ClientTls;
 use trickle::jsonl::{
     JsonlReader, JsonlReaderOptions, JsonlWriter, JsonlWriterOptions, ReaderStats, WriterStats,
 };
-use trickle::messages::ControlMessage;
 use trickle::publisher::{Publisher, PublisherOptions, PublisherStats};
 use trickle::subscriber::{SubscribeError, Subscriber, SubscriberOptions, SubscriberStats};
 
@@ -60,6 +71,9 @@ pub const DEFAULT_TELEMETRY_POLL: Duration = Duration::from_millis(1);
 /// (the server's 5-segment window) before it skips telemetry, four times the 1 MiB default's
 /// slack, while every segment stays under the Python reader's 5 MiB cap.
 pub const DEFAULT_EVENTS_SEGMENT_BYTES: usize = 4 << 20;
+
+/// Default [`RunnerConfig::heartbeat_interval`]: every 10 s, as the seed's `FrameProcessor`.
+pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Default [`RunnerConfig::reconnect_window`]: ride out a trickle server outage of up to a minute.
 pub const DEFAULT_RECONNECT_WINDOW: Duration = Duration::from_secs(60);
@@ -91,8 +105,13 @@ pub struct RunnerConfig {
     /// segments, so this sets how far (5 × this) a reader may fall behind before it skips; the
     /// Python reader caps a whole segment at 5 MiB, so stay below that.
     pub events_segment_bytes: usize,
-    /// How often a running stream emits `stream_heartbeat`.
+    /// How often a running stream emits `stream_heartbeat` (the seed: every 10 s).
     pub heartbeat_interval: Duration,
+    /// Where `start_stream` creates the media channels: the trickle server's base URL. `None`:
+    /// the server and base path of the control channel.
+    pub media_base_url: Option<String>,
+    /// Largest media input segment the passthrough accepts.
+    pub max_media_segment_bytes: usize,
     /// The simulated pipeline's id and frame rate.
     pub pipeline_id: String,
     /// Nominal frames per second of the simulated pipeline.
@@ -129,7 +148,9 @@ impl RunnerConfig {
             telemetry_poll_interval: DEFAULT_TELEMETRY_POLL,
             telemetry_min_idle: telemetry::queue::DEFAULT_MIN_IDLE,
             events_segment_bytes: DEFAULT_EVENTS_SEGMENT_BYTES,
-            heartbeat_interval: Duration::from_secs(1),
+            heartbeat_interval: DEFAULT_HEARTBEAT_INTERVAL,
+            media_base_url: None,
+            max_media_segment_bytes: 64 << 20,
             pipeline_id: "passthrough".into(),
             pipeline_fps: 30.0,
             forward_logs: true,
@@ -161,6 +182,8 @@ pub struct RunnerReport {
     pub events_publisher: PublisherStats,
     /// The control subscription's counters (`reconnects`, `resumed_segments`...).
     pub control: SubscriberStats,
+    /// The media passthrough's counters, over every stream.
+    pub media: media::MediaStats,
 }
 
 /// Runs the runner until its control channel ends or `shutdown` fires.
@@ -187,7 +210,7 @@ pub async fn run(
             ..JsonlWriterOptions::default()
         },
     );
-    let mut session = config.session.clone();
+    let session = config.session.clone();
     let sink = TrickleEventsSink::spawn_on(
         &tokio::runtime::Handle::current(),
         events.clone(),
@@ -217,19 +240,25 @@ pub async fn run(
         folded.clone(),
     ));
 
+    if let Some(by) = telemetry::egress::opted_out_by(|k| std::env::var(k).ok()) {
+        telemetry::set_telemetry_enabled(false);
+        tracing::warn!("telemetry disabled by {by}: this runner publishes no telemetry (its own events and the ingest endpoint's are discarded); control is answered as usual");
+    }
     let startup_ms = config.started_at.elapsed().as_millis() as u64;
+    // Scope's runner sends only the job id here; the cold start is in the telemetry event.
     events
-        .write(&strip_nulls(json!({
+        .write(&json!({
             "type": "runner_ready",
             "runner_job_id": config.runner_job_id,
-            "startup_ms": startup_ms,
-        })))
+        }))
         .await
         .with_context(|| format!("cannot write to the events channel {}", config.events_url))?;
     publish(
         &session,
         None,
-        Emit::new("runner_ready").with("startup_ms", json!(startup_ms)),
+        Emit::new("runner_ready")
+            .with("mode", json!("livepeer"))
+            .with("startup_ms", json!(startup_ms)),
     );
     tracing::info!(startup_ms, events = %config.events_url, "runner ready");
 
@@ -262,7 +291,22 @@ pub async fn run(
     if let Some(name) = vram.as_ref().and_then(vram::Vram::device_name) {
         tracing::info!(gpu = %name, "reading VRAM through NVML");
     }
-    let mut pipeline = Pipeline::new(config.pipeline_id.clone(), config.pipeline_fps);
+    let mut state = control::StreamState {
+        session: session.clone(),
+        pipeline: Pipeline::new(config.pipeline_id.clone(), config.pipeline_fps),
+        vram,
+        media_options: media::MediaOptions {
+            base_url: config
+                .media_base_url
+                .clone()
+                .unwrap_or_else(|| crate::channels::sibling_url(&config.control_url, "")),
+            reconnect_window: config.reconnect_window,
+            max_segment_bytes: config.max_media_segment_bytes,
+            tls: config.trickle_tls.clone(),
+        },
+        media: None,
+        media_done: media::MediaStats::default(),
+    };
     let mut heartbeat = tokio::time::interval(config.heartbeat_interval);
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut report = RunnerReport::default();
@@ -273,22 +317,24 @@ pub async fn run(
             msg = control_rx.recv() => match msg {
                 Some(msg) => {
                     report.control_messages += 1;
-                    handle(msg, &mut pipeline, &mut session, &events, &vram).await;
+                    let was_streaming = state.is_streaming();
+                    let answer = control::answer(msg, &mut state).await;
+                    if let Err(e) = events.write(&answer).await {
+                        tracing::warn!(error = %e, "cannot answer on the events channel");
+                    }
+                    if !was_streaming && state.is_streaming() {
+                        // The first heartbeat comes one interval after the start, as the seed's.
+                        heartbeat.reset();
+                    }
                 }
                 None => break,
             },
-            _ = heartbeat.tick(), if pipeline.is_streaming() => {
-                if let Some(emit) = pipeline.heartbeat(Instant::now(), vram.as_ref().and_then(vram::Vram::read)) {
-                    publish(&session, Some(pipeline.id()), emit);
-                }
-            }
+            _ = heartbeat.tick(), if state.is_streaming() => state.heartbeat(),
         }
     }
 
-    for emit in pipeline.stop(Instant::now()) {
-        publish(&session, Some(pipeline.id()), emit);
-    }
-    publish(&session, None, Emit::new("session_closed"));
+    state.stop_stream().await;
+    report.media = state.media_stats();
     reader_task.abort();
     let refused = reader_task.await.ok().flatten();
     let control = *control_stats.lock();
@@ -332,13 +378,14 @@ pub async fn run(
 async fn read_control(
     url: String,
     options: SubscriberOptions,
-    tx: mpsc::Sender<ControlMessage>,
+    tx: mpsc::Sender<Map<String, Value>>,
     stats: Arc<parking_lot::Mutex<ReaderStats>>,
 ) -> Option<String> {
     let subscriber = Subscriber::new(url.clone(), options);
     let mut reader = JsonlReader::new(subscriber, JsonlReaderOptions::default());
     loop {
-        let next = reader.next::<ControlMessage>().await;
+        // Raw objects: a message of a known type with a wrong shape is still answered (`error`).
+        let next = reader.next::<Map<String, Value>>().await;
         *stats.lock() = reader.stats();
         match next {
             Ok(Some(msg)) => {
@@ -389,88 +436,8 @@ pub fn fold_lost_lines_once(events: &JsonlWriter, sink: &TrickleEventsSink, fold
     }
 }
 
-/// Answers one control message.
-async fn handle(
-    msg: ControlMessage,
-    pipeline: &mut Pipeline,
-    session: &mut SessionIds,
-    events: &JsonlWriter,
-    vram: &Option<vram::Vram>,
-) {
-    let answer = match msg {
-        ControlMessage::Ping(ping) => {
-            json!({"type": "pong", "timestamp": ping.timestamp, "request_id": ping.request_id})
-        }
-        ControlMessage::StartStream(start) => {
-            adopt_session(session, &start.params);
-            publish(session, None, Emit::new("session_created"));
-            for emit in pipeline.start(Instant::now()) {
-                publish(session, Some(pipeline.id()), emit);
-            }
-            // The first heartbeat carries the GPU's state at start.
-            if let Some(emit) =
-                pipeline.heartbeat(Instant::now(), vram.as_ref().and_then(vram::Vram::read))
-            {
-                publish(session, Some(pipeline.id()), emit);
-            }
-            json!({"type": "stream_started", "request_id": start.request_id, "pipeline_id": pipeline.id()})
-        }
-        ControlMessage::StopStream(stop) => {
-            for emit in pipeline.stop(Instant::now()) {
-                publish(session, Some(pipeline.id()), emit);
-            }
-            json!({"type": "stream_stopped", "request_id": stop.request_id})
-        }
-        ControlMessage::Parameters(p) => {
-            // The simulated pipeline fails on demand, so the error path can be exercised end to end.
-            if let Some(message) = p.params.get("inject_error").and_then(Value::as_str) {
-                let media_loop = p.params.get("media_loop").and_then(Value::as_str);
-                for emit in pipeline.fail(message, media_loop) {
-                    publish(session, Some(pipeline.id()), emit);
-                }
-            }
-            json!({"type": "parameters_ack", "params": p.params})
-        }
-        ControlMessage::Api(api) => {
-            let (status, body) = api_answer(&api.method, &api.path, pipeline);
-            json!({"type": "api_response", "request_id": api.request_id, "status": status, "body": body})
-        }
-        ControlMessage::Unknown(m) => {
-            let kind = m.get("type").and_then(Value::as_str).unwrap_or("-");
-            tracing::debug!(r#type = kind, "unknown control message skipped");
-            return;
-        }
-    };
-    if let Err(e) = events.write(&strip_nulls(answer)).await {
-        tracing::warn!(error = %e, "cannot answer on the events channel");
-    }
-}
-
-/// The simulated app's HTTP API, reached through `api` control messages.
-fn api_answer(method: &str, path: &str, pipeline: &Pipeline) -> (u16, Value) {
-    match (method, path) {
-        ("GET", "/health") => (200, json!({"status": "ok"})),
-        ("GET", "/api/v1/pipeline/status") => (
-            200,
-            json!({"pipeline_id": pipeline.id(), "streaming": pipeline.is_streaming()}),
-        ),
-        _ => (404, json!({"detail": format!("no route {method} {path}")})),
-    }
-}
-
-/// Takes the session's ids from `start_stream` params where the runner was not given them.
-fn adopt_session(session: &mut SessionIds, params: &Value) {
-    let take = |key: &str| params.get(key).and_then(Value::as_str).map(str::to_string);
-    if session.session_id.is_none() {
-        session.session_id = take("session_id");
-    }
-    if session.connection_id.is_none() {
-        session.connection_id = take("connection_id");
-    }
-}
-
 /// Builds the envelope for `emit` and hands it to the installed sink.
-fn publish(session: &SessionIds, pipeline_id: Option<&str>, emit: Emit) {
+pub(crate) fn publish(session: &SessionIds, pipeline_id: Option<&str>, emit: Emit) {
     let mut fields = Fields::new();
     if let Some(id) = &session.session_id {
         fields = fields.session_id(id.clone());
@@ -488,14 +455,6 @@ fn publish(session: &SessionIds, pipeline_id: Option<&str>, emit: Emit) {
         fields = fields.meta(key, value);
     }
     telemetry::publish_event(emit.event_type, fields);
-}
-
-/// Drops `null` members so optional answer fields are omitted, as the Python runner omits them.
-fn strip_nulls(mut value: Value) -> Value {
-    if let Value::Object(map) = &mut value {
-        map.retain(|_, v| !v.is_null());
-    }
-    value
 }
 
 /// Forwards this process's log lines in batches of at most 50, every 0.5 s; returns lines sent.

@@ -4,6 +4,11 @@
 //! runner's telemetry (lifecycle, `stream_heartbeat` with frame stats, errors, media loop
 //! failures) has the shape and cadence of a real session. It is a plain state machine; the runner
 //! turns its [`Emit`]s into envelopes.
+//!
+//! `stream_heartbeat` carries the seed's fields (Scope's `FrameProcessor`): `mode` (`"local"`, as
+//! on a runner), `frames_in`, `frames_out`, `fps_in`, `fps_out`, `elapsed_ms` (all cumulative since
+//! the stream started, rates rounded to one decimal), `since_last_heartbeat_ms`, `pipeline_fps`,
+//! and `vram_allocated_mb` / `vram_reserved_mb` (MiB, one decimal) when a GPU is present.
 
 use serde_json::{json, Map, Value};
 use std::time::{Duration, Instant};
@@ -51,7 +56,6 @@ struct Stream {
     last_heartbeat: Instant,
     frames_in: u64,
     frames_out: u64,
-    frames_at_last_heartbeat: u64,
 }
 
 impl Pipeline {
@@ -84,7 +88,6 @@ impl Pipeline {
             last_heartbeat: now,
             frames_in: 0,
             frames_out: 0,
-            frames_at_last_heartbeat: 0,
         });
         vec![
             Emit::new("pipeline_load_start"),
@@ -94,7 +97,8 @@ impl Pipeline {
         ]
     }
 
-    /// One heartbeat: advances the frame counters to `now` and reports them.
+    /// One heartbeat: advances the frame counters to `now` and reports them, cumulative since the
+    /// stream started (as the seed's `FrameProcessor` does).
     ///
     /// `vram` is `(allocated_mb, reserved_mb)` when a GPU is present.
     pub fn heartbeat(&mut self, now: Instant, vram: Option<(f64, f64)>) -> Option<Emit> {
@@ -106,29 +110,27 @@ impl Pipeline {
         s.frames_in = frames;
         // The output lags the input by the frame in flight, as a real pipeline's does.
         s.frames_out = frames.saturating_sub(1);
-        let window_frames = s.frames_out.saturating_sub(s.frames_at_last_heartbeat);
-        let window_fps = rate(window_frames, since);
-        s.frames_at_last_heartbeat = s.frames_out;
         s.last_heartbeat = now;
         let mut emit = Emit::new("stream_heartbeat")
-            .with("mode", json!("video"))
+            .with("mode", json!("local"))
             .with("frames_in", json!(s.frames_in))
             .with("frames_out", json!(s.frames_out))
-            .with("fps_in", json!(round2(rate(s.frames_in, elapsed))))
-            .with("fps_out", json!(round2(window_fps)))
+            .with("fps_in", json!(round1(rate(s.frames_in, elapsed))))
+            .with("fps_out", json!(round1(rate(s.frames_out, elapsed))))
             .with("elapsed_ms", json!(elapsed.as_millis() as u64))
             .with("since_last_heartbeat_ms", json!(since.as_millis() as u64))
-            .with("pipeline_fps", json!(round2(fps)));
+            .with("pipeline_fps", json!(round1(fps)));
         if let Some((allocated, reserved)) = vram {
             emit = emit
-                .with("vram_allocated_mb", json!(round2(allocated)))
-                .with("vram_reserved_mb", json!(round2(reserved)));
+                .with("vram_allocated_mb", json!(round1(allocated)))
+                .with("vram_reserved_mb", json!(round1(reserved)));
         }
         Some(emit)
     }
 
     /// A pipeline failure: an `error` event, plus the media loop failure it caused when `media_loop`
-    /// names one (`input`, `output` or `audio_output`).
+    /// names one (`input`, `output` or `audio_output`), reported as the seed does: another `error`
+    /// event whose `error_type` is `media_<loop>_loop_failed`.
     pub fn fail(&mut self, message: &str, media_loop: Option<&str>) -> Vec<Emit> {
         let mut emits = vec![Emit {
             error: Some(ErrorInfo::new(
@@ -145,11 +147,12 @@ impl Pipeline {
             Some("audio_output") => Some("media_audio_output_loop_failed"),
             _ => None,
         };
-        if let Some(event_type) = loop_event {
-            emits.push(Emit {
-                error: Some(ErrorInfo::new(event_type, message, "RuntimeError", false)),
-                ..Emit::new(event_type)
-            });
+        if let Some(error_type) = loop_event {
+            emits.push(super::media::media_loop_error(
+                error_type,
+                message,
+                "RuntimeError",
+            ));
         }
         emits
     }
@@ -180,8 +183,9 @@ fn rate(frames: u64, over: Duration) -> f64 {
     }
 }
 
-fn round2(x: f64) -> f64 {
-    (x * 100.0).round() / 100.0
+/// Python's `round(x, 1)`, as the seed rounds its rates.
+fn round1(x: f64) -> f64 {
+    (x * 10.0).round() / 10.0
 }
 
 #[cfg(test)]
@@ -204,17 +208,28 @@ mod tests {
             ]
         );
         let hb = p
-            .heartbeat(t0 + Duration::from_secs(2), Some((812.5, 1024.0)))
+            .heartbeat(t0 + Duration::from_secs(2), Some((812.54, 1024.0)))
             .unwrap();
+        assert_eq!(hb.metadata["mode"], json!("local"));
         assert_eq!(hb.metadata["frames_in"], json!(60));
         assert_eq!(hb.metadata["frames_out"], json!(59));
+        assert_eq!(hb.metadata["fps_in"], json!(30.0));
+        assert_eq!(hb.metadata["fps_out"], json!(29.5));
         assert_eq!(hb.metadata["vram_allocated_mb"], json!(812.5));
         let hb = p.heartbeat(t0 + Duration::from_secs(3), None).unwrap();
         assert!(!hb.metadata.contains_key("vram_allocated_mb"));
         assert_eq!(hb.metadata["since_last_heartbeat_ms"], json!(1000));
+        // Cumulative since the start, not over the last window.
+        assert_eq!(hb.metadata["frames_out"], json!(89));
+        assert_eq!(hb.metadata["elapsed_ms"], json!(3000));
+        assert_eq!(hb.metadata["fps_out"], json!(29.7));
         let fail = p.fail("boom", Some("output"));
         assert_eq!(fail[0].event_type, "error");
-        assert_eq!(fail[1].event_type, "media_output_loop_failed");
+        assert_eq!(fail[1].event_type, "error");
+        let loop_error = fail[1].error.as_ref().unwrap();
+        assert_eq!(loop_error.error_type, "media_output_loop_failed");
+        assert!(!loop_error.recoverable);
+        assert_eq!(fail[1].metadata["mode"], json!("livepeer"));
         let types: Vec<_> = p
             .stop(t0 + Duration::from_secs(4))
             .iter()

@@ -43,6 +43,7 @@ impl Vram {
     }
 }
 
+/// MiB with one decimal, as the seed reports torch's `memory_allocated` / `memory_reserved`.
 fn mb(bytes: u64) -> f64 {
-    (bytes as f64 / (1024.0 * 1024.0) * 100.0).round() / 100.0
+    (bytes as f64 / (1024.0 * 1024.0) * 10.0).round() / 10.0
 }

@@ -144,7 +144,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     print_summary(&report, egress_stats.as_ref());
     if let Some(path) = args.report {
         let mut json = serde_json::to_value(&report)?;
-        if let (Some(stats), Some(obj)) = (egress_stats, json.as_object_mut()) {
+        if let Some(obj) = json.as_object_mut() {
+            // No egress sink (none configured, or opted out): nothing egressed.
+            let stats = egress_stats.unwrap_or_default();
             obj.insert("egressed".into(), stats.delivered.into());
             obj.insert("egress_dropped".into(), stats.dropped().into());
         }
@@ -199,10 +201,11 @@ async fn serve_http(
 
 fn print_summary(report: &ClientReport, egress: Option<&telemetry::SinkStats>) {
     eprintln!(
-        "client: telemetry received {}, relayed {}, egressed {}, rejected {} (foreign session) + {} (invalid), runner-reported drops {}, bad lines {}",
+        "client: telemetry received {}, relayed {}, egressed {}, discarded {} (no egress), rejected {} (foreign session) + {} (invalid), runner-reported drops {}, bad lines {}",
         report.telemetry_received,
         report.relayed,
         egress.map(|s| s.delivered).unwrap_or(0),
+        report.discarded,
         report.rejected_foreign,
         report.rejected_invalid,
         report.dropped_reported,

@@ -2,13 +2,16 @@
 //!
 //! Authenticates each request against `--api-keys` (one key per line; reloaded on SIGHUP),
 //! enforces the size, count and rate limits, drops duplicates by event id, and answers 200 only
-//! once the output (`--output jsonl:PATH`, appended and fsynced) has the events. See the
-//! `collector` crate for the full contract.
+//! once the output (`--output jsonl:PATH`, appended and fsynced) has the events. Duplicates are
+//! remembered in this process (`--dedup memory`, the default) or, for several collectors behind
+//! one load balancer, in a Redis they share (`--dedup redis://HOST:PORT`). See the `collector`
+//! crate for the full contract.
 //!
 //! HTTPS: `--tls-cert FILE --tls-key FILE` (PEM; re-read on SIGHUP, a bad pair refused and the
 //! certificate in service kept). A reporter trusts a private CA with `SCOPE_METRICS_CA_FILE`.
 
 use anyhow::Context as _;
+use collector::redis_dedup::{RedisDedup, RedisDedupConfig};
 use collector::{ApiKeys, Collector, CollectorConfig, Output};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -41,12 +44,22 @@ pub struct Args {
     /// Burst per API key (token bucket size).
     #[arg(long, default_value_t = 100.0)]
     pub burst: f64,
-    /// Event ids remembered for dedup.
+    /// Where written event ids are remembered: `memory` (this process; seeded from the output at
+    /// start) or `redis://[:PASSWORD@]HOST:PORT[/DB]`, shared by every collector using it (run
+    /// Redis with `--appendonly yes --appendfsync always`). While Redis is unreachable, requests
+    /// are answered 503 and the reporter retries; `/health` says so.
+    #[arg(long, default_value = "memory", env = "COLLECTOR_DEDUP")]
+    pub dedup: String,
+    /// Event ids remembered for dedup (`--dedup memory`).
     #[arg(long, default_value_t = 1_000_000)]
     pub dedup_window: usize,
     /// Seconds an event id is remembered for dedup.
     #[arg(long, default_value_t = 3600)]
     pub dedup_ttl_secs: u64,
+    /// Seconds a Redis claim lives if its collector dies before committing it: longer than any
+    /// write to the output may take (`--dedup redis://...`).
+    #[arg(long, default_value_t = 60)]
+    pub dedup_claim_secs: u64,
     /// Seconds between two counter log lines (only when they changed).
     #[arg(long, default_value_t = 10)]
     pub log_interval_secs: u64,
@@ -79,7 +92,20 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         dedup_capacity: args.dedup_window,
         dedup_ttl: Duration::from_secs(args.dedup_ttl_secs),
     };
-    let collector = Collector::new(config, keys.clone(), output);
+    let mut dedup_name = "memory".to_owned();
+    let collector = match args.dedup.as_str() {
+        "memory" => Collector::new(config, keys.clone(), output),
+        url if url.starts_with("redis://") => {
+            let mut cfg = RedisDedupConfig::new(url, config.dedup_ttl);
+            cfg.claim_ttl = Duration::from_secs(args.dedup_claim_secs.max(1));
+            let dedup = RedisDedup::start(cfg).map_err(anyhow::Error::msg)?;
+            dedup_name = format!("redis at {}", dedup.addr());
+            Collector::with_redis_dedup(config, keys.clone(), output, dedup)
+        }
+        // Not echoed: the value may carry a password.
+        _ => anyhow::bail!("--dedup: unknown store; use memory or redis://HOST:PORT"),
+    };
+    collector.check_dedup().await;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| {
@@ -90,7 +116,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         })?;
     let addr = listener.local_addr()?;
     eprintln!(
-        "collector: listening on {}://{addr}/v1/metrics ({} keys, output {})",
+        "collector: listening on {}://{addr}/v1/metrics ({} keys, output {}, dedup {dedup_name})",
         if tls.is_some() { "https" } else { "http" },
         keys.len(),
         args.output

@@ -1,9 +1,12 @@
 //! `trickle-relay demo`: the main job on embedded defaults.
 //!
 //! One program runs an embedded trickle server, a runner and a client over loopback TCP, drives a
-//! realistic simulated session (start, heartbeats, a pipeline error, an API call, stop), and ends
-//! with a summary that accounts for every event: emitted, relayed, egressed, dropped, rejected,
-//! and the origin-to-egress latency.
+//! realistic simulated session (start, media through the runner's passthrough, heartbeats, a
+//! pipeline error, an API call, stop), and ends with a summary that accounts for every event:
+//! emitted, relayed, egressed, dropped, rejected, and the origin-to-egress latency.
+//!
+//! With `SCOPE_TELEMETRY_DISABLED` / `DO_NOT_TRACK` set, the session runs but no telemetry is
+//! published or egressed (the summary shows zeros, every one accounted for).
 
 use anyhow::Context as _;
 use relay::client::{Client, ClientConfig, ClientReport};
@@ -44,7 +47,12 @@ pub struct Args {
 /// Runs the demo.
 pub async fn run(args: Args) -> anyhow::Result<()> {
     let started = Instant::now();
-    let server = Server::bind(([127, 0, 0, 1], 0).into(), ServerConfig::default())
+    // Autocreate: the runner creates each stream's media channels over HTTP.
+    let server_config = ServerConfig {
+        autocreate: true,
+        ..ServerConfig::default()
+    };
+    let server = Server::bind(([127, 0, 0, 1], 0).into(), server_config)
         .await
         .context("cannot start the embedded trickle server on loopback")?;
     let (control, events) = (random_channel_name(), random_channel_name());
@@ -60,11 +68,19 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         events
     );
 
-    let egress: Arc<dyn Sink> = match &args.egress_file {
-        Some(path) => Arc::new(
-            FileSink::create(path).with_context(|| format!("cannot open {}", path.display()))?,
-        ),
-        None => Arc::new(LogSink::new()),
+    let opted_out = telemetry::egress::opted_out_by(|k| std::env::var(k).ok());
+    let egress: Option<Arc<dyn Sink>> = match (&args.egress_file, opted_out) {
+        (_, Some(by)) => {
+            eprintln!("demo: telemetry disabled by {by}: nothing is published or egressed");
+            telemetry::set_telemetry_enabled(false);
+            None
+        }
+        (Some(path), None) => {
+            Some(Arc::new(FileSink::create(path).with_context(|| {
+                format!("cannot open {}", path.display())
+            })?))
+        }
+        (None, None) => Some(Arc::new(LogSink::new())),
     };
     let session = SessionIds::generate();
 
@@ -81,7 +97,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let mut client_config = ClientConfig::new(control_url, events_url);
     client_config.session = session.clone();
     client_config.request_timeout = Duration::from_secs(10);
-    let client = Client::connect(client_config, Some(egress.clone()));
+    let client = Client::connect(client_config, egress.clone());
 
     let session_result = drive(&client, &args, &session).await;
     if let Err(e) = &session_result {
@@ -94,11 +110,13 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         .context("the runner task panicked")?
         .context("the runner failed")?;
     server.shutdown().await;
-    egress.flush();
+    if let Some(egress) = &egress {
+        egress.flush();
+    }
     let summary = Summary {
         runner: runner_report,
         client: client_report,
-        egress: egress.stats(),
+        egress: egress.as_ref().map(|e| e.stats()).unwrap_or_default(),
         elapsed: started.elapsed(),
     };
     if args.json {
@@ -116,14 +134,27 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
 
 /// The simulated session, as a client application drives it.
 async fn drive(client: &Client, args: &Args, session: &SessionIds) -> anyhow::Result<()> {
-    let startup = client
+    client
         .wait_ready(Duration::from_secs(10))
         .await
         .context("the runner never reported runner_ready")?;
-    eprintln!("demo: runner ready (cold start {startup} ms); starting the stream");
-    client
+    eprintln!("demo: runner ready; starting the stream");
+    let started = client
         .start_stream(json!({"pipeline_id": "passthrough", "width": 512, "height": 512}))
         .await?;
+    let (input, output) =
+        relay::client::media_channels(&started).map_err(|e| anyhow::anyhow!(e))?;
+    let segments: Vec<bytes::Bytes> = (0..MEDIA_SEGMENTS).map(ts_segment).collect();
+    let back =
+        relay::client::media::roundtrip(&input, &output, segments.clone(), Duration::from_secs(10))
+            .await
+            .context("media did not pass through the runner")?;
+    anyhow::ensure!(
+        back == segments,
+        "media came back changed: {} of {MEDIA_SEGMENTS} segments identical",
+        back.iter().zip(&segments).filter(|(a, b)| a == b).count()
+    );
+    eprintln!("demo: {MEDIA_SEGMENTS} MPEG-TS segments published to the stream's input came back from its output byte for byte");
     let half = Duration::from_secs_f64(args.duration_secs.max(0.2) / 2.0);
     tokio::time::sleep(half).await;
 
@@ -148,12 +179,27 @@ async fn drive(client: &Client, args: &Args, session: &SessionIds) -> anyhow::Re
     Ok(())
 }
 
+/// Media segments the demo sends through the runner's passthrough.
+const MEDIA_SEGMENTS: u64 = 3;
+
+/// A synthetic MPEG-TS segment: 188-byte packets (sync byte 0x47, a PID, a counter, a payload
+/// that differs per segment), which the passthrough must return unchanged.
+fn ts_segment(n: u64) -> bytes::Bytes {
+    let mut out = Vec::with_capacity(188 * 64);
+    for packet in 0..64u64 {
+        out.push(0x47);
+        out.extend_from_slice(&[0x01, 0x00, 0x10 | (packet % 16) as u8]);
+        out.extend((0..184u64).map(|i| ((n * 131 + packet * 7 + i) % 251) as u8));
+    }
+    bytes::Bytes::from(out)
+}
+
 /// Emits `n` heartbeats from a plain thread, as a busy media loop would.
 async fn burst(n: u64, session: &SessionIds) {
     let session = session.clone();
     let emitting = tokio::task::spawn_blocking(move || {
         for i in 0..n {
-            let mut fields = Fields::new().meta("burst_seq", i).meta("mode", "video");
+            let mut fields = Fields::new().meta("burst_seq", i).meta("mode", "local");
             if let Some(id) = &session.session_id {
                 fields = fields.session_id(id.clone());
             }

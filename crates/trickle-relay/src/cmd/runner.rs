@@ -34,9 +34,14 @@ pub struct Args {
     /// counting every drop.
     #[arg(long, default_value_t = 8192, value_name = "LINES")]
     pub events_queue_lines: usize,
-    /// Interval of `stream_heartbeat` while a stream runs, in milliseconds.
-    #[arg(long, default_value_t = 1000)]
+    /// Interval of `stream_heartbeat` while a stream runs, in milliseconds (the seed: 10 s).
+    #[arg(long, default_value_t = 10_000)]
     pub heartbeat_ms: u64,
+    /// Where `start_stream` creates the media channels (the trickle server's base URL, which must
+    /// allow channel creation: `serve --autocreate`); default: the control channel's server and
+    /// base path.
+    #[arg(long)]
+    pub media_base_url: Option<String>,
     /// Serve the loopback ingest endpoint (POST /v1/events) here, for local processes.
     #[arg(long)]
     pub ingest: Option<SocketAddr>,
@@ -74,6 +79,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     config.queue_capacity = args.queue_capacity.max(1);
     config.events_queue_lines = args.events_queue_lines.max(1);
     config.heartbeat_interval = Duration::from_millis(args.heartbeat_ms.max(1));
+    config.media_base_url = args.media_base_url;
     config.ingest = args.ingest;
     config.forward_logs = !args.no_forward_logs;
     config.reset_events = args.reset;
@@ -133,6 +139,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             "control_reconnects": report.control.reconnects,
             "control_resumed_segments": report.control.resumed_segments,
             "control_broken_segments": report.control.broken_segments,
+            "media_segments": report.media.segments,
+            "media_bytes": report.media.bytes,
+            "media_failures": report.media.failures,
         });
         std::fs::write(&path, json.to_string())
             .with_context(|| format!("cannot write the report to {}", path.display()))?;

@@ -3,6 +3,8 @@
 //! Each test binary includes this with `mod common;` and uses what it needs.
 #![allow(dead_code)]
 
+pub mod proxy;
+
 use serde_json::Value;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
@@ -295,4 +297,33 @@ pub fn unrelay(line: &str) -> Option<(String, u64)> {
 /// [`unrelay`], failing the test with the line when it is not a relayed envelope.
 pub fn unrelay_or_fail(line: &str) -> (String, u64) {
     unrelay(line).unwrap_or_else(|| panic!("not annotated inside data as the spec asks: {line}"))
+}
+
+/// The Python interpreter of the test venv (`target/python-venv`, or `$TRICKLE_RELAY_VENV`) with
+/// livepeer-gateway installed; fails the test saying how to make it when it is missing.
+pub fn venv_python() -> std::path::PathBuf {
+    let venv = std::env::var_os("TRICKLE_RELAY_VENV")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/python-venv"));
+    let python = venv.join("bin/python");
+    let ok = Command::new(&python)
+        .args(["-c", "import livepeer_gateway"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(
+        ok,
+        "the Python test venv with livepeer-gateway is missing at {}: run scripts/python-env.sh \
+         (scripts/test.sh does) and rerun",
+        venv.display()
+    );
+    python
+}
+
+/// A Python script of `tests/python/`.
+pub fn python_script(name: &str) -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/python")
+        .join(name)
 }

@@ -4,8 +4,8 @@ use super::segment::{Append, Segment};
 use super::ServerError;
 use bytes::Bytes;
 use parking_lot::Mutex;
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -91,6 +91,14 @@ impl Channel {
     pub(crate) fn status(&self) -> (bool, i64) {
         let st = self.state.lock();
         (st.closed, st.next)
+    }
+
+    /// The segments in the ring, oldest first.
+    pub(crate) fn segments(&self) -> Vec<super::SegmentInfo> {
+        let segs: Vec<Arc<Segment>> = self.state.lock().slots.iter().flatten().cloned().collect();
+        let mut infos: Vec<super::SegmentInfo> = segs.iter().map(|s| s.info()).collect();
+        infos.sort_by_key(|i| i.seq);
+        infos
     }
 
     /// Whether the channel is closed.
@@ -251,6 +259,62 @@ pub(crate) struct Registry {
     max_channels: usize,
     changes: bool,
     shutting_down: AtomicBool,
+    /// Serial numbers of accepted connections, in accept order (see [`Registry::accepted`]).
+    connections: AtomicU64,
+    /// Recently deleted channels (locked inside `map`, never the other way round).
+    deleted: Mutex<Tombstones>,
+}
+
+/// Channels deleted within [`TOMBSTONE_TTL`], each with the last connection serial accepted
+/// when it was deleted: a request on a connection accepted before the delete was already on its
+/// way (a publisher's preconnected POST that a busy server reads only after the DELETE), so it
+/// must not bring the channel back through autocreate.
+#[derive(Default)]
+struct Tombstones {
+    by_name: HashMap<String, u64>,
+    /// Oldest first, for expiry.
+    order: VecDeque<(Instant, String, u64)>,
+}
+
+/// How long a deleted channel refuses autocreate from earlier connections: as long as a new
+/// connection may wait before its first request (`FIRST_REQUEST`), so no request that was on its
+/// way at the delete is read after the tombstone expired.
+pub(crate) const TOMBSTONE_TTL: Duration = super::FIRST_REQUEST;
+
+impl Tombstones {
+    fn record(&mut self, name: &str, serial: u64, now: Instant, cap: usize) {
+        self.expire(now);
+        while self.order.len() >= cap.max(1) {
+            self.pop_oldest();
+        }
+        self.by_name.insert(name.to_string(), serial);
+        self.order.push_back((now, name.to_string(), serial));
+    }
+
+    /// Whether `name` was deleted after the connection with serial `accepted` was accepted.
+    fn covers(&mut self, name: &str, accepted: u64, now: Instant) -> bool {
+        self.expire(now);
+        self.by_name.get(name).is_some_and(|&at| accepted <= at)
+    }
+
+    fn expire(&mut self, now: Instant) {
+        while self
+            .order
+            .front()
+            .is_some_and(|(at, _, _)| now.duration_since(*at) >= TOMBSTONE_TTL)
+        {
+            self.pop_oldest();
+        }
+    }
+
+    fn pop_oldest(&mut self) {
+        if let Some((_, name, serial)) = self.order.pop_front() {
+            // A later delete of the same name replaced this entry: keep that one.
+            if self.by_name.get(&name) == Some(&serial) {
+                self.by_name.remove(&name);
+            }
+        }
+    }
 }
 
 /// Checks a channel name: the characters of one URL path segment that need no escaping.
@@ -273,6 +337,8 @@ impl Registry {
             max_channels,
             changes,
             shutting_down: AtomicBool::new(false),
+            connections: AtomicU64::new(0),
+            deleted: Mutex::new(Tombstones::default()),
         };
         if changes {
             reg.map.lock().insert(
@@ -288,12 +354,30 @@ impl Registry {
         self.map.lock().get(name).cloned()
     }
 
+    /// The serial of a newly accepted connection; call in accept order.
+    pub(crate) fn accepted(&self) -> u64 {
+        self.connections.fetch_add(1, Ordering::SeqCst) + 1
+    }
+
     /// The channel called `name`, creating it (with `mime`) when `may_create`.
     pub(crate) fn get_or_create(
         &self,
         name: &str,
         mime: &str,
         may_create: bool,
+    ) -> Result<Arc<Channel>, Lookup> {
+        self.get_or_create_for(name, mime, may_create, None)
+    }
+
+    /// [`get_or_create`](Self::get_or_create) for a request that is the first on the connection
+    /// with serial `accepted`: such a request does not recreate a channel deleted after that
+    /// connection was accepted (within [`TOMBSTONE_TTL`]); it was on its way before the delete.
+    pub(crate) fn get_or_create_for(
+        &self,
+        name: &str,
+        mime: &str,
+        may_create: bool,
+        accepted: Option<u64>,
     ) -> Result<Arc<Channel>, Lookup> {
         let ch = {
             let mut map = self.map.lock();
@@ -307,6 +391,15 @@ impl Registry {
             }
             if !may_create {
                 return Err(Lookup::NotFound);
+            }
+            if let Some(accepted) = accepted {
+                if self.deleted.lock().covers(name, accepted, Instant::now()) {
+                    tracing::debug!(
+                        channel = name,
+                        "not recreating a channel deleted after this request's connection opened"
+                    );
+                    return Err(Lookup::NotFound);
+                }
             }
             validate_name(name).map_err(Lookup::Refused)?;
             if map.len() >= self.max_channels {
@@ -323,10 +416,25 @@ impl Registry {
         Ok(ch)
     }
 
-    /// Closes and removes a channel; false if it did not exist.
+    /// Closes and removes a channel (a DELETE); false if it did not exist. Requests already on
+    /// their way when it was deleted cannot create it again (see [`Tombstones`]).
     pub(crate) fn close(&self, name: &str) -> bool {
-        let Some(ch) = self.map.lock().remove(name) else {
-            return false;
+        self.remove(name, true)
+    }
+
+    fn remove(&self, name: &str, tombstone: bool) -> bool {
+        let ch = {
+            let mut map = self.map.lock();
+            let Some(ch) = map.remove(name) else {
+                return false;
+            };
+            if tombstone {
+                let serial = self.connections.load(Ordering::SeqCst);
+                self.deleted
+                    .lock()
+                    .record(name, serial, Instant::now(), self.max_channels);
+            }
+            ch
         };
         ch.close();
         tracing::debug!(channel = name, "closed channel");
@@ -346,7 +454,8 @@ impl Registry {
             .collect();
         let mut swept = 0;
         for name in stale {
-            if self.close(&name) {
+            // Idle, so no request of its publisher is on its way: no tombstone.
+            if self.remove(&name, false) {
                 tracing::info!(channel = %name, "closed idle channel");
                 swept += 1;
             }
@@ -401,6 +510,42 @@ mod tests {
         assert!(validate_name("a/b").is_err());
         assert!(validate_name("a b").is_err());
         assert!(validate_name(&"x".repeat(300)).is_err());
+    }
+
+    #[test]
+    fn a_deleted_channel_is_not_recreated_by_a_connection_accepted_before_the_delete() {
+        let reg = Registry::new(10, false);
+        let early = reg.accepted();
+        reg.get_or_create("ch", "", true).ok().unwrap();
+        assert!(reg.close("ch"));
+        let late = reg.accepted();
+        assert!(matches!(
+            reg.get_or_create_for("ch", "", true, Some(early)),
+            Err(Lookup::NotFound)
+        ));
+        assert!(reg
+            .get_or_create_for("other", "", true, Some(early))
+            .is_ok());
+        assert!(reg.get_or_create_for("ch", "", true, Some(late)).is_ok());
+        // Swept (idle) channels leave no tombstone.
+        assert!(reg.remove("other", false));
+        assert!(reg
+            .get_or_create_for("other", "", true, Some(early))
+            .is_ok());
+    }
+
+    #[test]
+    fn tombstones_expire_and_stay_within_their_cap() {
+        let mut t = Tombstones::default();
+        let now = Instant::now();
+        t.record("a", 5, now, 2);
+        t.record("b", 6, now, 2);
+        t.record("c", 7, now, 2);
+        assert_eq!(t.order.len(), 2);
+        assert!(!t.covers("a", 1, now), "the oldest went past the cap");
+        assert!(t.covers("b", 6, now) && !t.covers("b", 7, now));
+        assert!(!t.covers("c", 1, now + TOMBSTONE_TTL), "expired");
+        assert!(t.by_name.is_empty() && t.order.is_empty());
     }
 
     #[test]

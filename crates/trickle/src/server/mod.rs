@@ -1,5 +1,5 @@
 //! The trickle server: a hand-written HTTP/1.1 server that speaks the protocol byte for byte as
-//! go-livepeer's reference does (see `shared/spec/trickle.md`).
+//! go-livepeer's reference does (see `docs/trickle.md`).
 //!
 //! ```no_run
 //! # async fn demo() -> std::io::Result<()> {
@@ -18,6 +18,13 @@
 //!
 //! Modules: `http` (request heads, framing, bodies, responses), `segment` (one growing segment),
 //! `channel` (the five-segment ring and the registry), `routes` (the handlers).
+//!
+//! One addition to the reference: with autocreate, a deleted channel is not created again by
+//! the first request of a connection accepted before the delete (for 10 s after it). Such a
+//! request was on its way before the DELETE, typically the publisher's preconnected POST of its
+//! next segment read late by a busy server; recreating the channel from it would leave the
+//! channel's subscribers waiting for an end that never comes. It is answered 404, as without
+//! autocreate.
 
 mod channel;
 mod http;
@@ -130,6 +137,28 @@ impl Channels {
     pub fn list(&self) -> Vec<String> {
         self.registry.list()
     }
+
+    /// The segments a channel holds now, oldest first, with the requests on each; `None` if
+    /// there is no such channel. Shows what HTTP cannot: a subscriber parked on a segment, a
+    /// publisher preconnected to one.
+    pub fn segments(&self, name: &str) -> Option<Vec<SegmentInfo>> {
+        self.registry.get(name).map(|ch| ch.segments())
+    }
+}
+
+/// One segment of a channel, as [`Channels::segments`] sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SegmentInfo {
+    /// Its sequence number.
+    pub seq: i64,
+    /// GET requests streaming it or waiting for its data.
+    pub readers: usize,
+    /// POST requests writing it, or preconnected and waiting for their first byte.
+    pub writers: usize,
+    /// Bytes it holds.
+    pub bytes: u64,
+    /// Whether it is complete (or was closed).
+    pub closed: bool,
 }
 
 /// What every connection task shares.
@@ -294,7 +323,9 @@ async fn accept_loop(
                     let acceptor = tls.as_ref().map(tls::ServerTls::acceptor);
                     match limit.clone().try_acquire_owned() {
                         Ok(permit) => {
-                            conns.spawn(serve_conn(stream, acceptor, ctx.clone(), permit, stop.clone()));
+                            // Numbered here, in accept order, so a DELETE knows which connections came before it.
+                            let serial = ctx.registry.accepted();
+                            conns.spawn(serve_conn(stream, acceptor, ctx.clone(), permit, stop.clone(), serial));
                         }
                         Err(_) => {
                             conns.spawn(reject_conn(stream, acceptor, max_connections));
@@ -380,6 +411,7 @@ async fn serve_conn(
     ctx: Arc<Ctx>,
     _permit: OwnedSemaphorePermit,
     mut stop: watch::Receiver<bool>,
+    serial: u64,
 ) {
     let _ = stream.set_nodelay(true);
     let io = tokio::select! {
@@ -392,6 +424,9 @@ async fn serve_conn(
     };
     let mut conn = Conn::new(io);
     let mut wait_for_head = FIRST_REQUEST;
+    // Only the first request can have been sent before a DELETE this server handled first; a
+    // later one follows an answer (keep-alive requests are not covered).
+    let mut first_on = Some(serial);
     loop {
         let head = tokio::select! {
             biased;
@@ -427,7 +462,7 @@ async fn serve_conn(
                 return;
             }
         };
-        match routes::handle(&ctx, &mut conn, head).await {
+        match routes::handle(&ctx, &mut conn, head, first_on.take()).await {
             Outcome::KeepAlive if !*stop.borrow() => {}
             Outcome::KeepAlive | Outcome::Abort => return,
             Outcome::Close => {

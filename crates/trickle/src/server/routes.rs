@@ -55,14 +55,21 @@ fn parse_seq(s: &str) -> Option<i64> {
     s.parse::<i64>().ok().filter(|n| (-2..=MAX_SEQ).contains(n))
 }
 
-/// One request, start to finish.
-pub(crate) async fn handle(ctx: &Ctx, conn: &mut Conn, head: Head) -> Outcome {
+/// One request, start to finish. `first_on` is the connection's serial when this is its first
+/// request (what a DELETE racing it compares with).
+pub(crate) async fn handle(
+    ctx: &Ctx,
+    conn: &mut Conn,
+    head: Head,
+    first_on: Option<u64>,
+) -> Outcome {
     let mut body = Body::new(head.body);
     let mut req = Req {
         ctx,
         conn,
         head: &head,
         body: &mut body,
+        first_on,
     };
     match (head.method, route(&ctx.base, &head.path)) {
         (Method::Post, Route::Channel(name)) => req.create(name).await,
@@ -98,6 +105,8 @@ struct Req<'a> {
     conn: &'a mut Conn,
     head: &'a Head,
     body: &'a mut Body,
+    /// The connection's serial, on its first request only.
+    first_on: Option<u64>,
 }
 
 impl Req<'_> {
@@ -155,7 +164,7 @@ impl Req<'_> {
         match self
             .ctx
             .registry
-            .get_or_create(name, &mime, self.ctx.autocreate)
+            .get_or_create_for(name, &mime, self.ctx.autocreate, self.first_on)
         {
             Ok(_) => self.ok(&[], b"", false).await,
             Err(Lookup::NotFound) => self.error(404, &[], "Stream not found", false).await,
@@ -247,6 +256,7 @@ impl Req<'_> {
 
     /// Streams a segment: what it holds, then the rest as it arrives, until it closes.
     async fn stream(&mut self, ch: &Channel, seg: Arc<Segment>, latest: i64) -> Outcome {
+        let _reading = seg.reading();
         let chunked = !self.head.http10;
         let keep = chunked && self.reusable();
         let mut pos = 0usize;
@@ -326,7 +336,10 @@ impl Req<'_> {
             return self.error(404, &[], "Stream not found", true).await;
         };
         let mime = self.head.content_type.clone().unwrap_or_default();
-        let ch = match ctx.registry.get_or_create(name, &mime, ctx.autocreate) {
+        let ch = match ctx
+            .registry
+            .get_or_create_for(name, &mime, ctx.autocreate, self.first_on)
+        {
             Ok(ch) => ch,
             Err(e) => return self.refused(e).await,
         };
@@ -340,7 +353,10 @@ impl Req<'_> {
             return Outcome::Abort;
         }
         match w.writer {
-            Some(writer) => self.write_segment(&ch, &w.seg, w.seq, writer).await,
+            Some(writer) => {
+                let _writing = w.seg.writing();
+                self.write_segment(&ch, &w.seg, w.seq, writer).await
+            }
             None => self.discard_body(w.seq).await,
         }
     }

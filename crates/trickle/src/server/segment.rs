@@ -5,7 +5,7 @@
 
 use bytes::Bytes;
 use parking_lot::Mutex;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use tokio::sync::futures::Notified;
 use tokio::sync::Notify;
@@ -19,6 +19,18 @@ pub(crate) struct Segment {
     /// Woken only on close: writers wait on it without being woken by their own appends.
     closed_notify: Notify,
     closed: AtomicBool,
+    /// Requests holding it now (see [`super::SegmentInfo`]): GETs, and POSTs with the right to write.
+    readers: AtomicUsize,
+    writers: AtomicUsize,
+}
+
+/// One request counted on a segment for as long as it lives.
+pub(crate) struct Holding<'a>(&'a AtomicUsize);
+
+impl Drop for Holding<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 #[derive(Default)]
@@ -65,7 +77,33 @@ impl Segment {
             data: Notify::new(),
             closed_notify: Notify::new(),
             closed: AtomicBool::new(false),
+            readers: AtomicUsize::new(0),
+            writers: AtomicUsize::new(0),
         })
+    }
+
+    /// Counts a GET streaming (or waiting for) this segment until the guard drops.
+    pub(crate) fn reading(&self) -> Holding<'_> {
+        self.readers.fetch_add(1, Ordering::Relaxed);
+        Holding(&self.readers)
+    }
+
+    /// Counts a POST writing (or preconnected to) this segment until the guard drops.
+    pub(crate) fn writing(&self) -> Holding<'_> {
+        self.writers.fetch_add(1, Ordering::Relaxed);
+        Holding(&self.writers)
+    }
+
+    /// What the segment holds and who holds it, now.
+    pub(crate) fn info(&self) -> super::SegmentInfo {
+        let st = self.state.lock();
+        super::SegmentInfo {
+            seq: self.seq,
+            readers: self.readers.load(Ordering::Relaxed),
+            writers: self.writers.load(Ordering::Relaxed),
+            bytes: st.len,
+            closed: st.closed,
+        }
     }
 
     /// The sequence number of this segment.
