@@ -3,6 +3,7 @@
 use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::value::RawValue;
+use telemetry::api_event::{self, ApiEventError};
 
 /// One valid event: its id (unescaped) and its exact JSON bytes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,16 +34,6 @@ pub enum Invalid {
 struct Top<'a> {
     #[serde(borrow, default)]
     events: Option<&'a RawValue>,
-}
-
-#[derive(Deserialize)]
-struct EventFields<'a> {
-    #[serde(borrow, default)]
-    id: Option<&'a RawValue>,
-    #[serde(rename = "type", borrow, default)]
-    ty: Option<&'a RawValue>,
-    #[serde(borrow, default)]
-    data: Option<&'a RawValue>,
 }
 
 fn first(raw: &RawValue) -> u8 {
@@ -84,27 +75,17 @@ pub fn validate(body: &[u8], max_events: usize) -> Result<Vec<ValidEvent>, Inval
         if first(raw) != b'{' {
             return Err(shape(format!("event {i} is not an object")));
         }
-        let f: EventFields =
-            serde_json::from_str(raw.get()).map_err(|e| shape(format!("event {i}: {e}")))?;
-        let id =
-            f.id.filter(|v| first(v) == b'"')
-                .and_then(|v| serde_json::from_str::<String>(v.get()).ok())
-                .filter(|s| !s.is_empty())
-                .ok_or_else(|| {
-                    shape(format!(
-                        "event {i} has no `id` (a non-empty string is required)"
-                    ))
-                })?;
-        if f.ty.is_none_or(|v| first(v) != b'"') {
-            return Err(shape(format!(
-                "event {i} ({id}) has no `type` (a string is required)"
-            )));
-        }
-        if f.data.is_none_or(|v| first(v) != b'{') {
-            return Err(shape(format!(
-                "event {i} ({id}) has no `data` (an object is required)"
-            )));
-        }
+        let id = api_event::check(raw.get()).map_err(|e| match e {
+            ApiEventError::NotAnObject(why) => shape(format!("event {i}: {why}")),
+            ApiEventError::NoId => shape(format!("event {i} {e}")),
+            _ => {
+                let id = serde_json::from_str::<serde_json::Value>(raw.get())
+                    .ok()
+                    .and_then(|v| v["id"].as_str().map(str::to_owned))
+                    .unwrap_or_default();
+                shape(format!("event {i} ({id}) {e}"))
+            }
+        })?;
         out.push(ValidEvent {
             id,
             json: Bytes::copy_from_slice(raw.get().as_bytes()),

@@ -351,8 +351,34 @@ pub fn read_topic(
     }
 }
 
-/// The partition librdkafka's default partitioner (`consistent_random`) picks for a non-empty
-/// `key`: CRC-32 (IEEE) of the key modulo the partition count.
+/// The partition this project's producers (sink and collector output, `partitioner =
+/// murmur2_random`) pick for a non-empty `key`: the Java client's, `murmur2(key) & 0x7fffffff`
+/// modulo the partition count, so the seed's producer and ours place an id identically.
 pub fn default_partition(key: &[u8], partitions: i32) -> i32 {
-    (crc32fast::hash(key) % partitions.max(1) as u32) as i32
+    ((murmur2(key) as u32 & 0x7fff_ffff) % partitions.max(1) as u32) as i32
+}
+
+/// MurmurHash2 as the Java Kafka client computes it (`Utils.murmur2`: seed `0x9747b28c`,
+/// little-endian 4-byte words, signed result).
+pub fn murmur2(data: &[u8]) -> i32 {
+    const M: u32 = 0x5bd1_e995;
+    let mut h: u32 = 0x9747_b28c ^ data.len() as u32;
+    let mut words = data.chunks_exact(4);
+    for w in &mut words {
+        let mut k = u32::from_le_bytes([w[0], w[1], w[2], w[3]]);
+        k = k.wrapping_mul(M);
+        k ^= k >> 24;
+        h = h.wrapping_mul(M) ^ k.wrapping_mul(M);
+    }
+    let tail = words.remainder();
+    if !tail.is_empty() {
+        for (i, b) in tail.iter().enumerate() {
+            h ^= (*b as u32) << (8 * i);
+        }
+        h = h.wrapping_mul(M);
+    }
+    h ^= h >> 13;
+    h = h.wrapping_mul(M);
+    h ^= h >> 15;
+    h as i32
 }

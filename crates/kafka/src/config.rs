@@ -248,6 +248,9 @@ impl KafkaConfig {
             // Idempotence: librdkafka's internal retries never duplicate or reorder (acks=all).
             .set("enable.idempotence", "true")
             .set("acks", "all")
+            // The Java client's partitioner (the seed's producer uses it): an id lands on the
+            // same partition whichever producer wrote it. librdkafka's default is CRC-32.
+            .set("partitioner", "murmur2_random")
             .set(
                 "queue.buffering.max.messages",
                 self.batch_max_events.max(1).to_string(),
@@ -317,6 +320,7 @@ mod tests {
         assert_eq!(c.buffer_path, Some(default_buffer_path()));
         let p = c.producer_config();
         assert_eq!(p.get("enable.idempotence"), Some("true"));
+        assert_eq!(p.get("partitioner"), Some("murmur2_random"));
         assert_eq!(p.get("security.protocol"), None);
     }
 

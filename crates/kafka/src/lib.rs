@@ -6,10 +6,12 @@
 //!
 //! Topic `KAFKA_TOPIC` (default `scope-events`); key = the envelope id (its UTF-8 bytes);
 //! value = the envelope's exact JSON bytes, as the hop before built them (the client's
-//! `"relayed_via":"trickle"` annotation included). No headers. The partition is librdkafka's
-//! default partitioner (`consistent_random`: CRC-32 of the key modulo the partition count, as
-//! any librdkafka-based producer such as Python's confluent-kafka picks it), so every event of
-//! one id lands in one partition ([`broker::default_partition`] computes it).
+//! `data.relayed_via` / `data.relay_received_timestamp` annotations included). No headers. The
+//! partition is the Java client's: librdkafka's `partitioner=murmur2_random`, murmur2 of the key
+//! (`& 0x7fffffff`) modulo the partition count, which is what the seed's producer (aiokafka, whose
+//! default partitioner is the Java one) picks; so an id lands on the same partition whichever of
+//! them wrote it ([`broker::default_partition`] computes it). librdkafka's own default
+//! (`consistent_random`, CRC-32, also confluent-kafka's) would place ids differently.
 //!
 //! # The path of one event through the sink
 //!

@@ -33,6 +33,30 @@ use std::sync::Arc;
 use std::time::Duration;
 use telemetry::envelope::{first_byte, Members};
 
+/// Opens the collector's output a spec names: `kafka` or `kafka:TOPIC` (this crate's: each event
+/// produced as its envelope, broker and credentials from `KAFKA_BOOTSTRAP_SERVERS` /
+/// `KAFKA_SASL_*`), else the collector's own (`jsonl:PATH`).
+pub fn open(spec: &str) -> Result<Arc<dyn Output>, String> {
+    if spec == "kafka" || spec.starts_with("kafka:") {
+        return Ok(Arc::new(KafkaOutput::from_spec(spec)?));
+    }
+    collector::output::open(spec)
+}
+
+/// The output spec when none is given, and why (for the collector's startup line): `kafka` when
+/// `KAFKA_BOOTSTRAP_SERVERS` is set, as the seed's deployment publishes the metrics API's events
+/// to Kafka; else `metrics.jsonl` in the working directory, named in full.
+pub fn default_spec() -> (String, &'static str) {
+    if std::env::var("KAFKA_BOOTSTRAP_SERVERS").is_ok_and(|v| !v.trim().is_empty()) {
+        let why = " (KAFKA_BOOTSTRAP_SERVERS is set and no --output)";
+        return ("kafka".into(), why);
+    }
+    let file = std::path::Path::new("metrics.jsonl");
+    let path = std::path::absolute(file).unwrap_or_else(|_| file.to_path_buf());
+    let why = " (the default: no --output, KAFKA_BOOTSTRAP_SERVERS unset)";
+    (format!("jsonl:{}", path.display()), why)
+}
+
 /// The collector's Kafka output. See the module docs.
 pub struct KafkaOutput {
     producer: FutureProducer<LogContext>,

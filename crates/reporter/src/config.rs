@@ -1,11 +1,11 @@
 //! [`ReporterConfig`]: the spec's environment variables, plus knobs tests and operators need.
 
 use spool::SpoolOptions;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-/// The metrics API endpoint used when `DAYDREAM_METRICS_URL` is unset.
-pub const DEFAULT_URL: &str = "https://api.daydream.live/v1/metrics";
+/// The metrics API endpoint used when `DAYDREAM_METRICS_URL` is unset (the seed's).
+pub const DEFAULT_URL: &str = "https://api.daydream.monster/v1/metrics";
 /// Most events in one request (the API's limit).
 pub const MAX_BATCH_EVENTS: usize = 500;
 /// Most bytes in one (uncompressed) request body (the API's limit).
@@ -59,9 +59,16 @@ pub struct ReporterConfig {
     /// `SCOPE_METRICS_MAX_BUFFER` (default 50,000): events buffered (disk and memory alike)
     /// before the oldest are dropped.
     pub max_buffer: usize,
-    /// `SCOPE_METRICS_BUFFER_PATH`: the disk buffer's directory; `None` (the variable set to an
-    /// empty string) keeps a bounded in-memory buffer only.
+    /// The disk buffer's directory; `None` keeps a bounded in-memory buffer only. From
+    /// `SCOPE_METRICS_BUFFER_PATH` (see [`ReporterConfig::from_env_with`]): beside the seed's
+    /// buffer file, at `<file>.spool/`.
     pub buffer_path: Option<PathBuf>,
+    /// The seed's buffer file (`SCOPE_METRICS_BUFFER_PATH`, default
+    /// `~/.daydream-scope/metrics_buffer.jsonl`): JSON lines of API events the seed's reporter
+    /// wrote at its last clean stop. [`crate::Reporter::start`] imports them into the disk buffer
+    /// once, then truncates the file, as the seed does when it loads it. `None`: nothing to
+    /// import.
+    pub seed_buffer_file: Option<PathBuf>,
     /// Options of the disk buffer (size cap, sync policy). Default: the spool's defaults.
     pub spool: SpoolOptions,
     /// `app` of every request body (`"scope"`).
@@ -112,6 +119,7 @@ impl std::fmt::Debug for ReporterConfig {
             .field("max_body_bytes", &self.max_body_bytes)
             .field("max_buffer", &self.max_buffer)
             .field("buffer_path", &self.buffer_path)
+            .field("seed_buffer_file", &self.seed_buffer_file)
             .field("spool", &self.spool)
             .field("app", &self.app)
             .field("host", &self.host)
@@ -142,6 +150,7 @@ impl ReporterConfig {
             max_body_bytes: MAX_BODY_BYTES,
             max_buffer: 50_000,
             buffer_path: None,
+            seed_buffer_file: None,
             spool: SpoolOptions::default(),
             app: "scope".into(),
             host: hostname(),
@@ -163,15 +172,38 @@ impl ReporterConfig {
         ReporterConfig::from_env_with(|k| std::env::var(k).ok())
     }
 
-    /// From the variables `env` returns: `DAYDREAM_METRICS_URL` (default [`DEFAULT_URL`]),
-    /// `SCOPE_CLOUD_API_KEY`, `SCOPE_METRICS_ENABLED`, `SCOPE_METRICS_FLUSH_INTERVAL_MS`,
-    /// `SCOPE_METRICS_MAX_BATCH`, `SCOPE_METRICS_MAX_BUFFER`, `SCOPE_METRICS_BUFFER_PATH` (unset:
-    /// [`default_buffer_path`]; empty: memory only), `SCOPE_METRICS_GZIP`,
-    /// `SCOPE_METRICS_REQUEST_TIMEOUT_MS`, `SCOPE_METRICS_BACKOFF_MAX_MS` and
-    /// `SCOPE_METRICS_CA_FILE`.
+    /// From the variables `env` returns (see [`ReporterConfig::from_env_noted`]); each value it
+    /// had to bring into range is logged once, as a warning naming the variable and the limit.
     pub fn from_env_with(
         env: impl Fn(&str) -> Option<String>,
     ) -> Result<ReporterConfig, ConfigError> {
+        let (config, notes) = ReporterConfig::from_env_noted(env)?;
+        for note in notes {
+            tracing::warn!(target: "reporter", "{note}");
+        }
+        Ok(config)
+    }
+
+    /// From the variables `env` returns, as the seed reads them, and what was adjusted:
+    /// `DAYDREAM_METRICS_URL` (default [`DEFAULT_URL`]), `SCOPE_CLOUD_API_KEY`,
+    /// `SCOPE_METRICS_ENABLED`, `SCOPE_METRICS_FLUSH_INTERVAL_MS`, `SCOPE_METRICS_MAX_BATCH`,
+    /// `SCOPE_METRICS_MAX_BUFFER`, `SCOPE_METRICS_BUFFER_PATH`, `SCOPE_METRICS_GZIP`,
+    /// `SCOPE_METRICS_REQUEST_TIMEOUT_MS`, `SCOPE_METRICS_BACKOFF_MAX_MS` and `SCOPE_METRICS_CA_FILE`.
+    ///
+    /// A whole number out of range (e.g. `SCOPE_METRICS_MAX_BATCH=1000`, past the API's 500) is
+    /// clamped to the limit and noted: the seed takes any number, so a setting it ran with must
+    /// not stop this reporter from starting. Anything that is not a whole number is an error.
+    ///
+    /// `SCOPE_METRICS_BUFFER_PATH` is the seed's buffer *file*: the disk buffer lives beside it,
+    /// in `<file>.spool/`, and the file itself is imported once ([`Self::seed_buffer_file`]).
+    /// Unset: the seed's default file (`$DAYDREAM_SCOPE_MODELS_DIR/../metrics_buffer.jsonl`, else
+    /// `~/.daydream-scope/metrics_buffer.jsonl`) is imported, the disk buffer is
+    /// [`default_buffer_path`]. Empty: memory only, nothing imported. A path that is already a
+    /// directory is taken as the disk buffer itself (how earlier versions of this reporter read
+    /// the variable).
+    pub fn from_env_noted(
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<(ReporterConfig, Vec<String>), ConfigError> {
         let get = |k: &str| env(k).map(|v| v.trim().to_owned());
         let url = get("DAYDREAM_METRICS_URL")
             .filter(|v| !v.is_empty())
@@ -190,28 +222,48 @@ impl ReporterConfig {
                 }
             };
         }
-        if let Some(ms) = number(&get, "SCOPE_METRICS_FLUSH_INTERVAL_MS")? {
+        let mut notes = Vec::new();
+        let mut number = |name: &'static str, min: u64, max: u64, limit: &str| {
+            clamped(&get, name, min, max, limit, &mut notes)
+        };
+        if let Some(ms) = number("SCOPE_METRICS_FLUSH_INTERVAL_MS", 1, u64::MAX, "1 ms")? {
             c.flush_interval = Duration::from_millis(ms);
         }
-        if let Some(n) = number(&get, "SCOPE_METRICS_MAX_BATCH")? {
+        let batch_limit = format!("the metrics API's {MAX_BATCH_EVENTS} events per request");
+        if let Some(n) = number(
+            "SCOPE_METRICS_MAX_BATCH",
+            1,
+            MAX_BATCH_EVENTS as u64,
+            &batch_limit,
+        )? {
             c.max_batch = n as usize;
         }
-        if let Some(n) = number(&get, "SCOPE_METRICS_MAX_BUFFER")? {
+        if let Some(n) = number("SCOPE_METRICS_MAX_BUFFER", 1, u32::MAX as u64, "1 event")? {
             c.max_buffer = n as usize;
         }
-        if let Some(ms) = number(&get, "SCOPE_METRICS_REQUEST_TIMEOUT_MS")? {
+        if let Some(ms) = number("SCOPE_METRICS_REQUEST_TIMEOUT_MS", 1, u64::MAX, "1 ms")? {
             c.request_timeout = Duration::from_millis(ms);
         }
-        if let Some(ms) = number(&get, "SCOPE_METRICS_BACKOFF_MAX_MS")? {
-            c.backoff_max = Duration::from_millis(ms).max(c.backoff_base);
+        let base_ms = c.backoff_base.as_millis() as u64;
+        if let Some(ms) = number(
+            "SCOPE_METRICS_BACKOFF_MAX_MS",
+            base_ms,
+            u64::MAX,
+            "the 1 s first backoff",
+        )? {
+            c.backoff_max = Duration::from_millis(ms);
         }
         c.ca_file = get("SCOPE_METRICS_CA_FILE")
             .filter(|v| !v.is_empty())
             .map(PathBuf::from);
-        c.buffer_path = match env("SCOPE_METRICS_BUFFER_PATH") {
-            Some(p) if p.trim().is_empty() => None,
-            Some(p) => Some(PathBuf::from(p)),
-            None => Some(default_buffer_path()),
+        (c.buffer_path, c.seed_buffer_file) = match env("SCOPE_METRICS_BUFFER_PATH") {
+            Some(p) if p.trim().is_empty() => (None, None),
+            Some(p) if Path::new(&p).is_dir() => (Some(PathBuf::from(p)), None),
+            Some(p) => (Some(spool_beside(Path::new(&p))), Some(PathBuf::from(p))),
+            None => (
+                Some(default_buffer_path()),
+                Some(seed_default_buffer_file(&env)),
+            ),
         };
         if let Some(v) = get("SCOPE_METRICS_GZIP").filter(|v| !v.is_empty()) {
             c.gzip = match v.to_ascii_lowercase().as_str() {
@@ -228,7 +280,7 @@ impl ReporterConfig {
             };
         }
         c.validate()?;
-        Ok(c)
+        Ok((c, notes))
     }
 
     /// Checks ranges; [`crate::Reporter::start`] calls it too.
@@ -273,6 +325,12 @@ impl ReporterConfig {
     /// Sets the disk buffer directory (`None`: memory only).
     pub fn with_buffer_path(mut self, path: Option<PathBuf>) -> Self {
         self.buffer_path = path;
+        self
+    }
+
+    /// Sets the seed's buffer file to import at start (`None`: nothing to import).
+    pub fn with_seed_buffer_file(mut self, file: Option<PathBuf>) -> Self {
+        self.seed_buffer_file = file;
         self
     }
 
@@ -362,18 +420,54 @@ impl ReporterConfig {
     }
 }
 
-fn number(
+/// The whole number `name` holds, clamped to `min..=max` (`limit` says the bound in words for the
+/// note); `None` when unset or empty; an error when it is not a whole number.
+fn clamped(
     get: &impl Fn(&str) -> Option<String>,
     name: &'static str,
+    min: u64,
+    max: u64,
+    limit: &str,
+    notes: &mut Vec<String>,
 ) -> Result<Option<u64>, ConfigError> {
-    match get(name).filter(|v| !v.is_empty()) {
-        None => Ok(None),
-        Some(v) => v.parse::<u64>().map(Some).map_err(|_| ConfigError::BadVar {
-            name,
-            value: v,
-            why: "expected a whole number",
-        }),
+    let Some(v) = get(name).filter(|v| !v.is_empty()) else {
+        return Ok(None);
+    };
+    let n: i128 = v.parse().map_err(|_| ConfigError::BadVar {
+        name,
+        value: v.clone(),
+        why: "expected a whole number",
+    })?;
+    let used = n.clamp(min as i128, max as i128) as u64;
+    if used as i128 != n {
+        let side = if n < min as i128 { "below" } else { "above" };
+        notes.push(format!(
+            "{name}={v} is {side} {limit}; using {used} (the seed takes any number, so this one is clamped rather than refused)"
+        ));
     }
+    Ok(Some(used))
+}
+
+/// The disk buffer's directory for the seed's buffer file `file`: `<file>.spool/` beside it.
+pub fn spool_beside(file: &Path) -> PathBuf {
+    let mut name = file.as_os_str().to_owned();
+    name.push(".spool");
+    PathBuf::from(name)
+}
+
+/// Where the seed keeps its buffer file when `SCOPE_METRICS_BUFFER_PATH` is unset:
+/// `$DAYDREAM_SCOPE_MODELS_DIR/../metrics_buffer.jsonl`, else
+/// `~/.daydream-scope/metrics_buffer.jsonl`.
+pub fn seed_default_buffer_file(env: impl Fn(&str) -> Option<String>) -> PathBuf {
+    let file = "metrics_buffer.jsonl";
+    if let Some(models) = env("DAYDREAM_SCOPE_MODELS_DIR").filter(|v| !v.is_empty()) {
+        let models = PathBuf::from(models);
+        return models.parent().unwrap_or(&models).join(file);
+    }
+    let home = env("HOME").filter(|v| !v.is_empty()).map(PathBuf::from);
+    home.unwrap_or_else(std::env::temp_dir)
+        .join(".daydream-scope")
+        .join(file)
 }
 
 /// The disk buffer used when `SCOPE_METRICS_BUFFER_PATH` is unset: `metrics-buffer` in
@@ -415,6 +509,83 @@ mod tests {
         assert_eq!(c.buffer_path, Some(default_buffer_path()));
         assert_eq!(c.gzip, GzipMode::Auto);
         assert_eq!(c.ca_file, None);
+        assert_eq!(DEFAULT_URL, "https://api.daydream.monster/v1/metrics");
+        // The seed's own default file is imported; its default location follows the seed.
+        let c = ReporterConfig::from_env_with(env(&[("HOME", "/home/u")])).unwrap();
+        assert_eq!(
+            c.seed_buffer_file,
+            Some(PathBuf::from(
+                "/home/u/.daydream-scope/metrics_buffer.jsonl"
+            ))
+        );
+        let c = ReporterConfig::from_env_with(env(&[
+            ("HOME", "/home/u"),
+            ("DAYDREAM_SCOPE_MODELS_DIR", "/data/scope/models"),
+        ]))
+        .unwrap();
+        assert_eq!(
+            c.seed_buffer_file,
+            Some(PathBuf::from("/data/scope/metrics_buffer.jsonl"))
+        );
+    }
+
+    #[test]
+    fn the_buffer_path_is_the_seeds_file_with_the_spool_beside_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("metrics_buffer.jsonl");
+        let f = file.to_str().unwrap();
+        let c = ReporterConfig::from_env_with(env(&[("SCOPE_METRICS_BUFFER_PATH", f)])).unwrap();
+        assert_eq!(c.seed_buffer_file, Some(file.clone()));
+        assert_eq!(
+            c.buffer_path,
+            Some(dir.path().join("metrics_buffer.jsonl.spool"))
+        );
+        // An existing directory is the disk buffer itself, as earlier versions read it.
+        let d = dir.path().to_str().unwrap();
+        let c = ReporterConfig::from_env_with(env(&[("SCOPE_METRICS_BUFFER_PATH", d)])).unwrap();
+        assert_eq!(
+            (c.buffer_path, c.seed_buffer_file),
+            (Some(dir.path().to_path_buf()), None)
+        );
+        let c = ReporterConfig::from_env_with(env(&[("SCOPE_METRICS_BUFFER_PATH", "")])).unwrap();
+        assert_eq!((c.buffer_path, c.seed_buffer_file), (None, None));
+    }
+
+    #[test]
+    fn out_of_range_numbers_are_clamped_with_one_note_naming_the_variable_and_the_limit() {
+        let cases = [
+            ("SCOPE_METRICS_MAX_BATCH", "1000", "500 events per request"),
+            ("SCOPE_METRICS_MAX_BATCH", "0", "500 events per request"),
+            ("SCOPE_METRICS_MAX_BATCH", "-3", "500 events per request"),
+            ("SCOPE_METRICS_FLUSH_INTERVAL_MS", "-1", "1 ms"),
+            ("SCOPE_METRICS_REQUEST_TIMEOUT_MS", "0", "1 ms"),
+            ("SCOPE_METRICS_MAX_BUFFER", "0", "1 event"),
+            ("SCOPE_METRICS_BACKOFF_MAX_MS", "10", "1 s first backoff"),
+        ];
+        for (name, value, limit) in cases {
+            let (c, notes) =
+                ReporterConfig::from_env_noted(env(&[(name, value)])).unwrap_or_else(|e| {
+                    panic!("{name}={value} must not refuse to start: {e}");
+                });
+            assert_eq!(notes.len(), 1, "{name}={value}: {notes:?}");
+            assert!(
+                notes[0].contains(&format!("{name}={value}")) && notes[0].contains(limit),
+                "{name}={value}: {}",
+                notes[0]
+            );
+            c.validate().unwrap();
+        }
+        let (c, notes) =
+            ReporterConfig::from_env_noted(env(&[("SCOPE_METRICS_MAX_BATCH", "1000")])).unwrap();
+        assert_eq!(c.max_batch, MAX_BATCH_EVENTS);
+        assert!(notes[0].contains("above"));
+        let (c, _) =
+            ReporterConfig::from_env_noted(env(&[("SCOPE_METRICS_MAX_BATCH", "0")])).unwrap();
+        assert_eq!(c.max_batch, 1);
+        // In range: nothing noted.
+        let (_, notes) =
+            ReporterConfig::from_env_noted(env(&[("SCOPE_METRICS_MAX_BATCH", "500")])).unwrap();
+        assert!(notes.is_empty());
     }
 
     #[test]
@@ -441,12 +612,11 @@ mod tests {
         assert_eq!(c.buffer_path, None);
         assert_eq!(c.gzip, GzipMode::Never);
 
+        // Not numbers at all (the seed's int() refuses them too), and a wrong URL or switch.
         for (k, v) in [
-            ("SCOPE_METRICS_MAX_BATCH", "501"),
             ("SCOPE_METRICS_MAX_BATCH", "x"),
-            ("SCOPE_METRICS_FLUSH_INTERVAL_MS", "-1"),
+            ("SCOPE_METRICS_FLUSH_INTERVAL_MS", "2.5"),
             ("SCOPE_METRICS_ENABLED", "maybe"),
-            ("SCOPE_METRICS_REQUEST_TIMEOUT_MS", "0"),
             ("DAYDREAM_METRICS_URL", "ftp://x"),
         ] {
             let err = ReporterConfig::from_env_with(env(&[(k, v)])).unwrap_err();

@@ -3,10 +3,11 @@
 //!
 //! The API wants `{"type": data.type, "data": {...}, "id": ..., "timestamp": ...}` per event,
 //! while an envelope is `{"id", "type": "stream_trace", "timestamp", "data", ...annotations}`.
-//! [`api_event`] rewrites one into the other by splicing raw JSON slices: `data`, `id` and
-//! `timestamp` are copied byte for byte (never re-serialized), `type` is the raw `data.type`
-//! string, and any other top-level member (the client's `relayed_via` annotation) follows
-//! verbatim. It runs once per event, in the writer thread; what is stored on disk is exactly
+//! [`api_event`] rewrites one into the other by splicing raw JSON slices: `data` and `id` are
+//! copied byte for byte (never re-serialized), and any other top-level member follows verbatim.
+//! As the seed maps it (`map_envelope_to_event`): `type` is `data.type`, else the envelope's
+//! `type`, else `"unknown"`; a missing `data` is `{}`; `timestamp` is sent as a string (a
+//! number's JSON spelling quoted) and left out when empty or zero. It runs once per event, in the writer thread; what is stored on disk is exactly
 //! what goes into a body, so building a body ([`BodyBuilder`]) is concatenation only.
 
 use egress::{Encoder, Reason};
@@ -71,12 +72,9 @@ pub enum ShapeError {
     /// No string `id`.
     #[error("envelope has no string `id`")]
     NoId,
-    /// No object `data`.
-    #[error("envelope has no object `data`")]
+    /// `data` is not an object.
+    #[error("envelope's `data` is not an object")]
     NoData,
-    /// `data.type` missing or not a string.
-    #[error("envelope's `data.type` is missing or not a string")]
-    NoType,
 }
 
 /// `data.type` as its raw JSON (a string), skipping every other member of `data` unparsed.
@@ -99,27 +97,47 @@ pub fn api_event(envelope: &[u8], out: &mut Vec<u8>) -> Result<(), ShapeError> {
             .find(|(k, _)| k == key)
             .map(|(_, v)| *v)
     };
+    let string = |v: &&RawValue| first_byte(v) == b'"';
+    // An empty id cannot be deduplicated (and the collector refuses it): not sendable.
     let id = find("id")
-        .filter(|v| first_byte(v) == b'"')
+        .filter(|v| string(v) && v.get() != "\"\"")
         .ok_or(ShapeError::NoId)?;
-    let data = find("data")
-        .filter(|v| first_byte(v) == b'{')
-        .ok_or(ShapeError::NoData)?;
-    let ty = serde_json::from_str::<DataType>(data.get())
+    let data = match find("data") {
+        None => "{}",
+        Some(v) if first_byte(v) == b'{' => v.get(),
+        Some(_) => return Err(ShapeError::NoData),
+    };
+    // A `data.type` that is not a string is taken as missing: sent, it would have the whole
+    // batch refused (the seed sends it as it is).
+    let data_type = serde_json::from_str::<DataType>(data)
         .ok()
         .and_then(|d| d.ty)
-        .filter(|v| first_byte(v) == b'"')
-        .ok_or(ShapeError::NoType)?;
+        .filter(string);
+    let ty = data_type
+        .or_else(|| find("type").filter(string))
+        .map_or("\"unknown\"", |v| v.get());
     out.reserve(envelope.len() + 16);
     out.extend_from_slice(b"{\"type\":");
-    out.extend_from_slice(ty.get().as_bytes());
+    out.extend_from_slice(ty.as_bytes());
     out.extend_from_slice(b",\"data\":");
-    out.extend_from_slice(data.get().as_bytes());
+    out.extend_from_slice(data.as_bytes());
     out.extend_from_slice(b",\"id\":");
     out.extend_from_slice(id.get().as_bytes());
     if let Some(ts) = find("timestamp") {
-        out.extend_from_slice(b",\"timestamp\":");
-        out.extend_from_slice(ts.get().as_bytes());
+        let raw = ts.get();
+        let zero = raw.parse::<f64>().is_ok_and(|n| n == 0.0);
+        match first_byte(ts) {
+            b'"' if raw != "\"\"" => {
+                out.extend_from_slice(b",\"timestamp\":");
+                out.extend_from_slice(raw.as_bytes());
+            }
+            b'-' | b'0'..=b'9' if !zero => {
+                out.extend_from_slice(b",\"timestamp\":\"");
+                out.extend_from_slice(raw.as_bytes());
+                out.push(b'"');
+            }
+            _ => {}
+        }
     }
     let mut seen: Vec<&str> = Vec::new();
     for (k, v) in members.iter() {
@@ -212,18 +230,13 @@ mod tests {
             shaped("{\"id\":1,\"data\":{\"type\":\"x\"}}"),
             Err(ShapeError::NoId)
         ));
-        assert!(matches!(shaped("{\"id\":\"a\"}"), Err(ShapeError::NoData)));
+        assert!(matches!(
+            shaped("{\"id\":\"\",\"data\":{\"type\":\"x\"}}"),
+            Err(ShapeError::NoId)
+        ));
         assert!(matches!(
             shaped("{\"id\":\"a\",\"data\":[]}"),
             Err(ShapeError::NoData)
-        ));
-        assert!(matches!(
-            shaped("{\"id\":\"a\",\"data\":{}}"),
-            Err(ShapeError::NoType)
-        ));
-        assert!(matches!(
-            shaped("{\"id\":\"a\",\"data\":{\"type\":3}}"),
-            Err(ShapeError::NoType)
         ));
         assert!(matches!(
             shaped("{\"id\":\"a\",\"data\":{\"type\":\"x\"}"),
@@ -234,6 +247,42 @@ mod tests {
             shaped("{\"id\":\"a\",\"data\":{\"type\":\"x\"}}").unwrap(),
             "{\"type\":\"x\",\"data\":{\"type\":\"x\"},\"id\":\"a\"}"
         );
+    }
+
+    #[test]
+    fn a_missing_type_or_data_is_mapped_as_the_seed_maps_it() {
+        // No data.type: the envelope's type, else "unknown" (the seed's map_envelope_to_event).
+        assert_eq!(
+            shaped(r#"{"id":"a","type":"stream_trace","data":{"x":1}}"#).unwrap(),
+            r#"{"type":"stream_trace","data":{"x":1},"id":"a"}"#
+        );
+        assert_eq!(
+            shaped(r#"{"id":"a","data":{"x":1}}"#).unwrap(),
+            r#"{"type":"unknown","data":{"x":1},"id":"a"}"#
+        );
+        // A data.type that is not a string would have the whole batch refused: taken as missing.
+        assert_eq!(
+            shaped(r#"{"id":"a","data":{"type":3}}"#).unwrap(),
+            r#"{"type":"unknown","data":{"type":3},"id":"a"}"#
+        );
+        // No data: {}.
+        assert_eq!(
+            shaped(r#"{"id":"a","type":"t"}"#).unwrap(),
+            r#"{"type":"t","data":{},"id":"a"}"#
+        );
+        // The timestamp is a string: a number's spelling is quoted; empty or zero is left out.
+        assert_eq!(
+            shaped(r#"{"id":"a","timestamp":1700000000000,"data":{"type":"x"}}"#).unwrap(),
+            r#"{"type":"x","data":{"type":"x"},"id":"a","timestamp":"1700000000000"}"#
+        );
+        for ts in [r#""""#, "0", "null"] {
+            let env = format!(r#"{{"id":"a","timestamp":{ts},"data":{{"type":"x"}}}}"#);
+            assert_eq!(
+                shaped(&env).unwrap(),
+                r#"{"type":"x","data":{"type":"x"},"id":"a"}"#,
+                "timestamp {ts}"
+            );
+        }
     }
 
     #[test]

@@ -5,8 +5,10 @@
 //! disk buffer with its memory fallback, batching, retries and loss reports. This crate is the
 //! part that is about the metrics API, in one file each:
 //! - `config`: the seed's `SCOPE_METRICS_*` settings ([`ReporterConfig`]);
-//! - `encoding`: an envelope becomes the API event the driver stores, bodies by concatenation;
-//! - `service`: one POST per batch, and its answer classified by the response contract below.
+//! - `encoding`: an envelope becomes the API event the driver stores (mapped as the seed maps
+//!   it), bodies by concatenation;
+//! - `service`: one POST per batch, and its answer classified by the response contract below;
+//! - `seed`: the seed's buffer file (`SCOPE_METRICS_BUFFER_PATH`), imported once at start.
 //!
 //! # The path of one event
 //!
@@ -81,12 +83,13 @@
 
 mod config;
 mod encoding;
+mod seed;
 mod service;
 mod stats;
 
 pub use config::{
-    default_buffer_path, hostname, ConfigError, GzipMode, ReporterConfig, DEFAULT_URL,
-    MAX_BATCH_EVENTS, MAX_BODY_BYTES,
+    default_buffer_path, hostname, seed_default_buffer_file, spool_beside, ConfigError, GzipMode,
+    ReporterConfig, DEFAULT_URL, MAX_BATCH_EVENTS, MAX_BODY_BYTES,
 };
 pub use egress::FlushOutcome;
 pub use encoding::{api_event, BodyBuilder, ShapeError};
@@ -124,6 +127,8 @@ pub(crate) struct Http {
     /// The Bearer token; replaced by [`Reporter::set_api_key`].
     api_key: Mutex<String>,
     counters: HttpCounters,
+    /// What was imported from the seed's buffer file at start.
+    seed: seed::Imported,
 }
 
 impl std::fmt::Debug for Http {
@@ -170,9 +175,15 @@ impl Reporter {
             drops: DROPS,
         };
         let encoder = encoding::ApiEncoder::new(&body, config.max_body_bytes);
+        // Before the driver opens (and locks) the disk buffer, which then sends these first.
+        let seed = seed::import(
+            &config,
+            config.max_body_bytes.saturating_sub(body.overhead(1)),
+        );
         let http = Arc::new(Http {
             api_key: Mutex::new(config.api_key.clone()),
             counters: HttpCounters::default(),
+            seed,
             config,
         });
         let extra_roots = match &http.config.ca_file {
@@ -203,7 +214,7 @@ impl Reporter {
 
     /// All counters now.
     pub fn reporter_stats(&self) -> ReporterStats {
-        ReporterStats::new(self.driver.driver_stats(), &self.http.counters)
+        ReporterStats::new(self.driver.driver_stats(), &self.http)
     }
 
     /// The disk buffer's directory, if configured.
@@ -219,6 +230,6 @@ impl Reporter {
     /// Flushes for up to `timeout`, then stops; what is left stays on disk for the next start
     /// (see [`Driver::shutdown`]). Idempotent; returns the final counters.
     pub fn shutdown(&self, timeout: Duration) -> ReporterStats {
-        ReporterStats::new(self.driver.shutdown(timeout), &self.http.counters)
+        ReporterStats::new(self.driver.shutdown(timeout), &self.http)
     }
 }

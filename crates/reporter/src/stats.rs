@@ -56,13 +56,19 @@ pub struct ReporterStats {
     pub network_errors: u64,
     /// Now: request bodies are gzip-compressed.
     pub gzip: bool,
+    /// Events imported at start from the seed's buffer file (`SCOPE_METRICS_BUFFER_PATH`); they
+    /// are also in `recovered`.
+    pub seed_imported: u64,
+    /// Lines of the seed's buffer file skipped at start: not a sendable API event.
+    pub seed_skipped: u64,
 }
 
 egress::deref_driver!(stats ReporterStats);
 
 impl ReporterStats {
     /// The driver's counters and the service's, as one.
-    pub(crate) fn new(driver: DriverStats, c: &HttpCounters) -> ReporterStats {
+    pub(crate) fn new(driver: DriverStats, http: &crate::Http) -> ReporterStats {
+        let c = &http.counters;
         let by = |r: &Reason| driver.dropped_by(r.name);
         ReporterStats {
             requests: c.requests.load(Relaxed),
@@ -78,6 +84,8 @@ impl ReporterStats {
             status_other: c.status_other.load(Relaxed),
             network_errors: c.network_errors.load(Relaxed),
             gzip: c.gzip.load(Relaxed),
+            seed_imported: http.seed.events,
+            seed_skipped: http.seed.skipped,
             driver,
         }
     }

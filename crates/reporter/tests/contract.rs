@@ -470,9 +470,10 @@ fn flush_sends_at_once_and_shutdown_leaves_the_rest_on_disk() {
 fn invalid_envelopes_are_dropped_and_counted_not_sent() {
     let srv = FaultServer::start();
     let r = Reporter::start(config(&srv.url(), None)).unwrap();
-    // A forwarded envelope without data.type cannot become an API event (it would 400 a batch).
+    // A forwarded envelope whose `data` is not an object cannot become an API event (it would
+    // 400 a batch).
     r.emit(Event::Raw(
-        RawEnvelope::parse(br#"{"id":"x","data":{"a":1}}"#.to_vec().into()).unwrap(),
+        RawEnvelope::parse(br#"{"id":"x","data":[1]}"#.to_vec().into()).unwrap(),
     ));
     let ids = emit_n(&r, 0, 2);
     let s = settle(&r, "resolved", |s| {
@@ -519,4 +520,28 @@ fn a_disk_that_comes_back_takes_over_the_events_kept_in_memory() {
     let s = settle(&r, "re-sent after restart", |s| s.acked == 30);
     assert_eq!(s.recovered, 30);
     assert_eq!(srv.accepted_ids(), ids);
+}
+
+#[test]
+fn envelopes_without_data_type_are_sent_as_the_seed_maps_them() {
+    let srv = FaultServer::start();
+    let r = Reporter::start(config(&srv.url(), None)).unwrap();
+    for env in [
+        r#"{"id":"u1","type":"stream_trace","timestamp":1700000000000,"data":{"a":1}}"#,
+        r#"{"id":"u2","data":{"a":2}}"#,
+        r#"{"id":"u3","type":"stream_trace"}"#,
+    ] {
+        r.emit(Event::Raw(
+            RawEnvelope::parse(env.as_bytes().to_vec().into()).unwrap(),
+        ));
+    }
+    let s = settle(&r, "acked", |s| s.acked == 3);
+    assert_eq!(s.dropped(), 0, "{s:?}");
+    let got: Vec<Value> = srv.received().iter().flat_map(|q| q.events()).collect();
+    let by_id = |id: &str| got.iter().find(|e| e["id"] == id).cloned().unwrap();
+    // data.type absent: the envelope's type, else "unknown"; no data: {}; timestamp a string.
+    assert_eq!(by_id("u1")["type"], "stream_trace");
+    assert_eq!(by_id("u1")["timestamp"], "1700000000000");
+    assert_eq!(by_id("u2")["type"], "unknown");
+    assert_eq!(by_id("u3")["data"], serde_json::json!({}));
 }

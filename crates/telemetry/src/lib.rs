@@ -35,6 +35,7 @@
 
 #![warn(missing_docs)]
 
+pub mod api_event;
 pub mod egress;
 pub mod envelope;
 pub mod output;

@@ -4,7 +4,7 @@
 mod common;
 
 use common::proxy::{FaultProxy, Mode};
-use common::{free_addr, log_file, signal, wait_listening, wait_until, Proc};
+use common::{free_addr, get_json, log_file, signal, wait_listening, wait_until, Proc};
 use serde_json::{json, Value};
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -25,21 +25,10 @@ fn spawn(args: &[&str], env: &[(&str, String)], stderr: Option<&Path>) -> Proc {
     Proc::start(&mut cmd)
 }
 
-fn get_json(url: &str) -> Option<Value> {
-    reqwest::blocking::Client::new()
-        .get(url)
-        .timeout(Duration::from_secs(2))
-        .send()
-        .ok()?
-        .json()
-        .ok()
-}
-
 /// Trickle server, channels, runner (with ingest), ready to take events.
 struct Relay {
-    _server: Proc,
+    _session: common::Session,
     server: SocketAddr,
-    _runner: Proc,
     control: String,
     events: String,
     ingest: SocketAddr,
@@ -47,24 +36,13 @@ struct Relay {
 }
 
 fn relay() -> Relay {
-    let addr = free_addr();
-    let server = common::serve(addr, &[]);
-    let (control, events) = common::create_session_channels(addr);
-    let ingest = free_addr();
-    let runner = common::runner_with_ingest(
-        (&control, &events),
-        (SESSION, CONNECTION),
-        ingest,
-        &[],
-        None,
-    );
+    let session = common::session_with_runner((SESSION, CONNECTION));
     Relay {
-        _server: server,
-        server: addr,
-        _runner: runner,
-        control,
-        events,
-        ingest,
+        control: session.control.clone(),
+        events: session.events.clone(),
+        ingest: session.ingest,
+        server: session.addr,
+        _session: session,
         dir: tempfile::tempdir().unwrap(),
     }
 }
@@ -323,12 +301,14 @@ fn killed_client_resends_its_disk_buffer_and_every_event_arrives_once() {
     for chunk in lines.chunks(500) {
         r.post(chunk);
     }
-    // Accepted = appended to the disk buffer: read the segment files themselves.
+    // Accepted = appended to the disk buffer: read the segment files themselves (beside the
+    // file SCOPE_METRICS_BUFFER_PATH names, as for the seed's buffer file).
+    let spool = reporter::spool_beside(&buffer);
     wait_until(
         "all events in the client's disk buffer",
         Duration::from_secs(30),
         || {
-            let on_disk = spool_ids(&buffer);
+            let on_disk = spool_ids(&spool);
             ids.iter().all(|id| on_disk.contains(id))
         },
     );

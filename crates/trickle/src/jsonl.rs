@@ -984,6 +984,43 @@ pub struct ReaderStats {
     pub subscriber: SubscriberStats,
 }
 
+/// A one-line summary: lines, segments, bytes, the bad lines by kind, broken segments and the
+/// subscriber's notes.
+impl std::fmt::Display for ReaderStats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let sub = &self.subscriber;
+        write!(
+            f,
+            "{} lines from {} segments ({} bytes)",
+            self.lines, sub.segments, sub.bytes
+        )?;
+        if self.bad_lines() > 0 {
+            let kinds = [
+                ("not UTF-8", self.not_utf8),
+                ("not JSON", self.not_json),
+                ("not an object", self.not_object),
+                ("over the line limit", self.oversize),
+                ("cut off at a segment end", self.partial),
+            ];
+            let detail: Vec<String> = kinds
+                .iter()
+                .filter(|(_, n)| *n > 0)
+                .map(|(what, n)| format!("{n} {what}"))
+                .collect();
+            write!(
+                f,
+                "; {} bad lines skipped ({})",
+                self.bad_lines(),
+                detail.join(", ")
+            )?;
+        }
+        if self.segment_errors > 0 {
+            write!(f, "; {} segments broke off", self.segment_errors)?;
+        }
+        write!(f, "{}", sub.notes())
+    }
+}
+
 impl ReaderStats {
     /// All bad lines, every kind together.
     pub fn bad_lines(&self) -> u64 {

@@ -172,6 +172,43 @@ pub struct SubscriberStats {
     pub resumed_segments: u64,
 }
 
+impl SubscriberStats {
+    /// What went unusually, as `; ...` clauses to append to a summary (empty when nothing did).
+    pub fn notes(&self) -> String {
+        let mut text = String::new();
+        if self.jumps > 0 {
+            let skipped = self.skipped_segments;
+            text.push_str(&format!(
+                "; {} jumps to the live edge ({skipped} segments skipped)",
+                self.jumps
+            ));
+        }
+        if self.oversize_segments > 0 {
+            text.push_str(&format!(
+                "; {} segments over the size cap cut",
+                self.oversize_segments
+            ));
+        }
+        if self.retries > 0 {
+            text.push_str(&format!("; {} retries", self.retries));
+        }
+        text
+    }
+}
+
+/// A one-line summary: `N segments, B bytes` and the [`SubscriberStats::notes`].
+impl std::fmt::Display for SubscriberStats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} segments, {} bytes{}",
+            self.segments,
+            self.bytes,
+            self.notes()
+        )
+    }
+}
+
 #[derive(Default)]
 struct Counters {
     segments: AtomicU64,

@@ -12,8 +12,9 @@
 //! either). It says once which variable turned telemetry off; the client still relays control and
 //! counts every envelope it discards (`ClientReport::discarded`).
 //!
-//! The HTTP metrics reporter buffers on disk
-//! (`SCOPE_METRICS_BUFFER_PATH`) and re-sends what a previous run left there on start; its API key
+//! The HTTP metrics reporter buffers on disk beside the seed's buffer file
+//! (`SCOPE_METRICS_BUFFER_PATH`), imports what the seed left in that file, and re-sends what a
+//! previous run left on disk, on start; its API key
 //! comes from a key file or `SCOPE_CLOUD_API_KEY`, and [`reload_api_key_on_sighup`] re-reads it.
 //! The Kafka sink does the same with `SCOPE_KAFKA_BUFFER_PATH`.
 

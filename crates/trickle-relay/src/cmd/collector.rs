@@ -2,17 +2,19 @@
 //!
 //! Authenticates each request against `--api-keys` (one key per line; reloaded on SIGHUP),
 //! enforces the size, count and rate limits, drops duplicates by event id, and answers 200 only
-//! once the output (`--output jsonl:PATH`, appended and fsynced) has the events. Duplicates are
-//! remembered in this process (`--dedup memory`, the default) or, for several collectors behind
-//! one load balancer, in a Redis they share (`--dedup redis://HOST:PORT`). See the `collector`
-//! crate for the full contract.
+//! once the output has the events: `--output jsonl:PATH` (appended and fsynced) or `kafka[:TOPIC]`;
+//! without `--output`, Kafka when `KAFKA_BOOTSTRAP_SERVERS` is set (as the seed's collector
+//! publishes to Kafka), else `metrics.jsonl` in the working directory, named in full in the
+//! startup line. Duplicates are remembered in this process (`--dedup memory`, the default) or, for
+//! several collectors behind one load balancer, in a Redis they share (`--dedup
+//! redis://HOST:PORT`). See the `collector` crate for the full contract.
 //!
 //! HTTPS: `--tls-cert FILE --tls-key FILE` (PEM; re-read on SIGHUP, a bad pair refused and the
 //! certificate in service kept). A reporter trusts a private CA with `SCOPE_METRICS_CA_FILE`.
 
 use anyhow::Context as _;
 use collector::redis_dedup::{RedisDedup, RedisDedupConfig};
-use collector::{ApiKeys, Collector, CollectorConfig, Output};
+use collector::{ApiKeys, Collector, CollectorConfig};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -30,8 +32,9 @@ pub struct Args {
     pub api_keys: PathBuf,
     /// Where accepted events go: `jsonl:PATH` (appended, fsynced before each 200), or
     /// `kafka[:TOPIC]` (produced, acknowledged by Kafka before each 200; `KAFKA_BOOTSTRAP_SERVERS`).
-    #[arg(long, default_value = "jsonl:metrics.jsonl")]
-    pub output: String,
+    /// Default: `kafka` when `KAFKA_BOOTSTRAP_SERVERS` is set, else `jsonl:metrics.jsonl`.
+    #[arg(long)]
+    pub output: Option<String>,
     /// Largest request body in bytes, compressed or not.
     #[arg(long, default_value_t = 1_000_000)]
     pub max_body_bytes: usize,
@@ -83,7 +86,11 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         _ => None,
     };
     let keys = Arc::new(ApiKeys::load(&args.api_keys)?);
-    let output = open_output(&args.output)?;
+    let (spec, why) = match &args.output {
+        Some(spec) => (spec.clone(), ""),
+        None => kafka::output::default_spec(),
+    };
+    let output = kafka::output::open(&spec).map_err(anyhow::Error::msg)?;
     let config = CollectorConfig {
         max_body_bytes: args.max_body_bytes,
         max_events: args.max_events,
@@ -116,10 +123,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         })?;
     let addr = listener.local_addr()?;
     eprintln!(
-        "collector: listening on {}://{addr}/v1/metrics ({} keys, output {}, dedup {dedup_name})",
+        "collector: listening on {}://{addr}/v1/metrics ({} keys, output {spec}{why}, dedup {dedup_name})",
         if tls.is_some() { "https" } else { "http" },
         keys.len(),
-        args.output
     );
     if let Some(tls) = &tls {
         eprintln!(
@@ -160,18 +166,6 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let _ = logger.await;
     collector.log_stats();
     Ok(())
-}
-
-/// Opens the output an `--output` spec names. Outputs that live outside the `collector` crate
-/// (e.g. `kafka:...`) get their arm here; `jsonl:PATH` is the collector's own.
-fn open_output(spec: &str) -> anyhow::Result<Arc<dyn Output>> {
-    // `kafka` or `kafka:TOPIC`: each event produced as its envelope, 200 only once Kafka acked
-    // the whole request (broker and credentials from KAFKA_BOOTSTRAP_SERVERS / KAFKA_SASL_*).
-    if spec == "kafka" || spec.starts_with("kafka:") {
-        let output = kafka::KafkaOutput::from_spec(spec).map_err(anyhow::Error::msg)?;
-        return Ok(Arc::new(output));
-    }
-    collector::output::open(spec).map_err(anyhow::Error::msg)
 }
 
 /// Re-reads the keys file on SIGHUP; a bad file keeps the current keys (and says why).

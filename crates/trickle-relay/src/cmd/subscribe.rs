@@ -8,8 +8,8 @@ use anyhow::{bail, Context};
 use serde_json::value::RawValue;
 use std::time::Duration;
 use tokio::io::{AsyncWriteExt, BufWriter, Stdout};
-use trickle::jsonl::{compact_json, JsonlReader, JsonlReaderOptions, ReaderStats};
-use trickle::subscriber::{Subscriber, SubscriberOptions, SubscriberStats};
+use trickle::jsonl::{compact_json, JsonlReader, JsonlReaderOptions};
+use trickle::subscriber::{Subscriber, SubscriberOptions};
 
 /// How long printed lines may sit in the stdout buffer while the channel is quiet.
 const FLUSH_AFTER: Duration = Duration::from_millis(50);
@@ -81,7 +81,7 @@ async fn run_raw(
     };
     let _ = out.flush().await;
     let stats = sub.stats();
-    eprintln!("subscribe: {}", raw_summary(&stats));
+    eprintln!("subscribe: {stats}");
     finish(args, result, stats.segments)
 }
 
@@ -122,7 +122,7 @@ async fn run_jsonl(
     };
     let _ = out.flush().await;
     let stats = reader.stats();
-    eprintln!("subscribe: {}", jsonl_summary(&stats));
+    eprintln!("subscribe: {stats}");
     finish(args, result, stats.subscriber.segments)
 }
 
@@ -170,61 +170,4 @@ fn finish(args: &Args, result: anyhow::Result<Stop>, segments: u64) -> anyhow::R
         Stop::StdoutClosed => {}
     }
     Ok(())
-}
-
-fn raw_summary(s: &SubscriberStats) -> String {
-    let mut text = format!("{} segments, {} bytes", s.segments, s.bytes);
-    text.push_str(&subscriber_notes(s));
-    text
-}
-
-fn jsonl_summary(s: &ReaderStats) -> String {
-    let mut text = format!(
-        "{} lines from {} segments ({} bytes)",
-        s.lines, s.subscriber.segments, s.subscriber.bytes
-    );
-    if s.bad_lines() > 0 {
-        let kinds = [
-            ("not UTF-8", s.not_utf8),
-            ("not JSON", s.not_json),
-            ("not an object", s.not_object),
-            ("over --max-line-bytes", s.oversize),
-            ("cut off at a segment end", s.partial),
-        ];
-        let detail: Vec<String> = kinds
-            .iter()
-            .filter(|(_, n)| *n > 0)
-            .map(|(what, n)| format!("{n} {what}"))
-            .collect();
-        text.push_str(&format!(
-            "; {} bad lines skipped ({})",
-            s.bad_lines(),
-            detail.join(", ")
-        ));
-    }
-    if s.segment_errors > 0 {
-        text.push_str(&format!("; {} segments broke off", s.segment_errors));
-    }
-    text.push_str(&subscriber_notes(&s.subscriber));
-    text
-}
-
-fn subscriber_notes(s: &SubscriberStats) -> String {
-    let mut text = String::new();
-    if s.jumps > 0 {
-        text.push_str(&format!(
-            "; {} jumps to the live edge ({} segments skipped)",
-            s.jumps, s.skipped_segments
-        ));
-    }
-    if s.oversize_segments > 0 {
-        text.push_str(&format!(
-            "; {} segments over --max-segment-bytes cut",
-            s.oversize_segments
-        ));
-    }
-    if s.retries > 0 {
-        text.push_str(&format!("; {} retries", s.retries));
-    }
-    text
 }

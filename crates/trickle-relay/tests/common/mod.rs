@@ -299,6 +299,51 @@ pub fn unrelay_or_fail(line: &str) -> (String, u64) {
     unrelay(line).unwrap_or_else(|| panic!("not annotated inside data as the spec asks: {line}"))
 }
 
+/// `GET url` as JSON, `None` on any failure (not up yet, not JSON): for polling endpoints.
+pub fn get_json(url: &str) -> Option<Value> {
+    reqwest::blocking::Client::new()
+        .get(url)
+        .timeout(Duration::from_secs(2))
+        .send()
+        .ok()?
+        .json()
+        .ok()
+}
+
+/// A trickle server, a session's two channels on it, and a runner taking envelopes on `ingest`.
+pub struct Session {
+    pub server: Proc,
+    /// The trickle server's address.
+    pub addr: SocketAddr,
+    pub runner: Proc,
+    pub control: String,
+    pub events: String,
+    pub ingest: SocketAddr,
+}
+
+/// Starts a [`Session`] for `session`/`connection`, ready to take events.
+pub fn session_with_runner((session, connection): (&str, &str)) -> Session {
+    let addr = free_addr();
+    let server = serve(addr, &[]);
+    let (control, events) = create_session_channels(addr);
+    let ingest = free_addr();
+    let runner = runner_with_ingest(
+        (&control, &events),
+        (session, connection),
+        ingest,
+        &[],
+        None,
+    );
+    Session {
+        server,
+        addr,
+        runner,
+        control,
+        events,
+        ingest,
+    }
+}
+
 /// The Python interpreter of the test venv (`target/python-venv`, or `$TRICKLE_RELAY_VENV`) with
 /// livepeer-gateway installed; fails the test saying how to make it when it is missing.
 pub fn venv_python() -> std::path::PathBuf {
