@@ -226,7 +226,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         // Keep the children's logs when something failed; they are named in the error.
         let _ = std::fs::remove_dir_all(&dir);
     } else {
-        eprintln!(
+        logging::say!(
             "bench relay: children's logs and reports in {}",
             dir.display()
         );

@@ -20,6 +20,9 @@ struct Cli {
     /// Log filter (tracing `EnvFilter` syntax), e.g. `info`, `debug`, `trickle=trace`.
     #[arg(long, global = true, env = "RUST_LOG", default_value = "info")]
     log: String,
+    /// Log lines on stderr as `text`, or `json` (one object per line, for log shippers).
+    #[arg(long, global = true, env = logging::FORMAT_ENV, value_enum, default_value_t)]
+    log_format: logging::LogFormat,
 
     #[command(subcommand)]
     command: Command,
@@ -47,14 +50,17 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing(&cli.log);
+    // Logs go to stderr (so that `subscribe` can own stdout) and to the process's log tail
+    // (served by `client --http`, forwarded to the client by `runner`).
+    let tail = relay::logtail::LogTail::global().layer();
+    logging::init(&cli.log, cli.log_format, Some(tail));
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
     {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
+            logging::console_error(format_args!("cannot start the async runtime: {e}"));
             return ExitCode::FAILURE;
         }
     };
@@ -73,24 +79,8 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            logging::console_error(format_args!("{e:#}"));
             ExitCode::FAILURE
         }
     }
-}
-
-/// Logs go to stderr (so that `subscribe` can own stdout) and to the process's log tail (served by
-/// `client --http`, forwarded to the client by `runner`).
-fn init_tracing(filter: &str) {
-    use tracing_subscriber::layer::SubscriberExt;
-    use tracing_subscriber::util::SubscriberInitExt;
-    let filter = tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|e| {
-        eprintln!("warning: bad --log / RUST_LOG filter ({e}); using `info`");
-        tracing_subscriber::EnvFilter::new("info")
-    });
-    tracing_subscriber::registry()
-        .with(filter)
-        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
-        .with(relay::logtail::LogTail::global().layer())
-        .init();
 }

@@ -175,7 +175,7 @@ async fn serve_http(
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("cannot listen on {addr} for --http"))?;
-    eprintln!(
+    logging::say!(
         "client: logs at http://{}/api/v1/logs/tail",
         listener.local_addr()?
     );
@@ -200,7 +200,7 @@ async fn serve_http(
 }
 
 fn print_summary(report: &ClientReport, egress: Option<&telemetry::SinkStats>) {
-    eprintln!(
+    logging::say!(
         "client: telemetry received {}, relayed {}, egressed {}, discarded {} (no egress), rejected {} (foreign session) + {} (invalid), runner-reported drops {}, bad lines {}",
         report.telemetry_received,
         report.relayed,
@@ -213,7 +213,7 @@ fn print_summary(report: &ClientReport, egress: Option<&telemetry::SinkStats>) {
     );
     if report.events_reconnects + report.events_resumed_segments + report.events_broken_segments > 0
     {
-        eprintln!(
+        logging::say!(
             "client: events channel reconnected {} time(s) after server outages; {} segment(s) resumed where they broke off, {} lost mid-way, {} skipped",
             report.events_reconnects,
             report.events_resumed_segments,

@@ -122,13 +122,13 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             )
         })?;
     let addr = listener.local_addr()?;
-    eprintln!(
+    logging::say!(
         "collector: listening on {}://{addr}/v1/metrics ({} keys, output {spec}{why}, dedup {dedup_name})",
         if tls.is_some() { "https" } else { "http" },
         keys.len(),
     );
     if let Some(tls) = &tls {
-        eprintln!(
+        logging::say!(
             "collector: TLS certificate SHA-256 fingerprint {}",
             tls.fingerprint()
         );

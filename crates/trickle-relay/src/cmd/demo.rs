@@ -61,7 +61,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     }
     let control_url = format!("{}/{}", server.url(), control);
     let events_url = format!("{}/{}", server.url(), events);
-    eprintln!(
+    logging::say!(
         "demo: trickle server at {}, control …/{:.8}…, events …/{:.8}…",
         server.url(),
         control,
@@ -71,7 +71,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let opted_out = telemetry::egress::opted_out_by(|k| std::env::var(k).ok());
     let egress: Option<Arc<dyn Sink>> = match (&args.egress_file, opted_out) {
         (_, Some(by)) => {
-            eprintln!("demo: telemetry disabled by {by}: nothing is published or egressed");
+            logging::say!("demo: telemetry disabled by {by}: nothing is published or egressed");
             telemetry::set_telemetry_enabled(false);
             None
         }
@@ -138,7 +138,7 @@ async fn drive(client: &Client, args: &Args, session: &SessionIds) -> anyhow::Re
         .wait_ready(Duration::from_secs(10))
         .await
         .context("the runner never reported runner_ready")?;
-    eprintln!("demo: runner ready; starting the stream");
+    logging::say!("demo: runner ready; starting the stream");
     let started = client
         .start_stream(json!({"pipeline_id": "passthrough", "width": 512, "height": 512}))
         .await?;
@@ -154,18 +154,18 @@ async fn drive(client: &Client, args: &Args, session: &SessionIds) -> anyhow::Re
         "media came back changed: {} of {MEDIA_SEGMENTS} segments identical",
         back.iter().zip(&segments).filter(|(a, b)| a == b).count()
     );
-    eprintln!("demo: {MEDIA_SEGMENTS} MPEG-TS segments published to the stream's input came back from its output byte for byte");
+    logging::say!("demo: {MEDIA_SEGMENTS} MPEG-TS segments published to the stream's input came back from its output byte for byte");
     let half = Duration::from_secs_f64(args.duration_secs.max(0.2) / 2.0);
     tokio::time::sleep(half).await;
 
-    eprintln!("demo: injecting a pipeline error (simulated CUDA OOM in the output loop)");
+    logging::say!("demo: injecting a pipeline error (simulated CUDA OOM in the output loop)");
     client
         .set_parameters(
             json!({"inject_error": "CUDA out of memory (simulated)", "media_loop": "output"}),
         )
         .await?;
     if args.burst > 0 {
-        eprintln!(
+        logging::say!(
             "demo: bursting {} heartbeats as fast as possible",
             args.burst
         );
@@ -174,7 +174,7 @@ async fn drive(client: &Client, args: &Args, session: &SessionIds) -> anyhow::Re
     tokio::time::sleep(half).await;
     let status = client.api("GET", "/api/v1/pipeline/status", None).await?;
     tracing::info!(answer = %serde_json::to_string(&status).unwrap_or_default(), "api answered");
-    eprintln!("demo: stopping the stream");
+    logging::say!("demo: stopping the stream");
     client.stop_stream().await?;
     Ok(())
 }
@@ -249,35 +249,36 @@ impl Summary {
     fn print(&self) {
         let r = &self.runner.sink;
         let c = &self.client;
-        eprintln!();
-        eprintln!("demo summary ({:.1} s)", self.elapsed.as_secs_f64());
-        eprintln!("  emitted by the runner      {:>8}", r.emitted);
-        eprintln!(
+        logging::say!("");
+        logging::say!("demo summary ({:.1} s)", self.elapsed.as_secs_f64());
+        logging::say!("  emitted by the runner      {:>8}", r.emitted);
+        logging::say!(
             "  relayed by the client      {:>8}  (incl. {} telemetry_dropped reports)",
-            c.relayed, r.reports
+            c.relayed,
+            r.reports
         );
-        eprintln!("  egressed                   {:>8}", self.egress.delivered);
-        eprintln!(
+        logging::say!("  egressed                   {:>8}", self.egress.delivered);
+        logging::say!(
             "  dropped (runner counted)   {:>8}  (lifecycle/error {}, heartbeats {}); reported downstream {}",
             r.dropped(),
             r.dropped_high,
             r.dropped_low,
             c.dropped_reported
         );
-        eprintln!(
+        logging::say!(
             "  rejected                   {:>8}  (foreign session {}, invalid {})",
             c.rejected_foreign + c.rejected_invalid,
             c.rejected_foreign,
             c.rejected_invalid
         );
-        eprintln!("  bad lines skipped          {:>8}", c.bad_lines);
+        logging::say!("  bad lines skipped          {:>8}", c.bad_lines);
         match c.latency_ms {
-            Some([p50, p99, max]) => eprintln!(
+            Some([p50, p99, max]) => logging::say!(
                 "  latency origin->egress     median {p50} ms, p99 {p99} ms, max {max} ms"
             ),
-            None => eprintln!("  latency                    n/a"),
+            None => logging::say!("  latency                    n/a"),
         }
-        eprintln!(
+        logging::say!(
             "  every event accounted for  {}",
             if self.accounted() {
                 "yes: emitted = relayed + dropped"

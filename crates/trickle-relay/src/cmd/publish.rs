@@ -86,7 +86,7 @@ async fn publish_raw(args: &Args, mut publisher: Publisher) -> anyhow::Result<()
         .close()
         .await
         .with_context(|| format!("closing {}", args.url))?;
-    eprintln!(
+    logging::say!(
         "publish: 1 segment (seq {seq}), {total} bytes to {}; channel closed",
         args.url
     );
@@ -151,14 +151,14 @@ async fn publish_jsonl(args: &Args, publisher: Publisher) -> anyhow::Result<()> 
         }
     }
     if bad > REPORT_BAD_LINES {
-        eprintln!(
+        logging::say!(
             "publish: ... {} more bad lines not shown",
             bad - REPORT_BAD_LINES
         );
     }
     let closed = writer.close().await;
     let s = writer.stats();
-    eprintln!(
+    logging::say!(
         "publish: {} lines in {} segments ({} bytes) to {}; {} bad lines skipped{}",
         s.lines_acked,
         s.segments,
@@ -180,7 +180,7 @@ async fn publish_jsonl(args: &Args, publisher: Publisher) -> anyhow::Result<()> 
 
 fn report_bad(bad: u64, line_no: u64, e: &LineError) {
     if bad <= REPORT_BAD_LINES {
-        eprintln!("publish: message {line_no} skipped: {e}");
+        logging::say!("publish: message {line_no} skipped: {e}");
     }
 }
 

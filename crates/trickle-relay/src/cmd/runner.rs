@@ -103,7 +103,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     if let Some(copy) = &emitted_copy {
         copy.flush().context("cannot flush --emitted-file")?;
     }
-    eprintln!(
+    logging::say!(
         "runner: {} control messages ({} bad lines skipped); telemetry emitted {}, delivered {}, dropped {}; {} log lines forwarded",
         report.control_messages,
         report.bad_control_lines,
@@ -115,7 +115,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     if report.events_publisher.reconnects + report.control.reconnects > 0
         || report.events.lines_lost > 0
     {
-        eprintln!(
+        logging::say!(
             "runner: reconnected after trickle server outages: events {} time(s), control {} time(s); events lines lost in failed segments {} (counted as dropped)",
             report.events_publisher.reconnects,
             report.control.reconnects,

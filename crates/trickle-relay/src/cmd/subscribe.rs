@@ -81,7 +81,7 @@ async fn run_raw(
     };
     let _ = out.flush().await;
     let stats = sub.stats();
-    eprintln!("subscribe: {stats}");
+    logging::say!("subscribe: {stats}");
     finish(args, result, stats.segments)
 }
 
@@ -96,7 +96,7 @@ async fn copy_raw(sub: &mut Subscriber, out: &mut BufWriter<Stdout>) -> anyhow::
                 }
                 Ok(None) => break,
                 Err(e) => {
-                    eprintln!("subscribe: {e}");
+                    logging::say!("subscribe: {e}");
                     break;
                 }
             }
@@ -122,7 +122,7 @@ async fn run_jsonl(
     };
     let _ = out.flush().await;
     let stats = reader.stats();
-    eprintln!("subscribe: {stats}");
+    logging::say!("subscribe: {stats}");
     finish(args, result, stats.subscriber.segments)
 }
 
@@ -165,8 +165,8 @@ fn finish(args: &Args, result: anyhow::Result<Stop>, segments: u64) -> anyhow::R
              (it creates the channel when the server allows autocreate)",
             args.url
         ),
-        Stop::Ended => eprintln!("subscribe: the channel ended"),
-        Stop::Interrupted => eprintln!("subscribe: interrupted"),
+        Stop::Ended => logging::say!("subscribe: the channel ended"),
+        Stop::Interrupted => logging::say!("subscribe: interrupted"),
         Stop::StdoutClosed => {}
     }
     Ok(())

@@ -32,6 +32,8 @@ const EGRESS_ENV: &[&str] = &[
 pub fn relay(args: &[&str]) -> Command {
     let mut cmd = Command::new(BIN);
     cmd.args(args).env("RUST_LOG", "info").stdin(Stdio::null());
+    // Text logs, whatever the developer's shell asks for; a test wanting JSON sets it.
+    cmd.env_remove("TRICKLE_RELAY_LOG_FORMAT");
     for var in EGRESS_ENV {
         cmd.env_remove(var);
     }
