@@ -19,6 +19,13 @@ if ! command -v redis-server >/dev/null 2>&1; then
     $SUDO apt-get update -qq && $SUDO apt-get install -y -qq redis-server
 fi
 
+# The README recipe test runs the README's shell block as written, which uses curl.
+if ! command -v curl >/dev/null 2>&1; then
+    echo "== installing curl (for the README recipe test)" >&2
+    SUDO=""; [[ $(id -u) -ne 0 ]] && SUDO="sudo"
+    $SUDO apt-get update -qq && $SUDO apt-get install -y -qq curl
+fi
+
 echo "== cargo fmt --check" >&2
 cargo fmt --all -- --check
 echo "== cargo clippy" >&2

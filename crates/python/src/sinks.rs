@@ -162,9 +162,11 @@ impl TrickleEventsSink {
         emit_dict(self.sink.as_ref(), event)
     }
 
-    /// Counters: `emitted`, `delivered` (written to the channel), `dropped_high`, `dropped_low`,
-    /// `queued`, `reports` (loss reports written), `write_errors`, and `lines_lost` (lines the
-    /// channel failed to take after they were written; reported downstream too).
+    /// Counters: `emitted`, `delivered` (written to the channel; events of a segment that then
+    /// failed move to the drops), `dropped_high`, `dropped_low`, `queued`, `reports` (loss reports
+    /// written), `write_errors`, and `lines_lost` (lines the channel failed to take after they
+    /// were written, events or not; the events among them are reported downstream too), so
+    /// `emitted = delivered + dropped_high + dropped_low + queued`.
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
         let d = to_py(py, &self.sink.stats())?;
         d.set_item("lines_lost", self.writer.stats().lines_lost)?;

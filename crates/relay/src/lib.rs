@@ -10,6 +10,7 @@
 //!
 //! Both sides agree on a [`SessionIds`]: the client rejects telemetry that claims another session.
 
+pub mod accounting;
 pub mod channels;
 pub mod client;
 pub mod logtail;

@@ -49,11 +49,25 @@ pub trait LineOutput: Send + 'static {
             .collect();
         self.write_lines(lines)
     }
+
+    /// [`LineOutput::write_joined`] where the first `counted` lines are the caller's events and
+    /// the rest its own lines (a loss report): an output that learns later whether lines arrived
+    /// (the events writer) accounts for the events apart. The default ignores the distinction.
+    fn write_joined_counted(
+        &mut self,
+        joined: Bytes,
+        ends: &[usize],
+        counted: usize,
+    ) -> impl Future<Output = Result<(), OutputError>> + Send {
+        let _ = counted;
+        self.write_joined(joined, ends)
+    }
 }
 
 /// The session's events writer: each line is queued on the writer, which coalesces everything
 /// queued into one HTTP chunk. "Written" here means accepted by the writer; lines the writer later
-/// fails to deliver are counted in its own [`trickle::jsonl::WriterStats::lines_lost`].
+/// fails to deliver are counted in its own [`trickle::jsonl::WriterStats::lines_lost`] (events:
+/// `counted_lost`).
 impl LineOutput for JsonlWriter {
     async fn write_lines(&mut self, lines: Vec<Bytes>) -> Result<(), OutputError> {
         for (written, line) in lines.into_iter().enumerate() {
@@ -68,8 +82,19 @@ impl LineOutput for JsonlWriter {
     }
 
     /// One queue send and no per-line copy for the whole batch ([`JsonlWriter::write_chunk`]).
-    async fn write_joined(&mut self, joined: Bytes, _ends: &[usize]) -> Result<(), OutputError> {
-        self.write_chunk(joined)
+    async fn write_joined(&mut self, joined: Bytes, ends: &[usize]) -> Result<(), OutputError> {
+        self.write_joined_counted(joined, ends, 0).await
+    }
+
+    /// The events are counted lines ([`JsonlWriter::write_chunk_counted`]): the writer's
+    /// `counted_acked` / `counted_lost` then say exactly which events arrived.
+    async fn write_joined_counted(
+        &mut self,
+        joined: Bytes,
+        _ends: &[usize],
+        counted: usize,
+    ) -> Result<(), OutputError> {
+        self.write_chunk_counted(joined, counted as u64)
             .await
             .map(|_| ())
             .map_err(|e| OutputError {

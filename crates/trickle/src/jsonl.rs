@@ -325,6 +325,14 @@ pub struct WriterStats {
     pub lines_acked: u64,
     /// Lines that could not be delivered (their segment failed, or the publisher gave up).
     pub lines_lost: u64,
+    /// Of the lines accepted, those the caller counts ([`JsonlWriter::write_chunk_counted`]):
+    /// e.g. telemetry events, as opposed to loss reports, answers and log batches.
+    pub counted_accepted: u64,
+    /// Counted lines in segments the server acknowledged.
+    pub counted_acked: u64,
+    /// Counted lines that could not be delivered. Once the writer is closed every counted line
+    /// is acked or lost: `counted_accepted = counted_acked + counted_lost`.
+    pub counted_lost: u64,
     /// Bytes written into segments, newlines included.
     pub bytes_written: u64,
     /// HTTP chunks written (each carries every line queued since the previous one).
@@ -345,6 +353,9 @@ struct WriterCounters {
     lines_written: AtomicU64,
     lines_acked: AtomicU64,
     lines_lost: AtomicU64,
+    counted_accepted: AtomicU64,
+    counted_acked: AtomicU64,
+    counted_lost: AtomicU64,
     bytes_written: AtomicU64,
     chunks: AtomicU64,
     segments: AtomicU64,
@@ -355,8 +366,9 @@ struct WriterCounters {
 
 enum Cmd {
     Line(Bytes),
-    /// Pre-joined `\n`-terminated lines, how many, and the queue room they hold.
-    Chunk(Bytes, u64, u32),
+    /// Pre-joined `\n`-terminated lines, how many (and how many of the first are counted), and
+    /// the queue room they hold.
+    Chunk(Bytes, Lines, u32),
     Flush(oneshot::Sender<()>),
     Close,
 }
@@ -477,18 +489,29 @@ impl JsonlWriter {
     /// would overflow, in which case the chunk is split at line boundaries. Returns the number of
     /// lines queued. Waits only while the queue is full.
     pub async fn write_chunk(&self, chunk: Bytes) -> Result<u64, JsonlError> {
+        self.write_chunk_counted(chunk, 0).await
+    }
+
+    /// [`write_chunk`](JsonlWriter::write_chunk) where the first `counted` lines (at most all
+    /// of them) are lines the caller accounts for: [`WriterStats`]'s `counted_*` say how many
+    /// were acknowledged and how many were lost, exactly. The telemetry drain counts its events
+    /// this way (not the loss report it may append), so the runner knows which events arrived.
+    pub async fn write_chunk_counted(&self, chunk: Bytes, counted: u64) -> Result<u64, JsonlError> {
         let lines = check_chunk(&chunk)?;
+        let counted = counted.min(lines);
         self.check_open()?;
         // A chunk larger than the whole queue takes all of it (it still goes through, alone).
         let permits = u32::try_from(lines)
             .unwrap_or(u32::MAX)
             .min(self.inner.capacity);
-        self.enqueue(Cmd::Chunk(chunk, lines, permits), permits)
-            .await?;
-        self.inner
-            .counters
-            .lines_accepted
-            .fetch_add(lines, Ordering::Relaxed);
+        self.enqueue(
+            Cmd::Chunk(chunk, Lines { lines, counted }, permits),
+            permits,
+        )
+        .await?;
+        let c = &self.inner.counters;
+        c.lines_accepted.fetch_add(lines, Ordering::Relaxed);
+        c.counted_accepted.fetch_add(counted, Ordering::Relaxed);
         Ok(lines)
     }
 
@@ -539,6 +562,9 @@ impl JsonlWriter {
             lines_written: c.lines_written.load(Ordering::Relaxed),
             lines_acked: c.lines_acked.load(Ordering::Relaxed),
             lines_lost: c.lines_lost.load(Ordering::Relaxed),
+            counted_accepted: c.counted_accepted.load(Ordering::Relaxed),
+            counted_acked: c.counted_acked.load(Ordering::Relaxed),
+            counted_lost: c.counted_lost.load(Ordering::Relaxed),
             bytes_written: c.bytes_written.load(Ordering::Relaxed),
             chunks: c.chunks.load(Ordering::Relaxed),
             segments: c.segments.load(Ordering::Relaxed),
@@ -596,9 +622,34 @@ fn check_chunk(chunk: &[u8]) -> Result<u64, JsonlError> {
     Ok(lines)
 }
 
+/// A number of lines, and how many of them are counted lines (see [`WriterStats`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Lines {
+    lines: u64,
+    counted: u64,
+}
+
+impl std::ops::AddAssign for Lines {
+    fn add_assign(&mut self, other: Lines) {
+        self.lines += other.lines;
+        self.counted += other.counted;
+    }
+}
+
+impl Lines {
+    const ONE: Lines = Lines {
+        lines: 1,
+        counted: 0,
+    };
+    const ONE_COUNTED: Lines = Lines {
+        lines: 1,
+        counted: 1,
+    };
+}
+
 struct OpenSegment {
     writer: SegmentWriter,
-    lines: u64,
+    lines: Lines,
     bytes: usize,
 }
 
@@ -606,9 +657,9 @@ struct OpenSegment {
 #[derive(Default)]
 struct Batch {
     /// A chunk from [`JsonlWriter::write_chunk`] taken as is (no copy) while nothing else is queued.
-    whole: Option<(Bytes, u64)>,
+    whole: Option<(Bytes, Lines)>,
     buf: BytesMut,
-    lines: u64,
+    lines: Lines,
 }
 
 impl Batch {
@@ -632,7 +683,7 @@ impl Batch {
     }
 }
 
-type Closing = JoinHandle<(Result<(), PublishError>, u64)>;
+type Closing = JoinHandle<(Result<(), PublishError>, Lines)>;
 
 struct WriterTask {
     publisher: Option<Publisher>,
@@ -719,7 +770,8 @@ impl WriterTask {
                 if batch.buf.capacity() == 0 {
                     batch.buf.reserve((line.len() + 1).max(4096));
                 }
-                self.add_line(&mut batch.buf, &mut batch.lines, &line).await;
+                self.add_line(&mut batch.buf, &mut batch.lines, &line, Lines::ONE)
+                    .await;
             }
             Cmd::Chunk(chunk, n, _) => {
                 let in_segment = self.seg.as_ref().map_or(0, |s| s.bytes) + batch.len();
@@ -736,10 +788,16 @@ impl WriterTask {
                 batch.spill();
                 // Rare (once per segment): split at line boundaries so the segment cap holds.
                 let mut start = 0;
-                for nl in memchr::memchr_iter(b'\n', &chunk) {
+                for (i, nl) in memchr::memchr_iter(b'\n', &chunk).enumerate() {
                     let line = chunk.slice(start..nl);
                     start = nl + 1;
-                    self.add_line(&mut batch.buf, &mut batch.lines, &line).await;
+                    let one = if (i as u64) < n.counted {
+                        Lines::ONE_COUNTED
+                    } else {
+                        Lines::ONE
+                    };
+                    self.add_line(&mut batch.buf, &mut batch.lines, &line, one)
+                        .await;
                 }
             }
             Cmd::Flush(_) | Cmd::Close => {}
@@ -758,11 +816,11 @@ impl WriterTask {
     }
 
     /// Appends one line, first writing the batch and rotating if the segment would overflow.
-    async fn add_line(&mut self, batch: &mut BytesMut, lines: &mut u64, line: &[u8]) {
+    async fn add_line(&mut self, batch: &mut BytesMut, lines: &mut Lines, line: &[u8], one: Lines) {
         let in_segment = self.seg.as_ref().map_or(0, |s| s.bytes) + batch.len();
         if in_segment > 0 && in_segment + line.len() + 1 > self.opts.max_segment_bytes {
             self.write_batch(batch, *lines).await;
-            *lines = 0;
+            *lines = Lines::default();
             if self.seg.is_some() {
                 self.counters
                     .rotations_by_size
@@ -772,13 +830,13 @@ impl WriterTask {
         }
         batch.extend_from_slice(line);
         batch.extend_from_slice(b"\n");
-        *lines += 1;
+        *lines += one;
     }
 
     /// Writes the batch into the open segment (opening one if needed). A failed segment is
     /// abandoned (its lines counted lost) and the batch goes into the next one, until the
     /// publisher gives up.
-    async fn write_batch(&mut self, batch: &mut BytesMut, lines: u64) {
+    async fn write_batch(&mut self, batch: &mut BytesMut, lines: Lines) {
         if batch.is_empty() {
             return;
         }
@@ -787,7 +845,7 @@ impl WriterTask {
     }
 
     /// [`write_batch`](Self::write_batch) of bytes already framed (`lines` lines, each `\n`-ended).
-    async fn write_data(&mut self, data: Bytes, lines: u64) {
+    async fn write_data(&mut self, data: Bytes, lines: Lines) {
         loop {
             if self.terminal.lock().is_some() {
                 self.lost(lines);
@@ -811,7 +869,7 @@ impl WriterTask {
                         self.deadline = Some(Instant::now() + self.opts.rotate_every);
                         self.seg = Some(OpenSegment {
                             writer,
-                            lines: 0,
+                            lines: Lines::default(),
                             bytes: 0,
                         });
                     }
@@ -839,7 +897,7 @@ impl WriterTask {
                     seg.lines += lines;
                     seg.bytes += data.len();
                     let c = &self.counters;
-                    c.lines_written.fetch_add(lines, Ordering::Relaxed);
+                    c.lines_written.fetch_add(lines.lines, Ordering::Relaxed);
                     c.bytes_written
                         .fetch_add(data.len() as u64, Ordering::Relaxed);
                     c.chunks.fetch_add(1, Ordering::Relaxed);
@@ -878,9 +936,9 @@ impl WriterTask {
         };
         match closing.await {
             Ok((Ok(()), lines)) => {
-                self.counters
-                    .lines_acked
-                    .fetch_add(lines, Ordering::Relaxed);
+                let c = &self.counters;
+                c.lines_acked.fetch_add(lines.lines, Ordering::Relaxed);
+                c.counted_acked.fetch_add(lines.counted, Ordering::Relaxed);
             }
             Ok((Err(e), lines)) => {
                 self.counters
@@ -895,9 +953,11 @@ impl WriterTask {
         }
     }
 
-    fn lost(&mut self, lines: u64) {
-        if lines > 0 {
-            self.counters.lines_lost.fetch_add(lines, Ordering::Relaxed);
+    fn lost(&mut self, lines: Lines) {
+        if lines.lines > 0 {
+            let c = &self.counters;
+            c.lines_lost.fetch_add(lines.lines, Ordering::Relaxed);
+            c.counted_lost.fetch_add(lines.counted, Ordering::Relaxed);
         }
     }
 
@@ -1113,6 +1173,11 @@ impl JsonlReader {
                 None => return Ok(None),
             }
         }
+    }
+
+    /// [`Subscriber::channel_missing`]: the channel was never there (an error, not an end).
+    pub fn channel_missing(&self) -> bool {
+        self.sub.channel_missing()
     }
 
     /// Counters so far.

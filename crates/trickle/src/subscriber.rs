@@ -5,7 +5,10 @@
 //! - While segment `n` is read, the GET of `n+1` is already open (preconnected).
 //! - 470 ("channel exists, segment does not"): jump to `Lp-Trickle-Latest`, unless that is behind the
 //!   seq asked for (the server is behind us, e.g. it restarted); then wait 250 ms and ask again.
-//! - 404 ends the subscription ([`Subscriber::next_segment`] returns `Ok(None)`).
+//! - 404 ends the subscription ([`Subscriber::next_segment`] returns `Ok(None)`). A 404 before
+//!   the server ever showed the channel (no segment, no 470, no close) ends it the same way, but
+//!   [`Subscriber::channel_missing`] then says so: the channel never existed as far as this
+//!   subscriber can tell, which callers report as an error that names the fix, not as an end.
 //! - Other failures (no connection, 5xx...) are retried: [`SubscriberOptions::retries`] attempts,
 //!   [`SubscriberOptions::retry_delay`] apart, then an error.
 //! - A segment larger than [`SubscriberOptions::max_segment_bytes`] is an error for that segment
@@ -36,7 +39,7 @@
 
 use bytes::Bytes;
 use parking_lot::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::task::JoinHandle;
@@ -230,6 +233,10 @@ struct Shared {
     counters: Counters,
     /// When the current outage was declared (warned about); `None` while the server answers.
     outage: Mutex<Option<Instant>>,
+    /// The server showed the channel exists (a segment, a 470, a close marker).
+    seen: AtomicBool,
+    /// The subscription ended or failed on a 404 before the channel was ever seen.
+    missing: AtomicBool,
 }
 
 impl Shared {
@@ -241,6 +248,18 @@ impl Shared {
             tracing::warn!(url = %self.url, error = %err,
                 window_s = self.opts.reconnect_window.as_secs_f64(),
                 "trickle server unreachable; reconnecting until it is back");
+        }
+    }
+
+    /// The server answered in a way only an existing channel does.
+    fn saw_channel(&self) {
+        self.seen.store(true, Ordering::Relaxed);
+    }
+
+    /// A 404 ends (or fails) the subscription: missing if the channel was never seen.
+    fn ended_on_404(&self) {
+        if !self.seen.load(Ordering::Relaxed) {
+            self.missing.store(true, Ordering::Relaxed);
         }
     }
 
@@ -280,6 +299,8 @@ impl Subscriber {
                 opts,
                 counters: Counters::default(),
                 outage: Mutex::new(None),
+                seen: AtomicBool::new(false),
+                missing: AtomicBool::new(false),
             }),
             next_seq,
             pending: None,
@@ -332,6 +353,13 @@ impl Subscriber {
                 }))
             }
         }
+    }
+
+    /// Whether the subscription ended (or gave up) on a 404 before the server ever showed the
+    /// channel: it does not exist, as far as this subscriber can tell (never created, or deleted
+    /// before the first request). `false` for an ordinary end of a channel that was there.
+    pub fn channel_missing(&self) -> bool {
+        self.shared.missing.load(Ordering::Relaxed)
     }
 
     /// Counters so far.
@@ -399,6 +427,7 @@ async fn fetch(shared: Arc<Shared>, mut seq: i64) -> Result<Found, SubscribeErro
                     body: "channel not found (being recreated after a restart?)".into(),
                 },
                 200 if resp.headers().contains_key(headers::CLOSED) => {
+                    shared.saw_channel();
                     if confirming_close {
                         return Ok(Found::End);
                     }
@@ -409,14 +438,17 @@ async fn fetch(shared: Arc<Shared>, mut seq: i64) -> Result<Found, SubscribeErro
                     continue;
                 }
                 200 => {
+                    shared.saw_channel();
                     let served = header_i64(&resp, headers::SEQ).unwrap_or(seq);
                     return Ok(Found::Segment { resp, seq: served });
                 }
                 404 => {
                     tracing::debug!(%url, "channel not found; subscription ends");
+                    shared.ended_on_404();
                     return Ok(Found::End);
                 }
                 headers::STATUS_SEGMENT_GONE => {
+                    shared.saw_channel();
                     match header_i64(&resp, headers::LATEST) {
                         Some(latest) if latest > seq || (seq < 0 && latest >= 0) => {
                             tracing::debug!(%url, latest, "segment gone; jumping to the live edge");
@@ -457,6 +489,9 @@ async fn fetch(shared: Arc<Shared>, mut seq: i64) -> Result<Found, SubscribeErro
                 continue;
             }
             tracing::warn!(error = %err, attempts = failures, "trickle subscriber gave up");
+            if matches!(err, SubscribeError::Http { status: 404, .. }) {
+                shared.ended_on_404();
+            }
             return Err(err);
         }
         tracing::debug!(error = %err, attempt = failures, "trickle GET failed; retrying");

@@ -430,9 +430,33 @@ async fn subscriber_ends_on_404_after_the_publisher_closes() {
     let (ended, mut sub) = within("subscriber end", waiting).await.unwrap();
     assert!(ended.unwrap(), "a closed channel ends the subscription");
     assert!(sub.next_segment().await.unwrap().is_none(), "stays ended");
-    // A new subscriber of the deleted channel ends at once.
+    assert!(
+        !sub.channel_missing(),
+        "an ordinary end, not a missing channel"
+    );
+    // A new subscriber of the deleted channel ends at once: for it, the channel is missing.
     let mut late = Subscriber::new(&url, SubscriberOptions::default());
     assert!(within("late", late.next_segment()).await.unwrap().is_none());
+    assert!(late.channel_missing());
+    server.shutdown().await;
+}
+
+/// A channel that exists but never got a segment (created by the client, the runner not yet
+/// started) and is then deleted ends its waiting subscriber as an ordinary end: it was there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_channel_deleted_before_its_first_segment_ends_as_an_ordinary_end() {
+    let server = start_server().await;
+    server.channels().create("empty", None).unwrap();
+    let mut sub = Subscriber::new(
+        format!("{}/empty", server.url()),
+        SubscriberOptions::default(),
+    );
+    let waiting = tokio::spawn(async move { (sub.next_segment().await.map(|s| s.is_none()), sub) });
+    parked(&server.channels(), "empty", 0, 1, 0).await;
+    assert!(server.channels().close("empty"));
+    let (ended, sub) = within("subscriber end", waiting).await.unwrap();
+    assert!(ended.unwrap());
+    assert!(!sub.channel_missing(), "it existed: an ordinary end");
     server.shutdown().await;
 }
 
@@ -723,12 +747,13 @@ async fn a_normal_end_still_ends_a_reconnecting_subscriber_promptly() {
     let mut seg = within("seg 0", sub.next_segment()).await.unwrap().unwrap();
     assert_eq!(read_all(&mut seg).await.unwrap(), segment_bytes(0));
     // Waiting (preconnected) on seq 1 when the publisher closes the channel.
-    let waiting = tokio::spawn(async move { sub.next_segment().await.map(|s| s.is_none()) });
+    let waiting = tokio::spawn(async move { (sub.next_segment().await.map(|s| s.is_none()), sub) });
     parked(&server.channels(), "normal-end", 1, 1, 0).await;
     let closed_at = std::time::Instant::now();
     p.close().await.unwrap();
-    let ended = within("subscriber end", waiting).await.unwrap();
+    let (ended, sub) = within("subscriber end", waiting).await.unwrap();
     assert!(ended.unwrap(), "a closed channel ends the subscription");
+    assert!(!sub.channel_missing(), "an ordinary end");
     assert!(
         closed_at.elapsed() < Duration::from_secs(5),
         "ended after {:?}, not after the 60 s reconnect window",
@@ -743,6 +768,7 @@ async fn a_normal_end_still_ends_a_reconnecting_subscriber_promptly() {
         .await
         .unwrap()
         .is_none());
+    assert!(never.channel_missing(), "never there: missing, not ended");
     server.shutdown().await;
 }
 

@@ -445,6 +445,8 @@ async fn write_chunk_round_trips_in_order_across_size_rotations() {
     let total = 3000u64;
     let mut i = 0u64;
     let mut checked = 0u64;
+    // Every chunk's lines but its last are counted ones (as events before a loss report).
+    let mut counted = 0u64;
     while i < total {
         // The server keeps 5 segments of ~100 lines: stay within ~1 segment of the reader.
         if i >= checked + 100 {
@@ -466,7 +468,13 @@ async fn write_chunk_round_trips_in_order_across_size_rotations() {
             chunk.extend_from_slice(json!({"i": k, "pad": pad}).to_string().as_bytes());
             chunk.push(b'\n');
         }
-        assert_eq!(w.write_chunk(Bytes::from(chunk)).await.unwrap(), n);
+        assert_eq!(
+            w.write_chunk_counted(Bytes::from(chunk), n - 1)
+                .await
+                .unwrap(),
+            n
+        );
+        counted += n - 1;
         i += n;
     }
     within("flush", w.flush()).await.unwrap();
@@ -492,6 +500,11 @@ async fn write_chunk_round_trips_in_order_across_size_rotations() {
             ws.lines_lost
         ),
         (total, total, total, 0)
+    );
+    assert_eq!(
+        (ws.counted_accepted, ws.counted_acked, ws.counted_lost),
+        (counted, counted, 0),
+        "counted lines followed their chunks across rotations: {ws:?}"
     );
     assert!(ws.rotations_by_size >= 10, "{ws:?}");
     let rs = r.stats();

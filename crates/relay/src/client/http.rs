@@ -7,9 +7,12 @@
 //!   [`LogTail::read`](crate::logtail::LogTail::read) for which lines. A value out of range, or
 //!   not an integer, is answered 422 with FastAPI's validation body
 //!   (`{"detail": [{"type", "loc", "msg", "input", "ctx"?}]}`).
-//! - `GET /health`: `{"status":"ok", ...}` with the client's counters.
+//! - `GET /health`: `{"status":"ok", "client": {...}, "telemetry": {...}}`: the client's counters
+//!   and the egress's accounting (`emitted = delivered + dropped + queued`, see
+//!   [`crate::accounting`]; `null` without an egress).
 
 use super::ClientReport;
+use crate::accounting::Accounting;
 use crate::logtail::LogTail;
 use axum::extract::{Query, State};
 use axum::http::StatusCode;
@@ -26,6 +29,9 @@ pub struct HttpState {
     pub tail: LogTail,
     /// The client's counters, read on each `/health`.
     pub report: Arc<dyn Fn() -> ClientReport + Send + Sync>,
+    /// What became of the telemetry handed to the egress so far (`None`: no egress), read on
+    /// each `/health`.
+    pub telemetry: Arc<dyn Fn() -> Option<Accounting> + Send + Sync>,
 }
 
 /// The routes, over `state`.
@@ -129,5 +135,9 @@ fn int_param(
 }
 
 async fn health(State(state): State<HttpState>) -> Json<Value> {
-    Json(json!({ "status": "ok", "client": (state.report)() }))
+    Json(json!({
+        "status": "ok",
+        "client": (state.report)(),
+        "telemetry": (state.telemetry)(),
+    }))
 }

@@ -172,6 +172,8 @@ pub struct ClientReport {
     pub events_broken_segments: u64,
     /// Origin-to-client latency of relayed envelopes, in ms: median, p99, max.
     pub latency_ms: Option<[u64; 3]>,
+    /// The events channel does not exist (404 before the server ever showed it).
+    pub events_channel_missing: bool,
 }
 
 /// Why a request failed.
@@ -216,6 +218,8 @@ struct Shared {
     events_ended: AtomicBool,
     /// The refused certificate that ended the events loop, if that is what ended it.
     tls_refused: Mutex<Option<String>>,
+    /// The events channel was never there (see [`Client::events_missing`]).
+    events_missing: AtomicBool,
 }
 
 /// A connected client: the control writer, the events loop and the pinger.
@@ -264,6 +268,7 @@ impl Client {
             notifications: broadcast::channel(256).0,
             events_ended: AtomicBool::new(false),
             tls_refused: Mutex::new(None),
+            events_missing: AtomicBool::new(false),
         });
         let events = tokio::spawn(events_loop(config.clone(), shared.clone()));
         // Only the events loop holds the message sender: the channel closes when the loop ends.
@@ -428,6 +433,12 @@ impl Client {
         self.shared.tls_refused.lock().clone()
     }
 
+    /// Whether the events loop ended because the events channel does not exist (a 404 before
+    /// the server ever showed it), not because it ended: a setup error, not an end of session.
+    pub fn events_missing(&self) -> bool {
+        self.shared.events_missing.load(Relaxed)
+    }
+
     /// Ends the session: closes the control channel (so the runner stops), then waits up to
     /// `drain` for the runner to flush and close the events channel, and returns the counters.
     pub async fn close(self, drain: Duration) -> ClientReport {
@@ -510,6 +521,7 @@ impl Shared {
             events_resumed_segments: sub.resumed_segments,
             events_broken_segments: sub.broken_segments,
             latency_ms: latency,
+            events_channel_missing: self.events_missing.load(Relaxed),
         }
     }
 
@@ -746,6 +758,10 @@ async fn events_loop(config: ClientConfig, shared: Arc<Shared>) {
                     let _ = tx.send(line).await;
                 }
             }
+            Ok(None) if reader.channel_missing() => {
+                tracing::error!(events = %config.events_url, "events channel does not exist (HTTP 404)");
+                break;
+            }
             Ok(None) => {
                 tracing::info!(events = %config.events_url, "events channel ended");
                 break;
@@ -759,6 +775,9 @@ async fn events_loop(config: ClientConfig, shared: Arc<Shared>) {
             }
         }
     }
+    shared
+        .events_missing
+        .store(reader.channel_missing(), Relaxed);
     shared.events_ended.store(true, Relaxed);
     // Wake every waiter: no answer can arrive any more.
     shared.pending.lock().clear();

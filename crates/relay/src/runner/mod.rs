@@ -42,6 +42,7 @@ pub mod media;
 pub mod pipeline;
 pub mod vram;
 
+use crate::accounting::Accounting;
 use crate::logtail::LogTail;
 use crate::SessionIds;
 use anyhow::Context as _;
@@ -182,8 +183,25 @@ pub struct RunnerReport {
     pub events_publisher: PublisherStats,
     /// The control subscription's counters (`reconnects`, `resumed_segments`...).
     pub control: SubscriberStats,
+    /// The control channel was never there (404 before the server ever showed it): the runner
+    /// had nothing to answer. Not an ordinary end; the command exits non-zero naming the fix.
+    pub control_missing: bool,
     /// The media passthrough's counters, over every stream.
     pub media: media::MediaStats,
+}
+
+impl RunnerReport {
+    /// What became of the telemetry the runner emitted: delivered means acknowledged by the
+    /// trickle server; the events lost in failed segments are in `dropped`, never in `delivered`.
+    pub fn telemetry(&self) -> Accounting {
+        Accounting::of_sink(&self.sink)
+    }
+
+    /// Of the telemetry events handed to the events writer, those lost in segments that failed
+    /// (counted in [`RunnerReport::telemetry`]'s `dropped`).
+    pub fn lost_in_failed_segments(&self) -> u64 {
+        self.events.counted_lost
+    }
 }
 
 /// Runs the runner until its control channel ends or `shutdown` fires.
@@ -336,7 +354,9 @@ pub async fn run(
     state.stop_stream().await;
     report.media = state.media_stats();
     reader_task.abort();
-    let refused = reader_task.await.ok().flatten();
+    // Aborted (it was still reading): neither missing nor refused.
+    let ended = reader_task.await.unwrap_or(ControlEnd::Ended);
+    report.control_missing = matches!(ended, ControlEnd::Missing);
     let control = *control_stats.lock();
     report.bad_control_lines = control.bad_lines();
     report.control = control.subscriber;
@@ -360,6 +380,10 @@ pub async fn run(
     if let Err(e) = events.close().await {
         tracing::warn!(error = %e, "closing the events channel failed");
     }
+    // Every event line is now acknowledged or lost. Those lost in the last segments can no longer
+    // be reported downstream (the channel is closed), but they count here: dropped, not delivered.
+    fold_lost_lines_once(&events, &sink, &folded);
+    report.sink = sink.stats();
     report.events = events.stats();
     report.events_publisher = publisher_stats();
     tracing::info!(
@@ -367,20 +391,29 @@ pub async fn run(
         dropped = report.sink.dropped(),
         "runner stopped"
     );
-    if let Some(refused) = refused {
+    if let ControlEnd::Refused(refused) = ended {
         anyhow::bail!("the control channel cannot be read: {refused}");
     }
     Ok(report)
 }
 
-/// Reads the control channel into `tx`, keeping `stats` current, until it ends. Returns the
-/// error when a refused TLS certificate ended it.
+/// How the control channel's reading ended.
+enum ControlEnd {
+    /// It ended (or the runner stopped reading).
+    Ended,
+    /// It was never there: a 404 before the server ever showed it, a setup error.
+    Missing,
+    /// A refused TLS certificate ended it; the error names the URL, the reason and the flag.
+    Refused(String),
+}
+
+/// Reads the control channel into `tx`, keeping `stats` current, until it ends; says how.
 async fn read_control(
     url: String,
     options: SubscriberOptions,
     tx: mpsc::Sender<Map<String, Value>>,
     stats: Arc<parking_lot::Mutex<ReaderStats>>,
-) -> Option<String> {
+) -> ControlEnd {
     let subscriber = Subscriber::new(url.clone(), options);
     let mut reader = JsonlReader::new(subscriber, JsonlReaderOptions::default());
     loop {
@@ -393,6 +426,10 @@ async fn read_control(
                     break;
                 }
             }
+            Ok(None) if reader.channel_missing() => {
+                tracing::error!(control = %url, "control channel does not exist (HTTP 404); nothing to answer");
+                return ControlEnd::Missing;
+            }
             Ok(None) => {
                 tracing::info!(control = %url, "control channel ended");
                 break;
@@ -400,13 +437,17 @@ async fn read_control(
             Err(e) => {
                 tracing::error!(control = %url, error = %e, "control subscription failed");
                 if matches!(e, SubscribeError::Tls { .. }) {
-                    return Some(e.to_string());
+                    return ControlEnd::Refused(e.to_string());
                 }
-                break;
+                return if reader.channel_missing() {
+                    ControlEnd::Missing
+                } else {
+                    ControlEnd::Ended
+                };
             }
         }
     }
-    None
+    ControlEnd::Ended
 }
 
 /// Adds the events writer's newly lost lines to the sink's drops, every 100 ms,
@@ -425,13 +466,14 @@ pub async fn fold_lost_lines(
 
 /// One step of [`fold_lost_lines`]: `folded` is the writer's lost count already added.
 pub fn fold_lost_lines_once(events: &JsonlWriter, sink: &TrickleEventsSink, folded: &AtomicU64) {
-    let lost = events.stats().lines_lost;
+    // Only the sink's events: lost answers, log batches and loss reports are no telemetry.
+    let lost = events.stats().counted_lost;
     let before = folded.swap(lost, Ordering::Relaxed);
     if lost > before {
         sink.count_lost_downstream(lost - before);
         tracing::warn!(
-            lines = lost - before,
-            "events lines lost in failed segments; reported as telemetry_dropped"
+            events = lost - before,
+            "telemetry events lost in failed events segments; counted as dropped"
         );
     }
 }
@@ -531,7 +573,7 @@ mod tests {
     use telemetry::sinks::SessionContext;
 
     #[tokio::test]
-    async fn lines_the_events_writer_lost_are_reported_as_telemetry_dropped_once() {
+    async fn events_the_events_writer_lost_move_from_delivered_to_dropped_and_are_reported_once() {
         // A port nobody listens on: every segment fails, and its lines are counted lost.
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
@@ -548,12 +590,20 @@ mod tests {
             ),
             JsonlWriterOptions::default(),
         );
-        for i in 0..5 {
-            events.write(&json!({ "i": i })).await.unwrap();
-        }
-        // Closing settles the segment: its POST failed, so its 5 lines are lost.
+        // Five events (counted) and a loss report after them, then an answer (not counted).
+        let chunk: String = (0..6).map(|i| format!("{{\"i\":{i}}}\n")).collect();
+        events
+            .write_chunk_counted(bytes::Bytes::from(chunk), 5)
+            .await
+            .unwrap();
+        events.write(&json!({"type": "pong"})).await.unwrap();
+        // Closing settles the segment: its POST failed, so all 7 lines are lost, 5 of them events.
         assert!(events.close().await.is_err());
-        assert_eq!(events.stats().lines_lost, 5, "{:?}", events.stats());
+        let w = events.stats();
+        assert_eq!((w.lines_lost, w.counted_lost), (7, 5), "{w:?}");
+        assert_eq!((w.counted_accepted, w.counted_acked), (5, 0), "{w:?}");
+
+        // A sink that handed those five events on (delivered), then learns they were lost.
         let out = LineCollector::new();
         let sink = TrickleEventsSink::spawn_on(
             &tokio::runtime::Handle::current(),
@@ -561,11 +611,27 @@ mod tests {
             SessionContext::default(),
             TrickleEventsConfig::default(),
         );
+        for _ in 0..5 {
+            sink.emit(Event::from(telemetry::Envelope::new(
+                "stream_heartbeat",
+                Fields::new(),
+            )));
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while sink.stats().delivered < 5 {
+            assert!(Instant::now() < deadline, "{:?}", sink.stats());
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         let folded = AtomicU64::new(0);
         fold_lost_lines_once(&events, &sink, &folded);
         fold_lost_lines_once(&events, &sink, &folded);
         let stats = sink.shutdown().await;
-        assert_eq!(stats.dropped(), 5, "counted once: {stats:?}");
+        let t = Accounting::of_sink(&stats);
+        assert_eq!(
+            (t.emitted, t.delivered, t.dropped, t.queued),
+            (5, 0, 5, 0),
+            "moved once, never both delivered and lost: {stats:?}"
+        );
         let reports: Vec<Value> = out
             .lines()
             .iter()

@@ -169,12 +169,20 @@ impl TrickleEventsSink {
         self.shared.queue.close();
     }
 
-    /// Counts `n` events lost after the sink handed them on (e.g. lines of an events segment that
-    /// failed, [`trickle::jsonl::WriterStats::lines_lost`]), so the next `telemetry_dropped`
-    /// reports them with the sink's own drops (as low priority: their class is unknown).
+    /// Counts `n` events lost after the sink handed them on (the events of an events segment
+    /// that failed, [`trickle::jsonl::WriterStats::counted_lost`]): they move from `delivered`
+    /// to the drops (as low priority: their class is unknown), so `emitted = delivered + dropped
+    /// + queued` still holds, and the next `telemetry_dropped` reports them.
     pub fn count_lost_downstream(&self, n: u64) {
         let c = &self.shared.counters;
-        c.write_dropped_low.fetch_add(n, Ordering::Relaxed);
+        // Only events counted delivered can be lost after it; never below zero.
+        let moved = c
+            .delivered
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |d| {
+                Some(d.saturating_sub(n))
+            })
+            .map_or(0, |before| before.min(n));
+        c.write_dropped_low.fetch_add(moved, Ordering::Relaxed);
     }
 
     /// [`Self::close`], then waits for the drain task to finish; returns the final totals.
@@ -351,7 +359,10 @@ async fn drain<O: LineOutput>(
                 buf.extend_from_slice(b"}\n");
                 ends.push(buf.len() - 1);
             }
-            let result = output.write_joined(Bytes::from(buf), &ends).await;
+            // The events are counted lines: the output tells later which of them arrived.
+            let result = output
+                .write_joined_counted(Bytes::from(buf), &ends, n)
+                .await;
             let failed = result.is_err();
             failed_last = failed;
             let written = match result {

@@ -5,8 +5,9 @@
 //! `SCOPE_CLOUD_API_KEY` and is re-read on SIGHUP. With `--http`, `GET /egress` serves the egress
 //! sink's counters.
 
-use anyhow::Context as _;
-use relay::client::egress::{self, EgressChoice, EgressSinks};
+use anyhow::{bail, Context as _};
+use relay::accounting::Accounting;
+use relay::client::egress::{self, DrainStop, Drained, EgressChoice, EgressSinks};
 use relay::client::{http, Client, ClientConfig, ClientReport};
 use relay::logtail::LogTail;
 use relay::SessionIds;
@@ -60,6 +61,12 @@ pub struct Args {
     /// Write the final counters as JSON to this file on exit.
     #[arg(long)]
     pub report: Option<PathBuf>,
+    /// Once the session is over (the events channel ended, SIGTERM, Ctrl-C, --duration-secs),
+    /// keep sending what the HTTP reporter or Kafka sink still holds for up to this many seconds,
+    /// with progress on stderr; then exit, saying what is left on disk and where (the next start
+    /// sends it first). A second SIGTERM or Ctrl-C exits at once, keeping it on disk.
+    #[arg(long, default_value_t = 30.0, value_name = "SECS")]
+    pub drain_secs: f64,
     /// Ride out a trickle server outage (killed, restarting, unreachable) of up to this many
     /// seconds: both channels keep reconnecting (backoff 100 ms doubling to 2 s) and resume where
     /// they broke off; nothing is lost uncounted. 0: give up after the reference clients' retries
@@ -70,8 +77,11 @@ pub struct Args {
     pub tls: super::TrickleTlsArgs,
 }
 
-/// Runs the client until Ctrl-C / SIGTERM, `--duration-secs`, or the end of the events channel.
+/// Runs the client until Ctrl-C / SIGTERM, `--duration-secs`, or the end of the events channel,
+/// then drains the egress for up to `--drain-secs` (a second signal stops that at once).
 pub async fn run(args: Args) -> anyhow::Result<()> {
+    let drain = Duration::try_from_secs_f64(args.drain_secs)
+        .context("--drain-secs takes a number of seconds >= 0, e.g. 30")?;
     let egress = egress::open(
         args.egress,
         args.egress_file.as_deref(),
@@ -85,6 +95,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         relay::client::create_channel_with(&args.control_url, &trickle_tls).await?;
         relay::client::create_channel_with(&args.events_url, &trickle_tls).await?;
     }
+    let events_url = args.events_url.clone();
     let mut config = ClientConfig::new(args.control_url, args.events_url);
     config.session = SessionIds {
         session_id: args.session_id,
@@ -96,10 +107,10 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     config.trickle_tls = trickle_tls;
     let client = Arc::new(Client::connect(config, egress.sink.clone()));
 
-    let shutdown = CancellationToken::new();
-    super::cancel_on_signal(shutdown.clone());
+    let signals = super::Signals::install();
+    let stop_http = CancellationToken::new();
     if let Some(addr) = args.http {
-        serve_http(addr, client.clone(), egress.clone(), shutdown.clone()).await?;
+        serve_http(addr, client.clone(), egress.clone(), stop_http.clone()).await?;
     }
     if let Some(params) = &args.start_stream {
         let params: Value = serde_json::from_str(params).context(
@@ -124,37 +135,87 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let watch = client.clone();
     let ended = async move { until_events_end(&watch).await };
     tokio::select! {
-        _ = shutdown.cancelled() => {}
+        _ = signals.reached(1) => {}
         _ = ended => {}
         _ = async { match deadline { Some(d) => tokio::time::sleep(d).await, None => std::future::pending().await } } => {}
     }
+    // From here on, the next signal means "exit now" (what is buffered stays on disk).
+    let exit_now = signals.count() + 1;
     if args.start_stream.is_some() && !client.events_ended() {
         if let Err(e) = client.stop_stream().await {
             tracing::warn!(error = %e, "stop_stream failed");
         }
     }
-    shutdown.cancel();
+    let missing = client.events_missing();
+    let refused = client.tls_refused();
+    let counters = client.reporter();
     let client =
         Arc::try_unwrap(client).map_err(|_| anyhow::anyhow!("client still in use at shutdown"))?;
-    let refused = client.tls_refused();
-    let report = client.close(Duration::from_secs(10)).await;
-    // Before the counters are read, so that they include what the flush delivered.
-    egress.finish().await;
-    let egress_stats = egress.sink.as_ref().map(|s| s.stats());
-    print_summary(&report, egress_stats.as_ref());
+    // Closing waits up to 10 s for the runner to finish the events channel.
+    let report = tokio::select! {
+        report = client.close(Duration::from_secs(10)) => report,
+        _ = signals.reached(exit_now) => counters(),
+    };
+    let stop = CancellationToken::new();
+    let stop_on_signal = {
+        let (stop, signals) = (stop.clone(), signals.clone());
+        tokio::spawn(async move {
+            signals.reached(exit_now).await;
+            stop.cancel();
+        })
+    };
+    if egress.driver.is_some() && !stop.is_cancelled() && !drain.is_zero() {
+        logging::say!(
+            "client: session over; sending what the egress holds for up to {} s (--drain-secs); SIGTERM or Ctrl-C again exits now, keeping it on disk",
+            drain.as_secs_f64()
+        );
+    }
+    let drained = egress
+        .drain(drain, stop, |p| {
+            logging::say!(
+                "client: draining: {} events left, {} delivered in the last second, {:.0} s to go",
+                p.left,
+                p.delivered,
+                p.remaining.as_secs_f64()
+            );
+        })
+        .await;
+    stop_on_signal.abort();
+    stop_http.cancel();
+    let telemetry = drained.telemetry;
+    print_summary(&report, telemetry.as_ref(), &egress, &drained);
     if let Some(path) = args.report {
         let mut json = serde_json::to_value(&report)?;
         if let Some(obj) = json.as_object_mut() {
             // No egress sink (none configured, or opted out): nothing egressed.
-            let stats = egress_stats.unwrap_or_default();
-            obj.insert("egressed".into(), stats.delivered.into());
-            obj.insert("egress_dropped".into(), stats.dropped().into());
+            let t = telemetry.unwrap_or_default();
+            obj.insert("telemetry".into(), serde_json::to_value(telemetry)?);
+            obj.insert("egressed".into(), t.delivered.into());
+            obj.insert("egress_dropped".into(), t.dropped.into());
+            obj.insert("egress_queued".into(), t.queued.into());
+            obj.insert("left_on_disk".into(), drained.left_on_disk.into());
+            obj.insert(
+                "buffer_path".into(),
+                drained
+                    .buffer
+                    .as_ref()
+                    .map(|(p, _)| p.display().to_string())
+                    .into(),
+            );
         }
         std::fs::write(&path, json.to_string())
             .with_context(|| format!("cannot write the report to {}", path.display()))?;
     }
     if let Some(refused) = refused {
-        anyhow::bail!("the events channel cannot be read: {refused}");
+        bail!("the events channel cannot be read: {refused}");
+    }
+    if missing {
+        bail!(
+            "the events channel {events_url} does not exist (HTTP 404), so there was nothing to \
+             relay. Create the session's channels first: run this client with --create-channels (on \
+             a server run with `serve --autocreate`), or create them on your trickle server as an \
+             orchestrator does; then start the runner"
+        );
     }
     Ok(())
 }
@@ -179,9 +240,11 @@ async fn serve_http(
         "client: logs at http://{}/api/v1/logs/tail",
         listener.local_addr()?
     );
+    let accounting = egress.clone();
     let state = http::HttpState {
         tail: LogTail::global().clone(),
         report: client.reporter(),
+        telemetry: Arc::new(move || accounting.accounting()),
     };
     // `GET /egress`: the egress sink's counters (and the HTTP reporter's, when it is the egress).
     let egress_route = axum::Router::new().route(
@@ -199,18 +262,54 @@ async fn serve_http(
     Ok(())
 }
 
-fn print_summary(report: &ClientReport, egress: Option<&telemetry::SinkStats>) {
+fn print_summary(
+    report: &ClientReport,
+    telemetry: Option<&Accounting>,
+    egress: &EgressSinks,
+    drained: &Drained,
+) {
     logging::say!(
-        "client: telemetry received {}, relayed {}, egressed {}, discarded {} (no egress), rejected {} (foreign session) + {} (invalid), runner-reported drops {}, bad lines {}",
+        "client: telemetry received {}: relayed {}, rejected {} (foreign session) + {} (invalid); runner-reported drops {}, bad lines {}",
         report.telemetry_received,
         report.relayed,
-        egress.map(|s| s.delivered).unwrap_or(0),
-        report.discarded,
         report.rejected_foreign,
         report.rejected_invalid,
         report.dropped_reported,
         report.bad_lines
     );
+    let name = egress.sink.as_ref().map_or("none", |s| s.name());
+    match telemetry {
+        Some(t) => logging::say!("client: egress {name}: {t}"),
+        None => logging::say!(
+            "client: no egress: {} relayed envelopes discarded (counted)",
+            report.discarded
+        ),
+    }
+    match drained.stop {
+        DrainStop::Delivered => {}
+        DrainStop::Paused => {
+            logging::say!("client: the egress stopped sending: the destination paused it (e.g. it refused the API key)")
+        }
+        DrainStop::TimedOut => {
+            logging::say!("client: --drain-secs ran out before the egress was empty")
+        }
+        DrainStop::Stopped => logging::say!("client: stopped draining on a second signal"),
+    }
+    if let Some((path, setting)) = &drained.buffer {
+        if drained.left_on_disk > 0 {
+            logging::say!(
+                "client: {} events left on disk in {} ({setting}): the next client started with the same buffer path sends them first",
+                drained.left_on_disk,
+                path.display()
+            );
+        }
+    }
+    if drained.left_in_memory > 0 {
+        logging::say!(
+            "client: {} events were held in memory (the disk buffer was unusable) and are lost at exit",
+            drained.left_in_memory
+        );
+    }
     if report.events_reconnects + report.events_resumed_segments + report.events_broken_segments > 0
     {
         logging::say!(

@@ -9,6 +9,7 @@
 //! published or egressed (the summary shows zeros, every one accounted for).
 
 use anyhow::Context as _;
+use relay::accounting::Accounting;
 use relay::client::{Client, ClientConfig, ClientReport};
 use relay::runner::{self, RunnerConfig, RunnerReport};
 use relay::SessionIds;
@@ -230,8 +231,16 @@ impl Summary {
             && self.egress.delivered + self.egress.dropped() == self.client.relayed
     }
 
+    /// The runner's accounting (delivered: acknowledged by the trickle server) and the egress's.
+    fn hops(&self) -> (Accounting, Accounting) {
+        (self.runner.telemetry(), Accounting::of_sink(&self.egress))
+    }
+
     fn to_json(&self) -> serde_json::Value {
+        let (runner, egress) = self.hops();
         json!({
+            "telemetry": runner,
+            "egress": egress,
             "emitted": self.runner.sink.emitted,
             "relayed": self.client.relayed,
             "egressed": self.egress.delivered,
@@ -272,6 +281,9 @@ impl Summary {
             c.rejected_invalid
         );
         logging::say!("  bad lines skipped          {:>8}", c.bad_lines);
+        let (runner, egress) = self.hops();
+        logging::say!("  runner telemetry           {runner}");
+        logging::say!("  client egress              {egress}");
         match c.latency_ms {
             Some([p50, p99, max]) => logging::say!(
                 "  latency origin->egress     median {p50} ms, p99 {p99} ms, max {max} ms"

@@ -1,6 +1,6 @@
 //! `trickle-relay runner`: the runner role, as its own process.
 
-use anyhow::Context as _;
+use anyhow::{bail, Context as _};
 use relay::runner::{self, RunnerConfig};
 use relay::SessionIds;
 use std::net::SocketAddr;
@@ -70,6 +70,7 @@ pub struct Args {
 /// Runs the runner until the control channel ends or Ctrl-C / SIGTERM.
 pub async fn run(args: Args) -> anyhow::Result<()> {
     let started_at = Instant::now();
+    let control_url = args.control_url.clone();
     let mut config = RunnerConfig::new(args.control_url, args.events_url);
     config.session = SessionIds {
         session_id: args.session_id,
@@ -103,34 +104,21 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     if let Some(copy) = &emitted_copy {
         copy.flush().context("cannot flush --emitted-file")?;
     }
-    logging::say!(
-        "runner: {} control messages ({} bad lines skipped); telemetry emitted {}, delivered {}, dropped {}; {} log lines forwarded",
-        report.control_messages,
-        report.bad_control_lines,
-        report.sink.emitted,
-        report.sink.delivered,
-        report.sink.dropped(),
-        report.log_lines
-    );
-    if report.events_publisher.reconnects + report.control.reconnects > 0
-        || report.events.lines_lost > 0
-    {
-        logging::say!(
-            "runner: reconnected after trickle server outages: events {} time(s), control {} time(s); events lines lost in failed segments {} (counted as dropped)",
-            report.events_publisher.reconnects,
-            report.control.reconnects,
-            report.events.lines_lost
-        );
-    }
+    print_summary(&report);
     if let Some(path) = args.report {
+        let telemetry = report.telemetry();
         let json = serde_json::json!({
             "control_messages": report.control_messages,
             "bad_control_lines": report.bad_control_lines,
-            "emitted": report.sink.emitted,
-            "delivered": report.sink.delivered,
-            "dropped": report.sink.dropped(),
+            "telemetry": telemetry,
+            "emitted": telemetry.emitted,
+            "delivered": telemetry.delivered,
+            "dropped": telemetry.dropped,
+            "queued": telemetry.queued,
             "dropped_high": report.sink.dropped_high,
             "dropped_low": report.sink.dropped_low,
+            "lost_in_failed_segments": report.lost_in_failed_segments(),
+            "control_missing": report.control_missing,
             "log_lines": report.log_lines,
             "events_lines_lost": report.events.lines_lost,
             "events_segments_failed": report.events.segments_failed,
@@ -146,5 +134,45 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         std::fs::write(&path, json.to_string())
             .with_context(|| format!("cannot write the report to {}", path.display()))?;
     }
+    if report.control_missing {
+        bail!(
+            "the control channel {control_url} does not exist (HTTP 404), so this runner had nothing \
+             to answer. Create the session's channels before starting the runner: start the client \
+             with --create-channels (on a server run with `serve --autocreate`), or create them on \
+             your trickle server as an orchestrator does"
+        );
+    }
     Ok(())
+}
+
+/// The summary on stderr: one accounting line for the telemetry, then what else happened.
+fn print_summary(report: &runner::RunnerReport) {
+    let t = report.telemetry();
+    let mut drops = Vec::new();
+    let lost = report.lost_in_failed_segments();
+    if lost > 0 {
+        drops.push(format!("{lost} lost in failed events segments"));
+    }
+    let shed = t.dropped.saturating_sub(lost);
+    if shed > 0 {
+        drops.push(format!("{shed} shed by the full queue or a failed write"));
+    }
+    let drops = if drops.is_empty() {
+        String::new()
+    } else {
+        format!(" (dropped: {})", drops.join(", "))
+    };
+    logging::say!("runner: telemetry {t}{drops}");
+    logging::say!(
+        "runner: {} control messages ({} bad lines skipped); {} log lines forwarded",
+        report.control_messages,
+        report.bad_control_lines,
+        report.log_lines
+    );
+    if report.events_publisher.reconnects + report.control.reconnects > 0 {
+        logging::say!(
+            "runner: reconnected after trickle server outages: events {} time(s), control {} time(s)",
+            report.events_publisher.reconnects, report.control.reconnects
+        );
+    }
 }

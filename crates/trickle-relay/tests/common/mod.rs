@@ -374,3 +374,39 @@ pub fn python_script(name: &str) -> std::path::PathBuf {
         .join("tests/python")
         .join(name)
 }
+
+/// Every accounting a summary in `text` printed (`emitted E = delivered D + dropped X + queued
+/// Q`, see `relay::accounting`), each asserted to add up; fails the test naming `what` if there
+/// is none or one does not.
+pub fn assert_accounted(what: &str, text: &str) -> Vec<relay::accounting::Accounting> {
+    let found = relay::accounting::find_all(text);
+    assert!(!found.is_empty(), "{what}: no accounting printed:\n{text}");
+    for a in &found {
+        assert!(a.balanced(), "{what}: {a} does not add up:\n{text}");
+    }
+    found
+}
+
+/// The `"telemetry"` accounting object of a JSON summary (`--report`, `/health`, `demo --json`),
+/// asserted to add up: `(emitted, delivered, dropped, queued)`.
+pub fn assert_json_accounted(what: &str, v: &Value) -> (u64, u64, u64, u64) {
+    let t = &v["telemetry"];
+    let n = |k: &str| {
+        t[k].as_u64()
+            .unwrap_or_else(|| panic!("{what}: no telemetry.{k} in {v}"))
+    };
+    let (e, d, x, q) = (n("emitted"), n("delivered"), n("dropped"), n("queued"));
+    assert_eq!(e, d + x + q, "{what}: {t} does not add up");
+    (e, d, x, q)
+}
+
+/// Deletes the trickle channel `url` (as an orchestrator ending a job does); fails the test if
+/// the server answers anything but success.
+pub fn delete_channel(url: &str) {
+    let status = reqwest::blocking::Client::new()
+        .delete(url)
+        .send()
+        .unwrap_or_else(|e| panic!("deleting {url}: {e}"))
+        .status();
+    assert!(status.is_success(), "deleting {url}: {status}");
+}
