@@ -19,6 +19,14 @@ if ! command -v redis-server >/dev/null 2>&1; then
     $SUDO apt-get update -qq && $SUDO apt-get install -y -qq redis-server
 fi
 
+# The metrics tests scrape every process with a real Prometheus and check each exposition with
+# promtool (both in Debian's prometheus package); install it if missing.
+if ! command -v prometheus >/dev/null 2>&1 || ! command -v promtool >/dev/null 2>&1; then
+    echo "== installing prometheus (for the metrics tests)" >&2
+    SUDO=""; [[ $(id -u) -ne 0 ]] && SUDO="sudo"
+    $SUDO apt-get update -qq && $SUDO apt-get install -y -qq prometheus
+fi
+
 # The README recipe test runs the README's shell block as written, which uses curl.
 if ! command -v curl >/dev/null 2>&1; then
     echo "== installing curl (for the README recipe test)" >&2

@@ -108,6 +108,42 @@ struct Counters {
     unsupported_encoding: AtomicU64,
     output_failed: AtomicU64,
     dedup_unavailable: AtomicU64,
+    /// How long each write to the output took (`GET /metrics`).
+    output_latency: LatencyCounters,
+}
+
+/// Upper bounds of the output-latency buckets ([`Collector::output_latency`]), in microseconds.
+pub const OUTPUT_LATENCY_BOUNDS_US: [u64; 12] = [
+    100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 1_000_000,
+];
+
+/// One relaxed add per bucket hit: the cost of a write to the output is milliseconds.
+#[derive(Debug, Default)]
+struct LatencyCounters {
+    buckets: [AtomicU64; OUTPUT_LATENCY_BOUNDS_US.len() + 1],
+    sum_us: AtomicU64,
+}
+
+impl LatencyCounters {
+    fn record(&self, took: Duration) {
+        let us = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
+        let i = OUTPUT_LATENCY_BOUNDS_US
+            .iter()
+            .position(|&b| us <= b)
+            .unwrap_or(OUTPUT_LATENCY_BOUNDS_US.len());
+        self.buckets[i].fetch_add(1, Relaxed);
+        self.sum_us.fetch_add(us, Relaxed);
+    }
+}
+
+/// How long the writes to the output took (each attempt, failed ones too): the count per bucket of
+/// [`OUTPUT_LATENCY_BOUNDS_US`] (not cumulative; a last one for the slower), and their sum.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OutputLatency {
+    /// Writes per bucket.
+    pub counts: Vec<u64>,
+    /// Their total time, in microseconds.
+    pub sum_us: u64,
 }
 
 /// A snapshot of the collector's counters.
@@ -271,6 +307,15 @@ impl Collector {
         }
     }
 
+    /// How long the writes to the output took so far.
+    pub fn output_latency(&self) -> OutputLatency {
+        let l = &self.inner.counters.output_latency;
+        OutputLatency {
+            counts: l.buckets.iter().map(|b| b.load(Relaxed)).collect(),
+            sum_us: l.sum_us.load(Relaxed),
+        }
+    }
+
     /// Logs the counters (one line).
     pub fn log_stats(&self) {
         let s = self.stats();
@@ -298,7 +343,17 @@ impl Collector {
         listener: tokio::net::TcpListener,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
-        let app = self.router();
+        self.serve_with(listener, Router::new(), shutdown).await
+    }
+
+    /// [`Collector::serve`] with `extra` routes beside the collector's (e.g. `GET /metrics`).
+    pub async fn serve_with(
+        self,
+        listener: tokio::net::TcpListener,
+        extra: Router,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
+        let app = self.router().merge(extra);
         axum::serve(
             listener,
             app.into_make_service_with_connect_info::<SocketAddr>(),
@@ -316,10 +371,22 @@ impl Collector {
         tls: tls::ServerTls,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
+        self.serve_tls_with(listener, Router::new(), tls, shutdown)
+            .await
+    }
+
+    /// [`Collector::serve_tls`] with `extra` routes beside the collector's (e.g. `GET /metrics`).
+    pub async fn serve_tls_with(
+        self,
+        listener: tokio::net::TcpListener,
+        extra: Router,
+        tls: tls::ServerTls,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
         use hyper_util::rt::{TokioExecutor, TokioIo};
         use tower::ServiceExt as _;
         const HANDSHAKE: Duration = Duration::from_secs(10);
-        let app = self.router();
+        let app = self.router().merge(extra);
         let stop = tokio_util::sync::CancellationToken::new();
         let on_signal = stop.clone();
         tokio::spawn(async move {
@@ -513,7 +580,10 @@ impl Collector {
             }
             if !fresh.is_empty() {
                 let n = fresh.len() as u64;
-                if let Err(e) = inner.output.append(fresh).await {
+                let began = Instant::now();
+                let written = inner.output.append(fresh).await;
+                inner.counters.output_latency.record(began.elapsed());
+                if let Err(e) = written {
                     inner.counters.output_failed.fetch_add(1, Relaxed);
                     tracing::error!(target: "collector", error = %e, "cannot write accepted events; answering 503 so the reporter retries");
                     return Err(Reject::Output(e.to_string()));
@@ -572,7 +642,10 @@ impl Collector {
             }
             if !fresh.is_empty() {
                 let n = fresh.len() as u64;
-                if let Err(e) = inner.output.append(fresh).await {
+                let began = Instant::now();
+                let written = inner.output.append(fresh).await;
+                inner.counters.output_latency.record(began.elapsed());
+                if let Err(e) = written {
                     // Free the claims so the retry (here or on another collector) writes them.
                     dedup.release(&token, fresh_ids).await;
                     inner.counters.output_failed.fetch_add(1, Relaxed);

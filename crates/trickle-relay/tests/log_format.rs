@@ -179,6 +179,14 @@ fn every_stderr_line_of_every_command_is_json_and_the_telemetry_line_is_its_mess
     ] {
         json_lines(name, &d.join(format!("{name}.err")));
     }
+    // Their summaries, as JSON lines too, add up (`emitted = delivered + dropped + queued`).
+    for name in ["runner", "client", "demo"] {
+        let messages: Vec<String> = json_lines(name, &d.join(format!("{name}.err")))
+            .iter()
+            .filter_map(|l| l["message"].as_str().map(str::to_string))
+            .collect();
+        common::assert_accounted(&format!("{name} summary (json)"), &messages.join("\n"));
+    }
     // Console lines (a command's own words) and log lines alike.
     let client_lines = json_lines("client", &d.join("client.err"));
     assert!(

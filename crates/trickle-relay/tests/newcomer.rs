@@ -380,7 +380,10 @@ fn a_client_drains_its_egress_at_exit_against_a_rate_limiting_collector() {
         took >= Duration::from_millis(2500) && took < Duration::from_secs(20),
         "drained for {took:?}, not the 3 s asked:\n{err1}"
     );
-    assert!(err1.contains("client: draining: "), "progress: {err1}");
+    assert!(
+        err1.contains("client: session over; sending the ") && err1.contains("client: draining: "),
+        "progress: {err1}"
+    );
     assert!(err1.contains("--drain-secs ran out"), "{err1}");
     let [a] = assert_accounted("client summary", &err1)[..] else {
         panic!("one accounting expected:\n{err1}");
@@ -471,7 +474,7 @@ fn first_sigterm_then_second(client: &mut Proc, log: &Path, events: &str) {
     client.terminate();
     common::delete_channel(events);
     wait_until("the drain starts", Duration::from_secs(30), || {
-        read(log).contains("client: session over; sending what the egress holds")
+        read(log).contains("client: session over; sending the ")
     });
     let at = Instant::now();
     signal(client.pid(), "TERM");

@@ -77,6 +77,8 @@ pub struct EgressSinks {
     /// The buffered-egress driver under the sink (the reporter's or the Kafka sink's), for its
     /// flush, shutdown and full counters.
     pub driver: Option<DriverHandle>,
+    /// The Kafka sink, when it is the sink (for its producer's counters).
+    pub kafka: Option<Arc<kafka::KafkaSink>>,
 }
 
 /// A handle that reaches a buffered-egress driver (a `Reporter`, a `KafkaSink`).
@@ -143,14 +145,16 @@ pub fn open(
             sink: Some(r.sink()),
             driver: Some(r.clone()),
             reporter: Some(r),
+            kafka: None,
         })
     };
     let kafka = || -> anyhow::Result<EgressSinks> {
         let k = Arc::new(start_kafka_sink()?);
         Ok(EgressSinks {
             sink: Some(k.sink()),
-            driver: Some(k),
+            driver: Some(k.clone()),
             reporter: None,
+            kafka: Some(k),
         })
     };
     let plain = |sink: Arc<dyn Sink>| EgressSinks {
@@ -359,6 +363,7 @@ impl EgressSinks {
             "sink": self.sink.as_ref().map(|s| s.name()),
             "stats": self.sink.as_ref().map(|s| s.stats()),
             "reporter": self.reporter.as_ref().map(|r| r.reporter_stats()),
+            "kafka": self.kafka.as_ref().map(|k| k.kafka_stats()),
         })
     }
 }

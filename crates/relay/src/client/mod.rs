@@ -176,6 +176,20 @@ pub struct ClientReport {
     pub events_channel_missing: bool,
 }
 
+/// A reader of the latency histogram by bucket ([`Client::latency_probe`]).
+pub type LatencyProbe = Arc<dyn Fn(&[u64]) -> LatencyBuckets + Send + Sync>;
+
+/// The latency histogram by bucket, as [`Client::latency_probe`] reads it.
+#[derive(Debug, Clone, Default)]
+pub struct LatencyBuckets {
+    /// Count per bucket (not cumulative); one more than the bounds asked for.
+    pub counts: Vec<u64>,
+    /// Every value recorded.
+    pub count: u64,
+    /// Their sum, in ms (from the histogram's mean: within its 3 significant figures).
+    pub sum_ms: f64,
+}
+
 /// Why a request failed.
 #[derive(Debug, thiserror::Error)]
 pub enum RequestError {
@@ -420,6 +434,28 @@ impl Client {
     pub fn reporter(&self) -> Arc<dyn Fn() -> ClientReport + Send + Sync> {
         let shared = self.shared.clone();
         Arc::new(move || shared.report())
+    }
+
+    /// A cheap handle that reads the origin-to-client latency histogram (the one behind
+    /// [`ClientReport::latency_ms`]) as counts per bucket of `bounds_ms` (upper bounds, ascending;
+    /// a last bucket holds the rest), with the total count and the sum in ms.
+    pub fn latency_probe(&self) -> LatencyProbe {
+        let shared = self.shared.clone();
+        Arc::new(move |bounds| {
+            let h = shared.latency.lock();
+            let mut counts = Vec::with_capacity(bounds.len() + 1);
+            let mut low = 0;
+            for &b in bounds {
+                counts.push(if b >= low { h.count_between(low, b) } else { 0 });
+                low = b.saturating_add(1);
+            }
+            counts.push(h.count_between(low, u64::MAX));
+            LatencyBuckets {
+                counts,
+                count: h.len(),
+                sum_ms: h.mean() * h.len() as f64,
+            }
+        })
     }
 
     /// Whether the events channel has ended (the runner closed it, or it failed).

@@ -85,6 +85,9 @@ const LOST_LINES_POLL: Duration = Duration::from_millis(100);
 /// How the runner is set up.
 #[derive(Clone)]
 pub struct RunnerConfig {
+    /// Filled by [`run`] with a reader of the live counters (what `runner --metrics-listen`
+    /// exports); the final [`RunnerReport`] comes from the same counters.
+    pub probe: Option<RunnerProbe>,
     /// The control channel URL (the runner subscribes).
     pub control_url: String,
     /// The events channel URL (the runner publishes).
@@ -162,9 +165,14 @@ impl RunnerConfig {
             reconnect_window: DEFAULT_RECONNECT_WINDOW,
             events_queue_lines: JsonlWriterOptions::default().queue_capacity,
             trickle_tls: ClientTls::default(),
+            probe: None,
         }
     }
 }
+
+/// Where [`run`] puts a reader of its live counters: the sink's, the events writer's and
+/// publisher's, the control subscription's (the rest of [`RunnerReport`] stays zero until the end).
+pub type RunnerProbe = Arc<std::sync::OnceLock<Box<dyn Fn() -> RunnerReport + Send + Sync>>>;
 
 /// What a runner did, returned when it ends.
 #[derive(Debug, Clone, Default)]
@@ -219,7 +227,7 @@ pub async fn run(
             ..PublisherOptions::default()
         },
     );
-    let publisher_stats = publisher.stats_handle();
+    let publisher_stats = Arc::new(publisher.stats_handle());
     let events = JsonlWriter::new(
         publisher,
         JsonlWriterOptions {
@@ -305,6 +313,21 @@ pub async fn run(
         control_tx,
         control_stats.clone(),
     ));
+    if let Some(probe) = &config.probe {
+        let (sink, events) = (sink.clone(), events.clone());
+        let (control, publisher) = (control_stats.clone(), publisher_stats.clone());
+        let _ = probe.set(Box::new(move || {
+            let control = *control.lock();
+            RunnerReport {
+                bad_control_lines: control.bad_lines(),
+                sink: sink.stats(),
+                events: events.stats(),
+                events_publisher: publisher(),
+                control: control.subscriber,
+                ..RunnerReport::default()
+            }
+        }));
+    }
     let vram = vram::Vram::probe();
     if let Some(name) = vram.as_ref().and_then(vram::Vram::device_name) {
         tracing::info!(gpu = %name, "reading VRAM through NVML");

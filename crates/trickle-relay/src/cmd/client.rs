@@ -33,7 +33,8 @@ pub struct Args {
     /// This session's connection id: telemetry claiming another is rejected and counted.
     #[arg(long, env = "SCOPE_CONNECTION_ID")]
     pub connection_id: Option<String>,
-    /// Serve `GET /api/v1/logs/tail` and `GET /health` here.
+    /// Serve `GET /api/v1/logs/tail`, `GET /health`, `GET /egress` and `GET /metrics`
+    /// (Prometheus text format) here.
     #[arg(long)]
     pub http: Option<SocketAddr>,
     /// Where relayed telemetry goes.
@@ -164,9 +165,14 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             stop.cancel();
         })
     };
-    if egress.driver.is_some() && !stop.is_cancelled() && !drain.is_zero() {
+    // Said only when there is something to send: an egress that kept up exits at once, quietly.
+    let pending = egress.driver.as_ref().map_or(0, |d| {
+        let s = d.driver_stats();
+        s.handoff_pending + s.buffered
+    });
+    if pending > 0 && !stop.is_cancelled() && !drain.is_zero() {
         logging::say!(
-            "client: session over; sending what the egress holds for up to {} s (--drain-secs); SIGTERM or Ctrl-C again exits now, keeping it on disk",
+            "client: session over; sending the {pending} events the egress holds for up to {} s (--drain-secs); SIGTERM or Ctrl-C again exits now, keeping them on disk",
             drain.as_secs_f64()
         );
     }
@@ -240,6 +246,7 @@ async fn serve_http(
         "client: logs at http://{}/api/v1/logs/tail",
         listener.local_addr()?
     );
+    let exported = metrics::Metrics::new().with(metrics::client(&client, egress.clone()));
     let accounting = egress.clone();
     let state = http::HttpState {
         tail: LogTail::global().clone(),
@@ -252,9 +259,14 @@ async fn serve_http(
         axum::routing::get(move || std::future::ready(axum::Json(egress.stats_json()))),
     );
     tokio::spawn(async move {
-        let served = axum::serve(listener, http::router(state).merge(egress_route))
-            .with_graceful_shutdown(async move { stop.cancelled().await })
-            .await;
+        let served = axum::serve(
+            listener,
+            http::router(state)
+                .merge(egress_route)
+                .merge(exported.router()),
+        )
+        .with_graceful_shutdown(async move { stop.cancelled().await })
+        .await;
         if let Err(e) = served {
             tracing::warn!(error = %e, "client HTTP endpoint stopped");
         }

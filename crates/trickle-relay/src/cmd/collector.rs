@@ -157,9 +157,21 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     };
     let stop = shutdown.clone();
     let stopped = async move { stop.cancelled().await };
+    // `GET /metrics` (Prometheus text format) beside `/v1/metrics`, on the same listener.
+    let exported = metrics::Metrics::new().with(metrics::collector(collector.clone()));
     match tls {
-        Some(tls) => collector.clone().serve_tls(listener, tls, stopped).await,
-        None => collector.clone().serve(listener, stopped).await,
+        Some(tls) => {
+            collector
+                .clone()
+                .serve_tls_with(listener, exported.router(), tls, stopped)
+                .await
+        }
+        None => {
+            collector
+                .clone()
+                .serve_with(listener, exported.router(), stopped)
+                .await
+        }
     }
     .context("collector server failed")?;
     shutdown.cancel();

@@ -63,6 +63,9 @@ pub struct Args {
     /// (~2.5 s) and end the session.
     #[arg(long, default_value_t = 60.0, value_name = "SECS")]
     pub reconnect_secs: f64,
+    /// Serve `GET /metrics` (Prometheus text format) on this address; off by default.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<SocketAddr>,
     #[command(flatten)]
     pub tls: super::TrickleTlsArgs,
 }
@@ -100,6 +103,13 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         .map(|s| s as std::sync::Arc<dyn telemetry::Sink>);
     let shutdown = CancellationToken::new();
     super::cancel_on_signal(shutdown.clone());
+    if let Some(addr) = args.metrics_listen {
+        let probe = relay::runner::RunnerProbe::default();
+        config.probe = Some(probe.clone());
+        let exported = metrics::Metrics::new().with(metrics::runner(probe));
+        let bound = metrics::serve(addr, exported, shutdown.clone()).await?;
+        logging::say!("runner: metrics at http://{bound}/metrics");
+    }
     let report = runner::run(config, shutdown).await?;
     if let Some(copy) = &emitted_copy {
         copy.flush().context("cannot flush --emitted-file")?;

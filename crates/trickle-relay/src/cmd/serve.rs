@@ -60,6 +60,9 @@ pub struct Args {
     /// (repeat for more), e.g. the host name clients use.
     #[arg(long, value_name = "NAME", requires = "tls_self_signed")]
     pub tls_name: Vec<String>,
+    /// Serve `GET /metrics` (Prometheus text format) on this address; off by default.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// The names a self-signed certificate for `listen` is valid for: its address (loopback for an
@@ -131,9 +134,21 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             );
         }
     }
+    let stop_metrics = tokio_util::sync::CancellationToken::new();
+    if let Some(addr) = args.metrics_listen {
+        let probe = metrics::server(server.channels().clone());
+        let bound = metrics::serve(
+            addr,
+            metrics::Metrics::new().with(probe),
+            stop_metrics.clone(),
+        )
+        .await?;
+        println!("trickle server metrics at http://{bound}/metrics");
+    }
     let signal = wait_for_signal().await?;
     let channels = server.channels().list().len();
     server.shutdown().await;
+    stop_metrics.cancel();
     println!(
         "trickle server stopped on {signal} after {:.1} s; closed {channels} channel(s)",
         started.elapsed().as_secs_f64()

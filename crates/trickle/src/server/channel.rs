@@ -263,6 +263,8 @@ pub(crate) struct Registry {
     connections: AtomicU64,
     /// Recently deleted channels (locked inside `map`, never the other way round).
     deleted: Mutex<Tombstones>,
+    /// The server's counters (`GET /metrics`).
+    pub(crate) counters: super::stats::Counters,
 }
 
 /// Channels deleted within [`TOMBSTONE_TTL`], each with the last connection serial accepted
@@ -339,6 +341,7 @@ impl Registry {
             shutting_down: AtomicBool::new(false),
             connections: AtomicU64::new(0),
             deleted: Mutex::new(Tombstones::default()),
+            counters: Default::default(),
         };
         if changes {
             reg.map.lock().insert(
@@ -403,6 +406,9 @@ impl Registry {
             }
             validate_name(name).map_err(Lookup::Refused)?;
             if map.len() >= self.max_channels {
+                self.counters
+                    .refused_channels
+                    .fetch_add(1, Ordering::Relaxed);
                 return Err(Lookup::Refused(ServerError::TooManyChannels {
                     limit: self.max_channels,
                 }));
@@ -476,6 +482,13 @@ impl Registry {
     /// Whether `close_all` ran.
     pub(crate) fn is_shutting_down(&self) -> bool {
         self.shutting_down.load(Ordering::Acquire)
+    }
+
+    /// The counters now, with the number of channels and of connections accepted.
+    pub(crate) fn stats(&self) -> super::ServerStats {
+        let channels = self.map.lock().len();
+        self.counters
+            .snapshot(channels, self.connections.load(Ordering::Relaxed))
     }
 
     /// Names of every channel, sorted.

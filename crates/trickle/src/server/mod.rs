@@ -30,6 +30,9 @@ mod channel;
 mod http;
 mod routes;
 mod segment;
+mod stats;
+
+pub use stats::{Refused, RequestCount, ServerStats};
 
 use channel::Registry;
 use http::{error_response, read_head, Conn, HeadError, Io};
@@ -143,6 +146,12 @@ impl Channels {
     /// publisher preconnected to one.
     pub fn segments(&self, name: &str) -> Option<Vec<SegmentInfo>> {
         self.registry.get(name).map(|ch| ch.segments())
+    }
+
+    /// The server's counters now: channels, connections, requests by route and status class,
+    /// bytes, segments, refusals by limit (what `serve --metrics-listen` exports).
+    pub fn stats(&self) -> ServerStats {
+        self.registry.stats()
     }
 }
 
@@ -328,6 +337,7 @@ async fn accept_loop(
                             conns.spawn(serve_conn(stream, acceptor, ctx.clone(), permit, stop.clone(), serial));
                         }
                         Err(_) => {
+                            ctx.registry.counters.refused_connections.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                             conns.spawn(reject_conn(stream, acceptor, max_connections));
                         }
                     }
@@ -414,6 +424,7 @@ async fn serve_conn(
     serial: u64,
 ) {
     let _ = stream.set_nodelay(true);
+    let _open = ctx.registry.counters.connection();
     let io = tokio::select! {
         biased;
         _ = stopped_signal(&mut stop) => return,
@@ -452,6 +463,7 @@ async fn serve_conn(
                     HeadError::Bad(msg) => (400, msg),
                     HeadError::Closed => return,
                 };
+                ctx.registry.counters.bad_head(status);
                 if conn
                     .write(&error_response(status, &[], msg, true))
                     .await

@@ -6,10 +6,12 @@ use super::http::{
     CONTINUE,
 };
 use super::segment::{Append, Read, Segment};
+use super::stats::RouteKind;
 use super::{Ctx, ServerError};
 use crate::headers::{CLOSED, LATEST, SEQ};
 use bytes::Bytes;
 use std::io::{self, IoSlice, Write};
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
 /// Most chunks sent in one vectored write (well under IOV_MAX).
@@ -70,34 +72,43 @@ pub(crate) async fn handle(
         head: &head,
         body: &mut body,
         first_on,
+        status: 0,
     };
-    match (head.method, route(&ctx.base, &head.path)) {
-        (Method::Post, Route::Channel(name)) => req.create(name).await,
-        (Method::Delete, Route::Channel(name)) => req.delete_channel(name).await,
+    let (kind, outcome) = match (head.method, route(&ctx.base, &head.path)) {
+        (Method::Post, Route::Channel(name)) => (RouteKind::CreateChannel, req.create(name).await),
+        (Method::Delete, Route::Channel(name)) => {
+            (RouteKind::DeleteChannel, req.delete_channel(name).await)
+        }
         (_, Route::Channel(_)) => {
-            req.error(
-                405,
-                &[("Allow", "DELETE, POST")],
-                "Method Not Allowed",
-                false,
-            )
-            .await
+            let allow = [("Allow", "DELETE, POST")];
+            let outcome = req.error(405, &allow, "Method Not Allowed", false).await;
+            (RouteKind::Other, outcome)
         }
-        (Method::Get, Route::Segment(name, "next")) => req.next(name).await,
-        (Method::Get, Route::Segment(name, idx)) => req.get(name, idx).await,
-        (Method::Post, Route::Segment(name, idx)) => req.post(name, idx).await,
-        (Method::Delete, Route::Segment(name, idx)) => req.delete_segment(name, idx).await,
+        (Method::Get, Route::Segment(name, "next")) => {
+            (RouteKind::SegmentNext, req.next(name).await)
+        }
+        (Method::Get, Route::Segment(name, idx)) => {
+            (RouteKind::SegmentGet, req.get(name, idx).await)
+        }
+        (Method::Post, Route::Segment(name, idx)) => {
+            (RouteKind::SegmentPost, req.post(name, idx).await)
+        }
+        (Method::Delete, Route::Segment(name, idx)) => (
+            RouteKind::SegmentDelete,
+            req.delete_segment(name, idx).await,
+        ),
         (_, Route::Segment(..)) => {
-            req.error(
-                405,
-                &[("Allow", "DELETE, GET, POST")],
-                "Method Not Allowed",
-                false,
-            )
-            .await
+            let allow = [("Allow", "DELETE, GET, POST")];
+            let outcome = req.error(405, &allow, "Method Not Allowed", false).await;
+            (RouteKind::Other, outcome)
         }
-        (_, Route::NotFound) => req.error(404, &[], "404 page not found", false).await,
-    }
+        (_, Route::NotFound) => (
+            RouteKind::Other,
+            req.error(404, &[], "404 page not found", false).await,
+        ),
+    };
+    ctx.registry.counters.request(kind, req.status);
+    outcome
 }
 
 struct Req<'a> {
@@ -107,6 +118,8 @@ struct Req<'a> {
     body: &'a mut Body,
     /// The connection's serial, on its first request only.
     first_on: Option<u64>,
+    /// The status answered (0: none yet), for the request counters.
+    status: u16,
 }
 
 impl Req<'_> {
@@ -134,6 +147,7 @@ impl Req<'_> {
         close: bool,
     ) -> Outcome {
         let keep = !close && self.reusable();
+        self.status = status;
         let bytes = error_response(status, headers, msg, !keep);
         self.send(bytes, keep).await
     }
@@ -141,6 +155,7 @@ impl Req<'_> {
     /// A 200 with the given headers and body.
     async fn ok(&mut self, headers: &[(&str, &str)], body: &[u8], close: bool) -> Outcome {
         let keep = !close && self.reusable();
+        self.status = 200;
         let bytes = fixed_response(200, headers, body, !keep);
         self.send(bytes, keep).await
     }
@@ -225,6 +240,7 @@ impl Req<'_> {
             ForRead::Missing { seq, latest } => {
                 let keep = self.reusable();
                 let (seq, latest) = (seq.to_string(), latest.to_string());
+                self.status = 470;
                 let bytes = fixed_response(
                     470,
                     &[
@@ -257,6 +273,8 @@ impl Req<'_> {
     /// Streams a segment: what it holds, then the rest as it arrives, until it closes.
     async fn stream(&mut self, ch: &Channel, seg: Arc<Segment>, latest: i64) -> Outcome {
         let _reading = seg.reading();
+        let counters = &self.ctx.registry.counters;
+        let _subscriber = counters.subscriber();
         let chunked = !self.head.http10;
         let keep = chunked && self.reusable();
         let mut pos = 0usize;
@@ -271,10 +289,11 @@ impl Req<'_> {
                     prefix.clear();
                     if !started {
                         started = true;
+                        self.status = 200;
                         data_head(&mut prefix, ch, &seg, latest, chunked, keep);
                     }
+                    let size: usize = batch.iter().map(Bytes::len).sum();
                     if chunked {
-                        let size: usize = batch.iter().map(Bytes::len).sum();
                         let _ = write!(prefix, "{size:x}\r\n");
                     }
                     let mut iov: Vec<IoSlice<'_>> = Vec::with_capacity(batch.len() + 2);
@@ -289,6 +308,7 @@ impl Req<'_> {
                     {
                         return Outcome::Abort;
                     }
+                    counters.bytes_out.fetch_add(size as u64, Relaxed);
                 }
                 Read::Eof if !started => return self.empty_close(ch, seg.seq()).await,
                 Read::Eof if !chunked => return Outcome::Close,
@@ -355,6 +375,7 @@ impl Req<'_> {
         match w.writer {
             Some(writer) => {
                 let _writing = w.seg.writing();
+                let _publisher = self.ctx.registry.counters.publisher();
                 self.write_segment(&ch, &w.seg, w.seq, writer).await
             }
             None => self.discard_body(w.seq).await,
@@ -386,6 +407,8 @@ impl Req<'_> {
             "segment exceeds the server's max_segment_bytes ({} bytes); rotate segments sooner or raise --max-segment-bytes",
             self.ctx.max_segment_bytes
         );
+        let counters = &self.ctx.registry.counters;
+        counters.refused_segment_bytes.fetch_add(1, Relaxed);
         self.error(413, &[], &msg, true).await
     }
 
@@ -396,6 +419,8 @@ impl Req<'_> {
             match self.body.next(self.conn).await {
                 Ok(Some(b)) => {
                     total += b.len() as u64;
+                    let counters = &self.ctx.registry.counters;
+                    counters.bytes_in.fetch_add(b.len() as u64, Relaxed);
                     if total > self.ctx.max_segment_bytes {
                         return self.too_large().await;
                     }
@@ -461,6 +486,8 @@ impl Req<'_> {
         loop {
             if let Some(b) = piece.take() {
                 total += b.len() as u64;
+                let counters = &self.ctx.registry.counters;
+                counters.bytes_in.fetch_add(b.len() as u64, Relaxed);
                 if total > self.ctx.max_segment_bytes {
                     if owner {
                         seg.close();
@@ -469,7 +496,10 @@ impl Req<'_> {
                 }
                 if storing {
                     match seg.append(writer, b) {
-                        Append::Stored { first: true } => ch.first_byte(seq),
+                        Append::Stored { first: true } => {
+                            ch.first_byte(seq);
+                            self.ctx.registry.counters.segments.fetch_add(1, Relaxed);
+                        }
                         Append::Stored { first: false } => {}
                         Append::Closed => storing = false,
                         Append::Superseded => {
