@@ -9,7 +9,11 @@
 //!
 //! Reported per run, then as median and spread over `--repeat` runs: emitted, delivered (distinct
 //! heartbeats egressed), dropped (counted by the runner's sink; also what reached the client in
-//! `telemetry_dropped`), lost in transit (`emitted - delivered - dropped`: must be 0), duplicates,
+//! `telemetry_dropped`), lost (`emitted - delivered - dropped` of the heartbeats), lost in transit
+//! as the client counted it from the runner's line numbers (`telemetry_lost_in_transit`; with
+//! flow control on, which is the default, it must be 0), whether the sums close
+//! (`emitted = received + dropped + lost in transit` over every event the runner's sink took),
+//! duplicates,
 //! offered and sustained events/s, end-to-end latency (emission to egress, µs), and each process's
 //! peak RSS (VmHWM) and CPU (per event, and per GB carried on the events channel).
 //!
@@ -66,6 +70,10 @@ pub struct Args {
     /// The runner's events segment size, in bytes (default: the runner's).
     #[arg(long)]
     pub segment_bytes: Option<usize>,
+    /// Turn the runner's flow control off: it writes as fast as events come, and a client that
+    /// falls out of the server's window loses segments in transit (counted).
+    #[arg(long)]
+    pub no_flow_control: bool,
     /// Keep the children's logs and reports (their folder is printed on stderr).
     #[arg(long)]
     pub keep_logs: bool,
@@ -94,6 +102,32 @@ impl RunResult {
 
     fn lost(&self) -> i64 {
         self.runner.emitted as i64 - self.client.delivered as i64 - self.dropped() as i64
+    }
+
+    /// One of the client's counters (0 when missing).
+    fn relay_count(&self, key: &str) -> u64 {
+        self.client
+            .relay
+            .get(key)
+            .and_then(Value::as_u64)
+            .unwrap_or(0)
+    }
+
+    /// Event lines lost between runner and client, as the client counted them (its
+    /// `telemetry_lost_in_transit` reports).
+    fn lost_in_transit(&self) -> u64 {
+        self.relay_count("lost_in_transit")
+    }
+
+    /// Every event the runner's sink took is received, dropped at the runner, or counted lost in
+    /// transit: `emitted = received + dropped + lost in transit` (loss reports are not events;
+    /// lines the writer lost after taking them are counted by the client, not as drops).
+    fn sums_close(&self) -> bool {
+        let received = self
+            .relay_count("telemetry_received")
+            .saturating_sub(self.relay_count("runner_loss_reports"));
+        let dropped = self.dropped().saturating_sub(self.runner.lost_downstream);
+        self.runner.sink.emitted == received + dropped + self.lost_in_transit()
     }
 
     fn emit_secs(&self) -> f64 {
@@ -133,6 +167,8 @@ impl RunResult {
             "dropped": self.dropped(),
             "dropped_reported": self.client.relay.get("dropped_reported"),
             "lost": self.lost(),
+            "lost_in_transit": self.lost_in_transit(),
+            "sums_close": self.sums_close(),
             "duplicates": self.client.duplicates,
             "malformed": self.client.malformed,
             "emit_secs": self.emit_secs(),
@@ -328,6 +364,7 @@ fn summary_json(args: &Args, runs: &[RunResult]) -> Value {
         "events": args.events,
         "rate": args.rate,
         "queue_capacity": args.queue_capacity,
+        "flow_control": !args.no_flow_control,
         "external_server": args.server.is_some(),
         "repeat": runs.len(),
         "runs": runs.iter().map(RunResult::to_json).collect::<Vec<_>>(),
@@ -336,6 +373,8 @@ fn summary_json(args: &Args, runs: &[RunResult]) -> Value {
             "delivered": collect(&|r| Some(r.client.delivered as f64)),
             "dropped": collect(&|r| Some(r.dropped() as f64)),
             "lost": collect(&|r| Some(r.lost() as f64)),
+            "lost_in_transit": collect(&|r| Some(r.lost_in_transit() as f64)),
+            "runs_whose_sums_close": runs.iter().filter(|r| r.sums_close()).count(),
             "duplicates": collect(&|r| Some(r.client.duplicates as f64)),
             "offered_events_per_s": collect(&|r| Some(r.offered_per_s())),
             "sustained_events_per_s": collect(&|r| Some(r.sustained_per_s())),
@@ -363,20 +402,23 @@ fn ms(us: f64) -> String {
 
 fn print_human(args: &Args, runs: &[RunResult], over: &str) {
     println!(
-        "bench relay{over}: server, runner and client as separate processes on {} CPU(s); {} heartbeats per run, rate {}, queue capacity {}, {} run(s)",
+        "bench relay{over}: server, runner and client as separate processes on {} CPU(s); {} heartbeats per run, rate {}, queue capacity {}, flow control {}, {} run(s)",
         std::thread::available_parallelism().map_or(0, |n| n.get()),
         args.events,
         rate_text(args.rate),
         args.queue_capacity,
+        if args.no_flow_control { "off" } else { "on" },
         runs.len()
     );
     println!(
-        "{:>3} {:>9} {:>9} {:>8} {:>5} {:>4} {:>11} {:>11} {:>8} {:>8} {:>8}  peak RSS MiB server/runner/client",
+        "{:>3} {:>9} {:>9} {:>8} {:>5} {:>7} {:>4} {:>4} {:>11} {:>11} {:>8} {:>8} {:>8}  peak RSS MiB server/runner/client",
         "run",
         "emitted",
         "delivered",
         "dropped",
         "lost",
+        "transit",
+        "sums",
         "dup",
         "offered/s",
         "sustained/s",
@@ -388,12 +430,14 @@ fn print_human(args: &Args, runs: &[RunResult], over: &str) {
         let l = r.latency();
         let q = |f: fn(&LatencyUs) -> u64| l.map_or("-".into(), |l| ms(f(l) as f64));
         println!(
-            "{:>3} {:>9} {:>9} {:>8} {:>5} {:>4} {:>11.0} {:>11.0} {:>8} {:>8} {:>8}  {}/{}/{}",
+            "{:>3} {:>9} {:>9} {:>8} {:>5} {:>7} {:>4} {:>4} {:>11.0} {:>11.0} {:>8} {:>8} {:>8}  {}/{}/{}",
             i + 1,
             r.runner.emitted,
             r.client.delivered,
             r.dropped(),
             r.lost(),
+            r.lost_in_transit(),
+            if r.sums_close() { "ok" } else { "NO" },
             r.client.duplicates,
             r.offered_per_s(),
             r.sustained_per_s(),
@@ -424,8 +468,13 @@ fn print_human(args: &Args, runs: &[RunResult], over: &str) {
         &count,
     );
     line(
-        "lost in transit",
+        "lost (emitted-delivered-dropped)",
         runs.iter().map(|r| r.lost() as f64).collect(),
+        &count,
+    );
+    line(
+        "lost in transit (client-counted)",
+        runs.iter().map(|r| r.lost_in_transit() as f64).collect(),
         &count,
     );
     line(
@@ -511,6 +560,11 @@ fn print_human(args: &Args, runs: &[RunResult], over: &str) {
             "the client fell out of the server's 5-segment window {skipped} time(s): those segments' events are the ones lost in transit"
         );
     }
+    let closing = runs.iter().filter(|r| r.sums_close()).count();
+    println!(
+        "sums (emitted = received + dropped + lost in transit, every event the runner's sink took): close in {closing} of {} run(s)",
+        runs.len()
+    );
     let reported: u64 = runs
         .iter()
         .filter_map(|r| {
@@ -788,6 +842,9 @@ async fn run_once(
     }
     if let Some(bytes) = args.segment_bytes {
         runner_args.extend(["--segment-bytes".into(), bytes.to_string()]);
+    }
+    if args.no_flow_control {
+        runner_args.push("--no-flow-control".into());
     }
     let runner_args: Vec<&str> = runner_args.iter().map(String::as_str).collect();
     let mut runner = Proc::spawn("runner", exe, &runner_args, dir, prefix, true)?;

@@ -70,6 +70,9 @@ pub struct RunnerArgs {
     /// The events writer's segment size, in bytes (default: the runner's).
     #[arg(long)]
     pub segment_bytes: Option<usize>,
+    /// Turn the runner's flow control off (it writes as fast as events come).
+    #[arg(long)]
+    pub no_flow_control: bool,
     /// Where to write the report (JSON).
     #[arg(long)]
     pub report: PathBuf,
@@ -155,6 +158,10 @@ pub struct RunnerReport {
     /// Bytes the runner wrote on the events channel (newlines included).
     #[serde(default)]
     pub events_bytes: u64,
+    /// Of the sink's drops, lines its writer lost after taking them (the client counts those
+    /// as lost in transit).
+    #[serde(default)]
+    pub lost_downstream: u64,
 }
 
 /// [`SinkStats`], as the runner child reports it.
@@ -382,6 +389,7 @@ pub async fn run_runner(args: RunnerArgs) -> anyhow::Result<()> {
     if let Some(bytes) = args.segment_bytes {
         config.events_segment_bytes = bytes;
     }
+    config.flow_control = !args.no_flow_control;
     config.heartbeat_interval = Duration::from_secs(3600);
     let shutdown = CancellationToken::new();
     let mut runner = tokio::spawn(relay::runner::run(config, shutdown.clone()));
@@ -415,6 +423,7 @@ pub async fn run_runner(args: RunnerArgs) -> anyhow::Result<()> {
         cpu_secs: cpu_secs("self"),
         emitter_cpu_secs: emitted.cpu_secs,
         events_bytes: runner_report.events.bytes_written,
+        lost_downstream: runner_report.transit.lost_downstream,
     };
     write_report(&args.report, &report)
 }

@@ -57,6 +57,8 @@ pub struct DriverStats {
     pub buffered_disk: u64,
     /// Now: of `buffered`, in memory.
     pub buffered_memory: u64,
+    /// Now: bytes of the disk buffer's segment files (framing included; what its byte cap caps).
+    pub buffered_disk_bytes: u64,
     /// Events the destination took (removed from the buffer).
     pub delivered: u64,
     /// Sends of a batch (or its head) that failed before.
@@ -113,6 +115,7 @@ pub(crate) fn snapshot(s: &Shared) -> DriverStats {
         buffered: disk + mem,
         buffered_disk: disk,
         buffered_memory: mem,
+        buffered_disk_bytes: s.buffer.spool().map_or(0, |sp| sp.bytes()),
         delivered: c.delivered.load(Relaxed),
         retries: c.retries.load(Relaxed),
         write_errors: c.write_errors.load(Relaxed),

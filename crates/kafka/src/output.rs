@@ -6,7 +6,7 @@
 //! ...}` (the reporter's shape). Each is produced as the **envelope** it came from:
 //! `{"id":<id>,"type":"stream_trace","timestamp":<timestamp>,"data":<data>,<other members>}`,
 //! with key = the id. The raw JSON of `id`, `timestamp`, `data` and every other member (the
-//! client's `relayed_via`) is copied byte for byte, never re-serialized
+//! members a producer added beside them) is copied byte for byte, never re-serialized
 //! ([`envelope_from_api_event`]). So the topic carries one shape whichever path an event took:
 //! for an envelope in the canonical member order (`id`, `type`, `timestamp`, `data`,
 //! annotations; everything this project stamps) the value is byte-identical to what the client's
@@ -244,8 +244,8 @@ mod tests {
 
     #[test]
     fn api_event_becomes_the_canonical_envelope_byte_for_byte() {
-        let envelope = r#"{"id":"3f1c0c1e-8d4a-4c1e-9c7e-1a2b3c4d5e6f","type":"stream_trace","timestamp":"1700000000000","data":{"type":"stream_heartbeat","client_source":"scope","timestamp":"1700000000000","fps":29.970,"nested":{"a":[1, 2]}},"relayed_via":"trickle"}"#;
-        let api = r#"{"type":"stream_heartbeat","data":{"type":"stream_heartbeat","client_source":"scope","timestamp":"1700000000000","fps":29.970,"nested":{"a":[1, 2]}},"id":"3f1c0c1e-8d4a-4c1e-9c7e-1a2b3c4d5e6f","timestamp":"1700000000000","relayed_via":"trickle"}"#;
+        let envelope = r#"{"id":"3f1c0c1e-8d4a-4c1e-9c7e-1a2b3c4d5e6f","type":"stream_trace","timestamp":"1700000000000","data":{"type":"stream_heartbeat","client_source":"scope","timestamp":"1700000000000","fps":29.970,"nested":{"a":[1, 2]}},"producer_note":"kept"}"#;
+        let api = r#"{"type":"stream_heartbeat","data":{"type":"stream_heartbeat","client_source":"scope","timestamp":"1700000000000","fps":29.970,"nested":{"a":[1, 2]}},"id":"3f1c0c1e-8d4a-4c1e-9c7e-1a2b3c4d5e6f","timestamp":"1700000000000","producer_note":"kept"}"#;
         let (id, value) = envelope_from_api_event(api.as_bytes()).unwrap();
         assert_eq!(id, "3f1c0c1e-8d4a-4c1e-9c7e-1a2b3c4d5e6f");
         assert_eq!(std::str::from_utf8(&value).unwrap(), envelope);

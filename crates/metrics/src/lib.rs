@@ -449,6 +449,26 @@ pub fn client(client: &relay::client::Client, egress: relay::client::egress::Egr
             r.dropped_reported,
         )?;
         out.counter(
+            "client_runner_loss_reports",
+            "telemetry_dropped envelopes received from the runner.",
+            r.runner_loss_reports,
+        )?;
+        out.counter(
+            "client_events_lost_in_transit",
+            "Event lines our runner numbered and wrote that never arrived (gaps in its seq), each gap reported downstream as telemetry_lost_in_transit.",
+            r.lost_in_transit,
+        )?;
+        out.counter(
+            "client_transit_gaps",
+            "Gaps in the runner's line numbers (one telemetry_lost_in_transit each).",
+            r.transit_gaps,
+        )?;
+        out.counter(
+            "client_runner_restarts",
+            "New runners seen after the first (their numbering restarted: no gap).",
+            r.runner_restarts,
+        )?;
+        out.counter(
             "client_unknown_messages",
             "Messages of an unknown type, skipped.",
             r.unknown_messages,
@@ -590,6 +610,11 @@ fn egress_families(out: &mut Out<'_>, egress: &relay::client::egress::EgressSink
         "Events the HTTP reporter buffers now, by where.",
         "store",
         &[("disk", r.buffered_disk), ("memory", r.buffered_memory)],
+    )?;
+    out.gauge(
+        "client_spool_bytes",
+        "Bytes of the HTTP reporter's disk buffer now (segment files, framing included).",
+        r.buffered_disk_bytes,
     )?;
     out.counter(
         "client_spool_disk_errors",

@@ -77,8 +77,9 @@ pub fn native(obj: &Bound<'_, PyAny>) -> Option<Arc<dyn Sink>> {
 /// Forward telemetry onto a trickle events channel (the runner's sink).
 ///
 /// `emit` puts the envelope in a bounded queue (`maxsize`, 256 by default) and returns at once;
-/// a drain task on a Rust thread writes `{"type": "telemetry", "event": {...}}` lines to the
-/// channel at `events_url` (no asyncio loop needed). When the queue is full, heartbeats are
+/// a drain task on a Rust thread writes `{"type": "telemetry", "seq": N, "event": {...}}` lines
+/// (numbered from 1, so a reader can count lines lost in transit; Scope's client ignores `seq`)
+/// to the channel at `events_url` (no asyncio loop needed). When the queue is full, heartbeats are
 /// dropped before lifecycle and error events; every drop is counted and reported downstream as
 /// a `telemetry_dropped` event (stamped with `session_id` / `connection_id` when given).
 ///

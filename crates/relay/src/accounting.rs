@@ -18,8 +18,12 @@
 //!
 //! The runner and client summaries, their `--report` JSON (a `"telemetry"` object), the client's
 //! `/health` and the demo all print it through [`Accounting`], so it reads the same everywhere and
-//! a test can check the sum on every one. A future term (telemetry lost in transit between the
-//! hops, found by sequence numbers) is one more field on the right-hand side.
+//! a test can check the sum on every one. Between the hops, what the runner delivered (to the
+//! trickle server) but the client never read is counted by the client from the runner's line
+//! numbers (`lost_in_transit` in [`crate::client::ClientReport`], reported downstream as
+//! `telemetry_lost_in_transit`): runner `emitted = received + dropped + lost_in_transit`, where
+//! received is the event lines the client read and dropped excludes the lines the events writer
+//! lost after taking them (those are gaps, counted once, as lost in transit).
 
 use serde::Serialize;
 use telemetry::SinkStats;

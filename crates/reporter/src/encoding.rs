@@ -210,13 +210,13 @@ mod tests {
     fn data_bytes_are_kept_exactly_and_type_is_lifted() {
         let data = r#"{ "type" : "stream_heartbeat","client_source":"scope","fps_in":29.970000000001, "nested":{"a":[1, 2]},"s":"\u00e9\n"}"#;
         let env = format!(
-            r#"{{"id":"abc","type":"stream_trace","timestamp":"1700000000000","data":{data},"relayed_via":"trickle"}}"#
+            r#"{{"id":"abc","type":"stream_trace","timestamp":"1700000000000","data":{data},"producer_note":"kept"}}"#
         );
         let got = shaped(&env).unwrap();
         assert_eq!(
             got,
             format!(
-                r#"{{"type":"stream_heartbeat","data":{data},"id":"abc","timestamp":"1700000000000","relayed_via":"trickle"}}"#
+                r#"{{"type":"stream_heartbeat","data":{data},"id":"abc","timestamp":"1700000000000","producer_note":"kept"}}"#
             )
         );
         let v: Value = serde_json::from_str(&got).unwrap();

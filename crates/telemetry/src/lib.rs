@@ -6,13 +6,14 @@
 //! ```text
 //! RUNNER                                              CLIENT
 //! publish_event("stream_started", fields)             events channel reader
-//!   -> Envelope::new: id + time stamped ONCE            line {"type":"telemetry","event":{..}}
+//!   -> Envelope::new: id + time stamped ONCE            line {"type":"telemetry","seq":N,"event":{..}}
 //!   -> installed Sink::emit (never blocks)              -> RawEnvelope::parse (exact bytes kept)
 //!      = TrickleEventsSink                              -> annotate_relay("trickle", now) in data
 //!        -> bounded two-class queue (drops counted)     -> publish_raw_event -> egress Sink::emit
 //!        -> drain task: serialize, batch, write            = LogSink | HTTP reporter | Kafka
-//!        -> {"type":"telemetry","event":{..}} lines        (chosen by egress::select)
-//!           + telemetry_dropped loss reports
+//!        -> {"type":"telemetry","seq":N,"event":{..}}     (chosen by egress::select)
+//!           lines + telemetry_dropped loss reports
+//!        <- telemetry_flow {read_seq} (flow control)
 //!   ==== trickle events channel (JSONL over HTTP) ====>
 //! ```
 //!
@@ -21,8 +22,9 @@
 //!    caller's thread; the call costs well under a microsecond, and nothing at all without a sink.
 //! 2. On the runner that sink is a [`sinks::TrickleEventsSink`]: a bounded queue
 //!    ([`queue`]; 256 events; heartbeats are shed before lifecycle events) drained by a task that
-//!    writes JSONL lines to the session's events writer and reports its own losses in-band as
-//!    `telemetry_dropped` envelopes.
+//!    writes JSONL lines to the session's events writer, numbering them (`seq`, so the client can
+//!    count what it did not receive), reports its own losses in-band as `telemetry_dropped`
+//!    envelopes, and holds to the budget the client's reading implies ([`flow`]).
 //! 3. The client parses each forwarded envelope as a [`RawEnvelope`] (the exact bytes plus the few
 //!    fields sinks route on), adds `data.relayed_via = "trickle"` and `data.relay_received_timestamp`
 //!    (spliced into `data`, without touching any other byte, as the seed's client does), and
@@ -38,6 +40,7 @@
 pub mod api_event;
 pub mod egress;
 pub mod envelope;
+pub mod flow;
 pub mod output;
 pub mod priority;
 pub mod queue;

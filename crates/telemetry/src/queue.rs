@@ -185,25 +185,36 @@ impl PriorityQueue {
 
     /// Moves every queued event to `out`, oldest first across both classes; returns how many.
     pub fn drain_into(&mut self, out: &mut Vec<Event>) -> usize {
-        let (nh, nl) = (self.high.len(), self.low.len());
-        out.reserve(nh + nl);
-        let mut high = self.high.drain(..).peekable();
-        let mut low = self.low.drain(..).peekable();
-        loop {
-            let take_high = match (high.peek(), low.peek()) {
+        self.drain_into_max(out, usize::MAX)
+    }
+
+    /// Moves the `max` oldest queued events (across both classes) to `out`, oldest first; the
+    /// rest stay queued (a consumer held to a budget). Returns how many moved.
+    pub fn drain_into_max(&mut self, out: &mut Vec<Event>, max: usize) -> usize {
+        let n = self.len().min(max);
+        out.reserve(n);
+        let (mut nh, mut nl) = (0u64, 0u64);
+        for _ in 0..n {
+            let take_high = match (self.high.front(), self.low.front()) {
                 (Some((sh, _)), Some((sl, _))) => sh < sl,
                 (Some(_), None) => true,
                 (None, Some(_)) => false,
                 (None, None) => break,
             };
-            let next = if take_high { high.next() } else { low.next() };
+            let next = if take_high {
+                nh += 1;
+                self.high.pop_front()
+            } else {
+                nl += 1;
+                self.low.pop_front()
+            };
             if let Some((_, e)) = next {
                 out.push(e);
             }
         }
-        self.counts.taken_high += nh as u64;
-        self.counts.taken_low += nl as u64;
-        nh + nl
+        self.counts.taken_high += nh;
+        self.counts.taken_low += nl;
+        n
     }
 
     /// Refuses (and counts as dropped) every later push; what is queued stays to be drained.
@@ -328,10 +339,15 @@ impl EventQueue {
 
     /// Moves everything queued to `out`, in order, in one lock; frees dropped events after it.
     pub fn drain_into(&self, out: &mut Vec<Event>) -> Drained {
+        self.drain_into_max(out, usize::MAX)
+    }
+
+    /// [`EventQueue::drain_into`], taking at most the `max` oldest events.
+    pub fn drain_into_max(&self, out: &mut Vec<Event>, max: usize) -> Drained {
         let mut spare = self.spare.lock();
         let drained = {
             let mut q = self.inner.lock();
-            let taken = q.drain_into(out);
+            let taken = q.drain_into_max(out, max);
             q.swap_dead(&mut spare);
             Drained {
                 taken,
@@ -411,6 +427,11 @@ impl EventQueue {
     /// Running totals.
     pub fn counts(&self) -> QueueCounts {
         self.inner.lock().counts()
+    }
+
+    /// Whether [`EventQueue::close`] was called.
+    pub fn is_closed(&self) -> bool {
+        self.inner.lock().is_closed()
     }
 
     /// Events queued now.

@@ -21,16 +21,23 @@ fn parse(line: &Bytes) -> Value {
     serde_json::from_slice(line).expect("line is JSON")
 }
 
-/// The envelope bytes inside a `{"type":"telemetry","event":...}` line.
-fn event_bytes(line: &Bytes) -> &[u8] {
-    let prefix = br#"{"type":"telemetry","event":"#;
-    assert!(
-        line.starts_with(prefix),
-        "{}",
-        String::from_utf8_lossy(line)
-    );
+/// The `seq` and envelope bytes of an event line, `{"type":"telemetry","seq":N,"event":...}`.
+fn event_bytes(line: &Bytes) -> (u64, &[u8]) {
+    let prefix = br#"{"type":"telemetry","seq":"#;
+    let text = String::from_utf8_lossy(line);
+    assert!(line.starts_with(prefix), "{text}");
+    let digits = line[prefix.len()..]
+        .iter()
+        .take_while(|b| b.is_ascii_digit())
+        .count();
+    let seq: u64 = std::str::from_utf8(&line[prefix.len()..prefix.len() + digits])
+        .unwrap()
+        .parse()
+        .unwrap();
+    let rest = &line[prefix.len() + digits..];
+    assert!(rest.starts_with(br#","event":"#), "{text}");
     assert!(line.ends_with(b"}"));
-    &line[prefix.len()..line.len() - 1]
+    (seq, &rest[9..rest.len() - 1])
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -59,10 +66,15 @@ async fn n_events_in_n_lines_out_in_order_with_ids_intact() {
     let stats = sink.shutdown().await;
     let lines = out.lines();
     assert_eq!(lines.len(), N + 1);
-    for (line, want) in lines.iter().zip(&expected) {
-        assert_eq!(event_bytes(line), want.as_ref());
+    for (i, (line, want)) in lines.iter().zip(&expected).enumerate() {
+        assert_eq!(
+            event_bytes(line),
+            (i as u64 + 1, want.as_ref()),
+            "numbered from 1, no hole"
+        );
         assert_eq!(parse(line)["type"], "telemetry");
     }
+    assert_eq!(sink.transit().last_seq, N as u64 + 1);
     assert_eq!(
         (
             stats.emitted,
@@ -86,6 +98,30 @@ impl LineOutput for Slow {
         tokio::time::sleep(self.delay).await;
         self.inner.write_lines(lines).await
     }
+}
+
+/// Event lines are numbered 1, 2, ... without a hole; reports are not numbered, count
+/// `report_seq` 1, 2, ..., and each covers the event lines since the one before it
+/// (`seq_from`..=`seq_to`). Returns the last event `seq`.
+fn check_numbering(lines: &[Bytes]) -> u64 {
+    let (mut last_seq, mut report_seq, mut next_from) = (0u64, 0u64, 1u64);
+    for line in lines {
+        let v = parse(line);
+        if v["event"]["data"]["type"] == "telemetry_dropped" {
+            assert!(v.get("seq").is_none(), "reports are not numbered: {v}");
+            let d = &v["event"]["data"];
+            report_seq += 1;
+            assert_eq!(d["report_seq"].as_u64(), Some(report_seq), "{v}");
+            assert_eq!(d["seq_from"].as_u64(), Some(next_from), "{v}");
+            assert_eq!(d["seq_to"].as_u64(), Some(last_seq), "{v}");
+            next_from = last_seq + 1;
+        } else {
+            let (seq, _) = event_bytes(line);
+            assert_eq!(seq, last_seq + 1, "numbered without a hole");
+            last_seq = seq;
+        }
+    }
+    last_seq
 }
 
 fn reports(lines: &[Bytes]) -> Vec<Value> {
@@ -160,6 +196,16 @@ async fn overload_keeps_every_lifecycle_event_and_reports_exact_losses() {
     let reports = reports(&lines);
     assert_eq!(reports.len() as u64, stats.reports);
     assert_eq!(lines.len() as u64, stats.delivered + stats.reports);
+    assert_eq!(check_numbering(&lines), stats.delivered);
+    assert_eq!(
+        sink.transit(),
+        telemetry::sinks::TransitTotals {
+            last_seq: stats.delivered,
+            reports: stats.reports,
+            dropped_total: stats.dropped(),
+            lost_downstream: 0,
+        }
+    );
     let sum: u64 = reports
         .iter()
         .map(|r| r["data"]["dropped"].as_u64().unwrap())
@@ -268,6 +314,71 @@ async fn failed_writes_are_counted_and_reported_downstream() {
         stats.delivered + stats.reports,
         "every line written is a delivered event or a report"
     );
+    // The numbers of lines the writer refused are used again: no hole for a reader to see.
+    assert_eq!(check_numbering(&lines), stats.delivered);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_client_holds_the_drain_to_the_minimum_budget_heartbeats_shed_first() {
+    const SEGMENT: usize = 64 << 10;
+    let out = LineCollector::new();
+    let sink = TrickleEventsSink::spawn_on(
+        &Handle::current(),
+        out.clone(),
+        session(),
+        TrickleEventsConfig {
+            capacity: 256,
+            flow_segment_bytes: Some(SEGMENT),
+            ..TrickleEventsConfig::default()
+        },
+    );
+    // The client has read nothing yet, and then stops reading (stopped, starved...).
+    sink.client_read(0);
+    let started = std::time::Instant::now();
+    let mut lifecycle = 0;
+    for i in 0..20_000usize {
+        sink.emit(Event::from(Envelope::new(
+            "stream_heartbeat",
+            Fields::new().meta("i", i).meta("pad", "x".repeat(200)),
+        )));
+        if i % 400 == 0 {
+            lifecycle += 1;
+            sink.emit(Event::from(Envelope::new(
+                "pipeline_loaded",
+                Fields::new().meta("i", i),
+            )));
+        }
+        if i % 20 == 0 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+    let stalled_for = started.elapsed().as_secs_f64();
+    let written = out.len() as f64;
+    assert_eq!(sink.budget(), Some(telemetry::flow::MIN_BUDGET));
+    // At most three quarters of a segment freely (~190 lines here), then the minimum budget, plus
+    // its 50 ms of burst per refill: nowhere near the 5-segment window.
+    let line = out.lines().iter().map(|l| l.len()).sum::<usize>() as f64 / written;
+    let bound = 0.75 * SEGMENT as f64 / line + telemetry::flow::MIN_BUDGET * stalled_for + 10.0;
+    assert!(
+        written <= bound,
+        "{written} lines written to a stalled client in {stalled_for:.2} s (bound {bound:.0})"
+    );
+    // It catches up: no more limit.
+    sink.client_read(sink.transit().last_seq);
+    let stats = sink.shutdown().await;
+    assert_eq!(stats.emitted, 20_000 + lifecycle);
+    assert_eq!(stats.emitted, stats.delivered + stats.dropped());
+    assert_eq!(stats.dropped_high, 0, "{stats:?}");
+    assert!(stats.dropped_low > 15_000, "heartbeats shed: {stats:?}");
+    let lines = out.lines();
+    let got_lifecycle = lines
+        .iter()
+        .map(parse)
+        .filter(|v| v["event"]["data"]["type"] == "pipeline_loaded")
+        .count() as u64;
+    assert_eq!(got_lifecycle, lifecycle, "every lifecycle event goes out");
+    check_numbering(&lines);
+    assert_eq!(sink.budget(), None);
 }
 
 #[tokio::test]

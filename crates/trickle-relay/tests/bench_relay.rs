@@ -53,6 +53,12 @@ fn bench_relay_json_summary_accounts_for_every_event() {
         "every heartbeat is delivered or counted as dropped: {run}"
     );
     assert_eq!(run["lost"], 0);
+    assert_eq!(run["lost_in_transit"], 0, "{run}");
+    assert_eq!(
+        run["sums_close"], true,
+        "emitted = received + dropped + lost in transit: {run}"
+    );
+    assert_eq!(summary["flow_control"], true);
     assert_eq!(n("duplicates"), 0);
     assert_eq!(
         n("dropped_reported"),

@@ -2,7 +2,8 @@
 //! PyPI, in the venv `scripts/python-env.sh` makes) against this project's processes.
 //!
 //! - A Python client shaped like Scope's `LivepeerClient` drives our runner through our server:
-//!   every control answer in Scope's shape, media published to the stream's `in` channel with the
+//!   every control answer in Scope's shape, our numbered telemetry lines (`seq`) read as Scope's
+//!   dispatch reads them, media published to the stream's `in` channel with the
 //!   gateway's `TricklePublisher` and read back from `out` with its `TrickleSubscriber`, byte for
 //!   byte (`tests/python/scope_client.py` checks each answer; this test checks what it reports and
 //!   what the runner reports).
@@ -88,6 +89,21 @@ fn a_scope_shaped_python_client_drives_our_runner_and_gets_its_media_back_byte_f
     assert_eq!(seen["bytes"], 4 * 200_000 + 6_000 + big, "{seen}");
     let channels = seen["channels"].as_array().expect("channels");
     assert_eq!(channels.len(), 2, "{seen}");
+    // Our runner numbers its telemetry lines (`seq`); Scope's dispatch takes `event` and never
+    // looks at the extra member: each line gave it a whole envelope.
+    let types: Vec<&str> = seen["telemetry_types"]
+        .as_array()
+        .expect("telemetry_types")
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    for want in ["runner_ready", "session_created", "stream_started"] {
+        assert!(types.contains(&want), "{want} not read: {seen}");
+    }
+    assert_eq!(
+        seen["telemetry_numbered"], seen["telemetry_lines"],
+        "{seen}"
+    );
     for channel in channels {
         let name = channel["url"].as_str().unwrap().rsplit('/').next().unwrap();
         // 128 random bits in hex, then the direction.

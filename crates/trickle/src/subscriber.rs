@@ -14,6 +14,12 @@
 //! - A segment larger than [`SubscriberOptions::max_segment_bytes`] is an error for that segment
 //!   (counted); the next segment reads normally.
 //!
+//! An option (off by default): [`SubscriberOptions::jump_to_current`] makes the 470 jump land on the
+//! segment being written (`Lp-Trickle-Latest - 1`, still whole in the server's window) instead of
+//! the next one to be written. A reader that must lose as little as possible (the events channel)
+//! then reads the open segment from its start, instead of skipping it whole and waiting for the
+//! writer's next rotation.
+//!
 //! One deliberate difference: an empty answer marked `Lp-Trickle-Closed` (the channel was closed
 //! while we waited) is confirmed with one more request after `retry_delay` instead of ending at once.
 //! A 404 then ends the subscription as usual, but a server that was merely restarting (and closed its
@@ -78,6 +84,9 @@ pub struct SubscriberOptions {
     /// How an `https://` server's certificate is treated (default: any is accepted, as the
     /// reference clients do).
     pub tls: ClientTls,
+    /// On 470, jump to the segment being written (`Lp-Trickle-Latest - 1`) rather than the next
+    /// one (the reference behaviour, `false`): skip as little as possible.
+    pub jump_to_current: bool,
 }
 
 impl Default for SubscriberOptions {
@@ -89,6 +98,7 @@ impl Default for SubscriberOptions {
             retry_delay: Duration::from_millis(500),
             reconnect_window: Duration::ZERO,
             tls: ClientTls::default(),
+            jump_to_current: false,
         }
     }
 }
@@ -451,13 +461,19 @@ async fn fetch(shared: Arc<Shared>, mut seq: i64) -> Result<Found, SubscribeErro
                     shared.saw_channel();
                     match header_i64(&resp, headers::LATEST) {
                         Some(latest) if latest > seq || (seq < 0 && latest >= 0) => {
-                            tracing::debug!(%url, latest, "segment gone; jumping to the live edge");
+                            // The segment being written is `latest - 1`, whole in the window.
+                            let target = if opts.jump_to_current && seq >= 0 && latest - 1 > seq {
+                                latest - 1
+                            } else {
+                                latest
+                            };
+                            tracing::debug!(%url, latest, target, "segment gone; jumping to the live edge");
                             c.jumps.fetch_add(1, Ordering::Relaxed);
                             if seq >= 0 {
                                 c.skipped_segments
-                                    .fetch_add((latest - seq) as u64, Ordering::Relaxed);
+                                    .fetch_add((target - seq) as u64, Ordering::Relaxed);
                             }
-                            seq = latest;
+                            seq = target;
                         }
                         Some(_) => {
                             c.behind_waits.fetch_add(1, Ordering::Relaxed);

@@ -232,6 +232,46 @@ async fn subscriber_falling_behind_jumps_to_the_live_edge() {
     server.shutdown().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jump_to_current_lands_on_the_open_segment_and_reads_it_from_its_start() {
+    let server = start_server().await;
+    let url = format!("{}/current", server.url());
+    let mut p = Publisher::new(&url, fast_publisher());
+    for seq in 0..10 {
+        publish_segment(&mut p, seq).await;
+    }
+    // Segment 10 is being written: its first part is there, the rest comes later.
+    let mut open = p.next_segment().await.unwrap();
+    assert_eq!(open.seq(), 10);
+    let parts = segment_parts(10);
+    open.write(parts[0].clone()).await.unwrap();
+    // The server has its first byte: `next` (Lp-Trickle-Latest) is 11.
+    wait_next_seq(&url, 11).await;
+    // A reader far behind (seq 1 left the 5-segment window long ago).
+    let mut sub = Subscriber::new(
+        &url,
+        SubscriberOptions {
+            jump_to_current: true,
+            ..sub_from(1)
+        },
+    );
+    let reader = tokio::spawn(async move {
+        let mut seg = sub.next_segment().await.unwrap().unwrap();
+        let seq = seg.seq();
+        (seq, read_all(&mut seg).await.unwrap(), sub.stats())
+    });
+    for part in &parts[1..] {
+        open.write(part.clone()).await.unwrap();
+    }
+    open.close().await.unwrap();
+    let (seq, data, stats) = within("jump to the open segment", reader).await.unwrap();
+    assert_eq!(seq, 10, "the segment being written, not the next one");
+    assert_eq!(data, segment_bytes(10), "read whole, from its first byte");
+    assert_eq!(stats.skipped_segments, 9, "{stats:?}");
+    p.close().await.unwrap();
+    server.shutdown().await;
+}
+
 /// Publisher 1 writes segment 0, half of segment 1, then hangs with its connections open (its
 /// writer is leaked, never closed nor dropped): readers of segment 1 would wait forever.
 /// Publisher 2 restarts with `reset`: it starts at the channel's `/next` and its reset header

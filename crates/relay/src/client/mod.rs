@@ -23,6 +23,16 @@
 //! of a gap (reconnects, segments resumed, segments lost mid-way or skipped) is in
 //! [`ClientReport`].
 //!
+//! **Every event accounted for.** A runner of ours numbers its event lines (`seq`); the client
+//! follows the numbers ([`transit`]) and turns every gap into a `telemetry_lost_in_transit`
+//! envelope downstream (exact count and range), restarts told apart from gaps. It reports the
+//! last `seq` it read to the runner (`telemetry_flow {read_seq}` on the control channel, at most
+//! ten times a second, only while lines flow), so the runner keeps it inside the server's window
+//! ([`telemetry::flow`]); a runner that answers that with `error` (Scope's) is not sent it again.
+//! At the end, with a runner that said `telemetry_flow: true` in `runner_ready`, [`Client::close`]
+//! asks it to end (`telemetry_flow {end: true}`) instead of closing the control channel at once,
+//! and reads on to its `telemetry_end`, so nothing is cut off by the channel's deletion.
+//!
 //! Both channels treat an `https://` server's certificate as [`ClientConfig::trickle_tls`] says
 //! (see [`trickle::client_tls`]); a refused certificate ends the events loop at once and is kept
 //! as [`Client::tls_refused`], so the process can exit with it instead of waiting.
@@ -30,6 +40,7 @@
 pub mod egress;
 pub mod http;
 pub mod media;
+pub mod transit;
 
 use crate::logtail::parse_level;
 use crate::SessionIds;
@@ -41,9 +52,11 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
-use telemetry::{Event, RawEnvelope, Sink};
+use telemetry::{Envelope, Event, Fields, RawEnvelope, Sink};
+use tokio::sync::Notify;
 use tokio::sync::{broadcast, oneshot, watch};
 use tokio::task::JoinHandle;
+use transit::{Gap, Transit};
 use trickle::client_tls::ClientTls;
 use trickle::jsonl::{JsonlReader, JsonlReaderOptions, JsonlWriter, JsonlWriterOptions};
 use trickle::messages::{
@@ -129,6 +142,10 @@ pub struct ClientStats {
     pub pongs: AtomicU64,
     /// Requests that got no answer in time.
     pub request_timeouts: AtomicU64,
+    /// `telemetry_flow` reports written to the runner.
+    pub flow_reports: AtomicU64,
+    /// The runner's `telemetry_dropped` envelopes received.
+    pub runner_loss_reports: AtomicU64,
 }
 
 /// A point-in-time copy of [`ClientStats`] plus what the events reader counted.
@@ -170,10 +187,39 @@ pub struct ClientReport {
     /// Events segments that broke off and could not be resumed: the rest of each is lost
     /// (uncountable here; the runner could not see it either).
     pub events_broken_segments: u64,
+    /// The runner's loss reports (`telemetry_dropped`) received (counted in `telemetry_received`).
+    pub runner_loss_reports: u64,
+    /// Event lines the runner wrote that never arrived (gaps in its numbering), exact.
+    pub lost_in_transit: u64,
+    /// Gaps found (each reported downstream as one `telemetry_lost_in_transit`).
+    pub transit_gaps: u64,
+    /// New runners seen after the first (numbering restarted: no gap).
+    pub runner_restarts: u64,
+    /// The runner's loss reports that were lost in transit (their counts came with later ones).
+    pub lost_reports: u64,
+    /// The last event `seq` read (0: none, or the runner does not number its lines).
+    pub read_seq: u64,
+    /// The runner announced its end (`telemetry_end`) and this client read it.
+    pub runner_ended: bool,
+    /// `telemetry_flow` reports written to the runner.
+    pub flow_reports: u64,
     /// Origin-to-client latency of relayed envelopes, in ms: median, p99, max.
     pub latency_ms: Option<[u64; 3]>,
     /// The events channel does not exist (404 before the server ever showed it).
     pub events_channel_missing: bool,
+}
+
+impl ClientReport {
+    /// The runner's events this client can account for: received, reported dropped, or lost in
+    /// transit. With a runner of ours, at the end of a session, this equals what its callers
+    /// emitted: `emitted = events received + dropped_reported + lost_in_transit` (the runner's
+    /// own loss reports are not events, so they are left out).
+    pub fn accounted(&self) -> u64 {
+        self.telemetry_received
+            .saturating_sub(self.runner_loss_reports)
+            + self.dropped_reported
+            + self.lost_in_transit
+    }
 }
 
 /// A reader of the latency histogram by bucket ([`Client::latency_probe`]).
@@ -232,6 +278,18 @@ struct Shared {
     events_ended: AtomicBool,
     /// The refused certificate that ended the events loop, if that is what ended it.
     tls_refused: Mutex<Option<String>>,
+    /// The numbering of the runner's event lines, followed.
+    transit: Mutex<Transit>,
+    /// The last `seq` read, for the flow reporter.
+    read_seq: AtomicU64,
+    /// Wakes the flow reporter: a numbered line was read.
+    flow_wake: Notify,
+    /// The runner said `telemetry_flow: true` in `runner_ready`.
+    flow_capable: AtomicBool,
+    /// The runner answered a report with `error` (it does not know the message): stop sending.
+    flow_refused: AtomicBool,
+    /// `telemetry_lost_in_transit` envelopes made.
+    lost_reports_made: AtomicU64,
     /// The events channel was never there (see [`Client::events_missing`]).
     events_missing: AtomicBool,
 }
@@ -282,6 +340,12 @@ impl Client {
             notifications: broadcast::channel(256).0,
             events_ended: AtomicBool::new(false),
             tls_refused: Mutex::new(None),
+            transit: Mutex::new(Transit::default()),
+            read_seq: AtomicU64::new(0),
+            flow_wake: Notify::new(),
+            flow_capable: AtomicBool::new(false),
+            flow_refused: AtomicBool::new(false),
+            lost_reports_made: AtomicU64::new(0),
             events_missing: AtomicBool::new(false),
         });
         let events = tokio::spawn(events_loop(config.clone(), shared.clone()));
@@ -290,9 +354,12 @@ impl Client {
             messages: None,
             ..config
         };
-        let pinger = control
-            .clone()
-            .map(|control| tokio::spawn(ping_loop(control, config.ping_interval)));
+        let pinger = control.clone().map(|control| {
+            let (c, f) = (control.clone(), shared.clone());
+            tokio::spawn(async move {
+                tokio::join!(ping_loop(control, config.ping_interval), flow_loop(c, f));
+            })
+        });
         Client {
             config,
             control,
@@ -477,7 +544,30 @@ impl Client {
 
     /// Ends the session: closes the control channel (so the runner stops), then waits up to
     /// `drain` for the runner to flush and close the events channel, and returns the counters.
+    ///
+    /// With a runner that reads `telemetry_flow` (it said so in `runner_ready`), the client asks
+    /// it to end instead and keeps the control channel open meanwhile, so it can tell the runner
+    /// it read the last line before the runner deletes the events channel; then it closes control.
     pub async fn close(self, drain: Duration) -> ClientReport {
+        let shared = &self.shared;
+        let asked = match &self.control {
+            Some(control)
+                if shared.flow_capable.load(Relaxed)
+                    && !shared.flow_refused.load(Relaxed)
+                    && !shared.events_ended.load(Relaxed) =>
+            {
+                let end = serde_json::json!({"type": "telemetry_flow", "read_seq": shared.read_seq.load(Relaxed), "end": true});
+                control.write(&end).await.is_ok()
+            }
+            _ => false,
+        };
+        let mut events = self.events;
+        let drained_early = if asked {
+            // The runner ends the events channel once we have read its `telemetry_end`.
+            tokio::time::timeout(drain, &mut events).await.is_ok()
+        } else {
+            false
+        };
         if let Some(pinger) = &self.pinger {
             pinger.abort();
         }
@@ -486,7 +576,9 @@ impl Client {
                 tracing::warn!(error = %e, "closing the control channel failed");
             }
         }
-        let mut events = self.events;
+        if drained_early {
+            return self.shared.report();
+        }
         if tokio::time::timeout(drain, &mut events).await.is_err() {
             // A zero drain asks to stop reading now: nothing to warn about.
             if !drain.is_zero() {
@@ -539,13 +631,14 @@ impl Shared {
             (!h.is_empty()).then(|| [h.value_at_quantile(0.5), h.value_at_quantile(0.99), h.max()])
         };
         let sub = *self.subscriber.lock();
+        let transit = self.transit.lock().clone();
         ClientReport {
             telemetry_received: s.telemetry_received.load(Relaxed),
             relayed: s.relayed.load(Relaxed),
             discarded: s.discarded.load(Relaxed),
             rejected_foreign: s.rejected_foreign.load(Relaxed),
             rejected_invalid: s.rejected_invalid.load(Relaxed),
-            dropped_reported: s.dropped_reported.load(Relaxed),
+            dropped_reported: s.dropped_reported.load(Relaxed) + transit.dropped_reported,
             unknown_messages: s.unknown_messages.load(Relaxed),
             bad_lines: self.bad_lines.load(Relaxed) + self.bad_messages.load(Relaxed),
             log_lines: s.log_lines.load(Relaxed),
@@ -556,6 +649,14 @@ impl Shared {
             events_reconnects: sub.reconnects,
             events_resumed_segments: sub.resumed_segments,
             events_broken_segments: sub.broken_segments,
+            runner_loss_reports: s.runner_loss_reports.load(Relaxed),
+            lost_in_transit: transit.lost,
+            transit_gaps: transit.gaps,
+            runner_restarts: transit.restarts,
+            lost_reports: transit.lost_reports,
+            read_seq: transit.read_seq(),
+            runner_ended: transit.ended,
+            flow_reports: s.flow_reports.load(Relaxed),
             latency_ms: latency,
             events_channel_missing: self.events_missing.load(Relaxed),
         }
@@ -571,9 +672,12 @@ impl Shared {
     /// takes the general path, which decides exactly as before.
     fn dispatch_line(&self, line: Bytes) -> Option<Bytes> {
         // The line is raw (the reader checks framing only): each path below validates it, once.
-        if let Some(envelope) = canonical_telemetry(&line) {
+        if let Some((seq, envelope)) = canonical_telemetry(&line) {
             if let Ok(envelope) = RawEnvelope::parse(envelope) {
                 self.stats.telemetry_received.fetch_add(1, Relaxed);
+                if let Some(seq) = seq {
+                    self.numbered(seq);
+                }
                 self.relay_envelope(envelope);
                 return None;
             }
@@ -601,9 +705,15 @@ impl Shared {
     fn dispatch(&self, msg: EventMessage) {
         match msg {
             EventMessage::Telemetry(t) => {
+                if let Some(seq) = t.extra.get("seq").and_then(Value::as_u64) {
+                    self.numbered(seq);
+                }
                 self.relay(Bytes::copy_from_slice(t.event.get().as_bytes()))
             }
             EventMessage::RunnerReady(r) => {
+                self.transit.lock().runner_ready();
+                let flow = r.extra.get("telemetry_flow").and_then(Value::as_bool) == Some(true);
+                self.flow_capable.store(flow, Relaxed);
                 // Scope's runner puts its cold start in the `runner_ready` telemetry event only.
                 let startup_ms = r.startup_ms.as_ref().and_then(|n| n.as_u64()).unwrap_or(0);
                 tracing::info!(
@@ -636,6 +746,11 @@ impl Shared {
                     tracing::debug!(rtt_ms = crate::unix_ms().saturating_sub(sent), "pong");
                 }
             }
+            EventMessage::Unknown(m)
+                if m.get("type").and_then(Value::as_str) == Some("telemetry_end") =>
+            {
+                self.runner_end(&m)
+            }
             EventMessage::Unknown(m) => {
                 self.stats.unknown_messages.fetch_add(1, Relaxed);
                 let kind = m.get("type").and_then(Value::as_str).unwrap_or("-");
@@ -650,6 +765,18 @@ impl Shared {
         let Some(id) = msg.request_id().map(str::to_string) else {
             if let EventMessage::Error(e) = &msg {
                 let error = Value::Object(e.extra.clone());
+                let text = e
+                    .extra
+                    .get("error")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default();
+                if text.contains("telemetry_flow") {
+                    // Scope's runner: `Unknown message type: telemetry_flow`. Stop sending it.
+                    if !self.flow_refused.swap(true, Relaxed) {
+                        tracing::info!("the runner does not read telemetry_flow reports (no flow control with this runner): not sending them any more");
+                    }
+                    return;
+                }
                 tracing::warn!(%error, "runner error");
             } else {
                 tracing::debug!(r#type = msg.type_name(), "runner message");
@@ -696,8 +823,8 @@ impl Shared {
             return;
         }
         if envelope.event_type() == Some(DROPPED_EVENT_TYPE) {
-            let dropped = dropped_count(&envelope);
-            self.stats.dropped_reported.fetch_add(dropped, Relaxed);
+            self.stats.runner_loss_reports.fetch_add(1, Relaxed);
+            let dropped = self.dropped_report(&envelope);
             tracing::warn!(dropped, "the runner reported dropped telemetry");
         }
         let received_ms = crate::unix_ms();
@@ -728,32 +855,161 @@ pub async fn create_channel_with(url: &str, tls: &ClientTls) -> anyhow::Result<(
     crate::channels::create_channel(url, "application/jsonl", tls).await
 }
 
-/// What the runner's sink writes before each envelope (its exact bytes).
-const TELEMETRY_PREFIX: &[u8] = br#"{"type":"telemetry","event":"#;
+/// What the runner's sink writes before each envelope (its exact bytes), after the type: a
+/// numbered line continues `"seq":N,"event":`, a loss report (or the seed's line) `"event":`.
+const TELEMETRY_PREFIX: &[u8] = br#"{"type":"telemetry","#;
 
-/// The envelope bytes of a line in the runner's exact `telemetry` form, sliced without copying.
-/// The caller still parses them: a line with more members after `event` is not cut right here,
-/// and fails that parse (trailing characters), so it takes the general path.
-fn canonical_telemetry(line: &Bytes) -> Option<Bytes> {
-    if line.len() > TELEMETRY_PREFIX.len() + 1
-        && line.starts_with(TELEMETRY_PREFIX)
-        && line.ends_with(b"}")
-    {
-        Some(line.slice(TELEMETRY_PREFIX.len()..line.len() - 1))
-    } else {
-        None
+/// The `seq` (if numbered) and envelope bytes of a line in the runner's exact `telemetry` form,
+/// sliced without copying. The caller still parses the envelope: a line with more members after
+/// `event` is not cut right here, and fails that parse (trailing characters), so it takes the
+/// general path.
+fn canonical_telemetry(line: &Bytes) -> Option<(Option<u64>, Bytes)> {
+    let rest = line.strip_prefix(TELEMETRY_PREFIX)?;
+    let (seq, rest) = match rest.strip_prefix(br#""seq":"#) {
+        Some(after) => {
+            let digits = after.iter().take_while(|b| b.is_ascii_digit()).count();
+            // At most 19 digits: always a u64. A leading zero is not canonical JSON.
+            if digits == 0 || digits > 19 || (digits > 1 && after[0] == b'0') {
+                return None;
+            }
+            let seq = std::str::from_utf8(&after[..digits]).ok()?.parse().ok()?;
+            (Some(seq), after[digits..].strip_prefix(b",")?)
+        }
+        None => (None, rest),
+    };
+    let body = rest.strip_prefix(br#""event":"#)?;
+    if body.len() < 2 || !body.ends_with(b"}") {
+        return None;
     }
+    let start = line.len() - body.len();
+    Some((seq, line.slice(start..line.len() - 1)))
 }
 
 /// The event type a sink emits to report what it dropped.
 pub const DROPPED_EVENT_TYPE: &str = "telemetry_dropped";
 
-/// The `dropped` count a `telemetry_dropped` envelope reports (0 when it is missing).
-fn dropped_count(envelope: &RawEnvelope) -> u64 {
-    serde_json::from_slice::<Value>(envelope.as_bytes())
-        .ok()
-        .and_then(|v| v.pointer("/data/dropped").and_then(Value::as_u64))
-        .unwrap_or(0)
+/// The event type the client emits downstream for lines lost between the runner and itself.
+pub const LOST_IN_TRANSIT_EVENT_TYPE: &str = "telemetry_lost_in_transit";
+
+impl Shared {
+    /// A numbered event line arrived: follow the numbering, report a gap, wake the flow reporter.
+    fn numbered(&self, seq: u64) {
+        let (gap, lost_total) = {
+            let mut t = self.transit.lock();
+            let gap = t.line(seq);
+            (gap, t.lost)
+        };
+        self.read_seq.store(seq, Relaxed);
+        if let Some(gap) = gap {
+            self.report_gap(gap, lost_total);
+        }
+        self.flow_wake.notify_one();
+    }
+
+    /// `telemetry_end`: the runner's last `seq` and totals; a lost tail is reported.
+    fn runner_end(&self, m: &Map<String, Value>) {
+        let num = |k: &str| m.get(k).and_then(Value::as_u64);
+        let (gap, lost_total, read) = {
+            let mut t = self.transit.lock();
+            let gap = num("last_seq").and_then(|last| t.end(last));
+            t.report(
+                None,
+                num("dropped_total").unwrap_or(0),
+                num("lost_downstream_total").unwrap_or(0),
+            );
+            t.reports_written(num("reports").unwrap_or(0));
+            (gap, t.lost, t.read_seq())
+        };
+        tracing::info!(
+            last_seq = num("last_seq").unwrap_or(0),
+            "the runner announced the end of its telemetry"
+        );
+        self.read_seq.store(read, Relaxed);
+        if let Some(gap) = gap {
+            self.report_gap(gap, lost_total);
+        }
+        self.flow_wake.notify_one();
+    }
+
+    /// The drops a `telemetry_dropped` envelope reports: from its cumulative `dropped_total`
+    /// (a lost report's count comes with the next), else its `dropped`.
+    fn dropped_report(&self, envelope: &RawEnvelope) -> u64 {
+        let v = serde_json::from_slice::<Value>(envelope.as_bytes()).unwrap_or(Value::Null);
+        let num = |k: &str| v.pointer(&format!("/data/{k}")).and_then(Value::as_u64);
+        match num("dropped_total") {
+            Some(total) => self.transit.lock().report(
+                num("report_seq"),
+                total,
+                num("lost_downstream_total").unwrap_or(0),
+            ),
+            None => {
+                let dropped = num("dropped").unwrap_or(0);
+                self.stats.dropped_reported.fetch_add(dropped, Relaxed);
+                dropped
+            }
+        }
+    }
+
+    /// Emits one `telemetry_lost_in_transit` envelope downstream for `gap`.
+    fn report_gap(&self, gap: Gap, lost_total: u64) {
+        tracing::warn!(
+            lost = gap.lost(),
+            seq_from = gap.from,
+            seq_to = gap.to,
+            reason = gap.reason,
+            lost_total,
+            "telemetry lost between the runner and this client; reported downstream as telemetry_lost_in_transit"
+        );
+        let mut fields = Fields::new();
+        if let Some(id) = &self.session.session_id {
+            fields = fields.session_id(id.clone());
+        }
+        if let Some(id) = &self.session.connection_id {
+            fields = fields.connection_id(id.clone());
+        }
+        let fields = fields
+            .meta("lost", gap.lost())
+            .meta("seq_from", gap.from)
+            .meta("seq_to", gap.to)
+            .meta("reason", gap.reason)
+            .meta("lost_total", lost_total);
+        self.lost_reports_made.fetch_add(1, Relaxed);
+        match &self.egress {
+            Some(egress) => egress.emit(Event::from(Envelope::new(
+                LOST_IN_TRANSIT_EVENT_TYPE,
+                fields,
+            ))),
+            None => {
+                self.stats.discarded.fetch_add(1, Relaxed);
+            }
+        }
+    }
+}
+
+/// How often, at most, the client reports its reading to the runner.
+const FLOW_REPORT_EVERY: Duration = Duration::from_millis(100);
+
+/// Reports the last `seq` read to the runner (`telemetry_flow {read_seq}`): after each numbered
+/// line, at most every [`FLOW_REPORT_EVERY`], nothing while no line arrives; stops for good if
+/// the runner answers it `error`.
+async fn flow_loop(control: JsonlWriter, shared: Arc<Shared>) {
+    let mut sent = None;
+    loop {
+        shared.flow_wake.notified().await;
+        if shared.flow_refused.load(Relaxed) {
+            return;
+        }
+        let read = shared.read_seq.load(Relaxed);
+        if sent != Some(read) {
+            let msg = serde_json::json!({"type": "telemetry_flow", "read_seq": read});
+            if control.write(&msg).await.is_err() {
+                return;
+            }
+            shared.stats.flow_reports.fetch_add(1, Relaxed);
+            sent = Some(read);
+        }
+        tokio::time::sleep(FLOW_REPORT_EVERY).await;
+    }
 }
 
 /// Reads the events channel until it ends, dispatching each message.
@@ -764,6 +1020,8 @@ async fn events_loop(config: ClientConfig, shared: Arc<Shared>) {
             start_seq: config.events_start_seq,
             reconnect_window: config.reconnect_window,
             tls: config.trickle_tls.clone(),
+            // Telemetry: skip as little as possible (every line skipped is counted lost).
+            jump_to_current: true,
             ..SubscriberOptions::default()
         },
     );

@@ -15,6 +15,12 @@
 //!
 //! A message of a known type whose fields have the wrong shape is answered `error` too, so no
 //! caller waits for its timeout.
+//!
+//! One message is ours, not Scope's: `telemetry_flow {read_seq, end?}`, our client's report of the
+//! last event line it read (flow control, see [`telemetry::flow`]) and its request to end the
+//! session. It is read by the runner loop ([`flow_report`]), not answered (a `request_id`, which
+//! our client never sends, is answered `telemetry_flow {request_id, last_seq}`). Scope's runner
+//! answers it `error`, as any unknown type, and our client then stops sending it.
 
 use super::media::{MediaOptions, MediaStats, MediaStream};
 use super::pipeline::{Emit, Pipeline};
@@ -148,6 +154,29 @@ pub async fn answer(msg: Map<String, Value>, state: &mut StreamState) -> Value {
             error(format!("Unknown message type: {shown}"))
         }
     }
+}
+
+/// A `telemetry_flow` report from the client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FlowReport {
+    /// The last event `seq` the client read.
+    pub read_seq: Option<u64>,
+    /// The client asks to end the session (it reads on until the channel ends).
+    pub end: bool,
+    /// Present only if the sender wants an answer.
+    pub request_id: Option<Value>,
+}
+
+/// The message as a [`FlowReport`], when it is a `telemetry_flow`.
+pub fn flow_report(msg: &Map<String, Value>) -> Option<FlowReport> {
+    if msg.get("type").and_then(Value::as_str) != Some("telemetry_flow") {
+        return None;
+    }
+    Some(FlowReport {
+        read_seq: msg.get("read_seq").and_then(Value::as_u64),
+        end: msg.get("end").and_then(Value::as_bool).unwrap_or(false),
+        request_id: msg.get("request_id").filter(|v| !v.is_null()).cloned(),
+    })
 }
 
 /// `params` as an object: absent, null or empty counts as `{}` (Python's `or {}`); another

@@ -5,8 +5,9 @@
 //! - installs a [`TrickleEventsSink`] as the process's telemetry sink, so every `publish_event`
 //!   (its own, or a local process's through [`ingest`]) becomes a `telemetry` line on the events
 //!   channel;
-//! - writes the `runner_ready` control message (`runner_job_id`), and a `runner_ready` telemetry
-//!   event with metadata `{"mode": "livepeer", "startup_ms": <cold start>}`;
+//! - writes the `runner_ready` control message (`runner_job_id`, and `telemetry_flow: true`, which
+//!   tells our client it may report its reading), and a `runner_ready` telemetry event with
+//!   metadata `{"mode": "livepeer", "startup_ms": <cold start>}`;
 //! - answers **every** control message in Scope's shapes ([`control`]): `start_stream` creates the
 //!   stream's `in` and `out` media channels and passes input segments through to the output
 //!   ([`media`]), `stream_started` lists them in `channels`; unknown types get `error`;
@@ -20,9 +21,19 @@
 //! publishes nothing: its own events and the ingest endpoint's are discarded (the endpoint counts
 //! them); control is answered as usual.
 //!
-//! When the control channel ends (the client closed it) or on shutdown, it stops the stream (media
-//! channels deleted), drains the sink (writing a final `telemetry_dropped` if anything was
-//! dropped), and closes the events channel so the client's events loop ends too.
+//! **Every event accounted for.** The sink numbers the event lines (`seq`); our client reports the
+//! last one it read (`telemetry_flow {read_seq}` on the control channel, a few times a second while
+//! lines flow), and the sink holds its writes to the budget that implies
+//! ([`telemetry::flow`]): overload sheds heartbeats here, counted and reported, rather than the
+//! client losing segments in transit ([`RunnerConfig::flow_control`] turns that off).
+//!
+//! When the control channel ends (the client closed it), the client asks to end
+//! (`telemetry_flow {end: true}`), or on shutdown, it stops the stream (media channels deleted),
+//! drains the sink (writing a final `telemetry_dropped` if anything was dropped), announces
+//! `telemetry_end {last_seq, reports, dropped_total, lost_downstream_total}`, and, while the control
+//! channel is open and the client reports its reading, waits (up to [`RunnerConfig::close_wait`])
+//! until the client has read the last line: deleting the channel earlier would cut a client still a
+//! segment or more behind. Then it closes the events channel so the client's events loop ends too.
 //!
 //! A trickle server outage shorter than [`RunnerConfig::reconnect_window`] does not end the
 //! session: the control subscription reconnects (and reads on from where it broke off), and the
@@ -78,6 +89,9 @@ pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Default [`RunnerConfig::reconnect_window`]: ride out a trickle server outage of up to a minute.
 pub const DEFAULT_RECONNECT_WINDOW: Duration = Duration::from_secs(60);
+
+/// Default [`RunnerConfig::close_wait`].
+pub const DEFAULT_CLOSE_WAIT: Duration = Duration::from_secs(10);
 
 /// How often the runner folds the events writer's lost lines into the sink's drop count.
 const LOST_LINES_POLL: Duration = Duration::from_millis(100);
@@ -138,6 +152,13 @@ pub struct RunnerConfig {
     pub events_queue_lines: usize,
     /// How both channels treat an `https://` server's certificate (default: any is accepted).
     pub trickle_tls: ClientTls,
+    /// Hold the telemetry drain to the budget the client's reading implies (`telemetry_flow`
+    /// reports; on by default). Off: the reports are still read (for the end of the session), but
+    /// the runner writes as fast as events come and a slow client may lose segments in transit.
+    pub flow_control: bool,
+    /// At the end, how long to wait for a client that reports its reading to read the last line
+    /// before the events channel is deleted (default 10 s).
+    pub close_wait: Duration,
 }
 
 impl RunnerConfig {
@@ -165,6 +186,8 @@ impl RunnerConfig {
             reconnect_window: DEFAULT_RECONNECT_WINDOW,
             events_queue_lines: JsonlWriterOptions::default().queue_capacity,
             trickle_tls: ClientTls::default(),
+            flow_control: true,
+            close_wait: DEFAULT_CLOSE_WAIT,
             probe: None,
         }
     }
@@ -196,6 +219,21 @@ pub struct RunnerReport {
     pub control_missing: bool,
     /// The media passthrough's counters, over every stream.
     pub media: media::MediaStats,
+    /// What the sink wrote: the last event `seq`, reports, drops (as `telemetry_end` announced).
+    pub transit: telemetry::sinks::TransitTotals,
+    /// The last `seq` the client reported having read (`None`: it never reported).
+    pub client_read_seq: Option<u64>,
+}
+
+/// Why the runner's main loop ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ended {
+    /// Shutdown was asked for (the control channel may still be open).
+    Shutdown,
+    /// The control channel ended: nothing more can come from the client.
+    ControlClosed,
+    /// The client asked to end (`telemetry_flow {end: true}`); its control channel is open.
+    ClientAsked,
 }
 
 impl RunnerReport {
@@ -248,6 +286,7 @@ pub async fn run(
             capacity: config.queue_capacity,
             poll_interval: config.telemetry_poll_interval,
             min_idle: config.telemetry_min_idle,
+            flow_segment_bytes: config.flow_control.then_some(config.events_segment_bytes),
             ..TrickleEventsConfig::default()
         },
     );
@@ -272,10 +311,12 @@ pub async fn run(
     }
     let startup_ms = config.started_at.elapsed().as_millis() as u64;
     // Scope's runner sends only the job id here; the cold start is in the telemetry event.
+    // `telemetry_flow` (ours; Scope's client ignores it): this runner reads the client's reports.
     events
         .write(&json!({
             "type": "runner_ready",
             "runner_job_id": config.runner_job_id,
+            "telemetry_flow": true,
         }))
         .await
         .with_context(|| format!("cannot write to the events channel {}", config.events_url))?;
@@ -352,12 +393,18 @@ pub async fn run(
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut report = RunnerReport::default();
 
-    loop {
+    let ended = loop {
         tokio::select! {
-            _ = shutdown.cancelled() => break,
+            _ = shutdown.cancelled() => break Ended::Shutdown,
             msg = control_rx.recv() => match msg {
                 Some(msg) => {
                     report.control_messages += 1;
+                    if let Some(flow) = control::flow_report(&msg) {
+                        if flow_reported(&flow, &sink, &events).await {
+                            break Ended::ClientAsked;
+                        }
+                        continue;
+                    }
                     let was_streaming = state.is_streaming();
                     let answer = control::answer(msg, &mut state).await;
                     if let Err(e) = events.write(&answer).await {
@@ -368,27 +415,52 @@ pub async fn run(
                         heartbeat.reset();
                     }
                 }
-                None => break,
+                None => break Ended::ControlClosed,
             },
             _ = heartbeat.tick(), if state.is_streaming() => state.heartbeat(),
         }
-    }
+    };
 
     state.stop_stream().await;
     report.media = state.media_stats();
-    reader_task.abort();
-    // Aborted (it was still reading): neither missing nor refused.
-    let ended = reader_task.await.unwrap_or(ControlEnd::Ended);
-    report.control_missing = matches!(ended, ControlEnd::Missing);
-    let control = *control_stats.lock();
-    report.bad_control_lines = control.bad_lines();
-    report.control = control.subscriber;
     drop(guard);
     lost_lines.abort();
     let _ = lost_lines.await;
     // Lines lost so far go into the sink's final report.
     fold_lost_lines_once(&events, &sink, &folded);
     report.sink = sink.shutdown().await;
+    report.transit = sink.transit();
+    announce_end(&events, &report.transit).await;
+    if ended != Ended::ControlClosed {
+        let waited = Instant::now();
+        let read = wait_for_client(
+            &sink,
+            &mut control_rx,
+            &events,
+            &mut state,
+            config.close_wait,
+        )
+        .await;
+        match read {
+            Some(read) if read >= report.transit.last_seq => {
+                tracing::debug!(last_seq = read, waited_ms = waited.elapsed().as_millis() as u64, "the client read every event line");
+            }
+            Some(read) => tracing::warn!(
+                read_seq = read,
+                last_seq = report.transit.last_seq,
+                "the client had not read every event line when the wait ended; closing the events channel anyway (it counts the rest as lost in transit if it reads on)"
+            ),
+            None => {}
+        }
+    }
+    report.client_read_seq = sink.client_read_seq();
+    reader_task.abort();
+    // Aborted (it was still reading): neither missing nor refused.
+    let control_end = reader_task.await.unwrap_or(ControlEnd::Ended);
+    report.control_missing = matches!(control_end, ControlEnd::Missing);
+    let control = *control_stats.lock();
+    report.bad_control_lines = control.bad_lines();
+    report.control = control.subscriber;
     if let Some(task) = logs {
         // Give the forwarder its last tick, then stop it.
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -407,6 +479,7 @@ pub async fn run(
     // be reported downstream (the channel is closed), but they count here: dropped, not delivered.
     fold_lost_lines_once(&events, &sink, &folded);
     report.sink = sink.stats();
+    report.transit = sink.transit();
     report.events = events.stats();
     report.events_publisher = publisher_stats();
     tracing::info!(
@@ -414,7 +487,7 @@ pub async fn run(
         dropped = report.sink.dropped(),
         "runner stopped"
     );
-    if let ControlEnd::Refused(refused) = ended {
+    if let ControlEnd::Refused(refused) = control_end {
         anyhow::bail!("the control channel cannot be read: {refused}");
     }
     Ok(report)
@@ -428,6 +501,74 @@ enum ControlEnd {
     Missing,
     /// A refused TLS certificate ended it; the error names the URL, the reason and the flag.
     Refused(String),
+}
+
+/// Acts on one `telemetry_flow` report: records the client's reading (and answers it when it
+/// carries a `request_id`). Returns whether the client asks to end the session.
+async fn flow_reported(
+    flow: &control::FlowReport,
+    sink: &TrickleEventsSink,
+    events: &JsonlWriter,
+) -> bool {
+    if let Some(read) = flow.read_seq {
+        sink.client_read(read);
+    }
+    if let Some(id) = &flow.request_id {
+        let answer = json!({"type": "telemetry_flow", "request_id": id, "last_seq": sink.transit().last_seq});
+        if let Err(e) = events.write(&answer).await {
+            tracing::warn!(error = %e, "cannot answer on the events channel");
+        }
+    }
+    flow.end
+}
+
+/// Writes `telemetry_end`: the last event `seq` and the sink's totals, after its final report.
+async fn announce_end(events: &JsonlWriter, t: &telemetry::sinks::TransitTotals) {
+    let end = json!({
+        "type": "telemetry_end",
+        "last_seq": t.last_seq,
+        "reports": t.reports,
+        "dropped_total": t.dropped_total,
+        "lost_downstream_total": t.lost_downstream,
+    });
+    if let Err(e) = events.write(&end).await {
+        tracing::warn!(error = %e, "cannot write telemetry_end on the events channel");
+    }
+}
+
+/// Waits, up to `wait`, until a client that reports its reading has read the last event line,
+/// answering the control messages that arrive meanwhile. Returns the client's last report (`None`:
+/// it never reported, so there is nothing to wait for).
+async fn wait_for_client(
+    sink: &TrickleEventsSink,
+    control_rx: &mut mpsc::Receiver<Map<String, Value>>,
+    events: &JsonlWriter,
+    state: &mut control::StreamState,
+    wait: Duration,
+) -> Option<u64> {
+    let last = sink.transit().last_seq;
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        let read = sink.client_read_seq()?;
+        if read >= last {
+            return Some(read);
+        }
+        let msg = tokio::select! {
+            msg = control_rx.recv() => msg,
+            _ = tokio::time::sleep_until(deadline) => return Some(read),
+        };
+        let Some(msg) = msg else {
+            return sink.client_read_seq();
+        };
+        if let Some(flow) = control::flow_report(&msg) {
+            flow_reported(&flow, sink, events).await;
+        } else {
+            let answer = control::answer(msg, state).await;
+            if let Err(e) = events.write(&answer).await {
+                tracing::warn!(error = %e, "cannot answer on the events channel");
+            }
+        }
+    }
 }
 
 /// Reads the control channel into `tx`, keeping `stats` current, until it ends; says how.

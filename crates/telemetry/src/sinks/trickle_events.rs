@@ -2,8 +2,8 @@
 //!
 //! `emit` puts the event in a bounded two-class queue ([`crate::queue`]) and returns; a drain task
 //! takes everything queued per wake-up, serializes it off the caller's thread, and writes it as one
-//! batch of `{"type":"telemetry","event":<envelope>}` lines to the events writer (one pre-joined
-//! chunk per batch). While events trickle in (its batches are small), the drain parks when it
+//! batch of `{"type":"telemetry","seq":N,"event":<envelope>}` lines to the events writer (one
+//! pre-joined chunk per batch). While events trickle in (its batches are small), the drain parks when it
 //! has drained everything, and the first event after that wakes it at once (the idle → busy edge,
 //! [`EventQueue::wait_idle`]): a lone event is written at once instead of after a poll interval.
 //! In a flood (large batches) it polls instead, so a fast producer pays no wake-up per batch;
@@ -20,8 +20,25 @@
 //! straight to the writer, not through the queue, so they are never themselves evicted; a report
 //! whose write fails is folded into the next one. Hence the `dropped` values the client receives sum
 //! to what the sink counted (drops after the final report, i.e. emits after shutdown, excepted).
+//!
+//! **Every event line is numbered.** `seq` counts the events this sink handed to the writer, from 1,
+//! without a hole (a line the writer refused is dropped and counted, and its number is reused), so
+//! a reader that sees `seq` jump knows exactly how many lines it did not receive: lost in transit,
+//! not dropped here. Loss reports are not numbered (they are not events); each carries
+//! `report_seq` (1, 2, ...) and the `seq_from`..`seq_to` range of event lines written in its
+//! window, and `dropped_total` is cumulative, so a reader that misses a report still gets its
+//! count from the next one. `lost_downstream_total` says how much of `dropped_total` is lines the
+//! writer lost after taking them (a failed segment; an upper bound, other lines included): a
+//! reader that follows `seq` counts those events as gaps instead. [`TrickleEventsSink::transit`] gives the totals the runner announces
+//! when it closes the channel (`telemetry_end`).
+//!
+//! **Flow control.** With [`TrickleEventsConfig::flow_segment_bytes`] set, the client's reports of
+//! what it has read ([`TrickleEventsSink::client_read`]) set a budget ([`crate::flow`]): the drain
+//! then writes at most that many events per second, and the queue sheds heartbeats first (counted
+//! and reported as any drop) instead of the client losing whole segments in transit.
 
 use crate::envelope::{now_ms, Envelope, Event, Fields};
+use crate::flow::{FlowControl, Limit, Tokens};
 use crate::output::LineOutput;
 use crate::priority::Priority;
 use crate::queue::{EventQueue, DEFAULT_CAPACITY, DEFAULT_MIN_IDLE};
@@ -34,10 +51,17 @@ use std::time::{Duration, Instant};
 use tokio::runtime::Handle;
 use tokio::task::JoinHandle;
 
+/// The segment size flow control assumes when none is configured (the trickle writer's default).
+const DEFAULT_FLOW_SEGMENT: usize = 1 << 20;
+
 /// The sink's name, also the `sink` field of its loss reports.
 pub const SINK_NAME: &str = "trickle_events";
 
+/// What begins a loss report's line (reports are not numbered).
 const LINE_PREFIX: &[u8] = br#"{"type":"telemetry","event":"#;
+
+/// What begins an event's line, before its `seq`.
+const SEQ_PREFIX: &[u8] = br#"{"type":"telemetry","seq":"#;
 
 /// A batch this small means events trickle in (10,000 events/s gives ~10 per 1 ms poll): the
 /// drain then parks for the idle wake-up (the next event is written at once). Larger batches mean
@@ -73,6 +97,9 @@ pub struct TrickleEventsConfig {
     /// the wake mark or the poll. Zero wakes it for every first event (a syscall per event for a
     /// producer that outpaces the drain).
     pub min_idle: Duration,
+    /// Flow control: the events writer's segment size (what the trickle server's window is made
+    /// of). `None` (the default): the client's reports are recorded but never limit the drain.
+    pub flow_segment_bytes: Option<usize>,
 }
 
 impl Default for TrickleEventsConfig {
@@ -83,8 +110,23 @@ impl Default for TrickleEventsConfig {
             poll_interval: Duration::from_millis(1),
             max_poll_interval: None,
             min_idle: DEFAULT_MIN_IDLE,
+            flow_segment_bytes: None,
         }
     }
+}
+
+/// What the sink has written so far, for the runner's `telemetry_end`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TransitTotals {
+    /// The `seq` of the last event line written (0: none).
+    pub last_seq: u64,
+    /// Loss reports written (`report_seq` of the last one).
+    pub reports: u64,
+    /// Drops counted so far (the `dropped_total` a report written now would carry).
+    pub dropped_total: u64,
+    /// Of them, lines the writer lost after taking them (`lost_downstream_total`): a reader that
+    /// follows `seq` sees those events as gaps instead.
+    pub lost_downstream: u64,
 }
 
 /// Spawning needs a Tokio runtime for the drain task.
@@ -100,15 +142,29 @@ struct Counters {
     in_flight: AtomicU64,
     reports: AtomicU64,
     write_errors: AtomicU64,
+    /// Of the drops, lines the writer lost after taking them ([`TrickleEventsSink::count_lost_downstream`]).
+    lost_downstream: AtomicU64,
 }
 
 #[derive(Debug)]
 struct Shared {
     queue: EventQueue,
     counters: Counters,
+    /// `seq` of the last event line written.
+    last_seq: AtomicU64,
+    /// The client's reading, as it reported it.
+    flow: Mutex<FlowControl>,
+    /// Whether reports limit the drain.
+    flow_enabled: bool,
+    /// The budget now, events/s × 1000 (`u64::MAX`: none).
+    budget_milli: AtomicU64,
 }
 
 impl Shared {
+    fn lost_downstream(&self) -> u64 {
+        self.counters.lost_downstream.load(Ordering::Relaxed)
+    }
+
     /// (dropped_high, dropped_low) counted so far, all causes.
     fn drop_totals(&self) -> (u64, u64) {
         let q = self.queue.counts();
@@ -155,6 +211,12 @@ impl TrickleEventsSink {
         let shared = Arc::new(Shared {
             queue: EventQueue::new(config.capacity).with_min_idle(config.min_idle),
             counters: Counters::default(),
+            last_seq: AtomicU64::new(0),
+            flow: Mutex::new(FlowControl::new(
+                config.flow_segment_bytes.unwrap_or(DEFAULT_FLOW_SEGMENT),
+            )),
+            flow_enabled: config.flow_segment_bytes.is_some(),
+            budget_milli: AtomicU64::new(u64::MAX),
         });
         let task = handle.spawn(drain(Arc::clone(&shared), output, session, config));
         Arc::new(TrickleEventsSink {
@@ -183,6 +245,40 @@ impl TrickleEventsSink {
             })
             .map_or(0, |before| before.min(n));
         c.write_dropped_low.fetch_add(moved, Ordering::Relaxed);
+        // Their lines were numbered: a reader following `seq` sees them as gaps, not drops.
+        c.lost_downstream.fetch_add(moved, Ordering::Relaxed);
+    }
+
+    /// The client has read every event line up to `read_seq` (its `telemetry_flow` report).
+    pub fn client_read(&self, read_seq: u64) {
+        self.shared
+            .flow
+            .lock()
+            .client_read(Instant::now(), read_seq);
+    }
+
+    /// The last `seq` the client reported having read, if it ever reported.
+    pub fn client_read_seq(&self) -> Option<u64> {
+        self.shared.flow.lock().read_seq()
+    }
+
+    /// The events budget in force now (events per second), `None` when unlimited.
+    pub fn budget(&self) -> Option<f64> {
+        match self.shared.budget_milli.load(Ordering::Relaxed) {
+            u64::MAX => None,
+            m => Some(m as f64 / 1000.0),
+        }
+    }
+
+    /// What has been written so far: last `seq`, reports, drops (after [`Self::shutdown`], final).
+    pub fn transit(&self) -> TransitTotals {
+        let (high, low) = self.shared.drop_totals();
+        TransitTotals {
+            last_seq: self.shared.last_seq.load(Ordering::Relaxed),
+            reports: self.shared.counters.reports.load(Ordering::Relaxed),
+            dropped_total: high + low,
+            lost_downstream: self.shared.counters.lost_downstream.load(Ordering::Relaxed),
+        }
     }
 
     /// [`Self::close`], then waits for the drain task to finish; returns the final totals.
@@ -236,6 +332,10 @@ struct Reporter {
     /// Drops already reported (high, low).
     reported: (u64, u64),
     window_start_ms: u64,
+    /// First event `seq` of the window the next report covers.
+    seq_from: u64,
+    /// Reports written so far.
+    written: u64,
     /// Last report written or attempted (a failing writer must not be retried in a tight loop).
     last_report: Option<Instant>,
 }
@@ -259,7 +359,9 @@ impl Reporter {
         }))
     }
 
-    fn build(&self, totals: (u64, u64)) -> (Envelope, u64) {
+    /// The report of drops since the last one; `seq_to` is the last event line ahead of it,
+    /// `lost_downstream` the writer's lost lines so far.
+    fn build(&self, totals: (u64, u64), seq_to: u64, lost_downstream: u64) -> (Envelope, u64) {
         let high = totals.0 - self.reported.0;
         let low = totals.1 - self.reported.1;
         let end_ms = now_ms();
@@ -277,17 +379,41 @@ impl Reporter {
             .meta("window_start_ms", self.window_start_ms)
             .meta("window_end_ms", end_ms)
             .meta("sink", SINK_NAME)
-            .meta("dropped_total", totals.0 + totals.1);
+            .meta("dropped_total", totals.0 + totals.1)
+            .meta("report_seq", self.written + 1)
+            .meta("seq_from", self.seq_from)
+            .meta("seq_to", seq_to)
+            .meta("lost_downstream_total", lost_downstream);
         (Envelope::new("telemetry_dropped", fields), end_ms)
     }
 }
 
-/// Appends one framed line (`{"type":"telemetry","event":E}` and `\n`); returns the `\n`'s index.
-fn write_line(buf: &mut Vec<u8>, event: &Event) -> usize {
-    buf.extend_from_slice(LINE_PREFIX);
+/// Appends one event line (`{"type":"telemetry","seq":N,"event":E}` and `\n`); returns the
+/// `\n`'s index.
+fn write_line(buf: &mut Vec<u8>, seq: u64, event: &Event) -> usize {
+    buf.extend_from_slice(SEQ_PREFIX);
+    buf.extend_from_slice(itoa::Buffer::new().format(seq).as_bytes());
+    buf.extend_from_slice(br#","event":"#);
     event.write_json(buf);
     buf.extend_from_slice(b"}\n");
     buf.len() - 1
+}
+
+/// Appends one loss report's line (`{"type":"telemetry","event":E}`, not numbered); returns the
+/// `\n`'s index.
+fn write_report_line(buf: &mut Vec<u8>, envelope: &Envelope) -> usize {
+    buf.extend_from_slice(LINE_PREFIX);
+    envelope.write_json(buf);
+    buf.extend_from_slice(b"}\n");
+    buf.len() - 1
+}
+
+/// Mean size of the event lines written so far (512 before the first).
+fn mean_written(bytes: u64, next_seq: u64) -> usize {
+    match next_seq - 1 {
+        0 => 512,
+        lines => (bytes / lines) as usize,
+    }
 }
 
 /// Bytes to reserve for a batch of `n` lines averaging `mean` bytes (a little headroom, so the
@@ -310,6 +436,8 @@ async fn drain<O: LineOutput>(
         interval: config.report_interval,
         reported: (0, 0),
         window_start_ms: now_ms(),
+        seq_from: 1,
+        written: 0,
         last_report: None,
     };
     let mut batch: Vec<Event> = Vec::new();
@@ -322,17 +450,55 @@ async fn drain<O: LineOutput>(
     // Size of the last non-empty batch: a trickle (small batches) arms the idle wake-up; a flood
     // (large batches) polls, so a fast producer never pays a wake-up (and a preemption) per batch.
     let mut last_batch = 0usize;
+    // The `seq` of the next event line.
+    let mut next_seq: u64 = 1;
+    let mut tokens = Tokens::new(Instant::now());
+    // Bytes of the event lines written so far: flow control turns segments into lines with
+    // their mean (the last batch's alone swings with its mix of event types).
+    let mut written_bytes: u64 = 0;
     loop {
-        let drained = shared.queue.drain_into(&mut batch);
+        // The budget the client's reading implies; none once closing (what is queued goes out,
+        // and the runner waits for the client to read it before it ends the channel).
+        let limit = if shared.flow_enabled && !shared.queue.is_closed() {
+            shared.flow.lock().limit(
+                Instant::now(),
+                next_seq - 1,
+                mean_written(written_bytes, next_seq),
+            )
+        } else {
+            Limit::None
+        };
+        let budget = match limit {
+            Limit::Rate(b) => Some(b),
+            Limit::None | Limit::Lines(_) => None,
+        };
+        shared.budget_milli.store(
+            budget.map_or(u64::MAX, |b| (b * 1000.0) as u64),
+            Ordering::Relaxed,
+        );
+        let drained = match limit {
+            Limit::None => shared.queue.drain_into(&mut batch),
+            Limit::Lines(n) => shared.queue.drain_into_max(&mut batch, n),
+            Limit::Rate(b) => {
+                let allowed = tokens.take(Instant::now(), b);
+                let d = shared.queue.drain_into_max(&mut batch, allowed);
+                tokens.give_back(allowed - d.taken);
+                d
+            }
+        };
+        // Closed and empty: nothing more will ever arrive (closed while held to a budget, the
+        // rest is drained by the next turn, which has none).
+        let finished = drained.closed && shared.queue.is_empty();
         let totals = shared.drop_totals();
         if totals != (0, 0) && !warned_drop {
             warned_drop = true;
             tracing::warn!(target: "telemetry",
                 "telemetry events queue overflowed: dropping events (counted, reported as telemetry_dropped)");
         }
+        let n = batch.len();
         let report = reporter
-            .due(totals, drained.closed)
-            .then(|| reporter.build(totals));
+            .due(totals, finished)
+            .then(|| reporter.build(totals, next_seq + n as u64 - 1, shared.lost_downstream()));
 
         // Poll fast while events flow, back off while idle.
         poll = if batch.is_empty() {
@@ -341,23 +507,19 @@ async fn drain<O: LineOutput>(
             min_poll
         };
         if !batch.is_empty() || report.is_some() {
-            let n = batch.len();
             shared.counters.in_flight.store(n as u64, Ordering::Relaxed);
             // One buffer per batch, framed here and handed over whole (no per-line copy or send).
             let mut buf = Vec::with_capacity(batch_capacity(n + 1, mean_line));
             ends.clear();
-            for event in &batch {
-                ends.push(write_line(&mut buf, event));
+            for (i, event) in batch.iter().enumerate() {
+                ends.push(write_line(&mut buf, next_seq + i as u64, event));
             }
             if let Some(mean) = buf.len().checked_div(n) {
                 mean_line = mean;
                 last_batch = n;
             }
             if let Some((envelope, _)) = &report {
-                buf.extend_from_slice(LINE_PREFIX);
-                envelope.write_json(&mut buf);
-                buf.extend_from_slice(b"}\n");
-                ends.push(buf.len() - 1);
+                ends.push(write_report_line(&mut buf, envelope));
             }
             // The events are counted lines: the output tells later which of them arrived.
             let result = output
@@ -377,6 +539,13 @@ async fn drain<O: LineOutput>(
                 }
             };
             let delivered = written.min(n);
+            written_bytes += match delivered {
+                0 => 0,
+                d => ends[d - 1] as u64 + 1,
+            };
+            // Numbers stay without a hole: those of lines the writer refused are used again.
+            next_seq += delivered as u64;
+            shared.last_seq.store(next_seq - 1, Ordering::Relaxed);
             shared
                 .counters
                 .delivered
@@ -394,22 +563,24 @@ async fn drain<O: LineOutput>(
                     shared.counters.reports.fetch_add(1, Ordering::Relaxed);
                     reporter.reported = totals;
                     reporter.window_start_ms = end_ms;
+                    reporter.written += 1;
+                    reporter.seq_from = next_seq;
                 }
             }
             shared.counters.in_flight.store(0, Ordering::Relaxed);
             batch.clear();
             // After a failed write, wait a poll interval rather than retrying a broken writer at once.
-            if !drained.closed && !failed {
+            if !finished && !failed {
                 continue;
             }
         }
-        if drained.closed {
+        if finished {
             // Nothing more can be queued. One last report if this batch's write failures added drops.
             let totals = shared.drop_totals();
             if totals != reporter.reported && reporter.due(totals, true) {
-                let (envelope, _) = reporter.build(totals);
+                let (envelope, _) = reporter.build(totals, next_seq - 1, shared.lost_downstream());
                 let mut buf = Vec::with_capacity(512);
-                let end = write_line(&mut buf, &Event::from(envelope));
+                let end = write_report_line(&mut buf, &envelope);
                 if output.write_joined(Bytes::from(buf), &[end]).await.is_ok() {
                     shared.counters.reports.fetch_add(1, Ordering::Relaxed);
                 }
@@ -417,7 +588,14 @@ async fn drain<O: LineOutput>(
             break;
         }
         let wait = reporter.wait_for(totals).map_or(poll, |d| d.min(poll));
-        if failed_last || last_batch > SMALL_BATCH {
+        if let Some(b) = budget.filter(|_| !shared.queue.is_empty()) {
+            // Held to the budget with events waiting: sleep until the next token.
+            let next = tokens
+                .until_next(b)
+                .min(wait)
+                .max(Duration::from_micros(100));
+            tokio::time::sleep(next).await;
+        } else if failed_last || last_batch > SMALL_BATCH {
             // After a failed write, wait the interval out rather than retry per event; in a
             // flood, poll (the wake mark still wakes the drain before the queue overflows).
             shared.queue.wait_for(wait).await;

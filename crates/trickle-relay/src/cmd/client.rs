@@ -289,6 +289,16 @@ fn print_summary(
         report.dropped_reported,
         report.bad_lines
     );
+    if report.read_seq > 0 {
+        logging::say!(
+            "client: the runner numbers its lines: read to seq {}; lost in transit {} in {} gap(s) (reported downstream as telemetry_lost_in_transit); runner restarts {}; runner ended {}",
+            report.read_seq,
+            report.lost_in_transit,
+            report.transit_gaps,
+            report.runner_restarts,
+            report.runner_ended
+        );
+    }
     let name = egress.sink.as_ref().map_or("none", |s| s.name());
     match telemetry {
         Some(t) => logging::say!("client: egress {name}: {t}"),

@@ -223,12 +223,21 @@ struct Summary {
 }
 
 impl Summary {
-    /// Every event the runner emitted was egressed or counted as dropped.
+    /// Every event the runner emitted was egressed, counted as dropped, or counted lost in
+    /// transit (and each of those reported downstream).
     fn accounted(&self) -> bool {
-        let relayed_events = self.client.relayed.saturating_sub(self.runner.sink.reports);
-        self.runner.sink.emitted == relayed_events + self.runner.sink.dropped()
-            && self.client.dropped_reported == self.runner.sink.dropped()
-            && self.egress.delivered + self.egress.dropped() == self.client.relayed
+        let c = &self.client;
+        let relayed_events = c.relayed.saturating_sub(c.runner_loss_reports);
+        let dropped = self.dropped();
+        self.runner.sink.emitted == relayed_events + dropped + c.lost_in_transit
+            && c.dropped_reported == dropped
+            && self.egress.delivered + self.egress.dropped() == c.relayed + c.transit_gaps
+    }
+
+    /// The runner's drops, less lines its writer lost after taking them (the client counts
+    /// those as lost in transit).
+    fn dropped(&self) -> u64 {
+        self.runner.sink.dropped() - self.runner.transit.lost_downstream
     }
 
     /// The runner's accounting (delivered: acknowledged by the trickle server) and the egress's.
@@ -244,8 +253,9 @@ impl Summary {
             "emitted": self.runner.sink.emitted,
             "relayed": self.client.relayed,
             "egressed": self.egress.delivered,
-            "dropped": self.runner.sink.dropped(),
+            "dropped": self.dropped(),
             "dropped_reported": self.client.dropped_reported,
+            "lost_in_transit": self.client.lost_in_transit,
             "drop_reports": self.runner.sink.reports,
             "rejected": self.client.rejected_foreign + self.client.rejected_invalid,
             "bad_lines": self.client.bad_lines,
@@ -275,6 +285,10 @@ impl Summary {
             c.dropped_reported
         );
         logging::say!(
+            "  lost in transit            {:>8}  (counted by the client in {} gap(s), reported downstream)",
+            c.lost_in_transit, c.transit_gaps
+        );
+        logging::say!(
             "  rejected                   {:>8}  (foreign session {}, invalid {})",
             c.rejected_foreign + c.rejected_invalid,
             c.rejected_foreign,
@@ -293,7 +307,7 @@ impl Summary {
         logging::say!(
             "  every event accounted for  {}",
             if self.accounted() {
-                "yes: emitted = relayed + dropped"
+                "yes: emitted = relayed + dropped + lost in transit"
             } else {
                 "NO"
             }

@@ -34,6 +34,11 @@ pub struct Args {
     /// counting every drop.
     #[arg(long, default_value_t = 8192, value_name = "LINES")]
     pub events_queue_lines: usize,
+    /// Size at which the events writer starts a new segment. The server keeps the last 5, so a
+    /// client may fall 5 times this behind before it loses segments; Scope's Python reader aborts
+    /// on a segment over 5 MiB, so stay below that.
+    #[arg(long, default_value_t = relay::runner::DEFAULT_EVENTS_SEGMENT_BYTES, value_name = "BYTES")]
+    pub events_segment_bytes: usize,
     /// Interval of `stream_heartbeat` while a stream runs, in milliseconds (the seed: 10 s).
     #[arg(long, default_value_t = 10_000)]
     pub heartbeat_ms: u64,
@@ -63,6 +68,15 @@ pub struct Args {
     /// (~2.5 s) and end the session.
     #[arg(long, default_value_t = 60.0, value_name = "SECS")]
     pub reconnect_secs: f64,
+    /// Do not hold the telemetry to the client's reading: write as fast as events come, even when
+    /// the client falls so far behind that it loses segments in transit (it counts them, and
+    /// reports them downstream as telemetry_lost_in_transit). For comparisons and tests.
+    #[arg(long)]
+    pub no_flow_control: bool,
+    /// At the end, wait up to this long for a client that reports its reading to read the last
+    /// event line before the events channel is deleted.
+    #[arg(long, default_value_t = 10.0, value_name = "SECS")]
+    pub close_wait_secs: f64,
     /// Serve `GET /metrics` (Prometheus text format) on this address; off by default.
     #[arg(long, value_name = "ADDR")]
     pub metrics_listen: Option<SocketAddr>,
@@ -82,6 +96,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     config.runner_job_id = args.runner_job_id;
     config.queue_capacity = args.queue_capacity.max(1);
     config.events_queue_lines = args.events_queue_lines.max(1);
+    config.events_segment_bytes = args.events_segment_bytes.max(1);
     config.heartbeat_interval = Duration::from_millis(args.heartbeat_ms.max(1));
     config.media_base_url = args.media_base_url;
     config.ingest = args.ingest;
@@ -91,6 +106,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         .context("--reconnect-secs takes a number of seconds >= 0, e.g. 60")?;
     config.started_at = started_at;
     config.trickle_tls = args.tls.client_tls()?;
+    config.flow_control = !args.no_flow_control;
+    config.close_wait = Duration::try_from_secs_f64(args.close_wait_secs)
+        .context("--close-wait-secs takes a number of seconds >= 0, e.g. 10")?;
     let emitted_copy = match &args.emitted_file {
         Some(path) => Some(std::sync::Arc::new(
             telemetry::sinks::FileSink::create(path)
@@ -140,6 +158,10 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             "media_segments": report.media.segments,
             "media_bytes": report.media.bytes,
             "media_failures": report.media.failures,
+            "last_seq": report.transit.last_seq,
+            "loss_reports": report.transit.reports,
+            "lost_downstream": report.transit.lost_downstream,
+            "client_read_seq": report.client_read_seq,
         });
         std::fs::write(&path, json.to_string())
             .with_context(|| format!("cannot write the report to {}", path.display()))?;
@@ -174,10 +196,14 @@ fn print_summary(report: &runner::RunnerReport) {
     };
     logging::say!("runner: telemetry {t}{drops}");
     logging::say!(
-        "runner: {} control messages ({} bad lines skipped); {} log lines forwarded",
+        "runner: {} control messages ({} bad lines skipped); {} log lines forwarded; last event seq {}, the client read to {}",
         report.control_messages,
         report.bad_control_lines,
-        report.log_lines
+        report.log_lines,
+        report.transit.last_seq,
+        report
+            .client_read_seq
+            .map_or("- (it never reported)".to_string(), |s| s.to_string()),
     );
     if report.events_publisher.reconnects + report.control.reconnects > 0 {
         logging::say!(

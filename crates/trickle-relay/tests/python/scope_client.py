@@ -46,6 +46,9 @@ class Client:
         self.ready = asyncio.Event()
         self.unmatched = []
         self.telemetry = 0
+        self.telemetry_types = []
+        self.numbered = 0
+        self.bad_telemetry = []
         self.task = asyncio.create_task(self.events_loop())
 
     async def events_loop(self):
@@ -63,7 +66,15 @@ class Client:
             if kind == "runner_ready":
                 self.ready.set()
             elif kind == "telemetry":
-                self.telemetry += 1
+                # The seed's _events_loop branch: the envelope is event["event"], republished as
+                # it is; other members of the line (our runner's `seq`) are not looked at.
+                envelope = event.get("event")
+                if isinstance(envelope, dict) and envelope.get("id") and isinstance(envelope.get("data"), dict):
+                    self.telemetry += 1
+                    self.telemetry_types.append(envelope["data"].get("type"))
+                    self.numbered += "seq" in event
+                else:
+                    self.bad_telemetry.append(event)
             elif kind in {"api_response", "stream_started", "error", "parameters_ack", "pong", "stream_stopped"}:
                 self.unmatched.append(event)
 
@@ -216,6 +227,9 @@ async def main():
 
     await publisher.close()
     report["telemetry_lines"] = client.telemetry
+    report["telemetry_types"] = client.telemetry_types
+    report["telemetry_numbered"] = client.numbered
+    check(not client.bad_telemetry, f"telemetry lines without an envelope: {client.bad_telemetry[:3]}")
     await client.control.close()
     client.task.cancel()
     print(json.dumps(report))
