@@ -1,10 +1,11 @@
 //! The bench harness behind `trickle-relay bench <path>`: one module per measured path.
 //!
 //! A library, so that the `trickle-relay` binary stays the CLI: it hands `bench`'s arguments to
-//! [`run`]. `bench relay` starts its server, runner and client as separate processes by running
-//! this same program again (`trickle-relay bench relay-runner` / `relay-client`, hidden
-//! subcommands), so the binary that calls [`run`] must route those too, which it does by passing
-//! every `bench` subcommand here.
+//! [`run`]. `bench relay` and `bench sessions` start their server, runners and clients as
+//! separate processes by running this same program again (`trickle-relay bench relay-runner` /
+//! `relay-client`, `sessions-runners` / `sessions-clients`, hidden subcommands), so the binary
+//! that calls [`run`] must route those too, which it does by passing every `bench` subcommand
+//! here.
 //!
 //! Every benchmark prints a human summary (or JSON with `--json`) of the same shape:
 //! what ran, the counts, and each latency or throughput figure as median and spread; and with
@@ -19,6 +20,8 @@ mod publish_event;
 mod relay;
 mod relay_child;
 mod report;
+mod sessions;
+mod sessions_child;
 mod spool;
 
 use clap::Subcommand;
@@ -45,6 +48,15 @@ enum Which {
     Kafka(kafka::Args),
     /// The relay path end to end: server, runner and client as separate processes.
     Relay(relay::Args),
+    /// Many concurrent sessions on one trickle server: the server's memory, CPU, connections and
+    /// latency against the number of sessions.
+    Sessions(sessions::Args),
+    /// Child of `bench sessions`: every session's runner role, in one process.
+    #[command(hide = true)]
+    SessionsRunners(sessions_child::RunnersArgs),
+    /// Child of `bench sessions`: every session's client role, in one process.
+    #[command(hide = true)]
+    SessionsClients(sessions_child::ClientsArgs),
     /// Child of `bench relay`: the runner role, emitting synthetic heartbeats.
     #[command(hide = true)]
     RelayRunner(relay_child::RunnerArgs),
@@ -62,6 +74,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         Which::HttpEgress(a) => http_egress::run(a).await,
         Which::Kafka(a) => kafka::run(a).await,
         Which::Relay(a) => relay::run(a).await,
+        Which::Sessions(a) => sessions::run(a).await,
+        Which::SessionsRunners(a) => sessions_child::run_runners(a).await,
+        Which::SessionsClients(a) => sessions_child::run_clients(a).await,
         Which::RelayRunner(a) => relay_child::run_runner(a).await,
         Which::RelayClient(a) => relay_child::run_client(a).await,
     }

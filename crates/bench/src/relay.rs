@@ -670,15 +670,17 @@ fn figure(args: &Args, runs: &[RunResult]) -> Figure {
 }
 
 /// A child process whose stderr goes to a log file (shown when it fails).
-struct Proc {
-    name: &'static str,
-    child: Child,
+pub(crate) struct Proc {
+    pub(crate) name: &'static str,
+    pub(crate) child: Child,
     log: PathBuf,
 }
 
 impl Proc {
-    /// `prefix` names this run's files, e.g. `run1` or `run1-tls`.
-    fn spawn(
+    /// Starts `exe --log warn ARGS` (telemetry opt-outs removed), stdout piped, stderr to
+    /// `DIR/{prefix}-{name}.log` (`prefix` names this run's files, e.g. `run1` or `run1-tls`);
+    /// stdin piped when `stdin`.
+    pub(crate) fn spawn(
         name: &'static str,
         exe: &Path,
         args: &[&str],
@@ -704,7 +706,8 @@ impl Proc {
         Ok(Proc { name, child, log })
     }
 
-    fn pid(&self) -> Option<String> {
+    /// The process id, while it runs.
+    pub(crate) fn pid(&self) -> Option<String> {
         self.child.id().map(|p| p.to_string())
     }
 
@@ -716,17 +719,20 @@ impl Proc {
         format!("{} log ({}):\n{tail}", self.name, self.log.display())
     }
 
-    fn failed(&self, what: String) -> anyhow::Error {
+    /// An error saying `what`, with the last lines of the process's log.
+    pub(crate) fn failed(&self, what: String) -> anyhow::Error {
         anyhow::anyhow!("{what}\n{}", self.log_tail())
     }
 
-    async fn stop(&mut self) {
+    /// Kills the process and waits for it.
+    pub(crate) async fn stop(&mut self) {
         let _ = self.child.start_kill();
         let _ = self.child.wait().await;
     }
 }
 
-fn check_exit(proc: &Proc, status: ExitStatus) -> anyhow::Result<()> {
+/// An error (with the log's tail) unless the process exited successfully.
+pub(crate) fn check_exit(proc: &Proc, status: ExitStatus) -> anyhow::Result<()> {
     if status.success() {
         Ok(())
     } else {
@@ -734,15 +740,19 @@ fn check_exit(proc: &Proc, status: ExitStatus) -> anyhow::Result<()> {
     }
 }
 
-fn read_report<T: serde::de::DeserializeOwned>(path: &Path, who: &Proc) -> anyhow::Result<T> {
+/// Reads the JSON report a child wrote to `path`.
+pub(crate) fn read_report<T: serde::de::DeserializeOwned>(
+    path: &Path,
+    who: &Proc,
+) -> anyhow::Result<T> {
     let text = std::fs::read(path)
         .map_err(|e| who.failed(format!("no report at {} ({e})", path.display())))?;
     serde_json::from_slice(&text).with_context(|| format!("bad report {}", path.display()))
 }
 
 /// Starts `trickle-relay serve` on a free loopback port (over TLS with a certificate made at
-/// start when `tls`); returns it and its base URL.
-async fn start_server(
+/// start when `tls`); returns it and its base URL. `prefix` names its log, as in [`Proc::spawn`].
+pub(crate) async fn start_server(
     exe: &Path,
     dir: &Path,
     prefix: &str,

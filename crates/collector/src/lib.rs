@@ -691,6 +691,14 @@ impl Collector {
         }
     }
 
+    /// The shared dedup store's state (`--dedup redis://...`; `None` with the in-memory one).
+    pub fn redis_dedup_health(&self) -> Option<redis_dedup::RedisDedupHealth> {
+        match &self.inner.dedup {
+            DedupStore::Memory(_) => None,
+            DedupStore::Redis(d) => Some(d.health()),
+        }
+    }
+
     /// The dedup store as `/health` shows it.
     fn dedup_health(&self) -> (bool, serde_json::Value) {
         match &self.inner.dedup {

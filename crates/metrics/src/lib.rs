@@ -469,6 +469,11 @@ pub fn client(client: &relay::client::Client, egress: relay::client::egress::Egr
             r.runner_restarts,
         )?;
         out.counter(
+            "client_flow_reports",
+            "telemetry_flow reports written to the runner (flow control).",
+            r.flow_reports,
+        )?;
+        out.counter(
             "client_unknown_messages",
             "Messages of an unknown type, skipped.",
             r.unknown_messages,
@@ -584,15 +589,14 @@ fn egress_families(out: &mut Out<'_>, egress: &relay::client::egress::EgressSink
         "Requests the HTTP reporter made to /v1/metrics.",
         r.requests,
     )?;
-    let ok = r.requests.saturating_sub(
-        r.status_401 + r.status_429 + r.status_5xx + r.status_other + r.network_errors,
-    );
     out.counters(
         "client_reporter_answers",
-        "The HTTP reporter's requests by answer (2xx/400/413: resolved; the rest retried; network: no answer).",
+        "The HTTP reporter's requests by answer (2xx, 400, 413: resolved; the rest retried; network: no answer).",
         "status",
         &[
-            ("2xx_400_413", ok),
+            ("2xx", r.status_2xx),
+            ("400", r.status_400),
+            ("413", r.status_413),
             ("401", r.status_401),
             ("429", r.status_429),
             ("5xx", r.status_5xx),
@@ -679,6 +683,29 @@ pub fn collector(c: collector::Collector) -> Probe {
             &bounds,
             &l.counts,
             l.sum_us as f64 / 1e6,
+        )?;
+        let Some(h) = c.redis_dedup_health() else {
+            return Ok(());
+        };
+        out.gauge(
+            "collector_dedup_store_up",
+            "1 while the shared dedup store (Redis) answers, else 0.",
+            u64::from(h.reachable),
+        )?;
+        out.gauge(
+            "collector_dedup_repair_backlog",
+            "Ids whose commit or release waits for Redis now.",
+            h.repair_backlog as u64,
+        )?;
+        out.counter(
+            "collector_dedup_repairs_given_up",
+            "Ids whose repair was given up (queue full): each may be written twice.",
+            h.repairs_given_up,
+        )?;
+        out.counter(
+            "collector_dedup_claims_lost",
+            "Commits that found their id claimed by another request (a claim expired mid-write).",
+            h.claims_lost,
         )
     })
 }

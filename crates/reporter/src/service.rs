@@ -164,10 +164,12 @@ impl Service for HttpService {
         let snippet: String = text.chars().take(300).collect();
         match status.as_u16() {
             200..=299 => {
+                c.status_2xx.fetch_add(1, Relaxed);
                 tracing::debug!(target: "reporter", events = n, gzip, "metrics reporter: batch delivered");
                 Outcome::Delivered
             }
             400 => {
+                c.status_400.fetch_add(1, Relaxed);
                 tracing::error!(target: "reporter", events = n, answer = %snippet,
                     "metrics reporter: the metrics API rejected the batch as malformed (400); dropped it (counted as dropped_400)");
                 Outcome::Dropped(&REFUSED_400)
@@ -180,12 +182,14 @@ impl Service for HttpService {
                 Outcome::Pause
             }
             413 if n > 1 => {
+                c.status_413.fetch_add(1, Relaxed);
                 c.splits_413.fetch_add(1, Relaxed);
                 tracing::warn!(target: "reporter", events = n, bytes = self.body.len(),
                     "metrics reporter: batch too large (413); splitting it in halves and retrying");
                 Outcome::Split
             }
             413 => {
+                c.status_413.fetch_add(1, Relaxed);
                 tracing::error!(target: "reporter", bytes = self.body.len(), answer = %snippet,
                     "metrics reporter: a single event is too large for the metrics API (413); dropped it (counted as dropped_oversize)");
                 Outcome::Dropped(&REFUSED_413)

@@ -14,6 +14,9 @@ pub(crate) struct HttpCounters {
     pub requests: AtomicU64,
     pub sent: AtomicU64,
     pub splits_413: AtomicU64,
+    pub status_2xx: AtomicU64,
+    pub status_400: AtomicU64,
+    pub status_413: AtomicU64,
     pub status_401: AtomicU64,
     pub status_429: AtomicU64,
     pub status_5xx: AtomicU64,
@@ -44,6 +47,12 @@ pub struct ReporterStats {
     pub dropped_oversize: u64,
     /// Events in batches answered 400 (malformed), dropped.
     pub dropped_400: u64,
+    /// 2xx answers (the batch delivered).
+    pub status_2xx: u64,
+    /// 400 answers (the batch malformed, dropped).
+    pub status_400: u64,
+    /// 413 answers (the batch split, or a lone event dropped).
+    pub status_413: u64,
     /// 401 answers (sending pauses until the API key changes).
     pub status_401: u64,
     /// 429 answers.
@@ -78,6 +87,9 @@ impl ReporterStats {
             dropped_invalid: by(&INVALID),
             dropped_oversize: by(&Reason::OVERSIZE) + by(&REFUSED_413),
             dropped_400: by(&REFUSED_400),
+            status_2xx: c.status_2xx.load(Relaxed),
+            status_400: c.status_400.load(Relaxed),
+            status_413: c.status_413.load(Relaxed),
             status_401: c.status_401.load(Relaxed),
             status_429: c.status_429.load(Relaxed),
             status_5xx: c.status_5xx.load(Relaxed),

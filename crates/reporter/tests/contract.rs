@@ -63,6 +63,11 @@ fn contract_200_forgets_the_batch() {
     assert_eq!(s.dropped(), 0);
     assert_conserved(&s);
     assert_eq!(srv.accepted_ids(), ids, "every event once, in order");
+    assert_eq!(
+        s.status_2xx,
+        srv.received().len() as u64,
+        "each 2xx answer counted: {s:?}"
+    );
     let req = &srv.received()[0];
     assert_eq!(req.auth.as_deref(), Some("Bearer key-1"));
     assert_eq!(req.body["app"], "scope");
@@ -93,6 +98,7 @@ fn contract_400_drops_the_batch_and_logs_it() {
     let dropped = got[0].ids();
     assert_eq!(got[0].status, 400);
     assert_eq!(s.dropped_400, dropped.len() as u64);
+    assert_eq!(s.status_400, 1, "the one 400 answer counted: {s:?}");
     assert_conserved(&s);
     // The dropped batch is never re-sent; the rest arrives once.
     let accepted = srv.accepted_ids();
@@ -163,6 +169,12 @@ fn contract_413_splits_and_drops_a_lone_oversized_event() {
     assert_eq!(s.acked, 8);
     assert_eq!(s.dropped_oversize, 1, "{s:?}");
     assert!(s.splits_413 >= 2, "{s:?}");
+    let answered_413 = srv.received().iter().filter(|q| q.status == 413).count() as u64;
+    assert_eq!(
+        s.status_413, answered_413,
+        "every 413 answer counted (splits and the lone drop): {s:?}"
+    );
+    assert_eq!(s.status_413, s.splits_413 + 1, "{s:?}");
     assert_conserved(&s);
     let accepted = srv.accepted_ids();
     assert_eq!(accepted, ids, "every other event exactly once, in order");

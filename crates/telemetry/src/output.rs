@@ -62,6 +62,15 @@ pub trait LineOutput: Send + 'static {
         let _ = counted;
         self.write_joined(joined, ends)
     }
+
+    /// Events this output accepted but failed to deliver later (a running total). A drain task
+    /// moves what is new from its `delivered` to its drops at each wake-up, so they are reported
+    /// as `telemetry_dropped` too. Default: 0 (an output that fails, if at all, when writing).
+    /// The events writer leaves it at 0: its owner folds the writer's `counted_lost` (the
+    /// runner's `fold_lost_lines`), which counts only the events among its lost lines.
+    fn lines_lost(&self) -> u64 {
+        0
+    }
 }
 
 /// The session's events writer: each line is queued on the writer, which coalesces everything

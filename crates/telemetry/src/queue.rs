@@ -392,15 +392,25 @@ impl EventQueue {
     /// Parks until a push finds it parked for [`EventQueue::min_idle`] (the idle → busy edge),
     /// the wake mark, [`EventQueue::close`], or `poll` elapsed. Returns at once if something is
     /// queued. For a consumer that has drained everything and wants the next event soon.
+    ///
+    /// A consumer whose poll ran out with nothing queued stays announced as parked since it
+    /// first parked: it has been idle all along, so the next push wakes it (instead of leaving the
+    /// event to the next poll because the consumer parked again less than `min_idle` ago).
     pub async fn wait_idle(&self, poll: Duration) {
         // Announce first, then check: a push either sees the flag or is seen by the check.
-        self.parked_at.store(self.now_ns(), Ordering::SeqCst);
+        let _ =
+            self.parked_at
+                .compare_exchange(0, self.now_ns(), Ordering::SeqCst, Ordering::SeqCst);
         if !self.is_empty() {
             self.parked_at.store(0, Ordering::SeqCst);
             return;
         }
-        let _ = tokio::time::timeout(poll, self.notify.notified()).await;
-        self.parked_at.store(0, Ordering::SeqCst);
+        let woken = tokio::time::timeout(poll, self.notify.notified())
+            .await
+            .is_ok();
+        if woken || !self.is_empty() {
+            self.parked_at.store(0, Ordering::SeqCst);
+        }
     }
 
     /// Whether the consumer is parked in [`EventQueue::wait_idle`] (the next push wakes it).

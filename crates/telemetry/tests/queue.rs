@@ -302,3 +302,37 @@ async fn a_push_sooner_than_min_idle_after_parking_leaves_the_event_to_the_poll(
         .unwrap();
     assert_eq!(taken, 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_idle_over_several_polls_is_woken_by_the_next_push() {
+    // Polls (20 ms) shorter than min_idle (200 ms): an idle consumer parks again and again. It
+    // has been idle since its first park, so once min_idle has passed a push wakes it at once.
+    let q = Arc::new(EventQueue::new(256).with_min_idle(Duration::from_millis(200)));
+    let consumer = {
+        let q = Arc::clone(&q);
+        tokio::spawn(async move {
+            let mut buf = Vec::new();
+            let mut polls = 0u32;
+            while buf.is_empty() {
+                q.wait_idle(Duration::from_millis(20)).await;
+                polls += 1;
+                q.drain_into(&mut buf);
+            }
+            polls
+        })
+    };
+    // Well past min_idle, over a dozen polls.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(q.is_parked(), "an idle consumer stays announced as parked");
+    q.push(ev(Priority::Low, 1));
+    assert_eq!(
+        q.wakes(),
+        1,
+        "the push woke the consumer that was idle for > min_idle"
+    );
+    let polls = tokio::time::timeout(Duration::from_secs(20), consumer)
+        .await
+        .expect("the consumer took the event")
+        .unwrap();
+    assert!(polls > 5, "it polled while idle ({polls} polls)");
+}

@@ -442,3 +442,157 @@ async fn a_lone_event_is_written_at_once_not_after_a_poll_interval() {
     let stats = sink.shutdown().await;
     assert_eq!((stats.delivered, stats.dropped()), (3, 0));
 }
+
+/// An output whose "later" losses the test decides (a segment that fails after its lines were
+/// taken, as the events writer's do).
+struct Lossy {
+    inner: LineCollector,
+    lost: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl LineOutput for Lossy {
+    async fn write_lines(&mut self, lines: Vec<Bytes>) -> Result<(), OutputError> {
+        self.inner.write_lines(lines).await
+    }
+
+    fn lines_lost(&self) -> u64 {
+        self.lost.load(Ordering::Relaxed)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lines_the_output_loses_later_are_reported_as_telemetry_dropped_once() {
+    let out = LineCollector::new();
+    let lost = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let config = TrickleEventsConfig {
+        report_interval: Duration::from_millis(10),
+        max_poll_interval: Some(Duration::from_millis(20)),
+        ..TrickleEventsConfig::default()
+    };
+    let sink = TrickleEventsSink::spawn_on(
+        &Handle::current(),
+        Lossy {
+            inner: out.clone(),
+            lost: lost.clone(),
+        },
+        session(),
+        config,
+    );
+    let reported = |out: &LineCollector| -> u64 {
+        reports(&out.lines())
+            .iter()
+            .map(|r| r["data"]["dropped"].as_u64().unwrap())
+            .sum()
+    };
+    let wait_for = |want: u64| {
+        let out = out.clone();
+        async move {
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while reported(&out) < want {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "reported {} of {want}: {:?}",
+                    reported(&out),
+                    out.lines()
+                );
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    };
+    for i in 0..6 {
+        sink.emit(Event::from(Envelope::new(
+            "stream_heartbeat",
+            Fields::new().meta("i", i),
+        )));
+    }
+    // The output takes all six (delivered); only then can it lose some.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while sink.stats().delivered < 6 {
+        assert!(std::time::Instant::now() < deadline, "{:?}", sink.stats());
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // Two of the lines the output took are lost later: an idle drain notices at its next poll.
+    lost.store(2, Ordering::Relaxed);
+    wait_for(2).await;
+    lost.store(5, Ordering::Relaxed);
+    wait_for(5).await;
+    let stats = sink.shutdown().await;
+    assert_eq!(reported(&out), 5, "each lost line reported once");
+    assert_eq!(stats.dropped(), 5, "{stats:?}");
+    assert_eq!(
+        stats.delivered, 1,
+        "taken by the output, less those it lost: {stats:?}"
+    );
+}
+
+/// Counts the drain's wake-ups: it asks its output for lost lines once per wake-up.
+struct Counting {
+    inner: LineCollector,
+    wakeups: Arc<AtomicUsize>,
+}
+
+impl LineOutput for Counting {
+    async fn write_lines(&mut self, lines: Vec<Bytes>) -> Result<(), OutputError> {
+        self.inner.write_lines(lines).await
+    }
+
+    fn lines_lost(&self) -> u64 {
+        self.wakeups.fetch_add(1, Ordering::Relaxed);
+        0
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_drain_polls_only_every_max_poll_yet_writes_a_lone_event_at_once() {
+    let out = LineCollector::new();
+    let wakeups = Arc::new(AtomicUsize::new(0));
+    let config = TrickleEventsConfig {
+        poll_interval: Duration::from_millis(1),
+        max_poll_interval: Some(Duration::from_millis(300)),
+        ..TrickleEventsConfig::default()
+    };
+    let sink = TrickleEventsSink::spawn_on(
+        &Handle::current(),
+        Counting {
+            inner: out.clone(),
+            wakeups: wakeups.clone(),
+        },
+        session(),
+        config,
+    );
+    let lone = |i: u64| {
+        Event::from(Envelope::new(
+            "stream_heartbeat",
+            Fields::new().meta("i", i),
+        ))
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    // One event, then an idle second: the event's wake-up, two short polls after it, then one
+    // every 300 ms. A drain backing off by doubling from 1 ms wakes about 11 times, a fixed 1 ms
+    // poll 1,000 times.
+    let before = wakeups.load(Ordering::Relaxed);
+    sink.emit(lone(0));
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(out.lines().len(), 1);
+    let idle_wakeups = wakeups.load(Ordering::Relaxed) - before;
+    assert!(
+        idle_wakeups <= 7,
+        "{idle_wakeups} wake-ups in an idle second"
+    );
+    // The next lone event wakes the idle drain at once, not at its next poll.
+    let start = std::time::Instant::now();
+    sink.emit(lone(1));
+    while out.lines().len() < 2 {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the event was never written"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    assert!(
+        start.elapsed() < Duration::from_millis(150),
+        "written {:?} after the emit: it waited for a poll",
+        start.elapsed()
+    );
+    sink.shutdown().await;
+}

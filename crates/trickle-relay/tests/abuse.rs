@@ -365,3 +365,71 @@ fn api_keys_never_appear_in_logs() {
         }
     }
 }
+
+/// The first two stdout lines of `serve` started under a soft open-file limit of `soft`.
+fn serve_start_lines(soft: u64, extra: &[&str]) -> Vec<String> {
+    use std::io::BufRead;
+    let addr = free_addr().to_string();
+    let mut cmd = std::process::Command::new("sh");
+    cmd.arg("-c")
+        .arg(format!("ulimit -Sn {soft} && exec \"$0\" \"$@\""))
+        .arg(common::BIN)
+        .args(["serve", "--listen", &addr])
+        .args(extra)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped());
+    let mut server = Proc::start(&mut cmd);
+    let stdout = server.0.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    (0..2)
+        .map(|_| {
+            rx.recv_timeout(Duration::from_secs(20))
+                .expect("serve prints its start-up lines")
+        })
+        .collect()
+}
+
+#[test]
+fn serve_sizes_its_limits_from_the_raised_open_file_limit_and_says_so() {
+    use trickle::server::limits::{open_file_limit, sized_limits};
+    // The child inherits this hard limit; serve lifts its soft limit (set low here) up to it.
+    let hard = open_file_limit().hard;
+    let soft = hard.min(2048);
+    let lines = serve_start_lines(soft, &[]);
+    assert!(
+        lines[0].starts_with("trickle server listening on http://"),
+        "{lines:?}"
+    );
+    let (connections, channels) = sized_limits(hard);
+    let expected =
+        format!("limits: {connections} connections, {channels} channels (open-file limit {hard}");
+    assert!(
+        lines[1].starts_with(&expected),
+        "{lines:?}, expected {expected}"
+    );
+    if hard > soft {
+        assert!(
+            lines[1].contains(&format!(", raised from {soft}, hard {hard};")),
+            "{lines:?}"
+        );
+    }
+    // The old fixed default refused the ~500th relay session (8 connections each).
+    assert!(hard < 4096 || connections > 4096, "{lines:?}");
+
+    // An explicit --max-connections wins; channels follow it (at least 10,000).
+    let lines = serve_start_lines(soft, &["--max-connections", "64"]);
+    assert!(
+        lines[1].starts_with("limits: 64 connections, 10000 channels"),
+        "{lines:?}"
+    );
+}

@@ -574,3 +574,56 @@ fn every_metric_the_grafana_dashboard_queries_exists() {
         "the dashboard queries metrics no process exports: {missing:?}\nexported: {exported:?}"
     );
 }
+
+#[test]
+fn a_collector_with_redis_dedup_exports_the_stores_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let redis_addr = free_addr();
+    let _redis = Proc(
+        Command::new("redis-server")
+            .args([
+                "--port",
+                &redis_addr.port().to_string(),
+                "--bind",
+                "127.0.0.1",
+            ])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdin(Stdio::null())
+            .stdout(log_file(&dir.path().join("redis.log")))
+            .spawn()
+            .expect("redis-server (scripts/test.sh installs it)"),
+    );
+    wait_listening(redis_addr);
+    let keys = dir.path().join("keys");
+    std::fs::write(&keys, format!("{KEY}\n")).unwrap();
+    let addr = free_addr();
+    let _collector = spawn(
+        &[
+            "collector",
+            "--listen",
+            &addr.to_string(),
+            "--api-keys",
+            keys.to_str().unwrap(),
+            "--output",
+            &format!("jsonl:{}", dir.path().join("out.jsonl").display()),
+            "--dedup",
+            &format!("redis://{redis_addr}"),
+        ],
+        &[],
+        &dir.path().join("collector.log"),
+    );
+    wait_listening(addr);
+    let text = reqwest::blocking::get(format!("http://{addr}/metrics"))
+        .and_then(|r| r.text())
+        .expect("GET /metrics");
+    assert_eq!(
+        sample(&text, "trickle_relay_collector_dedup_store_up"),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(&text, "trickle_relay_collector_dedup_claims_lost_total"),
+        Some(0.0)
+    );
+    promtool_check("collector (Redis dedup)", &text);
+}

@@ -18,12 +18,19 @@
 //! [`crate::subscriber::SubscribeError::Tls`]) naming the URL, the reason and the flag; it is never
 //! retried (a certificate does not fix itself), so a misconfigured client stops at once.
 
+use parking_lot::Mutex;
+use std::collections::HashMap;
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::OnceLock;
 use std::time::Duration;
 
 /// How long to wait for a TCP connection (and TLS handshake) before calling the server unreachable.
 pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long an idle keep-alive connection waits in the pool for the next request.
+const POOL_IDLE: Duration = Duration::from_secs(30);
 
 /// How a trickle client treats an `https://` server's certificate (see the module docs).
 #[derive(Clone, Default)]
@@ -37,6 +44,8 @@ pub enum ClientTls {
         path: PathBuf,
         /// The trusted certificates.
         certs: Vec<reqwest::Certificate>,
+        /// Their SHA-256 fingerprints: what the process's shared HTTP clients are keyed by.
+        fingerprints: Vec<String>,
     },
     /// Verify against the system's trusted roots (`--trickle-verify-tls`).
     SystemRoots,
@@ -46,7 +55,7 @@ impl std::fmt::Debug for ClientTls {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             ClientTls::AnyCertificate => f.write_str("AnyCertificate"),
-            ClientTls::Ca { path, certs } => {
+            ClientTls::Ca { path, certs, .. } => {
                 write!(f, "Ca({}, {} certificate(s))", path.display(), certs.len())
             }
             ClientTls::SystemRoots => f.write_str("SystemRoots"),
@@ -61,10 +70,13 @@ impl ClientTls {
     /// Trust only the certificates of a PEM file: a private CA, or the server's own
     /// self-signed certificate.
     pub fn from_ca_file(path: &Path) -> Result<ClientTls, tls::TlsError> {
-        let certs = tls::load_ca(path)?
-            .iter()
-            .filter_map(|der| reqwest::Certificate::from_der(der).ok())
-            .collect::<Vec<_>>();
+        let (mut certs, mut fingerprints) = (Vec::new(), Vec::new());
+        for der in tls::load_ca(path)? {
+            if let Ok(cert) = reqwest::Certificate::from_der(&der) {
+                certs.push(cert);
+                fingerprints.push(tls::fingerprint(&der));
+            }
+        }
         if certs.is_empty() {
             return Err(tls::TlsError::NoCertificate {
                 path: path.to_path_buf(),
@@ -73,6 +85,7 @@ impl ClientTls {
         Ok(ClientTls::Ca {
             path: path.to_path_buf(),
             certs,
+            fingerprints,
         })
     }
 
@@ -94,22 +107,34 @@ impl ClientTls {
     /// A `reqwest` client builder set up for this mode (for requests outside the publisher and
     /// subscriber, e.g. creating channels). Logs the one-time warning for `https://` URLs.
     pub fn builder(&self, url: &str) -> reqwest::ClientBuilder {
+        self.warn_unverified(url);
+        self.base_builder()
+    }
+
+    /// In the default mode, the one-time warning that an `https://` server's certificate is not
+    /// verified.
+    fn warn_unverified(&self, url: &str) {
+        if matches!(self, ClientTls::AnyCertificate)
+            && url.starts_with("https://")
+            && !WARNED.swap(true, Ordering::Relaxed)
+        {
+            tracing::warn!(
+                %url,
+                "TLS certificates of trickle servers are NOT verified (as the reference \
+                 clients do: the channel name is the secret); to verify, pin the server's \
+                 certificate with --trickle-ca FILE (TRICKLE_CA_FILE) or check it against \
+                 the system's roots with --trickle-verify-tls"
+            );
+        }
+    }
+
+    /// A `reqwest` client builder that treats certificates as this mode says.
+    fn base_builder(&self) -> reqwest::ClientBuilder {
         let builder = reqwest::Client::builder();
         match self {
-            ClientTls::AnyCertificate => {
-                if url.starts_with("https://") && !WARNED.swap(true, Ordering::Relaxed) {
-                    tracing::warn!(
-                        %url,
-                        "TLS certificates of trickle servers are NOT verified (as the reference \
-                         clients do: the channel name is the secret); to verify, pin the server's \
-                         certificate with --trickle-ca FILE (TRICKLE_CA_FILE) or check it against \
-                         the system's roots with --trickle-verify-tls"
-                    );
-                }
-                builder
-                    .tls_built_in_root_certs(false)
-                    .danger_accept_invalid_certs(true)
-            }
+            ClientTls::AnyCertificate => builder
+                .tls_built_in_root_certs(false)
+                .danger_accept_invalid_certs(true),
             ClientTls::Ca { certs, .. } => certs
                 .iter()
                 .fold(builder.tls_built_in_root_certs(false), |b, c| {
@@ -147,18 +172,66 @@ impl ClientTls {
     }
 }
 
-/// The HTTP client of a publisher or subscriber of `url`: HTTP/1.1 only, no pooled idle
-/// connections (each POST/GET is preconnected on its own connection, and a stale pooled
-/// connection after a server restart would only cost a retry), TLS as `tls` says.
-pub(crate) fn http_client(tls: &ClientTls, url: &str) -> reqwest::Client {
-    tls.builder(url)
+/// What the process's shared HTTP clients are keyed by besides the local address: the trust
+/// mode, a pinned CA by its certificates' fingerprints (not its path, which may be rewritten).
+#[derive(PartialEq, Eq, Hash)]
+enum TrustKey {
+    AnyCertificate,
+    Ca(Vec<String>),
+    SystemRoots,
+}
+
+impl ClientTls {
+    /// What a shared client for this mode is keyed by.
+    fn key(&self) -> TrustKey {
+        match self {
+            ClientTls::AnyCertificate => TrustKey::AnyCertificate,
+            ClientTls::Ca { fingerprints, .. } => TrustKey::Ca(fingerprints.clone()),
+            ClientTls::SystemRoots => TrustKey::SystemRoots,
+        }
+    }
+}
+
+/// The HTTP client of a publisher or subscriber of `url` connecting from `local`, TLS as `tls`
+/// says.
+///
+/// HTTP/1.1 only, and keep-alive: a connection whose segment ended goes back to the pool and
+/// carries a later segment's request (each request in flight still has a connection of its
+/// own: a preconnected POST or GET waits on it). Without reuse every segment costs a TCP (and
+/// TLS) handshake on both sides and leaves a TIME_WAIT socket behind, which at ten thousand
+/// sessions rotating their segments every 10 s is thousands of connections a second. An idle
+/// pooled connection the server closed (a restart) is dropped by the pool when it sees the
+/// close; one that is reused just as it closes fails its request, which the publisher and
+/// subscriber retry like any failure.
+///
+/// One client per local address and trust mode, shared by the whole process: a
+/// `reqwest::Client` carries a TLS configuration with its root certificates (about 19 KiB,
+/// measured), which ten thousand sessions with four channel ends each must not hold forty
+/// thousand times. The default mode's one-time warning is checked on every call, since the
+/// shared client may have been built for an `http://` URL.
+pub(crate) fn http_client(tls: &ClientTls, url: &str, local: Option<IpAddr>) -> reqwest::Client {
+    type Clients = HashMap<(Option<IpAddr>, TrustKey), reqwest::Client>;
+    static CLIENTS: OnceLock<Mutex<Clients>> = OnceLock::new();
+    tls.warn_unverified(url);
+    let clients = CLIENTS.get_or_init(|| Mutex::new(HashMap::new()));
+    clients
+        .lock()
+        .entry((local, tls.key()))
+        .or_insert_with(|| build_http_client(tls, local))
+        .clone()
+}
+
+fn build_http_client(tls: &ClientTls, local: Option<IpAddr>) -> reqwest::Client {
+    tls.base_builder()
         .http1_only()
-        .pool_max_idle_per_host(0)
+        // Shorter than any server's keep-alive timeout (ours: 300 s; Go's default: none).
+        .pool_idle_timeout(POOL_IDLE)
         .connect_timeout(CONNECT_TIMEOUT)
         // Preconnected requests wait indefinitely: keepalive detects a peer that vanished.
         .tcp_keepalive(Duration::from_secs(15))
         .tcp_nodelay(true)
         .no_gzip()
+        .local_address(local)
         .build()
         .unwrap_or_else(|e| {
             tracing::warn!(error = %e, "custom HTTP client unavailable; using defaults");

@@ -554,6 +554,11 @@ impl JsonlWriter {
         }
     }
 
+    /// [`WriterStats::lines_lost`] alone (one atomic load), for callers that poll it.
+    pub fn lines_lost(&self) -> u64 {
+        self.inner.counters.lines_lost.load(Ordering::Relaxed)
+    }
+
     /// Counters so far.
     pub fn stats(&self) -> WriterStats {
         let c = &self.inner.counters;

@@ -36,6 +36,7 @@
 
 use bytes::Bytes;
 use parking_lot::Mutex;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -69,6 +70,10 @@ pub struct PublisherOptions {
     /// How an `https://` server's certificate is treated (default: any is accepted, as the
     /// reference clients do).
     pub tls: ClientTls,
+    /// Local address to connect from (`None`: the system's choice). Spreading many publishers
+    /// over several loopback addresses (`127.0.0.x`) multiplies the ~28,000 ephemeral ports one
+    /// source address has towards one server port.
+    pub local_address: Option<IpAddr>,
 }
 
 impl Default for PublisherOptions {
@@ -80,6 +85,7 @@ impl Default for PublisherOptions {
             content_type: "application/octet-stream".to_string(),
             reconnect_window: Duration::ZERO,
             tls: ClientTls::default(),
+            local_address: None,
         }
     }
 }
@@ -476,7 +482,7 @@ impl Publisher {
         let url = url.into().trim_end_matches('/').to_string();
         Publisher {
             shared: Arc::new(Shared {
-                client: http_client(&opts.tls, &url),
+                client: http_client(&opts.tls, &url, opts.local_address),
                 url,
                 opts,
                 health: Mutex::new(Health::default()),

@@ -84,6 +84,9 @@ pub struct SubscriberOptions {
     /// How an `https://` server's certificate is treated (default: any is accepted, as the
     /// reference clients do).
     pub tls: ClientTls,
+    /// Local address to connect from (`None`: the system's choice); see
+    /// [`crate::publisher::PublisherOptions::local_address`].
+    pub local_address: Option<std::net::IpAddr>,
     /// On 470, jump to the segment being written (`Lp-Trickle-Latest - 1`) rather than the next
     /// one (the reference behaviour, `false`): skip as little as possible.
     pub jump_to_current: bool,
@@ -98,6 +101,7 @@ impl Default for SubscriberOptions {
             retry_delay: Duration::from_millis(500),
             reconnect_window: Duration::ZERO,
             tls: ClientTls::default(),
+            local_address: None,
             jump_to_current: false,
         }
     }
@@ -304,7 +308,7 @@ impl Subscriber {
         let next_seq = opts.start_seq;
         Subscriber {
             shared: Arc::new(Shared {
-                client: http_client(&opts.tls, &url),
+                client: http_client(&opts.tls, &url, opts.local_address),
                 url,
                 opts,
                 counters: Counters::default(),

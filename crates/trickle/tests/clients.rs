@@ -1075,7 +1075,8 @@ struct HoldReport {
 /// bytes of the request whose line starts with `hold` (the next segment's preconnected POST)
 /// until the channel's DELETE was answered, as a busy server reads a request late. Before it
 /// forwards the DELETE it waits (up to 5 s) for the held request's client to end, to record
-/// whether the publisher's preconnect outlived its DELETE. Everything else is piped unchanged.
+/// whether the publisher's preconnect outlived its DELETE (the DELETE may be any request of a
+/// keep-alive connection). Everything else is piped unchanged.
 async fn holding_proxy(
     upstream: std::net::SocketAddr,
     hold: String,
@@ -1134,30 +1135,51 @@ async fn holding_proxy(
                     report.send_modify(|r| r.done = true);
                     return;
                 }
-                if head.starts_with(delete.as_bytes()) {
-                    let ended =
-                        tokio::time::timeout(Duration::from_secs(5), client_ended.wait_for(|e| *e))
-                            .await
-                            .is_ok();
-                    report.send_modify(|r| r.ended_before_delete = Some(ended));
-                    let _ = server.write_all(&head).await;
-                    // Pipe the rest; once the answer is back with the client, release the hold.
-                    let (mut cr, mut cw) = client.into_split();
-                    let (mut sr, mut sw) = server.into_split();
-                    let up = tokio::spawn(async move {
-                        let _ = tokio::io::copy(&mut cr, &mut sw).await;
-                    });
-                    let mut n = vec![0u8; 4096];
-                    if let Ok(read) = sr.read(&mut n).await {
-                        let _ = cw.write_all(&n[..read]).await;
+                // Any other connection is piped, request by request: the clients reuse
+                // keep-alive connections, so the DELETE may be any request of one. It waits for
+                // the held request's client to end before it goes up; once its answer is back
+                // with the client, the hold is released.
+                let (mut cr, mut cw) = client.into_split();
+                let (mut sr, mut sw) = server.into_split();
+                let deleting = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+                let down = {
+                    let deleting = deleting.clone();
+                    tokio::spawn(async move {
+                        let mut buf = vec![0u8; 16 * 1024];
+                        while let Ok(n @ 1..) = sr.read(&mut buf).await {
+                            if cw.write_all(&buf[..n]).await.is_err() {
+                                break;
+                            }
+                            if deleting.load(std::sync::atomic::Ordering::SeqCst) {
+                                release.send_replace(true);
+                            }
+                        }
+                        let _ = cw.shutdown().await;
+                    })
+                };
+                let mut chunk = head;
+                loop {
+                    // Requests on a connection are sequential: a new one starts a read.
+                    if chunk.starts_with(delete.as_bytes()) {
+                        let ended = tokio::time::timeout(
+                            Duration::from_secs(5),
+                            client_ended.wait_for(|e| *e),
+                        )
+                        .await
+                        .is_ok();
+                        report.send_modify(|r| r.ended_before_delete = Some(ended));
+                        deleting.store(true, std::sync::atomic::Ordering::SeqCst);
                     }
-                    release.send_replace(true);
-                    let _ = tokio::io::copy(&mut sr, &mut cw).await;
-                    up.abort();
-                    return;
+                    if sw.write_all(&chunk).await.is_err() {
+                        break;
+                    }
+                    chunk = match cr.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => buf[..n].to_vec(),
+                    };
                 }
-                let _ = server.write_all(&head).await;
-                let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                let _ = sw.shutdown().await;
+                let _ = down.await;
             });
         }
     });

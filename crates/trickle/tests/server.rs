@@ -380,6 +380,44 @@ async fn delete_channel_wakes_pending_get_streaming_reader_and_preconnected_post
 }
 
 #[tokio::test]
+async fn a_deleted_channel_is_not_recreated_by_a_late_segment_post() {
+    let server = start(auto()).await;
+    let url = server.url();
+    let post = |c: &reqwest::Client, path: &str, body: &'static str| {
+        c.post(format!("{url}/{path}")).body(body).send()
+    };
+    let status = |r: reqwest::Response| r.status().as_u16();
+    // The publisher's keep-alive connection, idle (ready for its next request) from here on.
+    let publisher = client();
+    assert_eq!(status(post(&publisher, "gone", "").await.unwrap()), 200);
+    let other = client();
+    assert_eq!(status(post(&other, "gone/0", "a").await.unwrap()), 200);
+    assert_eq!(
+        status(other.delete(format!("{url}/gone")).send().await.unwrap()),
+        200
+    );
+    // The publisher's preconnected POST of its next segment, on a connection that was ready
+    // before the DELETE, read by the server after it: recreating the channel would strand every
+    // subscriber on an empty channel.
+    let late = post(&publisher, "gone/1", "b").await.unwrap();
+    assert_eq!(late.status().as_u16(), 404);
+    assert_eq!(late.text().await.unwrap(), "Stream not found\n");
+    assert!(!server.channels().list().contains(&"gone".to_string()));
+    // A connection opened after the DELETE may create it again; its segments are then written
+    // as usual.
+    let fresh = client();
+    assert_eq!(status(post(&fresh, "gone", "").await.unwrap()), 200);
+    assert_eq!(status(post(&fresh, "gone/0", "c").await.unwrap()), 200);
+    // So may a request sent on the same connection after the DELETE was answered.
+    assert_eq!(
+        status(other.delete(format!("{url}/gone")).send().await.unwrap()),
+        200
+    );
+    assert_eq!(status(post(&other, "gone/1", "d").await.unwrap()), 200);
+    server.shutdown().await;
+}
+
+#[tokio::test]
 async fn reset_wakes_readers_of_older_segments() {
     let server = start(auto()).await;
     let url = server.url();

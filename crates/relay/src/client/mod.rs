@@ -92,6 +92,9 @@ pub struct ClientConfig {
     pub reconnect_window: Duration,
     /// How both channels treat an `https://` server's certificate (default: any is accepted).
     pub trickle_tls: ClientTls,
+    /// Local address both channels connect from (`None`: the system's choice); see
+    /// [`trickle::publisher::PublisherOptions::local_address`].
+    pub local_address: Option<std::net::IpAddr>,
     /// Where every valid events message that is not `telemetry` also goes, as its raw line, after
     /// the client's own dispatch (an embedding application's handlers: the Python package). The
     /// events loop waits while it is full: a consumer that stops reading stalls the loop rather
@@ -112,6 +115,7 @@ impl ClientConfig {
             events_start_seq: -2,
             reconnect_window: crate::runner::DEFAULT_RECONNECT_WINDOW,
             trickle_tls: ClientTls::default(),
+            local_address: None,
             messages: None,
         }
     }
@@ -205,6 +209,8 @@ pub struct ClientReport {
     pub flow_reports: u64,
     /// Origin-to-client latency of relayed envelopes, in ms: median, p99, max.
     pub latency_ms: Option<[u64; 3]>,
+    /// The events channel has ended (the runner closed it, or the subscription failed).
+    pub events_ended: bool,
     /// The events channel does not exist (404 before the server ever showed it).
     pub events_channel_missing: bool,
 }
@@ -318,6 +324,7 @@ impl Client {
                         content_type: "application/jsonl".into(),
                         reconnect_window: config.reconnect_window,
                         tls: config.trickle_tls.clone(),
+                        local_address: config.local_address,
                         ..PublisherOptions::default()
                     },
                 ),
@@ -658,6 +665,7 @@ impl Shared {
             runner_ended: transit.ended,
             flow_reports: s.flow_reports.load(Relaxed),
             latency_ms: latency,
+            events_ended: self.events_ended.load(Relaxed),
             events_channel_missing: self.events_missing.load(Relaxed),
         }
     }
@@ -1020,6 +1028,7 @@ async fn events_loop(config: ClientConfig, shared: Arc<Shared>) {
             start_seq: config.events_start_seq,
             reconnect_window: config.reconnect_window,
             tls: config.trickle_tls.clone(),
+            local_address: config.local_address,
             // Telemetry: skip as little as possible (every line skipped is counted lost).
             jump_to_current: true,
             ..SubscriberOptions::default()

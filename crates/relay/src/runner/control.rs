@@ -29,6 +29,7 @@ use crate::SessionIds;
 use serde_json::{json, Map, Value};
 use std::sync::Arc;
 use std::time::Instant;
+use telemetry::Sink;
 
 /// What the control loop acts on: the session, the simulated pipeline and the stream's media.
 pub struct StreamState {
@@ -44,6 +45,8 @@ pub struct StreamState {
     pub media: Option<MediaStream>,
     /// Media loop counters of the streams already stopped.
     pub media_done: MediaStats,
+    /// Where the session's telemetry goes: the runner's own sink.
+    pub sink: Arc<dyn Sink>,
 }
 
 impl StreamState {
@@ -69,6 +72,7 @@ impl StreamState {
     /// Publishes `emit` for this session (and the pipeline, when `with_pipeline`).
     pub fn publish(&self, with_pipeline: bool, emit: Emit) {
         super::publish(
+            &self.sink,
             &self.session,
             with_pipeline.then(|| self.pipeline.id()),
             emit,
@@ -213,7 +217,8 @@ async fn start_stream(
     let on_failure: super::media::FailureSink = {
         let session = state.session.clone();
         let pipeline_id = state.pipeline.id().to_string();
-        Arc::new(move |emit| super::publish(&session, Some(&pipeline_id), emit))
+        let sink = state.sink.clone();
+        Arc::new(move |emit| super::publish(&sink, &session, Some(&pipeline_id), emit))
     };
     let media = MediaStream::start(&state.media_options, on_failure).await?;
     let channels = media.channels_json();

@@ -47,6 +47,8 @@ pub struct MediaOptions {
     pub max_segment_bytes: usize,
     /// How an `https://` server's certificate is treated (the runner's `trickle_tls`).
     pub tls: trickle::client_tls::ClientTls,
+    /// Local address the media channels connect from (`None`: the system's choice).
+    pub local_address: Option<std::net::IpAddr>,
 }
 
 /// What a media loop did.
@@ -208,6 +210,7 @@ async fn passthrough(
             max_segment_bytes: opts.max_segment_bytes,
             reconnect_window: opts.reconnect_window,
             tls: opts.tls.clone(),
+            local_address: opts.local_address,
             ..SubscriberOptions::default()
         },
     );
@@ -217,6 +220,7 @@ async fn passthrough(
             content_type: MEDIA_MIME.into(),
             reconnect_window: opts.reconnect_window,
             tls: opts.tls.clone(),
+            local_address: opts.local_address,
             ..PublisherOptions::default()
         },
     );
@@ -323,6 +327,7 @@ mod tests {
             reconnect_window: Duration::ZERO,
             max_segment_bytes,
             tls: Default::default(),
+            local_address: None,
         }
     }
 

@@ -39,9 +39,15 @@
 //! session: the control subscription reconnects (and reads on from where it broke off), and the
 //! events publisher keeps re-sending its open segment on the same seq until the server is back.
 //! Meanwhile telemetry never blocks: the events writer's queue fills, then the sink's bounded
-//! queue sheds and counts. Lines the writer could not deliver (a failed segment,
-//! [`trickle::jsonl::WriterStats::lines_lost`]) are added to the sink's drops, so the next
-//! `telemetry_dropped` reports them too.
+//! queue sheds and counts. Events the writer could not deliver (a failed segment,
+//! [`trickle::jsonl::WriterStats::counted_lost`]) are moved from the sink's `delivered` to its
+//! drops every 100 ms ([`fold_lost_lines`]), so the next `telemetry_dropped` reports them too.
+//!
+//! An idle runner costs next to nothing: its telemetry drain parks until an event arrives (polling
+//! at most every [`RunnerConfig::telemetry_max_poll`] for loss reports); its other timers are
+//! its heartbeat, its writers' segment rotation and the 100 ms lost-events fold. Many runners may share a process
+//! ([`RunnerConfig::install_sink`] off), as `bench sessions` runs them: each publishes its own
+//! events to its own sink.
 //!
 //! Both channels treat an `https://` server's certificate as [`RunnerConfig::trickle_tls`] says
 //! (see [`trickle::client_tls`]). A refused control-channel certificate ends the runner with that
@@ -59,12 +65,12 @@ use crate::SessionIds;
 use anyhow::Context as _;
 use pipeline::{Emit, Pipeline};
 use serde_json::{json, Map, Value};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use telemetry::sinks::{SessionContext, TrickleEventsConfig, TrickleEventsSink};
-use telemetry::{Event, Fields, Sink, SinkStats};
+use telemetry::{Envelope, Event, Fields, Sink, SinkStats};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use trickle::client_tls::ClientTls;
@@ -78,6 +84,13 @@ use trickle::subscriber::{SubscribeError, Subscriber, SubscriberOptions, Subscri
 /// end-to-end latency at 10,000 events/s from a 3.6 ms median to 1.3 ms (BENCHMARKS.md), for
 /// about a thousand cheap timer wake-ups a second.
 pub const DEFAULT_TELEMETRY_POLL: Duration = Duration::from_millis(1);
+
+/// Default [`RunnerConfig::telemetry_max_poll`]: an idle drain wakes once a second, instead of
+/// every poll interval (a thousand times a second); events still wake it at once, and a pending
+/// loss report at its due time. The poll only bounds how soon a loss counted meanwhile (events
+/// the events writer lost in a failed segment, folded every 100 ms) is reported as
+/// `telemetry_dropped`.
+pub const DEFAULT_TELEMETRY_MAX_POLL: Duration = Duration::from_secs(1);
 
 /// Default [`RunnerConfig::events_segment_bytes`]: 4 MiB, so a client may fall 20 MiB behind
 /// (the server's 5-segment window) before it skips telemetry, four times the 1 MiB default's
@@ -116,6 +129,9 @@ pub struct RunnerConfig {
     /// How often the telemetry drain looks for queued events: the most a quiet event waits
     /// before it is written (the queue wakes it sooner only when half full).
     pub telemetry_poll_interval: Duration,
+    /// How far an idle telemetry drain backs off its polling (after activity it polls every
+    /// `telemetry_poll_interval` once more, then this); an event wakes it at once regardless.
+    pub telemetry_max_poll: Duration,
     /// How long the idle drain must have been parked before an event wakes it at once
     /// (`Duration::MAX`: never woken, it only polls); see `telemetry::queue::DEFAULT_MIN_IDLE`.
     pub telemetry_min_idle: Duration,
@@ -152,6 +168,13 @@ pub struct RunnerConfig {
     pub events_queue_lines: usize,
     /// How both channels treat an `https://` server's certificate (default: any is accepted).
     pub trickle_tls: ClientTls,
+    /// Install the runner's sink as the process-wide sink (default), so that every
+    /// `publish_event` in the process goes to this session. Off, only the runner's own events
+    /// (and [`ingest`]) reach its events channel: for many runners in one process.
+    pub install_sink: bool,
+    /// Local address every channel of the runner connects from (`None`: the system's choice);
+    /// see [`trickle::publisher::PublisherOptions::local_address`].
+    pub local_address: Option<IpAddr>,
     /// Hold the telemetry drain to the budget the client's reading implies (`telemetry_flow`
     /// reports; on by default). Off: the reports are still read (for the end of the session), but
     /// the runner writes as fast as events come and a slow client may lose segments in transit.
@@ -171,6 +194,7 @@ impl RunnerConfig {
             session: SessionIds::default(),
             queue_capacity: 256,
             telemetry_poll_interval: DEFAULT_TELEMETRY_POLL,
+            telemetry_max_poll: DEFAULT_TELEMETRY_MAX_POLL,
             telemetry_min_idle: telemetry::queue::DEFAULT_MIN_IDLE,
             events_segment_bytes: DEFAULT_EVENTS_SEGMENT_BYTES,
             heartbeat_interval: DEFAULT_HEARTBEAT_INTERVAL,
@@ -186,6 +210,8 @@ impl RunnerConfig {
             reconnect_window: DEFAULT_RECONNECT_WINDOW,
             events_queue_lines: JsonlWriterOptions::default().queue_capacity,
             trickle_tls: ClientTls::default(),
+            install_sink: true,
+            local_address: None,
             flow_control: true,
             close_wait: DEFAULT_CLOSE_WAIT,
             probe: None,
@@ -262,6 +288,7 @@ pub async fn run(
             content_type: "application/jsonl".into(),
             reconnect_window: config.reconnect_window,
             tls: config.trickle_tls.clone(),
+            local_address: config.local_address,
             ..PublisherOptions::default()
         },
     );
@@ -285,6 +312,7 @@ pub async fn run(
         TrickleEventsConfig {
             capacity: config.queue_capacity,
             poll_interval: config.telemetry_poll_interval,
+            max_poll_interval: Some(config.telemetry_max_poll),
             min_idle: config.telemetry_min_idle,
             flow_segment_bytes: config.flow_control.then_some(config.events_segment_bytes),
             ..TrickleEventsConfig::default()
@@ -297,7 +325,9 @@ pub async fn run(
         }),
         None => sink.clone(),
     };
-    let guard = telemetry::install_sink(installed);
+    let guard = config
+        .install_sink
+        .then(|| telemetry::install_sink(installed.clone()));
     let folded = Arc::new(AtomicU64::new(0));
     let lost_lines = tokio::spawn(fold_lost_lines(
         events.clone(),
@@ -321,6 +351,7 @@ pub async fn run(
         .await
         .with_context(|| format!("cannot write to the events channel {}", config.events_url))?;
     publish(
+        &installed,
         &session,
         None,
         Emit::new("runner_ready")
@@ -349,6 +380,7 @@ pub async fn run(
         SubscriberOptions {
             reconnect_window: config.reconnect_window,
             tls: config.trickle_tls.clone(),
+            local_address: config.local_address,
             ..SubscriberOptions::default()
         },
         control_tx,
@@ -385,9 +417,11 @@ pub async fn run(
             reconnect_window: config.reconnect_window,
             max_segment_bytes: config.max_media_segment_bytes,
             tls: config.trickle_tls.clone(),
+            local_address: config.local_address,
         },
         media: None,
         media_done: media::MediaStats::default(),
+        sink: installed.clone(),
     };
     let mut heartbeat = tokio::time::interval(config.heartbeat_interval);
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -642,8 +676,17 @@ pub fn fold_lost_lines_once(events: &JsonlWriter, sink: &TrickleEventsSink, fold
     }
 }
 
-/// Builds the envelope for `emit` and hands it to the installed sink.
-pub(crate) fn publish(session: &SessionIds, pipeline_id: Option<&str>, emit: Emit) {
+/// Builds the envelope for `emit` and hands it to the runner's sink (not the process-wide one,
+/// which another runner in the same process may hold). A no-op when telemetry is opted out.
+pub(crate) fn publish(
+    sink: &Arc<dyn Sink>,
+    session: &SessionIds,
+    pipeline_id: Option<&str>,
+    emit: Emit,
+) {
+    if !telemetry::telemetry_enabled() {
+        return;
+    }
     let mut fields = Fields::new();
     if let Some(id) = &session.session_id {
         fields = fields.session_id(id.clone());
@@ -660,7 +703,10 @@ pub(crate) fn publish(session: &SessionIds, pipeline_id: Option<&str>, emit: Emi
     for (key, value) in emit.metadata {
         fields = fields.meta(key, value);
     }
-    telemetry::publish_event(emit.event_type, fields);
+    sink.emit(Event::Built(Box::new(Envelope::new(
+        emit.event_type,
+        fields,
+    ))));
 }
 
 /// Forwards this process's log lines in batches of at most 50, every 0.5 s; returns lines sent.

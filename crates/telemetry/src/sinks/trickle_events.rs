@@ -8,11 +8,12 @@
 //! [`EventQueue::wait_idle`]): a lone event is written at once instead of after a poll interval.
 //! In a flood (large batches) it polls instead, so a fast producer pays no wake-up per batch;
 //! a filling queue (the wake mark) wakes it in both modes. The drain polls every
-//! [`TrickleEventsConfig::poll_interval`] (optionally backing off to
-//! [`TrickleEventsConfig::max_poll_interval`] when idle), for loss reports.
+//! [`TrickleEventsConfig::poll_interval`] (or, once idle, every
+//! [`TrickleEventsConfig::max_poll_interval`] when that is set), for loss reports.
 //!
 //! **Loss is reported, not just logged.** The sink counts every drop (queue eviction, failed write,
-//! emit after shutdown). Whenever drops happened since the last report, the drain task writes a
+//! emit after shutdown, and lines its output lost after taking them, [`LineOutput::lines_lost`],
+//! folded in at each wake-up). Whenever drops happened since the last report, the drain task writes a
 //! `High`-priority `telemetry_dropped` envelope into the channel (at most one per
 //! [`TrickleEventsConfig::report_interval`], and always a final one on shutdown), built with the
 //! session's ids, with metadata `dropped` (this window), `dropped_high`, `dropped_low`,
@@ -88,8 +89,10 @@ pub struct TrickleEventsConfig {
     /// event after an idle spell wakes the drain itself, so this bounds only the wait after a
     /// failed write and the timing of loss reports.
     pub poll_interval: Duration,
-    /// When set, each empty poll doubles the interval up to this (fewer idle wake-ups, more
-    /// latency for the first event after a quiet spell); the first non-empty poll resets it.
+    /// When set, an idle drain (two empty polls in a row) polls only this often: events still
+    /// wake it at once, so this bounds only how soon its output's later losses
+    /// ([`LineOutput::lines_lost`]) are counted. Thousands of idle sinks in one process (many
+    /// sessions) then cost a few wake-ups a second each instead of a thousand.
     /// Default `None`: a fixed `poll_interval` (about 1,000 cheap timer wake-ups a second).
     pub max_poll_interval: Option<Duration>,
     /// How long the drain must have been idle for an event to wake it at once (default 50 µs,
@@ -133,6 +136,20 @@ pub struct TransitTotals {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("TrickleEventsSink::spawn needs a Tokio runtime: call it from within one, or use spawn_on")]
 pub struct NoRuntime;
+
+/// Moves `n` events lost after delivery from `delivered` to the (low) drops.
+fn move_lost(c: &Counters, n: u64) {
+    // Only events counted delivered can be lost after it; never below zero.
+    let moved = c
+        .delivered
+        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |d| {
+            Some(d.saturating_sub(n))
+        })
+        .map_or(0, |before| before.min(n));
+    c.write_dropped_low.fetch_add(moved, Ordering::Relaxed);
+    // Their lines were numbered: a reader following `seq` sees them as gaps, not drops.
+    c.lost_downstream.fetch_add(moved, Ordering::Relaxed);
+}
 
 #[derive(Debug, Default)]
 struct Counters {
@@ -236,17 +253,7 @@ impl TrickleEventsSink {
     /// to the drops (as low priority: their class is unknown), so `emitted = delivered + dropped
     /// + queued` still holds, and the next `telemetry_dropped` reports them.
     pub fn count_lost_downstream(&self, n: u64) {
-        let c = &self.shared.counters;
-        // Only events counted delivered can be lost after it; never below zero.
-        let moved = c
-            .delivered
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |d| {
-                Some(d.saturating_sub(n))
-            })
-            .map_or(0, |before| before.min(n));
-        c.write_dropped_low.fetch_add(moved, Ordering::Relaxed);
-        // Their lines were numbered: a reader following `seq` sees them as gaps, not drops.
-        c.lost_downstream.fetch_add(moved, Ordering::Relaxed);
+        move_lost(&self.shared.counters, n);
     }
 
     /// The client has read every event line up to `read_seq` (its `telemetry_flow` report).
@@ -430,7 +437,8 @@ async fn drain<O: LineOutput>(
 ) {
     let min_poll = config.poll_interval.max(Duration::from_micros(100));
     let max_poll = config.max_poll_interval.unwrap_or(min_poll).max(min_poll);
-    let mut poll = min_poll;
+    // Polls in a row that found nothing (and wrote no report).
+    let mut empty_polls = 0u32;
     let mut reporter = Reporter {
         session,
         interval: config.report_interval,
@@ -450,6 +458,8 @@ async fn drain<O: LineOutput>(
     // Size of the last non-empty batch: a trickle (small batches) arms the idle wake-up; a flood
     // (large batches) polls, so a fast producer never pays a wake-up (and a preemption) per batch.
     let mut last_batch = 0usize;
+    // The output's lost lines already counted as drops (outputs other than the events writer).
+    let mut lost_counted = 0u64;
     // The `seq` of the next event line.
     let mut next_seq: u64 = 1;
     let mut tokens = Tokens::new(Instant::now());
@@ -486,6 +496,15 @@ async fn drain<O: LineOutput>(
                 d
             }
         };
+        let lost = output.lines_lost();
+        if lost > lost_counted {
+            // Their class is unknown: counted as low priority, reported with the sink's own drops.
+            let n = lost - lost_counted;
+            lost_counted = lost;
+            move_lost(&shared.counters, n);
+            tracing::warn!(target: "telemetry", lines = n,
+                "events lines lost in failed segments; reported as telemetry_dropped");
+        }
         // Closed and empty: nothing more will ever arrive (closed while held to a budget, the
         // rest is drained by the next turn, which has none).
         let finished = drained.closed && shared.queue.is_empty();
@@ -500,12 +519,19 @@ async fn drain<O: LineOutput>(
             .due(totals, finished)
             .then(|| reporter.build(totals, next_seq + n as u64 - 1, shared.lost_downstream()));
 
-        // Poll fast while events flow, back off while idle.
-        poll = if batch.is_empty() {
-            (poll * 2).min(max_poll)
+        // Poll fast while events flow. After the first empty poll, one more short wait catches an
+        // event pushed just as the drain parked (sooner than min_idle, which does not wake it);
+        // after the second the drain is idle: pushes wake it, and it polls only every max_poll.
+        empty_polls = if batch.is_empty() {
+            empty_polls.saturating_add(1)
         } else {
-            min_poll
+            0
         };
+        let poll = if empty_polls <= 1 { min_poll } else { max_poll };
+        if empty_polls >= 2 {
+            // A flood that stopped: back to the idle wake-up, so a lone event is not held a poll.
+            last_batch = 0;
+        }
         if !batch.is_empty() || report.is_some() {
             shared.counters.in_flight.store(n as u64, Ordering::Relaxed);
             // One buffer per batch, framed here and handed over whole (no per-line copy or send).

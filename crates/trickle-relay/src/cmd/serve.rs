@@ -9,9 +9,11 @@
 //! `--trickle-ca FILE`.
 
 use anyhow::Context as _;
+use std::io::Write as _;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
+use trickle::server::limits::{raise_open_file_limit, sized_limits, OpenFiles};
 use trickle::server::{Server, ServerConfig};
 
 /// Arguments of `trickle-relay serve`.
@@ -29,12 +31,15 @@ pub struct Args {
     /// Largest segment accepted, in bytes; a POST past it gets 413.
     #[arg(long, default_value_t = 64 * 1024 * 1024)]
     pub max_segment_bytes: u64,
-    /// Most channels at once; creating one more gets 503.
-    #[arg(long, default_value_t = 10_000)]
-    pub max_channels: usize,
-    /// Most open connections; one more gets 503 and is closed.
-    #[arg(long, default_value_t = 4096)]
-    pub max_connections: usize,
+    /// Most channels at once; creating one more gets 503. Default: half of --max-connections,
+    /// at least 10,000.
+    #[arg(long)]
+    pub max_channels: Option<usize>,
+    /// Most open connections; one more gets 503 and is closed. Default: the open-file limit
+    /// (raised to its hard limit at start) less a reserve of an eighth (at most 1,024). A relay
+    /// session holds about 9 connections.
+    #[arg(long)]
+    pub max_connections: Option<usize>,
     /// Close a channel with no new segment for this many seconds (`_`-prefixed ones never).
     #[arg(long, default_value_t = 300)]
     pub idle_timeout_secs: u64,
@@ -105,6 +110,17 @@ fn server_tls(args: &Args) -> anyhow::Result<Option<tls::ServerTls>> {
 
 /// Runs `trickle-relay serve`.
 pub async fn run(args: Args) -> anyhow::Result<()> {
+    // Every connection is a descriptor: take all the hard limit allows, as Go servers do.
+    let files = raise_open_file_limit(None);
+    let (sized_connections, sized_channels) = sized_limits(files.soft);
+    let max_connections = args.max_connections.unwrap_or(sized_connections);
+    let max_channels = args
+        .max_channels
+        .unwrap_or(if args.max_connections.is_some() {
+            (max_connections / 2).max(10_000)
+        } else {
+            sized_channels
+        });
     let tls = server_tls(&args)?;
     if let Some(tls) = &tls {
         super::reload_tls_on_sighup(tls.clone());
@@ -113,8 +129,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         base_path: args.base_path,
         autocreate: args.autocreate,
         max_segment_bytes: args.max_segment_bytes,
-        max_channels: args.max_channels,
-        max_connections: args.max_connections,
+        max_channels,
+        max_connections,
         idle_timeout: Duration::from_secs(args.idle_timeout_secs),
         changes_feed: args.changes_feed,
         tls: tls.clone(),
@@ -124,7 +140,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {} (in use? try --listen)", args.listen))?;
     let started = Instant::now();
+    // The URL stays the first line's last word: scripts (and `bench relay`) read it there.
     println!("trickle server listening on {}", server.url());
+    println!("{}", limits_line(max_connections, max_channels, &files));
     if let Some(tls) = tls {
         println!("TLS certificate SHA-256 fingerprint {}", tls.fingerprint());
         if let Some(out) = &args.tls_cert_out {
@@ -149,11 +167,25 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let channels = server.channels().list().len();
     server.shutdown().await;
     stop_metrics.cancel();
-    println!(
+    // Whoever read our stdout may be gone by now (killed with us): that is no reason to panic.
+    let _ = writeln!(
+        std::io::stdout(),
         "trickle server stopped on {signal} after {:.1} s; closed {channels} channel(s)",
         started.elapsed().as_secs_f64()
     );
     Ok(())
+}
+
+/// The start-up line stating the limits and where they come from.
+fn limits_line(connections: usize, channels: usize, files: &OpenFiles) -> String {
+    let raised = files
+        .raised_from
+        .map(|from| format!(", raised from {from}"))
+        .unwrap_or_default();
+    format!(
+        "limits: {connections} connections, {channels} channels (open-file limit {}{raised}, hard {}; a relay session holds about 9 connections: raise `ulimit -n` for more)",
+        files.soft, files.hard
+    )
 }
 
 /// Waits for Ctrl-C or (on Unix) SIGTERM; returns its name.

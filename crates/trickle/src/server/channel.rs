@@ -267,10 +267,11 @@ pub(crate) struct Registry {
     pub(crate) counters: super::stats::Counters,
 }
 
-/// Channels deleted within [`TOMBSTONE_TTL`], each with the last connection serial accepted
-/// when it was deleted: a request on a connection accepted before the delete was already on its
-/// way (a publisher's preconnected POST that a busy server reads only after the DELETE), so it
-/// must not bring the channel back through autocreate.
+/// Channels deleted within [`TOMBSTONE_TTL`], each with the last connection serial handed out
+/// when it was deleted: a request on a connection that was ready for it before the delete
+/// (accepted, or done with its previous answer) may have been on its way (a publisher's
+/// preconnected POST that a busy server reads only after the DELETE), so it must not bring the
+/// channel back through autocreate.
 #[derive(Default)]
 struct Tombstones {
     by_name: HashMap<String, u64>,
@@ -357,8 +358,9 @@ impl Registry {
         self.map.lock().get(name).cloned()
     }
 
-    /// The serial of a newly accepted connection; call in accept order.
-    pub(crate) fn accepted(&self) -> u64 {
+    /// A serial for a connection ready for a request: just accepted (call in accept order), or
+    /// done with its previous answer (keep-alive).
+    pub(crate) fn ready(&self) -> u64 {
         self.connections.fetch_add(1, Ordering::SeqCst) + 1
     }
 
@@ -528,10 +530,10 @@ mod tests {
     #[test]
     fn a_deleted_channel_is_not_recreated_by_a_connection_accepted_before_the_delete() {
         let reg = Registry::new(10, false);
-        let early = reg.accepted();
+        let early = reg.ready();
         reg.get_or_create("ch", "", true).ok().unwrap();
         assert!(reg.close("ch"));
-        let late = reg.accepted();
+        let late = reg.ready();
         assert!(matches!(
             reg.get_or_create_for("ch", "", true, Some(early)),
             Err(Lookup::NotFound)

@@ -36,14 +36,15 @@ const MAX_HEADERS: usize = 64;
 const MAX_LINE: usize = 4096;
 /// Most trailer lines accepted after a chunked body.
 const MAX_TRAILERS: usize = 64;
-/// Bytes reserved for each socket read.
+/// Most bytes reserved for one body read: a body that keeps filling its reads ramps up to it.
 const READ_RESERVE: usize = 128 * 1024;
-/// Below this many spare bytes the read buffer is topped up before reading a body.
-const MIN_SPARE: usize = 16 * 1024;
-/// Bytes reserved for reading heads and watching idle connections.
-const SMALL_RESERVE: usize = 8 * 1024;
+/// Bytes reserved for a body's first read (a telemetry line is ~500 B; video ramps up).
+const BODY_RESERVE: usize = 4 * 1024;
+/// Bytes reserved for reading heads and watching idle connections: a trickle request head is
+/// ~200 B, and ten thousand sessions hold ~80,000 connections, most of them waiting.
+const SMALL_RESERVE: usize = 1024;
 /// Below this many spare bytes the buffer is topped up before a small read.
-const SMALL_SPARE: usize = 1024;
+const SMALL_SPARE: usize = 256;
 /// Body pieces at least this big are split off the read buffer without copying; smaller ones are
 /// copied, so a tiny piece never pins a whole read buffer in a segment.
 const ZERO_COPY_MIN: usize = 32 * 1024;
@@ -120,19 +121,31 @@ impl AsyncWrite for Io {
 pub(crate) struct Conn {
     pub(crate) io: Io,
     pub(crate) buf: BytesMut,
+    /// Bytes to reserve for the next body read: doubles while reads fill what was reserved.
+    body_reserve: usize,
 }
 
 impl Conn {
-    /// Wraps an accepted stream.
+    /// Wraps an accepted stream. Its buffer is allocated by the first read, small.
     pub(crate) fn new(io: Io) -> Conn {
         Conn {
             io,
-            buf: BytesMut::with_capacity(8 * 1024),
+            buf: BytesMut::new(),
+            body_reserve: BODY_RESERVE,
         }
     }
 
+    /// Between requests: an empty buffer grown for a body goes back to the allocator, so a
+    /// connection that waits (keep-alive, or a long poll) holds ~1 KiB, not a body-sized buffer.
+    pub(crate) fn shrink(&mut self) {
+        if self.buf.is_empty() && self.buf.capacity() > SMALL_RESERVE {
+            self.buf = BytesMut::new();
+        }
+        self.body_reserve = BODY_RESERVE;
+    }
+
     /// Reads more bytes into the buffer with a small reservation (heads, idle waits): an idle
-    /// connection costs a few KiB, not a body-sized buffer. Ok(0) at end of stream.
+    /// connection costs ~1 KiB, not a body-sized buffer. Ok(0) at end of stream.
     pub(crate) async fn fill(&mut self) -> io::Result<usize> {
         if self.buf.capacity() - self.buf.len() < SMALL_SPARE {
             self.buf.reserve(SMALL_RESERVE);
@@ -140,12 +153,20 @@ impl Conn {
         self.io.read_buf(&mut self.buf).await
     }
 
-    /// Reads more body bytes with a large reservation, so big bodies arrive in few reads.
+    /// Reads more body bytes. The reservation starts small (a telemetry segment's chunks are
+    /// ~500 B) and doubles, up to [`READ_RESERVE`], while reads fill it, so a large body
+    /// arrives in few reads and in pieces big enough to be shared without a copy.
     async fn fill_body(&mut self) -> io::Result<usize> {
-        if self.buf.capacity() - self.buf.len() < MIN_SPARE {
-            self.buf.reserve(READ_RESERVE);
+        let spare = self.buf.capacity() - self.buf.len();
+        if spare < self.body_reserve / 4 {
+            self.buf.reserve(self.body_reserve);
         }
-        self.io.read_buf(&mut self.buf).await
+        let offered = self.buf.capacity() - self.buf.len();
+        let n = self.io.read_buf(&mut self.buf).await?;
+        if n == offered {
+            self.body_reserve = (self.body_reserve * 2).min(READ_RESERVE);
+        }
+        Ok(n)
     }
 
     /// Writes all of `bytes` and flushes them (TLS holds written bytes until flushed).
@@ -643,6 +664,56 @@ mod tests {
                 Step::Done => return Ok((out, true)),
             }
         }
+    }
+
+    #[tokio::test]
+    async fn a_connection_buffer_starts_small_is_bounded_for_a_body_and_released_after_it() {
+        use tokio::io::AsyncWriteExt as _;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        const BODY: usize = 1 << 20;
+        let mut wire = format!("POST /c/0 HTTP/1.1\r\nContent-Length: {BODY}\r\n\r\n").into_bytes();
+        wire.extend(std::iter::repeat_n(b'x', BODY));
+        let client = tokio::spawn(async move {
+            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+            s.write_all(&wire).await.unwrap();
+            s
+        });
+        let (stream, _) = listener.accept().await.unwrap();
+        let mut conn = Conn::new(Io::Plain(stream));
+        assert_eq!(
+            conn.buf.capacity(),
+            0,
+            "nothing allocated before the first read"
+        );
+        let head = read_head(&mut conn).await.unwrap();
+        // A head (and an idle wait) costs ~1 KiB, not a body-sized buffer.
+        assert!(
+            conn.buf.capacity() <= SMALL_RESERVE,
+            "{}",
+            conn.buf.capacity()
+        );
+        let mut body = Body::new(head.body);
+        let (mut got, mut largest_buffer) = (0, 0);
+        while let Some(piece) = body.next(&mut conn).await.unwrap() {
+            got += piece.len();
+            largest_buffer = largest_buffer.max(conn.buf.capacity() + piece.len());
+        }
+        assert_eq!(got, BODY);
+        // Reads reserve at most READ_RESERVE (an allocation growing in place may double), never
+        // the body's size.
+        assert!(
+            largest_buffer <= 2 * READ_RESERVE + SMALL_RESERVE,
+            "{largest_buffer}"
+        );
+        // Between requests the connection holds at most the small buffer again.
+        conn.shrink();
+        assert!(
+            conn.buf.capacity() <= SMALL_RESERVE,
+            "{}",
+            conn.buf.capacity()
+        );
+        drop(client.await.unwrap());
     }
 
     #[test]

@@ -19,15 +19,16 @@
 //! Modules: `http` (request heads, framing, bodies, responses), `segment` (one growing segment),
 //! `channel` (the five-segment ring and the registry), `routes` (the handlers).
 //!
-//! One addition to the reference: with autocreate, a deleted channel is not created again by
-//! the first request of a connection accepted before the delete (for 10 s after it). Such a
-//! request was on its way before the DELETE, typically the publisher's preconnected POST of its
-//! next segment read late by a busy server; recreating the channel from it would leave the
-//! channel's subscribers waiting for an end that never comes. It is answered 404, as without
-//! autocreate.
+//! One addition to the reference: with autocreate, a deleted channel is not created again by a
+//! request on a connection that was ready for it before the delete (accepted, or done with its
+//! previous answer on a keep-alive connection), for 10 s after it. Such a request may have been
+//! on its way before the DELETE, typically the publisher's preconnected POST of its next segment
+//! read late by a busy server; recreating the channel from it would leave the channel's
+//! subscribers waiting for an end that never comes. It is answered 404, as without autocreate.
 
 mod channel;
 mod http;
+pub mod limits;
 mod routes;
 mod segment;
 mod stats;
@@ -62,8 +63,10 @@ pub struct ServerConfig {
     /// Largest segment accepted; a POST past it gets 413 and the segment is closed.
     pub max_segment_bytes: u64,
     /// Most channels at once; creating one more gets 503 (HTTP) or `TooManyChannels`.
+    /// Default: sized from the open-file limit ([`limits::sized_limits`]).
     pub max_channels: usize,
     /// Most open connections; one more is answered 503 and closed.
+    /// Default: just under the open-file limit ([`limits::sized_limits`]).
     pub max_connections: usize,
     /// A channel with no new segment for this long is closed (`_`-prefixed ones never are).
     pub idle_timeout: Duration,
@@ -76,13 +79,16 @@ pub struct ServerConfig {
 }
 
 impl Default for ServerConfig {
+    /// The defaults, with the connection and channel limits sized from this process's open-file
+    /// limit as it is now (raise it first: [`limits::raise_open_file_limit`]).
     fn default() -> Self {
+        let (max_connections, max_channels) = limits::sized_limits(limits::open_file_limit().soft);
         ServerConfig {
             base_path: "/".to_string(),
             autocreate: false,
             max_segment_bytes: 64 * 1024 * 1024,
-            max_channels: 10_000,
-            max_connections: 4096,
+            max_channels,
+            max_connections,
             idle_timeout: Duration::from_secs(300),
             keepalive_interval: Duration::from_secs(10),
             changes_feed: false,
@@ -242,7 +248,12 @@ impl Server {
             stop_rx.clone(),
         ));
         let sweeper = tokio::spawn(sweep_loop(registry.clone(), config.idle_timeout, stop_rx));
-        tracing::info!(%url, "trickle server listening");
+        tracing::info!(
+            %url,
+            max_connections = config.max_connections,
+            max_channels = config.max_channels,
+            "trickle server listening"
+        );
         Ok(Server {
             local_addr,
             url,
@@ -333,7 +344,7 @@ async fn accept_loop(
                     match limit.clone().try_acquire_owned() {
                         Ok(permit) => {
                             // Numbered here, in accept order, so a DELETE knows which connections came before it.
-                            let serial = ctx.registry.accepted();
+                            let serial = ctx.registry.ready();
                             conns.spawn(serve_conn(stream, acceptor, ctx.clone(), permit, stop.clone(), serial));
                         }
                         Err(_) => {
@@ -435,10 +446,11 @@ async fn serve_conn(
     };
     let mut conn = Conn::new(io);
     let mut wait_for_head = FIRST_REQUEST;
-    // Only the first request can have been sent before a DELETE this server handled first; a
-    // later one follows an answer (keep-alive requests are not covered).
-    let mut first_on = Some(serial);
+    // When the connection became ready for its next request: accepted, then after each answer
+    // (clients reuse keep-alive connections for preconnected requests too).
+    let mut ready_at = serial;
     loop {
+        conn.shrink();
         let head = tokio::select! {
             biased;
             _ = stopped_signal(&mut stop) => return,
@@ -474,8 +486,8 @@ async fn serve_conn(
                 return;
             }
         };
-        match routes::handle(&ctx, &mut conn, head, first_on.take()).await {
-            Outcome::KeepAlive if !*stop.borrow() => {}
+        match routes::handle(&ctx, &mut conn, head, ready_at).await {
+            Outcome::KeepAlive if !*stop.borrow() => ready_at = ctx.registry.ready(),
             Outcome::KeepAlive | Outcome::Abort => return,
             Outcome::Close => {
                 conn.linger_close().await;

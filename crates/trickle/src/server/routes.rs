@@ -57,21 +57,16 @@ fn parse_seq(s: &str) -> Option<i64> {
     s.parse::<i64>().ok().filter(|n| (-2..=MAX_SEQ).contains(n))
 }
 
-/// One request, start to finish. `first_on` is the connection's serial when this is its first
-/// request (what a DELETE racing it compares with).
-pub(crate) async fn handle(
-    ctx: &Ctx,
-    conn: &mut Conn,
-    head: Head,
-    first_on: Option<u64>,
-) -> Outcome {
+/// One request, start to finish. `ready_at` is the serial the connection got when it became
+/// ready for this request (what a DELETE racing it compares with).
+pub(crate) async fn handle(ctx: &Ctx, conn: &mut Conn, head: Head, ready_at: u64) -> Outcome {
     let mut body = Body::new(head.body);
     let mut req = Req {
         ctx,
         conn,
         head: &head,
         body: &mut body,
-        first_on,
+        ready_at,
         status: 0,
     };
     let (kind, outcome) = match (head.method, route(&ctx.base, &head.path)) {
@@ -116,8 +111,8 @@ struct Req<'a> {
     conn: &'a mut Conn,
     head: &'a Head,
     body: &'a mut Body,
-    /// The connection's serial, on its first request only.
-    first_on: Option<u64>,
+    /// The serial the connection got when it became ready for this request.
+    ready_at: u64,
     /// The status answered (0: none yet), for the request counters.
     status: u16,
 }
@@ -176,11 +171,12 @@ impl Req<'_> {
     /// `POST /{channel}`: create (autocreate only); `Expect-Content` is the MIME type.
     async fn create(&mut self, name: &str) -> Outcome {
         let mime = self.head.expect_content.clone().unwrap_or_default();
-        match self
-            .ctx
-            .registry
-            .get_or_create_for(name, &mime, self.ctx.autocreate, self.first_on)
-        {
+        match self.ctx.registry.get_or_create_for(
+            name,
+            &mime,
+            self.ctx.autocreate,
+            Some(self.ready_at),
+        ) {
             Ok(_) => self.ok(&[], b"", false).await,
             Err(Lookup::NotFound) => self.error(404, &[], "Stream not found", false).await,
             Err(e) => self.refused(e).await,
@@ -356,13 +352,14 @@ impl Req<'_> {
             return self.error(404, &[], "Stream not found", true).await;
         };
         let mime = self.head.content_type.clone().unwrap_or_default();
-        let ch = match ctx
-            .registry
-            .get_or_create_for(name, &mime, ctx.autocreate, self.first_on)
-        {
-            Ok(ch) => ch,
-            Err(e) => return self.refused(e).await,
-        };
+        let ch =
+            match ctx
+                .registry
+                .get_or_create_for(name, &mime, ctx.autocreate, Some(self.ready_at))
+            {
+                Ok(ch) => ch,
+                Err(e) => return self.refused(e).await,
+            };
         let Some(w) = ch.for_write(seq, self.head.reset) else {
             return self.error(404, &[], "Stream not found", true).await;
         };
