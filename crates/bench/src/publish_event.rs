@@ -213,15 +213,11 @@ async fn target(args: &Args, name: &str) -> anyhow::Result<Target> {
             })
         }
         OutputKind::Trickle => {
-            let server = Server::bind(
-                "127.0.0.1:0".parse()?,
-                ServerConfig {
-                    autocreate: true,
-                    ..Default::default()
-                },
-            )
-            .await
-            .context("binding the in-process trickle server")?;
+            // No autocreate: the channel is created here, and a late POST must not bring it back
+            // after the writer's DELETE (the reader would then wait on a live channel).
+            let server = Server::bind("127.0.0.1:0".parse()?, ServerConfig::default())
+                .await
+                .context("binding the in-process trickle server")?;
             server
                 .channels()
                 .create(name, Some(JSONL_CONTENT_TYPE))
