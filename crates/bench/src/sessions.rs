@@ -571,22 +571,8 @@ async fn drive(
         v.iter().map(String::as_str).collect()
     }
     let prefix = format!("run{}", run + 1);
-    let mut runners = Proc::spawn(
-        "runners",
-        exe,
-        &as_str(&runner_args),
-        dir,
-        &prefix,
-        true,
-    )?;
-    let mut clients = Proc::spawn(
-        "clients",
-        exe,
-        &as_str(&client_args),
-        dir,
-        &prefix,
-        true,
-    )?;
+    let mut runners = Proc::spawn("runners", exe, &as_str(&runner_args), dir, &prefix, true)?;
+    let mut clients = Proc::spawn("clients", exe, &as_str(&client_args), dir, &prefix, true)?;
     let mut children = Children {
         runners_in: runners.child.stdin.take(),
         clients_in: clients.child.stdin.take(),
