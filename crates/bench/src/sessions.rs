@@ -505,7 +505,7 @@ async fn run_one(
     let (mut server, base) = match &args.server {
         Some(url) => (None, url.trim_end_matches('/').to_string()),
         None => {
-            let (p, url) = start_server(exe, dir, run).await?;
+            let (p, url) = start_server(exe, dir, &format!("run{}", run + 1), false).await?;
             (Some(p), url)
         }
     };
@@ -570,8 +570,9 @@ async fn drive(
     fn as_str(v: &[String]) -> Vec<&str> {
         v.iter().map(String::as_str).collect()
     }
-    let mut runners = Proc::spawn("runners", exe, &as_str(&runner_args), dir, run, true)?;
-    let mut clients = Proc::spawn("clients", exe, &as_str(&client_args), dir, run, true)?;
+    let prefix = format!("run{}", run + 1);
+    let mut runners = Proc::spawn("runners", exe, &as_str(&runner_args), dir, &prefix, true)?;
+    let mut clients = Proc::spawn("clients", exe, &as_str(&client_args), dir, &prefix, true)?;
     let mut children = Children {
         runners_in: runners.child.stdin.take(),
         clients_in: clients.child.stdin.take(),
