@@ -83,9 +83,9 @@ pub struct Args {
 /// and the server's reserve. Ten thousand sessions need ~122,000: more than many machines' hard
 /// limit (raising that needs privileges: `ulimit -Hn` as root, or a container's `--ulimit nofile=`).
 fn files_needed(n: usize) -> u64 {
-    // The server holds ~9.1 connections per session (8 in flight, plus idle keep-alive ones);
-    // its connection limit is its open-file limit less a reserve of up to 1,024.
-    (n as u64) * 12 + 2048
+    // The server holds ~9.1 connections per session (12,765 at N = 1,400: 8 in flight, plus idle
+    // keep-alive ones); its connection limit is its open-file limit less a reserve of up to 1,024.
+    (n as u64) * 10 + 1100
 }
 
 /// One sample of a process from `/proc`.
@@ -400,8 +400,11 @@ fn files_line(before: &OpenFiles, now: &OpenFiles, n: usize) -> String {
             now.soft, now.hard
         ),
         None => format!(
-            "bench sessions: open-file limit {} (hard {}), enough for {n} sessions (was soft {})",
-            now.soft, now.hard, before.soft
+            "bench sessions: open-file limit {} (hard {}, was soft {}); {n} sessions need about {}",
+            now.soft,
+            now.hard,
+            before.soft,
+            files_needed(n)
         ),
     }
 }
