@@ -286,8 +286,9 @@ fn harness() -> &'static Harness {
     })
 }
 
-/// Sends `bytes`, half-closes, and reads what comes back until EOF or a short quiet timeout.
-fn exchange(addr: SocketAddr, bytes: &[u8], quiet: Duration) -> Vec<u8> {
+/// Sends `bytes`, half-closes, and reads what comes back until EOF or a quiet timeout; true when
+/// it ended at EOF (the server closed the connection).
+fn exchange(addr: SocketAddr, bytes: &[u8], quiet: Duration) -> (Vec<u8>, bool) {
     let mut s = TcpStream::connect(addr).expect("server accepts");
     let _ = s.set_read_timeout(Some(quiet));
     // The server may answer and close before reading everything: a failed write is fine.
@@ -297,16 +298,64 @@ fn exchange(addr: SocketAddr, bytes: &[u8], quiet: Duration) -> Vec<u8> {
     let mut buf = [0u8; 4096];
     loop {
         match s.read(&mut buf) {
-            Ok(0) | Err(_) => break,
+            Ok(0) => return (out, true),
+            Err(_) => return (out, false),
             Ok(n) => {
                 out.extend_from_slice(&buf[..n]);
                 if out.len() > (1 << 20) {
-                    break;
+                    return (out, false);
                 }
             }
         }
     }
-    out
+}
+
+/// The answer RFC 9112 requires when the framing of the first request in `data` is faulty (its
+/// head complete): 400 for an ambiguous length (both Content-Length and Transfer-Encoding, a
+/// Transfer-Encoding not ending in exactly one chunked, Transfer-Encoding in HTTP/1.0, a
+/// Content-Length that is not plain digits or that differs from another), 501 for a coding
+/// other than chunked before it. `None` when the framing is sound or the head incomplete.
+fn faulty_framing(data: &[u8]) -> Option<u16> {
+    // The server passes over blank lines before a request, and refuses heads over 16 KiB.
+    let start = data.iter().position(|b| *b != b'\r' && *b != b'\n')?;
+    let mut headers = [httparse::EMPTY_HEADER; 64];
+    let mut req = httparse::Request::new(&mut headers);
+    match req.parse(&data[start..]) {
+        Ok(httparse::Status::Complete(n)) if n <= 16 * 1024 => {}
+        _ => return None,
+    }
+    let mut lengths: Vec<u64> = Vec::new();
+    let mut codings: Option<Vec<String>> = None;
+    for h in req.headers.iter() {
+        let value = String::from_utf8_lossy(h.value);
+        let value = value.trim();
+        if h.name.eq_ignore_ascii_case("content-length") {
+            if value.is_empty() || value.len() > 18 || !value.bytes().all(|b| b.is_ascii_digit()) {
+                return Some(400);
+            }
+            lengths.push(value.parse().ok()?);
+        } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
+            codings.get_or_insert_with(Vec::new).extend(
+                value
+                    .split(',')
+                    .map(|c| c.trim().to_ascii_lowercase())
+                    .filter(|c| !c.is_empty()),
+            );
+        }
+    }
+    if lengths.windows(2).any(|w| w[0] != w[1]) {
+        return Some(400);
+    }
+    let codings = codings?;
+    let chunked = codings.iter().filter(|c| *c == "chunked").count();
+    if req.version == Some(0)
+        || !lengths.is_empty()
+        || codings.last().map(String::as_str) != Some("chunked")
+        || chunked > 1
+    {
+        return Some(400);
+    }
+    (codings.len() > 1).then_some(501)
 }
 
 /// Raw bytes as one HTTP/1.1 connection to a real trickle server (its head parser, chunked
@@ -314,7 +363,10 @@ fn exchange(addr: SocketAddr, bytes: &[u8], quiet: Duration) -> Vec<u8> {
 /// the answer, if any, is an HTTP response; afterwards the server still serves a legit request.
 pub fn server_request(data: &[u8]) {
     let h = harness();
-    let answer = exchange(h.addr, data, Duration::from_millis(200));
+    let faulty = faulty_framing(data);
+    // A faulty head is answered and closed at once; others may wait for more input.
+    let quiet = Duration::from_millis(if faulty.is_some() { 5000 } else { 200 });
+    let (answer, closed) = exchange(h.addr, data, quiet);
     assert!(
         answer.is_empty() || answer.starts_with(b"HTTP/1.1 ") || answer.starts_with(b"HTTP/1.0 "),
         "not an HTTP response: {:?}",
@@ -325,11 +377,26 @@ pub fn server_request(data: &[u8]) {
         "the server panicked on {:?}",
         String::from_utf8_lossy(&data[..data.len().min(200)])
     );
+    if let Some(status) = faulty {
+        // One answer, then the connection closed: nothing behind it is served (no smuggling).
+        let text = String::from_utf8_lossy(&answer);
+        assert!(
+            text.starts_with(&format!("HTTP/1.1 {status} ")) && !text.contains("\nHTTP/1."),
+            "faulty framing must get one {status} and nothing more: {:?} -> {:?}",
+            String::from_utf8_lossy(&data[..data.len().min(300)]),
+            &text[..text.len().min(600)]
+        );
+        assert!(
+            closed,
+            "the connection must be closed after faulty framing: {:?}",
+            String::from_utf8_lossy(&data[..data.len().min(300)])
+        );
+    }
     let probe = format!(
         "GET /{}/next HTTP/1.1\r\nHost: fuzz\r\nConnection: close\r\n\r\n",
         h.live
     );
-    let ok = exchange(h.addr, probe.as_bytes(), Duration::from_secs(5));
+    let (ok, _) = exchange(h.addr, probe.as_bytes(), Duration::from_secs(5));
     assert!(
         ok.starts_with(b"HTTP/1.1 200"),
         "server stopped serving after {:?}: {:?}",

@@ -8,6 +8,11 @@
 //!
 //! `--plot` draws the first-byte latency distribution and, per run, the bytes all subscribers
 //! received per time bucket.
+//!
+//! `--tls` measures HTTPS against plain HTTP in the same run: a second in-process server with a
+//! self-signed certificate (the clients pin it), its throughput runs interleaved with the plain
+//! ones, and reports both, the HTTPS/plain throughput ratio and the CPU per GB of each (the
+//! cost of encryption is CPU: on a machine with idle cores the wall-clock ratio hides it).
 
 use super::report::{
     self, CommonArgs, Labels, LatencySeries, Recording, Spread, ThroughputSeries, Timeline,
@@ -39,6 +44,10 @@ pub struct Args {
     /// Segments published in the first-byte latency part.
     #[arg(long, default_value_t = 200)]
     pub latency_iters: usize,
+    /// Also measure over HTTPS (an in-process TLS server, self-signed, pinned by the clients),
+    /// interleaved with the plain runs; reports both and TLS's cost.
+    #[arg(long, conflicts_with = "server")]
+    pub tls: bool,
     #[command(flatten)]
     pub common: CommonArgs,
 }
@@ -53,6 +62,53 @@ struct Run {
     timeline: Timeline,
 }
 
+/// One server measured (plain, or HTTPS with `--tls`), the client that talks to it, and what
+/// was measured on it.
+struct Target {
+    /// `plain` or `https`.
+    label: &'static str,
+    base: String,
+    client: reqwest::Client,
+    server: Option<Server>,
+    runs: Vec<Run>,
+    latencies: Vec<Duration>,
+}
+
+/// An in-process server for this benchmark, over TLS when `tls` is given.
+async fn in_process(args: &Args, tls: Option<tls::ServerTls>) -> anyhow::Result<Server> {
+    let config = ServerConfig {
+        autocreate: true,
+        max_segment_bytes: args.bytes.max(64 * 1024 * 1024),
+        max_connections: args.subscribers + 64,
+        tls,
+        ..ServerConfig::default()
+    };
+    Server::bind("127.0.0.1:0".parse()?, config)
+        .await
+        .context("cannot start the in-process server")
+}
+
+/// The target measured over HTTPS: a server with a self-signed certificate the client pins.
+async fn https_target(args: &Args) -> anyhow::Result<Target> {
+    let tls = tls::ServerTls::self_signed(&["127.0.0.1".into()], &[b"http/1.1"])?;
+    let cert = reqwest::Certificate::from_pem(tls.cert_pem().as_bytes())?;
+    let server = in_process(args, Some(tls)).await?;
+    let client = reqwest::Client::builder()
+        .no_gzip()
+        .pool_max_idle_per_host(args.subscribers + 8)
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(cert)
+        .build()?;
+    Ok(Target {
+        label: "https",
+        base: server.url(),
+        client,
+        server: Some(server),
+        runs: Vec::new(),
+        latencies: Vec::new(),
+    })
+}
+
 /// Runs this benchmark.
 pub async fn run(args: Args) -> anyhow::Result<()> {
     if args.subscribers == 0 || args.repeat == 0 || args.chunk_bytes == 0 || args.bytes == 0 {
@@ -62,15 +118,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let (server, base) = match &args.server {
         Some(url) => (None, url.trim_end_matches('/').to_string()),
         None => {
-            let config = ServerConfig {
-                autocreate: true,
-                max_segment_bytes: args.bytes.max(64 * 1024 * 1024),
-                max_connections: args.subscribers + 64,
-                ..ServerConfig::default()
-            };
-            let server = Server::bind("127.0.0.1:0".parse()?, config)
-                .await
-                .context("cannot start the in-process server")?;
+            let server = in_process(&args, None).await?;
             let url = server.url();
             (Some(server), url)
         }
@@ -79,23 +127,40 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         .no_gzip()
         .pool_max_idle_per_host(args.subscribers + 8)
         .build()?;
+    let mut targets = vec![Target {
+        label: "plain",
+        base,
+        client,
+        server,
+        runs: Vec::with_capacity(args.repeat),
+        latencies: Vec::new(),
+    }];
+    if args.tls {
+        targets.push(https_target(&args).await?);
+    }
 
-    let bar = report::progress(args.repeat as u64 + 1, "fanout");
-    let mut runs = Vec::with_capacity(args.repeat);
+    let bar = report::progress((args.repeat as u64 + 1) * targets.len() as u64, "fanout");
+    // Interleaved, so that a change in the machine's load affects both alike.
     for _ in 0..args.repeat {
-        runs.push(throughput_run(&client, &base, &args).await?);
-        bar.inc(1);
+        for t in targets.iter_mut() {
+            let run = throughput_run(&t.client, &t.base, &args).await?;
+            t.runs.push(run);
+            bar.inc(1);
+        }
     }
-    let latencies = if args.latency_iters > 0 {
-        latency_run(&client, &base, args.latency_iters).await?
-    } else {
-        Vec::new()
-    };
+    if args.latency_iters > 0 {
+        for t in targets.iter_mut() {
+            t.latencies = latency_run(&t.client, &t.base, args.latency_iters).await?;
+            bar.inc(1);
+        }
+    }
     bar.finish_and_clear();
-    if let Some(server) = server {
-        server.shutdown().await;
+    for t in targets.iter_mut() {
+        if let Some(server) = t.server.take() {
+            server.shutdown().await;
+        }
     }
-    report(&args, &runs, &latencies)
+    report(&args, &targets)
 }
 
 async fn create(client: &reqwest::Client, base: &str) -> anyhow::Result<String> {
@@ -251,51 +316,98 @@ fn peak_rss() -> Option<u64> {
     Some(kib * 1024)
 }
 
-fn report(args: &Args, runs: &[Run], latencies: &[Duration]) -> anyhow::Result<()> {
-    let rates = Spread::of(runs.iter().map(|r| r.delivered as f64 / r.secs).collect());
-    let mut lat_us: Vec<f64> = latencies.iter().map(|d| d.as_secs_f64() * 1e6).collect();
-    lat_us.sort_by(f64::total_cmp);
-    let (median_rate, min_rate, max_rate) = (rates.median, rates.min, rates.max);
-    let rss = peak_rss();
-    // CPU cost per delivered GB, and the share of the cores this process got (under 100% per
-    // core means something else was running: the wall-clock figures are then pessimistic).
-    let cpu: Option<f64> = runs.iter().map(|r| r.cpu_secs).sum();
-    let wall: f64 = runs.iter().map(|r| r.secs).sum();
-    let delivered_gb = runs.iter().map(|r| r.delivered).sum::<u64>() as f64 / 1e9;
-    let cpu_per_gb = cpu.map(|c| c / delivered_gb);
-    let cores_used = cpu.map(|c| c / wall);
-    let where_ = args.server.as_deref().unwrap_or("in-process server");
-    let mut hist = report::histogram();
-    for d in latencies {
-        report::record(&mut hist, *d);
+/// What one target's runs come to.
+struct Measured {
+    rates: Spread,
+    /// Sorted first-byte latencies, µs.
+    lat_us: Vec<f64>,
+    /// CPU core-seconds per delivered GB, and the cores busy on average.
+    cpu: Option<(f64, f64)>,
+}
+
+impl Measured {
+    fn of(t: &Target) -> Measured {
+        let rates = Spread::of(t.runs.iter().map(|r| r.delivered as f64 / r.secs).collect());
+        let mut lat_us: Vec<f64> = t.latencies.iter().map(|d| d.as_secs_f64() * 1e6).collect();
+        lat_us.sort_by(f64::total_cmp);
+        // CPU cost per delivered GB, and the share of the cores this process got (under 100% per
+        // core means something else was running: the wall-clock figures are then pessimistic).
+        let cpu: Option<f64> = t.runs.iter().map(|r| r.cpu_secs).sum();
+        let wall: f64 = t.runs.iter().map(|r| r.secs).sum();
+        let delivered_gb = t.runs.iter().map(|r| r.delivered).sum::<u64>() as f64 / 1e9;
+        let cpu = cpu.map(|c| (c / delivered_gb, c / wall));
+        Measured { rates, lat_us, cpu }
     }
+
+    fn json(&self, t: &Target) -> serde_json::Value {
+        json!({
+            "aggregate_bytes_per_sec": { "median": self.rates.median, "min": self.rates.min, "max": self.rates.max },
+            "run_secs": t.runs.iter().map(|r| r.secs).collect::<Vec<_>>(),
+            "first_byte_latency_us": {
+                "samples": self.lat_us.len(),
+                "median": percentile(&self.lat_us, 0.5),
+                "p99": percentile(&self.lat_us, 0.99),
+                "max": self.lat_us.last().copied().unwrap_or(0.0),
+            },
+            "cpu_secs_per_gb": self.cpu.map(|c| c.0),
+            "cores_used": self.cpu.map(|c| c.1),
+        })
+    }
+}
+
+fn report(args: &Args, targets: &[Target]) -> anyhow::Result<()> {
+    let measured: Vec<Measured> = targets.iter().map(Measured::of).collect();
+    let rss = peak_rss();
+    let where_ = args.server.as_deref().unwrap_or("in-process server");
+    let both = targets.len() > 1;
     let mut recording = Recording {
-        latency: vec![LatencySeries {
-            label: "first byte".into(),
-            hist,
-        }],
+        latency: Vec::new(),
         throughput: Vec::new(),
     };
-    for (i, r) in runs.iter().enumerate() {
-        recording.throughput.push(ThroughputSeries {
-            label: format!("run {}", i + 1),
-            timeline: r.timeline.clone(),
-            dashed: false,
-            color: i,
+    for (k, t) in targets.iter().enumerate() {
+        let mut hist = report::histogram();
+        for d in &t.latencies {
+            report::record(&mut hist, *d);
+        }
+        recording.latency.push(LatencySeries {
+            label: if both {
+                format!("first byte ({})", t.label)
+            } else {
+                "first byte".into()
+            },
+            hist,
         });
+        for (i, r) in t.runs.iter().enumerate() {
+            recording.throughput.push(ThroughputSeries {
+                label: if both {
+                    format!("{} run {}", t.label, i + 1)
+                } else {
+                    format!("run {}", i + 1)
+                },
+                timeline: r.timeline.clone(),
+                // Dashed: over HTTPS.
+                dashed: k > 0,
+                color: i,
+            });
+        }
     }
     let labels = Labels {
         title: format!(
-            "trickle-relay bench fanout: {} subscribers x {:.1} MiB segment",
+            "trickle-relay bench fanout: {} subscribers x {:.1} MiB segment{}",
             args.subscribers,
-            args.bytes as f64 / (1024.0 * 1024.0)
+            args.bytes as f64 / (1024.0 * 1024.0),
+            if both { " (dashed: HTTPS)" } else { "" }
         ),
         params: format!(
-            "{where_}, {} KiB writes, {} run(s), median {:.2} GB/s delivered; {} latency segments; {} CPU(s)",
+            "{where_}, {} KiB writes, {} run(s), median {:.2} GB/s delivered{}; {} latency segments; {} CPU(s)",
             args.chunk_bytes / 1024,
-            runs.len(),
-            median_rate / 1e9,
-            latencies.len(),
+            targets[0].runs.len(),
+            measured[0].rates.median / 1e9,
+            match measured.get(1) {
+                Some(m) => format!(" ({:.2} GB/s over HTTPS)", m.rates.median / 1e9),
+                None => String::new(),
+            },
+            targets[0].latencies.len(),
             report::cpus()
         ),
         latency: "POST start to a subscriber's first byte".into(),
@@ -304,65 +416,93 @@ fn report(args: &Args, runs: &[Run], latencies: &[Duration]) -> anyhow::Result<(
         scale: 1e9,
         since: "the publisher's POST started".into(),
     };
-    let summary = json!({
-            "server": where_,
-            "subscribers": args.subscribers,
-            "segment_bytes": args.bytes,
-            "chunk_bytes": args.chunk_bytes,
-            "runs": runs.len(),
-            "aggregate_bytes_per_sec": { "median": median_rate, "min": min_rate, "max": max_rate },
-            "run_secs": runs.iter().map(|r| r.secs).collect::<Vec<_>>(),
-            "first_byte_latency_us": {
-                "samples": lat_us.len(),
-                "median": percentile(&lat_us, 0.5),
-                "p99": percentile(&lat_us, 0.99),
-                "max": lat_us.last().copied().unwrap_or(0.0),
-            },
-            "cpu_secs_per_gb": cpu_per_gb,
-            "cores_used": cores_used,
-            "peak_rss_bytes": rss,
+    // The plain figures at the top level (as without --tls); HTTPS under "tls".
+    let mut summary = measured[0].json(&targets[0]);
+    let extra = json!({
+        "server": where_,
+        "subscribers": args.subscribers,
+        "segment_bytes": args.bytes,
+        "chunk_bytes": args.chunk_bytes,
+        "runs": targets[0].runs.len(),
+        "peak_rss_bytes": rss,
     });
+    if let (Some(map), Some(extra)) = (summary.as_object_mut(), extra.as_object()) {
+        map.extend(extra.clone());
+        if let (Some(t), Some(m)) = (targets.get(1), measured.get(1)) {
+            map.insert("tls".into(), m.json(t));
+            map.insert("tls_vs_plain".into(), compare(&measured[0], m));
+        }
+    }
     report::finish("fanout", &args.common, summary, &recording, &labels, || {
-        print_human(args, runs, &lat_us, rates, cpu_per_gb.zip(cores_used), rss)
+        print_human(args, targets, &measured, rss)
+    })
+}
+
+/// HTTPS against plain: throughput ratio (1.0: no cost), cost (1 - ratio), CPU per GB ratio.
+fn compare(plain: &Measured, tls: &Measured) -> serde_json::Value {
+    let ratio = tls.rates.median / plain.rates.median;
+    json!({
+        "throughput_ratio": ratio,
+        "throughput_cost": 1.0 - ratio,
+        "cpu_per_gb_ratio": plain.cpu.zip(tls.cpu).map(|(p, t)| t.0 / p.0),
     })
 }
 
 /// The text summary.
-fn print_human(
-    args: &Args,
-    runs: &[Run],
-    lat_us: &[f64],
-    rates: Spread,
-    cpu: Option<(f64, f64)>,
-    rss: Option<u64>,
-) {
+fn print_human(args: &Args, targets: &[Target], measured: &[Measured], rss: Option<u64>) {
     let where_ = args.server.as_deref().unwrap_or("in-process server");
-    let (median_rate, min_rate, max_rate) = (rates.median, rates.min, rates.max);
     println!(
         "fanout ({where_}): {} subscribers x {} MiB segment in {} KiB writes, {} run(s)",
         args.subscribers,
         args.bytes as f64 / (1024.0 * 1024.0),
         args.chunk_bytes / 1024,
-        runs.len()
+        targets[0].runs.len()
     );
-    println!(
-        "  aggregate delivered: median {:.2} GB/s (min {:.2}, max {:.2})",
-        median_rate / 1e9,
-        min_rate / 1e9,
-        max_rate / 1e9
-    );
-    if let Some((per_gb, cores)) = cpu {
+    for (t, m) in targets.iter().zip(measured) {
+        let over = if targets.len() > 1 {
+            format!(
+                " over {}",
+                if t.label == "https" {
+                    "HTTPS"
+                } else {
+                    "plain HTTP"
+                }
+            )
+        } else {
+            String::new()
+        };
         println!(
-            "  cpu: {per_gb:.2} core-seconds per GB delivered (server and clients); {cores:.2} cores busy on average"
+            "  aggregate delivered{over}: median {:.2} GB/s (min {:.2}, max {:.2})",
+            m.rates.median / 1e9,
+            m.rates.min / 1e9,
+            m.rates.max / 1e9
         );
+        if let Some((per_gb, cores)) = m.cpu {
+            println!(
+                "  cpu{over}: {per_gb:.2} core-seconds per GB delivered (server and clients); {cores:.2} cores busy on average"
+            );
+        }
+        if !m.lat_us.is_empty() {
+            println!(
+                "  first-byte latency{over} over {} segments: median {:.0} us, p99 {:.0} us, max {:.0} us",
+                m.lat_us.len(),
+                percentile(&m.lat_us, 0.5),
+                percentile(&m.lat_us, 0.99),
+                m.lat_us.last().copied().unwrap_or(0.0)
+            );
+        }
     }
-    if !lat_us.is_empty() {
+    if let (Some(plain), Some(tls)) = (measured.first(), measured.get(1)) {
+        let c = compare(plain, tls);
+        let cost = c["throughput_cost"].as_f64().unwrap_or(0.0);
         println!(
-            "  first-byte latency over {} segments: median {:.0} us, p99 {:.0} us, max {:.0} us",
-            lat_us.len(),
-            percentile(lat_us, 0.5),
-            percentile(lat_us, 0.99),
-            lat_us.last().copied().unwrap_or(0.0)
+            "  HTTPS: {:.0}% of plain throughput (costs {:.0}%){}",
+            (1.0 - cost) * 100.0,
+            cost * 100.0,
+            match c["cpu_per_gb_ratio"].as_f64() {
+                Some(r) => format!("; {r:.2}x the CPU per GB"),
+                None => String::new(),
+            }
         );
     }
     if let Some(rss) = rss {

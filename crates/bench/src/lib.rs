@@ -13,6 +13,7 @@
 //! [`report`] holds what they share (arguments, recordings, printer), [`plot`] draws the SVG.
 
 mod fanout;
+mod fanout_copy;
 mod http_egress;
 mod kafka;
 mod plot;
@@ -37,6 +38,9 @@ pub struct Args {
 enum Which {
     /// Trickle server fan-out: one publisher, many subscribers of one large segment.
     Fanout(fanout::Args),
+    /// The kernel's copy path for fan-out (issue #17): vectored writes from user memory against
+    /// `sendfile` from a memory file, one sender thread to many loopback sockets.
+    FanoutCopy(fanout_copy::Args),
     /// Cost of one `publish_event` call, single-threaded and contended.
     PublishEvent(publish_event::Args),
     /// Accepted events per second through the durable disk buffer.
@@ -69,6 +73,7 @@ enum Which {
 pub async fn run(args: Args) -> anyhow::Result<()> {
     match args.which {
         Which::Fanout(a) => fanout::run(a).await,
+        Which::FanoutCopy(a) => fanout_copy::run(a).await,
         Which::PublishEvent(a) => publish_event::run(a).await,
         Which::Spool(a) => spool::run(a).await,
         Which::HttpEgress(a) => http_egress::run(a).await,

@@ -15,7 +15,12 @@
 //! (`emitted = received + dropped + lost in transit` over every event the runner's sink took),
 //! duplicates,
 //! offered and sustained events/s, end-to-end latency (emission to egress, µs), and each process's
-//! peak RSS (VmHWM).
+//! peak RSS (VmHWM) and CPU (per event, and per GB carried on the events channel).
+//!
+//! `--tls` measures HTTPS against plain HTTP in the same invocation: each run is done twice, over
+//! plain HTTP and over HTTPS (`serve --tls-self-signed`; runner and client accept its
+//! certificate as the reference clients do), alternating, and both are reported with the
+//! HTTPS/plain ratios.
 
 use super::plot::{Axis, Figure, Panel, Series};
 use super::relay_child::{cpu_secs, peak_rss_kib, ClientReport, LatencyUs, RunnerReport};
@@ -72,10 +77,18 @@ pub struct Args {
     /// Keep the children's logs and reports (their folder is printed on stderr).
     #[arg(long)]
     pub keep_logs: bool,
+    /// Also do every run over HTTPS (a server with a self-signed certificate), alternating with
+    /// the plain runs; reports both and the HTTPS/plain ratios.
+    #[arg(long, conflicts_with = "server")]
+    pub tls: bool,
 }
 
 /// What one run measured.
 struct RunResult {
+    /// `run N`, or `plain run N` / `https run N` with `--tls`.
+    label: String,
+    /// Over HTTPS.
+    tls: bool,
     runner: RunnerReport,
     client: ClientReport,
     server_rss_kib: Option<u64>,
@@ -177,6 +190,7 @@ impl RunResult {
                 "runner_emitter": self.runner.emitter_cpu_secs,
                 "client": self.client.cpu_secs,
             },
+            "events_bytes": self.runner.events_bytes,
             "runner_sink": self.runner.sink,
             "client_relay": self.client.relay,
             "events_channel_ended": self.client.ended,
@@ -230,12 +244,17 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let mut runs = Vec::with_capacity(args.repeat);
     let mut failure = None;
-    for i in 0..args.repeat {
-        match run_once(&exe, &dir, &args, i).await {
-            Ok(r) => runs.push(r),
-            Err(e) => {
-                failure = Some(e.context(format!("run {} of {}", i + 1, args.repeat)));
-                break;
+    let modes: &[bool] = if args.tls { &[false, true] } else { &[false] };
+    'runs: for i in 0..args.repeat {
+        // Alternating, so that a change in the machine's load affects both alike.
+        for &tls in modes {
+            match run_once(&exe, &dir, &args, i, tls).await {
+                Ok(r) => runs.push(r),
+                Err(e) => {
+                    let over = if tls { " (HTTPS)" } else { "" };
+                    failure = Some(e.context(format!("run {} of {}{over}", i + 1, args.repeat)));
+                    break 'runs;
+                }
             }
         }
     }
@@ -254,18 +273,75 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     if let Some(path) = &args.plot {
         figure(&args, &runs).write(path)?;
     }
+    let (plain, https): (Vec<RunResult>, Vec<RunResult>) = runs.into_iter().partition(|r| !r.tls);
     if args.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&summary_json(&args, &runs))?
-        );
+        let mut json = summary_json(&args, &plain);
+        if !https.is_empty() {
+            json["tls"] = summary_json(&args, &https);
+            json["tls_vs_plain"] = compare(&plain, &https);
+        }
+        println!("{}", serde_json::to_string_pretty(&json)?);
     } else {
-        print_human(&args, &runs);
+        if https.is_empty() {
+            print_human(&args, &plain, "");
+        } else {
+            print_human(&args, &plain, " over plain HTTP");
+            print_human(&args, &https, " over HTTPS");
+            print_comparison(&compare(&plain, &https));
+        }
         if let Some(path) = &args.plot {
             println!("plot: {}", path.display());
         }
     }
     Ok(())
+}
+
+/// CPU seconds per GB carried on the events channel: (server, runner, client), where known.
+fn cpu_per_gb(r: &RunResult) -> [Option<f64>; 3] {
+    let gb = r.runner.events_bytes as f64 / 1e9;
+    let per = |s: Option<f64>| s.filter(|_| gb > 0.0).map(|s| s / gb);
+    [
+        per(r.server_cpu_secs),
+        per(r.runner.cpu_secs),
+        per(r.client.cpu_secs),
+    ]
+}
+
+/// HTTPS against plain: medians' ratios of sustained events/s (1.0: no cost) and CPU per GB.
+fn compare(plain: &[RunResult], https: &[RunResult]) -> Value {
+    let median = |runs: &[RunResult], f: &dyn Fn(&RunResult) -> Option<f64>| {
+        spread(&runs.iter().filter_map(f).collect::<Vec<_>>()).0
+    };
+    let ratio = |f: &dyn Fn(&RunResult) -> Option<f64>| {
+        let (p, t) = (median(plain, f), median(https, f));
+        (p > 0.0).then(|| t / p)
+    };
+    let sustained = ratio(&|r| Some(r.sustained_per_s()));
+    json!({
+        "sustained_ratio": sustained,
+        "sustained_cost": sustained.map(|r| 1.0 - r),
+        "cpu_per_gb_ratio": {
+            "server": ratio(&|r| cpu_per_gb(r)[0]),
+            "runner": ratio(&|r| cpu_per_gb(r)[1]),
+            "client": ratio(&|r| cpu_per_gb(r)[2]),
+        },
+        "latency_p99_ratio": ratio(&|r| r.latency().map(|l| l.p99 as f64)),
+    })
+}
+
+fn print_comparison(c: &Value) {
+    let f = |v: &Value| v.as_f64().map_or("-".to_string(), |x| format!("{x:.2}x"));
+    println!(
+        "HTTPS against plain HTTP (medians): sustained events/s {} (cost {}), CPU per GB server {}, runner {}, client {}, latency p99 {}",
+        f(&c["sustained_ratio"]),
+        c["sustained_cost"]
+            .as_f64()
+            .map_or("-".to_string(), |x| format!("{:.0}%", x * 100.0)),
+        f(&c["cpu_per_gb_ratio"]["server"]),
+        f(&c["cpu_per_gb_ratio"]["runner"]),
+        f(&c["cpu_per_gb_ratio"]["client"]),
+        f(&c["latency_p99_ratio"]),
+    );
 }
 
 fn rate_text(rate: u64) -> String {
@@ -324,9 +400,9 @@ fn ms(us: f64) -> String {
     format!("{:.3}", us / 1000.0)
 }
 
-fn print_human(args: &Args, runs: &[RunResult]) {
+fn print_human(args: &Args, runs: &[RunResult], over: &str) {
     println!(
-        "bench relay: server, runner and client as separate processes on {} CPU(s); {} heartbeats per run, rate {}, queue capacity {}, flow control {}, {} run(s)",
+        "bench relay{over}: server, runner and client as separate processes on {} CPU(s); {} heartbeats per run, rate {}, queue capacity {}, flow control {}, {} run(s)",
         std::thread::available_parallelism().map_or(0, |n| n.get()),
         args.events,
         rate_text(args.rate),
@@ -461,6 +537,15 @@ fn print_human(args: &Args, runs: &[RunResult]) {
             line(name, v, &|x| format!("{x:.2}"));
         }
     }
+    // CPU per GB on the events channel (what TLS adds to is bytes, not events).
+    for (k, name) in ["server", "runner", "client"].iter().enumerate() {
+        let v: Vec<f64> = runs.iter().filter_map(|r| cpu_per_gb(r)[k]).collect();
+        if !v.is_empty() {
+            line(&format!("CPU s/GB events channel {name}"), v, &|x| {
+                format!("{x:.2}")
+            });
+        }
+    }
     let skipped: u64 = runs
         .iter()
         .filter_map(|r| {
@@ -500,7 +585,7 @@ fn figure(args: &Args, runs: &[RunResult]) -> Figure {
     let mut latency = Vec::new();
     let mut throughput = Vec::new();
     for (i, r) in runs.iter().enumerate() {
-        let label = format!("run {}", i + 1);
+        let label = r.label.clone();
         if let Some(l) = r.latency() {
             latency.push(Series {
                 label: label.clone(),
@@ -592,17 +677,18 @@ pub(crate) struct Proc {
 }
 
 impl Proc {
-    /// Starts `exe --log warn ARGS` (or `--log $BENCH_CHILD_LOG`; telemetry opt-outs removed), stdout piped, stderr to
-    /// `DIR/run{run+1}-{name}.log`; stdin piped when `stdin`.
+    /// Starts `exe --log warn ARGS` (or `--log $BENCH_CHILD_LOG`; telemetry opt-outs removed),
+    /// stdout piped, stderr to `DIR/{prefix}-{name}.log` (`prefix` names this run's files, e.g.
+    /// `run1` or `run1-tls`); stdin piped when `stdin`.
     pub(crate) fn spawn(
         name: &'static str,
         exe: &Path,
         args: &[&str],
         dir: &Path,
-        run: usize,
+        prefix: &str,
         stdin: bool,
     ) -> anyhow::Result<Proc> {
-        let log = dir.join(format!("run{}-{name}.log", run + 1));
+        let log = dir.join(format!("{prefix}-{name}.log"));
         let stderr = std::fs::File::create(&log)
             .with_context(|| format!("cannot create {}", log.display()))?;
         // `BENCH_CHILD_LOG` (an `EnvFilter` directive) traces a run, e.g.
@@ -667,20 +753,19 @@ pub(crate) fn read_report<T: serde::de::DeserializeOwned>(
     serde_json::from_slice(&text).with_context(|| format!("bad report {}", path.display()))
 }
 
-/// Starts `trickle-relay serve` on a free loopback port; returns it and its base URL.
+/// Starts `trickle-relay serve` on a free loopback port (over TLS with a certificate made at
+/// start when `tls`); returns it and its base URL. `prefix` names its log, as in [`Proc::spawn`].
 pub(crate) async fn start_server(
     exe: &Path,
     dir: &Path,
-    run: usize,
+    prefix: &str,
+    tls: bool,
 ) -> anyhow::Result<(Proc, String)> {
-    let mut server = Proc::spawn(
-        "server",
-        exe,
-        &["serve", "--listen", "127.0.0.1:0", "--autocreate"],
-        dir,
-        run,
-        false,
-    )?;
+    let mut args = vec!["serve", "--listen", "127.0.0.1:0", "--autocreate"];
+    if tls {
+        args.push("--tls-self-signed");
+    }
+    let mut server = Proc::spawn("server", exe, &args, dir, prefix, false)?;
     let stdout = server.child.stdout.take().context("server stdout")?;
     let mut lines = BufReader::new(stdout).lines();
     let first = tokio::time::timeout(Duration::from_secs(20), lines.next_line()).await;
@@ -688,7 +773,7 @@ pub(crate) async fn start_server(
         Ok(Ok(Some(line))) => line
             .split_whitespace()
             .last()
-            .filter(|u| u.starts_with("http://"))
+            .filter(|u| u.starts_with("http://") || u.starts_with("https://"))
             .map(str::to_string),
         _ => None,
     };
@@ -700,11 +785,19 @@ pub(crate) async fn start_server(
     Ok((server, url))
 }
 
-async fn run_once(exe: &Path, dir: &Path, args: &Args, run: usize) -> anyhow::Result<RunResult> {
+async fn run_once(
+    exe: &Path,
+    dir: &Path,
+    args: &Args,
+    run: usize,
+    tls: bool,
+) -> anyhow::Result<RunResult> {
+    let prefix = format!("run{}{}", run + 1, if tls { "-tls" } else { "" });
+    let prefix = prefix.as_str();
     let (mut server, base) = match &args.server {
         Some(url) => (None, url.trim_end_matches('/').to_string()),
         None => {
-            let (p, url) = start_server(exe, dir, run).await?;
+            let (p, url) = start_server(exe, dir, prefix, tls).await?;
             (Some(p), url)
         }
     };
@@ -714,8 +807,8 @@ async fn run_once(exe: &Path, dir: &Path, args: &Args, run: usize) -> anyhow::Re
     for url in [&control, &events] {
         relay::client::create_channel(url).await?;
     }
-    let runner_report = dir.join(format!("run{}-runner.json", run + 1));
-    let client_report = dir.join(format!("run{}-client.json", run + 1));
+    let runner_report = dir.join(format!("{prefix}-runner.json"));
+    let client_report = dir.join(format!("{prefix}-client.json"));
     let n = args.events.to_string();
     let mut client = Proc::spawn(
         "client",
@@ -735,7 +828,7 @@ async fn run_once(exe: &Path, dir: &Path, args: &Args, run: usize) -> anyhow::Re
             &args.timeout_secs.to_string(),
         ],
         dir,
-        run,
+        prefix,
         false,
     )?;
     let mut runner_args = vec![
@@ -767,7 +860,7 @@ async fn run_once(exe: &Path, dir: &Path, args: &Args, run: usize) -> anyhow::Re
         runner_args.push("--no-flow-control".into());
     }
     let runner_args: Vec<&str> = runner_args.iter().map(String::as_str).collect();
-    let mut runner = Proc::spawn("runner", exe, &runner_args, dir, run, true)?;
+    let mut runner = Proc::spawn("runner", exe, &runner_args, dir, prefix, true)?;
     let result = drive(&mut runner, &mut client, args, run).await;
     if result.is_err() {
         runner.stop().await;
@@ -780,7 +873,14 @@ async fn run_once(exe: &Path, dir: &Path, args: &Args, run: usize) -> anyhow::Re
         s.stop().await;
     }
     result?;
+    let label = match (args.tls, tls) {
+        (false, _) => format!("run {}", run + 1),
+        (true, false) => format!("plain run {}", run + 1),
+        (true, true) => format!("https run {}", run + 1),
+    };
     Ok(RunResult {
+        label,
+        tls,
         runner: read_report(&runner_report, &runner)?,
         client: read_report(&client_report, &client)?,
         server_rss_kib,

@@ -155,6 +155,9 @@ pub struct RunnerReport {
     pub cpu_secs: Option<f64>,
     /// Of which the emitter thread (the `publish_event` calls and the pacing), in seconds.
     pub emitter_cpu_secs: Option<f64>,
+    /// Bytes the runner wrote on the events channel (newlines included).
+    #[serde(default)]
+    pub events_bytes: u64,
     /// Of the sink's drops, lines its writer lost after taking them (the client counts those
     /// as lost in transit).
     #[serde(default)]
@@ -419,6 +422,7 @@ pub async fn run_runner(args: RunnerArgs) -> anyhow::Result<()> {
         peak_rss_kib: peak_rss_kib("self"),
         cpu_secs: cpu_secs("self"),
         emitter_cpu_secs: emitted.cpu_secs,
+        events_bytes: runner_report.events.bytes_written,
         lost_downstream: runner_report.transit.lost_downstream,
     };
     write_report(&args.report, &report)

@@ -83,9 +83,9 @@ pub struct Args {
 /// and the server's reserve. Ten thousand sessions need ~122,000: more than many machines' hard
 /// limit (raising that needs privileges: `ulimit -Hn` as root, or a container's `--ulimit nofile=`).
 fn files_needed(n: usize) -> u64 {
-    // The server holds ~9.1 connections per session (8 in flight, plus idle keep-alive ones);
-    // its connection limit is its open-file limit less a reserve of up to 1,024.
-    (n as u64) * 12 + 2048
+    // The server holds ~9.1 connections per session (12,765 at N = 1,400: 8 in flight, plus idle
+    // keep-alive ones); its connection limit is its open-file limit less a reserve of up to 1,024.
+    (n as u64) * 10 + 1100
 }
 
 /// One sample of a process from `/proc`.
@@ -400,8 +400,11 @@ fn files_line(before: &OpenFiles, now: &OpenFiles, n: usize) -> String {
             now.soft, now.hard
         ),
         None => format!(
-            "bench sessions: open-file limit {} (hard {}), enough for {n} sessions (was soft {})",
-            now.soft, now.hard, before.soft
+            "bench sessions: open-file limit {} (hard {}, was soft {}); {n} sessions need about {}",
+            now.soft,
+            now.hard,
+            before.soft,
+            files_needed(n)
         ),
     }
 }
@@ -505,7 +508,7 @@ async fn run_one(
     let (mut server, base) = match &args.server {
         Some(url) => (None, url.trim_end_matches('/').to_string()),
         None => {
-            let (p, url) = start_server(exe, dir, run).await?;
+            let (p, url) = start_server(exe, dir, &format!("run{}", run + 1), false).await?;
             (Some(p), url)
         }
     };
@@ -570,8 +573,9 @@ async fn drive(
     fn as_str(v: &[String]) -> Vec<&str> {
         v.iter().map(String::as_str).collect()
     }
-    let mut runners = Proc::spawn("runners", exe, &as_str(&runner_args), dir, run, true)?;
-    let mut clients = Proc::spawn("clients", exe, &as_str(&client_args), dir, run, true)?;
+    let prefix = format!("run{}", run + 1);
+    let mut runners = Proc::spawn("runners", exe, &as_str(&runner_args), dir, &prefix, true)?;
+    let mut clients = Proc::spawn("clients", exe, &as_str(&client_args), dir, &prefix, true)?;
     let mut children = Children {
         runners_in: runners.child.stdin.take(),
         clients_in: clients.child.stdin.take(),

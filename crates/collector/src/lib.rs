@@ -25,6 +25,10 @@
 //! `GET /health`: liveness plus the counters and the dedup store (`"status": "degraded"` while a
 //! shared one is unreachable). `GET /ready`: 200 when the output is writable and the dedup store
 //! answers, else 503.
+//!
+//! [`Collector::serve`] speaks plain HTTP; [`Collector::serve_tls`] the same routes over TLS
+//! (HTTP/1.1 and HTTP/2 by ALPN), with the certificate of a [`tls::ServerTls`], which can be
+//! reloaded (`collector --tls-cert/--tls-key`, on SIGHUP) without dropping a connection.
 
 pub mod auth;
 pub mod dedup;
@@ -356,6 +360,85 @@ impl Collector {
         )
         .with_graceful_shutdown(shutdown)
         .await
+    }
+
+    /// Serves on `listener` over TLS until `shutdown` resolves, then lets open requests finish.
+    /// Each connection's handshake (at most 10 s) uses the certificate in service when it was
+    /// accepted; a failed handshake is logged at debug level and costs nothing else.
+    pub async fn serve_tls(
+        self,
+        listener: tokio::net::TcpListener,
+        tls: tls::ServerTls,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
+        self.serve_tls_with(listener, Router::new(), tls, shutdown)
+            .await
+    }
+
+    /// [`Collector::serve_tls`] with `extra` routes beside the collector's (e.g. `GET /metrics`).
+    pub async fn serve_tls_with(
+        self,
+        listener: tokio::net::TcpListener,
+        extra: Router,
+        tls: tls::ServerTls,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
+        use hyper_util::rt::{TokioExecutor, TokioIo};
+        use tower::ServiceExt as _;
+        const HANDSHAKE: Duration = Duration::from_secs(10);
+        let app = self.router().merge(extra);
+        let stop = tokio_util::sync::CancellationToken::new();
+        let on_signal = stop.clone();
+        tokio::spawn(async move {
+            shutdown.await;
+            on_signal.cancel();
+        });
+        let mut conns = tokio::task::JoinSet::new();
+        loop {
+            let (tcp, peer) = tokio::select! {
+                _ = stop.cancelled() => break,
+                Some(_) = conns.join_next(), if !conns.is_empty() => continue,
+                accepted = listener.accept() => match accepted {
+                    Ok(conn) => conn,
+                    Err(e) => {
+                        // Usually out of file descriptors: back off instead of spinning.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+            };
+            let (acceptor, app, stop) = (tls.acceptor(), app.clone(), stop.clone());
+            conns.spawn(async move {
+                let _ = tcp.set_nodelay(true);
+                let stream = match tokio::time::timeout(HANDSHAKE, acceptor.accept(tcp)).await {
+                    Ok(Ok(stream)) => stream,
+                    Ok(Err(e)) => {
+                        tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => return,
+                };
+                // The handlers see the peer address, as over plain HTTP.
+                let service = hyper::service::service_fn(
+                    move |mut req: axum::http::Request<hyper::body::Incoming>| {
+                        req.extensions_mut().insert(ConnectInfo(peer));
+                        app.clone().oneshot(req.map(Body::new))
+                    },
+                );
+                let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                let conn = builder.serve_connection(TokioIo::new(stream), service);
+                tokio::pin!(conn);
+                tokio::select! {
+                    _ = conn.as_mut() => return,
+                    _ = stop.cancelled() => conn.as_mut().graceful_shutdown(),
+                }
+                let _ = conn.await;
+            });
+        }
+        drop(listener);
+        while conns.join_next().await.is_some() {}
+        Ok(())
     }
 
     async fn handle(

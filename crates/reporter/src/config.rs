@@ -85,6 +85,9 @@ pub struct ReporterConfig {
     pub default_retry_after: Duration,
     /// `SCOPE_METRICS_REQUEST_TIMEOUT_MS`: timeout of one request, connect included (default 30 s).
     pub request_timeout: Duration,
+    /// `SCOPE_METRICS_CA_FILE`: a PEM file of certificates trusted besides the system's roots (a
+    /// private CA, or the collector's own self-signed certificate). `None`: the system's only.
+    pub ca_file: Option<PathBuf>,
     /// Events that may wait between `emit` and the disk buffer (default 65,536); when full,
     /// `emit` drops and counts.
     pub handoff_capacity: usize,
@@ -125,6 +128,7 @@ impl std::fmt::Debug for ReporterConfig {
             .field("backoff_max", &self.backoff_max)
             .field("default_retry_after", &self.default_retry_after)
             .field("request_timeout", &self.request_timeout)
+            .field("ca_file", &self.ca_file)
             .field("handoff_capacity", &self.handoff_capacity)
             .field("disk_retry", &self.disk_retry)
             .field("report_interval", &self.report_interval)
@@ -155,6 +159,7 @@ impl ReporterConfig {
             backoff_max: Duration::from_secs(60),
             default_retry_after: Duration::from_secs(60),
             request_timeout: Duration::from_secs(30),
+            ca_file: None,
             handoff_capacity: 65_536,
             disk_retry: Duration::from_secs(5),
             report_interval: Duration::from_secs(1),
@@ -183,7 +188,7 @@ impl ReporterConfig {
     /// `DAYDREAM_METRICS_URL` (default [`DEFAULT_URL`]), `SCOPE_CLOUD_API_KEY`,
     /// `SCOPE_METRICS_ENABLED`, `SCOPE_METRICS_FLUSH_INTERVAL_MS`, `SCOPE_METRICS_MAX_BATCH`,
     /// `SCOPE_METRICS_MAX_BUFFER`, `SCOPE_METRICS_BUFFER_PATH`, `SCOPE_METRICS_GZIP`,
-    /// `SCOPE_METRICS_REQUEST_TIMEOUT_MS` and `SCOPE_METRICS_BACKOFF_MAX_MS`.
+    /// `SCOPE_METRICS_REQUEST_TIMEOUT_MS`, `SCOPE_METRICS_BACKOFF_MAX_MS` and `SCOPE_METRICS_CA_FILE`.
     ///
     /// A whole number out of range (e.g. `SCOPE_METRICS_MAX_BATCH=1000`, past the API's 500) is
     /// clamped to the limit and noted: the seed takes any number, so a setting it ran with must
@@ -248,6 +253,9 @@ impl ReporterConfig {
         )? {
             c.backoff_max = Duration::from_millis(ms);
         }
+        c.ca_file = get("SCOPE_METRICS_CA_FILE")
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from);
         (c.buffer_path, c.seed_buffer_file) = match env("SCOPE_METRICS_BUFFER_PATH") {
             Some(p) if p.trim().is_empty() => (None, None),
             Some(p) if Path::new(&p).is_dir() => (Some(PathBuf::from(p)), None),
@@ -500,6 +508,7 @@ mod tests {
         assert_eq!(c.max_buffer, 50_000);
         assert_eq!(c.buffer_path, Some(default_buffer_path()));
         assert_eq!(c.gzip, GzipMode::Auto);
+        assert_eq!(c.ca_file, None);
         assert_eq!(DEFAULT_URL, "https://api.daydream.monster/v1/metrics");
         // The seed's own default file is imported; its default location follows the seed.
         let c = ReporterConfig::from_env_with(env(&[("HOME", "/home/u")])).unwrap();
@@ -591,9 +600,11 @@ mod tests {
             ("SCOPE_METRICS_GZIP", "never"),
             ("SCOPE_METRICS_REQUEST_TIMEOUT_MS", "1500"),
             ("SCOPE_METRICS_BACKOFF_MAX_MS", "4000"),
+            ("SCOPE_METRICS_CA_FILE", "/etc/metrics-ca.pem"),
         ]))
         .unwrap();
         assert!(!c.enabled);
+        assert_eq!(c.ca_file, Some(PathBuf::from("/etc/metrics-ca.pem")));
         assert_eq!(c.request_timeout, Duration::from_millis(1500));
         assert_eq!(c.backoff_max, Duration::from_millis(4000));
         assert_eq!(c.flush_interval, Duration::from_millis(250));

@@ -57,8 +57,11 @@
 //! | 401 | keeps everything, pauses until [`Reporter::set_api_key`] changes the key |
 //! | 413 | splits the batch in halves and sends each in turn; a lone event is dropped (`dropped_oversize`) |
 //! | 429 | keeps the batch, waits `Retry-After` seconds, else `default_retry_after` (60 s) |
-//! | 5xx, network error | keeps the batch, waits 1 s doubling to 60 s (+-20% jitter) |
+//! | 5xx, network error (a refused TLS certificate too, logged as one) | keeps the batch, waits 1 s doubling to 60 s (+-20% jitter) |
 //! | anything else (3xx, 404...) | as 5xx: keeps and backs off (a misconfigured URL must not lose data) |
+//!
+//! An `https://` endpoint is verified against the system's roots plus, with
+//! `SCOPE_METRICS_CA_FILE` ([`ReporterConfig::ca_file`]), the certificates of that PEM file.
 //!
 //! Batches are resolved strictly in order, so the sender only ever removes a prefix of the
 //! buffer. Every outcome is counted in [`ReporterStats`] and logged (target `reporter`).
@@ -183,7 +186,13 @@ impl Reporter {
             seed,
             config,
         });
-        let service = service::HttpService::new(Arc::clone(&http), body)
+        let extra_roots = match &http.config.ca_file {
+            Some(path) => tls::load_ca(path).map_err(|e| {
+                ReporterError::Config(ConfigError::Invalid(format!("SCOPE_METRICS_CA_FILE: {e}")))
+            })?,
+            None => Vec::new(),
+        };
+        let service = service::HttpService::new(Arc::clone(&http), body, &extra_roots)
             .map_err(|e| ReporterError::Start(format!("HTTP client: {e}")))?;
         let driver = Driver::start(driver_config, encoder, service)
             .map_err(|e| ReporterError::Start(e.to_string()))?;

@@ -51,9 +51,18 @@ pub(crate) struct HttpService {
 }
 
 impl HttpService {
-    pub fn new(http: Arc<Http>, body_builder: BodyBuilder) -> Result<HttpService, reqwest::Error> {
+    /// `extra_roots`: certificates trusted besides the system's (`SCOPE_METRICS_CA_FILE`).
+    pub fn new(
+        http: Arc<Http>,
+        body_builder: BodyBuilder,
+        extra_roots: &[tls::CertificateDer<'static>],
+    ) -> Result<HttpService, reqwest::Error> {
         let timeout = http.config.request_timeout;
-        let client = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder();
+        for der in extra_roots {
+            builder = builder.add_root_certificate(reqwest::Certificate::from_der(der)?);
+        }
+        let client = builder
             .timeout(timeout)
             .connect_timeout(timeout.min(Duration::from_secs(10)))
             .user_agent(concat!(
@@ -99,7 +108,19 @@ impl HttpService {
                 };
                 Answer::Status(status, headers, text)
             }
-            Err(e) => Answer::Network(error_chain(&e)),
+            // A refused certificate is kept and retried like a network error, named as what it is.
+            Err(e) => Answer::Network(match tls::certificate_error(&e) {
+                Some(reason) => format!(
+                    "TLS certificate of {} refused: {reason}; trusted are the system's roots{}: \
+                     put a private CA or the collector's own certificate in SCOPE_METRICS_CA_FILE",
+                    self.http.config.url,
+                    match &self.http.config.ca_file {
+                        Some(p) => format!(" and SCOPE_METRICS_CA_FILE {}", p.display()),
+                        None => String::new(),
+                    }
+                ),
+                None => error_chain(&e),
+            }),
         }
     }
 }

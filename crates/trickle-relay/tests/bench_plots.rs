@@ -111,6 +111,44 @@ fn fanout_plots_and_summarises() {
 }
 
 #[test]
+fn fanout_copy_plots_and_summarises() {
+    // Pieces that do not divide the segment, so a vectored write starts mid-piece.
+    let (s, svg) = bench(
+        "fanout-copy",
+        &[
+            "--bytes",
+            "3000000",
+            "--chunk-bytes",
+            "10000",
+            "--subscribers",
+            "3",
+            "--repeat",
+            "2",
+        ],
+    );
+    check("fanout_copy", &s, &svg, 2, 4);
+    let modes = s["modes"].as_array().expect("modes");
+    let names: Vec<&str> = modes.iter().filter_map(|m| m["mode"].as_str()).collect();
+    assert_eq!(names, ["write", "sendfile"], "{s}");
+    for m in modes {
+        assert_eq!(m["runs"], 2, "{m}");
+        assert!(
+            m["cpu_secs_per_gb"]["median"].as_f64().unwrap() > 0.0,
+            "{m}"
+        );
+        assert!(
+            m["aggregate_bytes_per_sec"]["median"].as_f64().unwrap() > 0.0,
+            "{m}"
+        );
+    }
+    // Every run delivered the whole segment to every subscriber.
+    for t in s["curves"]["throughput"].as_array().expect("throughput") {
+        assert_eq!(t["total"], 3 * 3_000_000, "{t}");
+    }
+    assert!(svg.contains("GB/s"));
+}
+
+#[test]
 fn publish_event_plots_and_summarises() {
     let (s, svg) = bench(
         "publish-event",

@@ -1,5 +1,6 @@
 //! End to end over real processes: a `trickle-relay serve`, a `trickle-relay runner` and a
-//! `trickle-relay client`, talking over loopback TCP.
+//! `trickle-relay client`, talking over loopback TCP (and over HTTPS, with the server's own
+//! self-signed certificate).
 
 use serde_json::{json, Value};
 use std::net::SocketAddr;
@@ -31,6 +32,35 @@ fn setup() -> Setup {
         events,
         dir: tempfile::tempdir().expect("tempdir"),
     }
+}
+
+/// [`setup`] over HTTPS: the server makes a self-signed certificate and writes it to
+/// `cert.pem` in the setup's directory (returned too), for clients to pin.
+fn setup_https() -> (Setup, PathBuf) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cert = dir.path().join("cert.pem");
+    let addr = free_addr();
+    let server = Proc::spawn(
+        &[
+            "serve",
+            "--listen",
+            &addr.to_string(),
+            "--autocreate",
+            "--tls-self-signed",
+            "--tls-cert-out",
+            cert.to_str().unwrap(),
+        ],
+        None,
+    );
+    wait_listening(addr);
+    let (control, events) = common::create_session_channels_at(&format!("https://{addr}"));
+    let setup = Setup {
+        _server: server,
+        control,
+        events,
+        dir,
+    };
+    (setup, cert)
 }
 
 fn data_type(line: &str) -> String {
@@ -83,57 +113,71 @@ fn post_ingest(addr: SocketAddr, body: String) -> Value {
 
 #[test]
 fn three_processes_relay_every_event_verbatim_and_in_order() {
-    let s = setup();
+    relay_every_event_verbatim_and_in_order(setup(), &[], &[]);
+}
+
+/// The same session over HTTPS: the runner accepts the server's self-signed certificate as the
+/// reference clients do (the default), the client pins it with `--trickle-ca`.
+#[test]
+fn three_processes_relay_every_event_over_https() {
+    let (s, cert) = setup_https();
+    assert!(s.control.starts_with("https://"), "{}", s.control);
+    let cert = cert.to_str().unwrap().to_string();
+    relay_every_event_verbatim_and_in_order(s, &[], &["--trickle-ca", &cert]);
+}
+
+/// A runner (plus `runner_flags`) and a client (plus `client_flags`) on `s`'s channels: every
+/// envelope the runner emitted is egressed verbatim, in order, and the counts add up.
+fn relay_every_event_verbatim_and_in_order(s: Setup, runner_flags: &[&str], client_flags: &[&str]) {
     let (runner_out, client_out) = (path(&s.dir, "runner.jsonl"), path(&s.dir, "client.jsonl"));
     let (runner_report, client_report) = (path(&s.dir, "runner.json"), path(&s.dir, "client.json"));
     let (ingest, client_http) = (free_addr(), free_addr());
+    let (ingest_s, client_http_s) = (ingest.to_string(), client_http.to_string());
     let (session, connection) = ("sess-e2e", "conn-e2e");
-    let mut runner = Proc::spawn(
-        &[
-            "runner",
-            "--control-url",
-            &s.control,
-            "--events-url",
-            &s.events,
-            "--session-id",
-            session,
-            "--connection-id",
-            connection,
-            "--heartbeat-ms",
-            "20",
-            "--ingest",
-            &ingest.to_string(),
-            "--emitted-file",
-            runner_out.to_str().unwrap(),
-            "--report",
-            runner_report.to_str().unwrap(),
-        ],
-        None,
-    );
-    let mut client = Proc::spawn(
-        &[
-            "client",
-            "--control-url",
-            &s.control,
-            "--events-url",
-            &s.events,
-            "--session-id",
-            session,
-            "--connection-id",
-            connection,
-            "--egress",
-            "file",
-            "--egress-file",
-            client_out.to_str().unwrap(),
-            "--start-stream",
-            r#"{"pipeline_id":"passthrough"}"#,
-            "--report",
-            client_report.to_str().unwrap(),
-            "--http",
-            &client_http.to_string(),
-        ],
-        None,
-    );
+    let mut args = vec![
+        "runner",
+        "--control-url",
+        &s.control,
+        "--events-url",
+        &s.events,
+        "--session-id",
+        session,
+        "--connection-id",
+        connection,
+        "--heartbeat-ms",
+        "20",
+        "--ingest",
+        &ingest_s,
+        "--emitted-file",
+        runner_out.to_str().unwrap(),
+        "--report",
+        runner_report.to_str().unwrap(),
+    ];
+    args.extend_from_slice(runner_flags);
+    let mut runner = Proc::spawn(&args, None);
+    let mut args = vec![
+        "client",
+        "--control-url",
+        &s.control,
+        "--events-url",
+        &s.events,
+        "--session-id",
+        session,
+        "--connection-id",
+        connection,
+        "--egress",
+        "file",
+        "--egress-file",
+        client_out.to_str().unwrap(),
+        "--start-stream",
+        r#"{"pipeline_id":"passthrough"}"#,
+        "--report",
+        client_report.to_str().unwrap(),
+        "--http",
+        &client_http_s,
+    ];
+    args.extend_from_slice(client_flags);
+    let mut client = Proc::spawn(&args, None);
 
     // A local process hands the runner envelopes it built itself, and publish_event requests.
     let built: Vec<String> = (0..50)

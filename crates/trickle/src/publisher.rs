@@ -27,20 +27,23 @@
 //!   queue, so [`SegmentWriter::write`] waits (backpressure) instead of buffering without limit.
 //! - [`Publisher::close`] DELETEs the channel, as the reference publisher does, so subscribers end
 //!   (their next request answers 404).
+//! - `https://` URLs: [`PublisherOptions::tls`] says how the server's certificate is treated (see
+//!   [`crate::client_tls`]). A refused certificate ([`PublishError::Tls`]) makes the publisher
+//!   terminal at once: it is not retried, not even within the reconnect window.
 //!
 //! A [`SegmentWriter`] dropped without [`SegmentWriter::close`] aborts its POST (the connection is
 //! cut, never ended cleanly), so a half-written segment is never mistaken for a complete one.
 
 use bytes::Bytes;
 use parking_lot::Mutex;
-use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
+use crate::client_tls::{http_client, ClientTls, CONNECT_TIMEOUT};
 use crate::headers;
 
 /// Segments that fail in a row before the publisher gives up (reference publisher: 3).
@@ -48,12 +51,6 @@ pub const MAX_CONSECUTIVE_FAILURES: u32 = 3;
 
 /// Chunks queued ahead of the HTTP connection per segment; small, so `write` feels backpressure.
 const BODY_QUEUE: usize = 8;
-
-/// How long to wait for a TCP connection before calling the server unreachable.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// How long an idle keep-alive connection waits in the pool for the next request.
-const POOL_IDLE: Duration = Duration::from_secs(30);
 
 /// Options of a [`Publisher`].
 #[derive(Debug, Clone)]
@@ -70,6 +67,9 @@ pub struct PublisherOptions {
     /// How long to keep retrying a segment through a server outage (see the module docs);
     /// `Duration::ZERO` (the default) keeps the reference behaviour: one retry per segment.
     pub reconnect_window: Duration,
+    /// How an `https://` server's certificate is treated (default: any is accepted, as the
+    /// reference clients do).
+    pub tls: ClientTls,
     /// Local address to connect from (`None`: the system's choice). Spreading many publishers
     /// over several loopback addresses (`127.0.0.x`) multiplies the ~28,000 ephemeral ports one
     /// source address has towards one server port.
@@ -84,6 +84,7 @@ impl Default for PublisherOptions {
             max_retry_bytes: 8 << 20,
             content_type: "application/octet-stream".to_string(),
             reconnect_window: Duration::ZERO,
+            tls: ClientTls::default(),
             local_address: None,
         }
     }
@@ -99,6 +100,17 @@ pub enum PublishError {
         url: String,
         /// The lowest-level cause, e.g. `connection refused`.
         cause: String,
+    },
+    /// The server's TLS certificate was refused ([`PublisherOptions::tls`] verifies it). Never
+    /// retried: the publisher is terminal at once.
+    #[error("TLS certificate of {url} refused: {reason}; {hint}")]
+    Tls {
+        /// The request URL.
+        url: String,
+        /// Why it was refused, e.g. an unknown issuer or another host name.
+        reason: String,
+        /// What to do about it, naming the flag.
+        hint: String,
     },
     /// The channel does not exist (404) and the server does not create channels on POST.
     #[error(
@@ -322,7 +334,9 @@ impl Shared {
         }
         let mut h = self.health.lock();
         h.consecutive_failures += 1;
-        if h.consecutive_failures >= MAX_CONSECUTIVE_FAILURES && h.terminal.is_none() {
+        // A refused certificate will not be accepted on the next try either.
+        let refused = matches!(err, PublishError::Tls { .. });
+        if (refused || h.consecutive_failures >= MAX_CONSECUTIVE_FAILURES) && h.terminal.is_none() {
             tracing::error!(url = %self.url, failures = h.consecutive_failures, error = %err, "trickle publisher gave up");
             h.terminal = Some(err.to_string());
         }
@@ -402,6 +416,7 @@ fn open_post(shared: &Arc<Shared>, seq: i64, reset: bool) -> Post {
     let (tx, rx) = mpsc::channel::<BodyMsg>(BODY_QUEUE);
     let url = format!("{}/{}", shared.url, seq);
     let client = shared.client.clone();
+    let tls = shared.opts.tls.clone();
     let content_type = shared.opts.content_type.clone();
     tracing::debug!(%url, reset, "preconnecting segment POST");
     let task = tokio::spawn(async move {
@@ -422,7 +437,10 @@ fn open_post(shared: &Arc<Shared>, seq: i64, reset: bool) -> Post {
         if reset {
             req = req.header(headers::RESET, "1");
         }
-        let resp = req.send().await.map_err(|e| unreachable_error(&url, &e))?;
+        let resp = req
+            .send()
+            .await
+            .map_err(|e| request_error(&url, &e, &tls))?;
         let status = resp.status().as_u16();
         let closed = resp.headers().contains_key(headers::CLOSED);
         let text = resp.text().await.unwrap_or_default();
@@ -464,7 +482,7 @@ impl Publisher {
         let url = url.into().trim_end_matches('/').to_string();
         Publisher {
             shared: Arc::new(Shared {
-                client: http_client(opts.local_address),
+                client: http_client(&opts.tls, &url, opts.local_address),
                 url,
                 opts,
                 health: Mutex::new(Health::default()),
@@ -575,7 +593,7 @@ impl Publisher {
         }
         let url = self.shared.url.clone();
         let result = self.shared.client.delete(&url).send().await;
-        let resp = result.map_err(|e| unreachable_error(&url, &e))?;
+        let resp = result.map_err(|e| request_error(&url, &e, &self.shared.opts.tls))?;
         let status = resp.status().as_u16();
         match status {
             200..=299 => Ok(()),
@@ -596,6 +614,10 @@ impl Publisher {
         }
         match self.fetch_next().await {
             Ok(seq) => Ok(seq),
+            Err(refused @ PublishError::Tls { .. }) => {
+                self.shared.record_failure(&refused);
+                Err(refused)
+            }
             Err(first) => {
                 tracing::warn!(url = %self.shared.url, error = %first, "GET /next failed; retrying once");
                 self.shared.counters.retries.fetch_add(1, Ordering::Relaxed);
@@ -615,7 +637,7 @@ impl Publisher {
             .get(&url)
             .send()
             .await
-            .map_err(|e| unreachable_error(&url, &e))?;
+            .map_err(|e| request_error(&url, &e, &self.shared.opts.tls))?;
         let status = resp.status().as_u16();
         if status == 404 {
             return Ok(0);
@@ -771,7 +793,7 @@ impl SegmentWriter {
         if self.retaining && err.is_transient() && self.shared.outage(&err) {
             return self.reconnect(err).await;
         }
-        if self.retried || !self.retaining {
+        if self.retried || !self.retaining || matches!(err, PublishError::Tls { .. }) {
             return Err(self.fail(err));
         }
         self.retried = true;
@@ -831,50 +853,15 @@ impl SegmentWriter {
         self.retained = Vec::new();
         self.shared.record_failure(&err);
         match self.shared.check() {
-            Err(terminal @ PublishError::Terminal { .. }) => terminal,
+            // A refused certificate is the error itself; later calls say Terminal.
+            Err(terminal @ PublishError::Terminal { .. })
+                if !matches!(err, PublishError::Tls { .. }) =>
+            {
+                terminal
+            }
             _ => err,
         }
     }
-}
-
-/// The HTTP client of every publisher and subscriber connecting from `local`: HTTP/1.1 only, and
-/// keep-alive: a connection whose segment ended goes back to the pool and carries a later
-/// segment's request (each request in flight still has a connection of its own: a preconnected
-/// POST or GET waits on it). Without reuse every segment costs a TCP handshake on both sides and
-/// leaves a TIME_WAIT socket behind, which at ten thousand sessions rotating their segments every
-/// 10 s is thousands of connections a second. An idle pooled connection the server closed (a
-/// restart) is dropped by the pool when it sees the close; one that is reused just as it closes
-/// fails its request, which the publisher and subscriber retry like any failure.
-///
-/// One client per local address, shared by the whole process: a `reqwest::Client` carries a TLS
-/// configuration with its root certificates (about 19 KiB, measured), which ten thousand sessions
-/// with four channel ends each must not hold forty thousand times.
-pub(crate) fn http_client(local: Option<IpAddr>) -> reqwest::Client {
-    static CLIENTS: OnceLock<Mutex<HashMap<Option<IpAddr>, reqwest::Client>>> = OnceLock::new();
-    let clients = CLIENTS.get_or_init(|| Mutex::new(HashMap::new()));
-    clients
-        .lock()
-        .entry(local)
-        .or_insert_with(|| build_http_client(local))
-        .clone()
-}
-
-fn build_http_client(local: Option<IpAddr>) -> reqwest::Client {
-    reqwest::Client::builder()
-        .http1_only()
-        // Shorter than any server's keep-alive timeout (ours: 300 s; Go's default: none).
-        .pool_idle_timeout(POOL_IDLE)
-        .connect_timeout(CONNECT_TIMEOUT)
-        // Preconnected requests wait indefinitely: keepalive detects a peer that vanished.
-        .tcp_keepalive(Duration::from_secs(15))
-        .tcp_nodelay(true)
-        .no_gzip()
-        .local_address(local)
-        .build()
-        .unwrap_or_else(|e| {
-            tracing::warn!(error = %e, "custom HTTP client unavailable; using defaults");
-            reqwest::Client::new()
-        })
 }
 
 /// The lowest-level cause of a request error, e.g. `connection refused`.
@@ -895,10 +882,18 @@ pub(crate) fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
     }
 }
 
-fn unreachable_error(url: &str, e: &reqwest::Error) -> PublishError {
-    PublishError::Unreachable {
-        url: url.to_string(),
-        cause: root_cause(e),
+/// A request that got no answer: a refused certificate, or no connection.
+fn request_error(url: &str, e: &reqwest::Error, tls: &ClientTls) -> PublishError {
+    match tls.refusal(e) {
+        Some((reason, hint)) => PublishError::Tls {
+            url: url.to_string(),
+            reason,
+            hint,
+        },
+        None => PublishError::Unreachable {
+            url: url.to_string(),
+            cause: root_cause(e),
+        },
     }
 }
 

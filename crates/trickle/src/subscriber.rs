@@ -38,6 +38,10 @@
 //!
 //! One warning per outage, one info when it ends; [`SubscriberStats::reconnects`] counts outages
 //! survived and [`SubscriberStats::resumed_segments`] the segments read on after a break.
+//!
+//! `https://` URLs: [`SubscriberOptions::tls`] says how the server's certificate is treated (see
+//! [`crate::client_tls`]). A refused certificate ends the request at once with
+//! [`SubscribeError::Tls`]: no retry, no reconnect loop.
 
 use bytes::Bytes;
 use parking_lot::Mutex;
@@ -46,8 +50,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::task::JoinHandle;
 
+use crate::client_tls::{http_client, ClientTls};
 use crate::headers;
-use crate::publisher::{http_client, root_cause, snippet};
+use crate::publisher::{root_cause, snippet};
 
 /// Pause before asking again when the server's live edge is behind the seq we want.
 const BEHIND_DELAY: Duration = Duration::from_millis(250);
@@ -76,6 +81,9 @@ pub struct SubscriberOptions {
     /// How long to keep reconnecting through a server outage once the retries are spent (see
     /// the module docs); `Duration::ZERO` (the default) keeps the reference behaviour.
     pub reconnect_window: Duration,
+    /// How an `https://` server's certificate is treated (default: any is accepted, as the
+    /// reference clients do).
+    pub tls: ClientTls,
     /// Local address to connect from (`None`: the system's choice); see
     /// [`crate::publisher::PublisherOptions::local_address`].
     pub local_address: Option<std::net::IpAddr>,
@@ -92,6 +100,7 @@ impl Default for SubscriberOptions {
             retries: 5,
             retry_delay: Duration::from_millis(500),
             reconnect_window: Duration::ZERO,
+            tls: ClientTls::default(),
             local_address: None,
             jump_to_current: false,
         }
@@ -108,6 +117,17 @@ pub enum SubscribeError {
         url: String,
         /// The lowest-level cause, e.g. `connection refused`.
         cause: String,
+    },
+    /// The server's TLS certificate was refused ([`SubscriberOptions::tls`] verifies it).
+    /// Never retried.
+    #[error("TLS certificate of {url} refused: {reason}; {hint}")]
+    Tls {
+        /// The request URL.
+        url: String,
+        /// Why it was refused, e.g. an unknown issuer or another host name.
+        reason: String,
+        /// What to do about it, naming the flag.
+        hint: String,
     },
     /// A non-200 answer other than 404 / 470, after all retries.
     #[error("{url} answered HTTP {status}: {body}")]
@@ -288,7 +308,7 @@ impl Subscriber {
         let next_seq = opts.start_seq;
         Subscriber {
             shared: Arc::new(Shared {
-                client: http_client(opts.local_address),
+                client: http_client(&opts.tls, &url, opts.local_address),
                 url,
                 opts,
                 counters: Counters::default(),
@@ -401,9 +421,17 @@ async fn fetch(shared: Arc<Shared>, mut seq: i64) -> Result<Found, SubscribeErro
             shared.leave_outage();
         }
         let err = match sent {
-            Err(e) => SubscribeError::Unreachable {
-                url,
-                cause: root_cause(&e),
+            Err(e) => match opts.tls.refusal(&e) {
+                // A refused certificate is refused again on every retry: stop now.
+                Some((reason, hint)) => {
+                    let err = SubscribeError::Tls { url, reason, hint };
+                    tracing::error!(error = %err, "trickle subscriber stopped");
+                    return Err(err);
+                }
+                None => SubscribeError::Unreachable {
+                    url,
+                    cause: root_cause(&e),
+                },
             },
             Ok(resp) => match resp.status().as_u16() {
                 // After failures, a 404 is a channel being recreated by a restarted server.
@@ -523,6 +551,10 @@ async fn refetch(shared: &Shared, seq: i64) -> Resumed {
             _ = moved_past(shared, seq) => return Resumed::Gone,
         };
         let err = match sent {
+            Err(e) if shared.opts.tls.refusal(&e).is_some() => {
+                tracing::error!(%url, error = %e, "TLS certificate refused; the broken segment is lost");
+                return Resumed::Gone;
+            }
             Err(e) => {
                 server_was_down = true;
                 SubscribeError::Unreachable {

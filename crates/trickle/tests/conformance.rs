@@ -197,17 +197,9 @@ fn matches(got: Option<&Value>, exp: &Value) -> bool {
         && g.get("content_type") == exp.get("content_type")
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn all_recorded_reference_responses_match() {
+/// Replays every scenario against `server` with `client`; fails on any mismatch.
+async fn replay(server: Server, client: reqwest::Client) {
     let doc: Value = serde_json::from_str(include_str!("data/trickle-server.json")).unwrap();
-    let config = ServerConfig {
-        autocreate: true,
-        ..Default::default()
-    };
-    let server = Server::bind("127.0.0.1:0".parse().unwrap(), config)
-        .await
-        .unwrap();
-    let client = reqwest::Client::new();
     let scenarios = doc["scenarios"].as_array().unwrap().clone();
     let mut set = tokio::task::JoinSet::new();
     for sc in scenarios.iter().cloned() {
@@ -246,4 +238,39 @@ async fn all_recorded_reference_responses_match() {
         failures.len(),
         failures.join("\n")
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn all_recorded_reference_responses_match() {
+    let config = ServerConfig {
+        autocreate: true,
+        ..Default::default()
+    };
+    let server = Server::bind("127.0.0.1:0".parse().unwrap(), config)
+        .await
+        .unwrap();
+    replay(server, reqwest::Client::new()).await;
+}
+
+/// The same 79 responses from our server over HTTPS (a self-signed certificate, pinned by the
+/// client): TLS changes nothing a client can see.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn all_recorded_reference_responses_match_over_https() {
+    let tls = tls::ServerTls::self_signed(&["127.0.0.1".into()], &[b"http/1.1"]).unwrap();
+    let cert = reqwest::Certificate::from_pem(tls.cert_pem().as_bytes()).unwrap();
+    let config = ServerConfig {
+        autocreate: true,
+        tls: Some(tls),
+        ..Default::default()
+    };
+    let server = Server::bind("127.0.0.1:0".parse().unwrap(), config)
+        .await
+        .unwrap();
+    assert!(server.url().starts_with("https://127.0.0.1:"));
+    let client = reqwest::Client::builder()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(cert)
+        .build()
+        .unwrap();
+    replay(server, client).await;
 }

@@ -32,6 +32,10 @@
 //! At the end, with a runner that said `telemetry_flow: true` in `runner_ready`, [`Client::close`]
 //! asks it to end (`telemetry_flow {end: true}`) instead of closing the control channel at once,
 //! and reads on to its `telemetry_end`, so nothing is cut off by the channel's deletion.
+//!
+//! Both channels treat an `https://` server's certificate as [`ClientConfig::trickle_tls`] says
+//! (see [`trickle::client_tls`]); a refused certificate ends the events loop at once and is kept
+//! as [`Client::tls_refused`], so the process can exit with it instead of waiting.
 
 pub mod egress;
 pub mod http;
@@ -53,12 +57,13 @@ use tokio::sync::Notify;
 use tokio::sync::{broadcast, oneshot, watch};
 use tokio::task::JoinHandle;
 use transit::{Gap, Transit};
+use trickle::client_tls::ClientTls;
 use trickle::jsonl::{JsonlReader, JsonlReaderOptions, JsonlWriter, JsonlWriterOptions};
 use trickle::messages::{
     ApiRequest, ControlMessage, EventMessage, Parameters, Ping, StartStream, StopStream,
 };
 use trickle::publisher::{Publisher, PublisherOptions};
-use trickle::subscriber::{Subscriber, SubscriberOptions, SubscriberStats};
+use trickle::subscriber::{SubscribeError, Subscriber, SubscriberOptions, SubscriberStats};
 
 /// How long `start_stream` waits for `stream_started`: 10 s, as Scope's client.
 pub const START_STREAM_TIMEOUT: Duration = Duration::from_secs(10);
@@ -85,6 +90,8 @@ pub struct ClientConfig {
     /// How long both channels keep reconnecting through a trickle server outage before the
     /// events loop ends; zero: give up after the reference clients' retries (about 2.5 s).
     pub reconnect_window: Duration,
+    /// How both channels treat an `https://` server's certificate (default: any is accepted).
+    pub trickle_tls: ClientTls,
     /// Local address both channels connect from (`None`: the system's choice); see
     /// [`trickle::publisher::PublisherOptions::local_address`].
     pub local_address: Option<std::net::IpAddr>,
@@ -107,6 +114,7 @@ impl ClientConfig {
             max_event_bytes: 5 * 1024 * 1024,
             events_start_seq: -2,
             reconnect_window: crate::runner::DEFAULT_RECONNECT_WINDOW,
+            trickle_tls: ClientTls::default(),
             local_address: None,
             messages: None,
         }
@@ -274,6 +282,8 @@ struct Shared {
     ready: watch::Sender<Option<u64>>,
     notifications: broadcast::Sender<Value>,
     events_ended: AtomicBool,
+    /// The refused certificate that ended the events loop, if that is what ended it.
+    tls_refused: Mutex<Option<String>>,
     /// The numbering of the runner's event lines, followed.
     transit: Mutex<Transit>,
     /// The last `seq` read, for the flow reporter.
@@ -313,6 +323,7 @@ impl Client {
                     PublisherOptions {
                         content_type: "application/jsonl".into(),
                         reconnect_window: config.reconnect_window,
+                        tls: config.trickle_tls.clone(),
                         local_address: config.local_address,
                         ..PublisherOptions::default()
                     },
@@ -335,6 +346,7 @@ impl Client {
             ready: watch::channel(None).0,
             notifications: broadcast::channel(256).0,
             events_ended: AtomicBool::new(false),
+            tls_refused: Mutex::new(None),
             transit: Mutex::new(Transit::default()),
             read_seq: AtomicU64::new(0),
             flow_wake: Notify::new(),
@@ -523,6 +535,12 @@ impl Client {
     /// Whether the events channel has ended (the runner closed it, or it failed).
     pub fn events_ended(&self) -> bool {
         self.shared.events_ended.load(Relaxed)
+    }
+
+    /// Why the events channel's server certificate was refused, when that ended the events loop
+    /// (the message names the URL, the reason and the flag).
+    pub fn tls_refused(&self) -> Option<String> {
+        self.shared.tls_refused.lock().clone()
     }
 
     /// Whether the events loop ended because the events channel does not exist (a 404 before
@@ -837,7 +855,12 @@ impl Shared {
 ///
 /// An orchestrator normally creates a job's channels; this is for servers run with autocreate.
 pub async fn create_channel(url: &str) -> anyhow::Result<()> {
-    crate::channels::create_channel(url, "application/jsonl").await
+    create_channel_with(url, &ClientTls::default()).await
+}
+
+/// [`create_channel`], treating an `https://` server's certificate as `tls` says.
+pub async fn create_channel_with(url: &str, tls: &ClientTls) -> anyhow::Result<()> {
+    crate::channels::create_channel(url, "application/jsonl", tls).await
 }
 
 /// What the runner's sink writes before each envelope (its exact bytes), after the type: a
@@ -1007,6 +1030,7 @@ async fn events_loop(config: ClientConfig, shared: Arc<Shared>) {
         SubscriberOptions {
             start_seq: config.events_start_seq,
             reconnect_window: config.reconnect_window,
+            tls: config.trickle_tls.clone(),
             local_address: config.local_address,
             // Telemetry: skip as little as possible (every line skipped is counted lost).
             jump_to_current: true,
@@ -1050,6 +1074,9 @@ async fn events_loop(config: ClientConfig, shared: Arc<Shared>) {
             }
             Err(e) => {
                 tracing::error!(events = %config.events_url, error = %e, "events subscription failed");
+                if matches!(e, SubscribeError::Tls { .. }) {
+                    *shared.tls_refused.lock() = Some(e.to_string());
+                }
                 break;
             }
         }

@@ -45,6 +45,8 @@ pub struct MediaOptions {
     pub reconnect_window: Duration,
     /// Largest input segment accepted; a bigger one fails the input loop.
     pub max_segment_bytes: usize,
+    /// How an `https://` server's certificate is treated (the runner's `trickle_tls`).
+    pub tls: trickle::client_tls::ClientTls,
     /// Local address the media channels connect from (`None`: the system's choice).
     pub local_address: Option<std::net::IpAddr>,
 }
@@ -87,6 +89,7 @@ pub struct MediaStream {
     stop: CancellationToken,
     task: Option<JoinHandle<()>>,
     counters: Arc<Counters>,
+    tls: trickle::client_tls::ClientTls,
 }
 
 impl MediaStream {
@@ -96,9 +99,9 @@ impl MediaStream {
         let base = opts.base_url.trim_end_matches('/');
         let input_url = format!("{base}/{}-in", channels::random_name());
         let output_url = format!("{base}/{}-out", channels::random_name());
-        channels::create_channel(&input_url, MEDIA_MIME).await?;
-        if let Err(e) = channels::create_channel(&output_url, MEDIA_MIME).await {
-            let _ = channels::delete_channel(&input_url).await;
+        channels::create_channel(&input_url, MEDIA_MIME, &opts.tls).await?;
+        if let Err(e) = channels::create_channel(&output_url, MEDIA_MIME, &opts.tls).await {
+            let _ = channels::delete_channel(&input_url, &opts.tls).await;
             return Err(e);
         }
         let stop = CancellationToken::new();
@@ -118,6 +121,7 @@ impl MediaStream {
             stop,
             task: Some(task),
             counters,
+            tls: opts.tls.clone(),
         })
     }
 
@@ -168,7 +172,7 @@ impl MediaStream {
             }
         }
         for url in [&self.input_url, &self.output_url] {
-            if let Err(e) = channels::delete_channel(url).await {
+            if let Err(e) = channels::delete_channel(url, &self.tls).await {
                 tracing::warn!(error = %format!("{e:#}"), "media channel not deleted");
             }
         }
@@ -205,6 +209,7 @@ async fn passthrough(
             start_seq: 0,
             max_segment_bytes: opts.max_segment_bytes,
             reconnect_window: opts.reconnect_window,
+            tls: opts.tls.clone(),
             local_address: opts.local_address,
             ..SubscriberOptions::default()
         },
@@ -214,6 +219,7 @@ async fn passthrough(
         PublisherOptions {
             content_type: MEDIA_MIME.into(),
             reconnect_window: opts.reconnect_window,
+            tls: opts.tls.clone(),
             local_address: opts.local_address,
             ..PublisherOptions::default()
         },
@@ -320,6 +326,7 @@ mod tests {
             base_url,
             reconnect_window: Duration::ZERO,
             max_segment_bytes,
+            tls: Default::default(),
             local_address: None,
         }
     }

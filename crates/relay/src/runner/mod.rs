@@ -48,6 +48,10 @@
 //! its heartbeat, its writers' segment rotation and the 100 ms lost-events fold. Many runners may share a process
 //! ([`RunnerConfig::install_sink`] off), as `bench sessions` runs them: each publishes its own
 //! events to its own sink.
+//!
+//! Both channels treat an `https://` server's certificate as [`RunnerConfig::trickle_tls`] says
+//! (see [`trickle::client_tls`]). A refused control-channel certificate ends the runner with that
+//! error (naming the URL, the reason and the flag) instead of a session that never starts.
 
 pub mod control;
 pub mod ingest;
@@ -69,11 +73,12 @@ use telemetry::sinks::{SessionContext, TrickleEventsConfig, TrickleEventsSink};
 use telemetry::{Envelope, Event, Fields, Sink, SinkStats};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+use trickle::client_tls::ClientTls;
 use trickle::jsonl::{
     JsonlReader, JsonlReaderOptions, JsonlWriter, JsonlWriterOptions, ReaderStats, WriterStats,
 };
 use trickle::publisher::{Publisher, PublisherOptions, PublisherStats};
-use trickle::subscriber::{Subscriber, SubscriberOptions, SubscriberStats};
+use trickle::subscriber::{SubscribeError, Subscriber, SubscriberOptions, SubscriberStats};
 
 /// Default [`RunnerConfig::telemetry_poll_interval`]: 1 ms (the sink's own default is 5 ms) cuts
 /// end-to-end latency at 10,000 events/s from a 3.6 ms median to 1.3 ms (BENCHMARKS.md), for
@@ -161,6 +166,8 @@ pub struct RunnerConfig {
     /// Lines the events writer queues while its segment cannot be written (e.g. during an
     /// outage); beyond them the telemetry sink's own queue sheds, counting every drop.
     pub events_queue_lines: usize,
+    /// How both channels treat an `https://` server's certificate (default: any is accepted).
+    pub trickle_tls: ClientTls,
     /// Install the runner's sink as the process-wide sink (default), so that every
     /// `publish_event` in the process goes to this session. Off, only the runner's own events
     /// (and [`ingest`]) reach its events channel: for many runners in one process.
@@ -202,6 +209,7 @@ impl RunnerConfig {
             emitted_copy: None,
             reconnect_window: DEFAULT_RECONNECT_WINDOW,
             events_queue_lines: JsonlWriterOptions::default().queue_capacity,
+            trickle_tls: ClientTls::default(),
             install_sink: true,
             local_address: None,
             flow_control: true,
@@ -279,6 +287,7 @@ pub async fn run(
             reset: config.reset_events,
             content_type: "application/jsonl".into(),
             reconnect_window: config.reconnect_window,
+            tls: config.trickle_tls.clone(),
             local_address: config.local_address,
             ..PublisherOptions::default()
         },
@@ -369,8 +378,12 @@ pub async fn run(
     let control_stats = Arc::new(parking_lot::Mutex::new(ReaderStats::default()));
     let reader_task = tokio::spawn(read_control(
         config.control_url.clone(),
-        config.reconnect_window,
-        config.local_address,
+        SubscriberOptions {
+            reconnect_window: config.reconnect_window,
+            tls: config.trickle_tls.clone(),
+            local_address: config.local_address,
+            ..SubscriberOptions::default()
+        },
         control_tx,
         control_stats.clone(),
     ));
@@ -404,6 +417,7 @@ pub async fn run(
                 .unwrap_or_else(|| crate::channels::sibling_url(&config.control_url, "")),
             reconnect_window: config.reconnect_window,
             max_segment_bytes: config.max_media_segment_bytes,
+            tls: config.trickle_tls.clone(),
             local_address: config.local_address,
         },
         media: None,
@@ -484,8 +498,9 @@ pub async fn run(
     }
     report.client_read_seq = sink.client_read_seq();
     reader_task.abort();
-    // `true` only if it ended by itself on a channel that was never there (aborted: false).
-    report.control_missing = reader_task.await.unwrap_or(false);
+    // Aborted (it was still reading): neither missing nor refused.
+    let control_end = reader_task.await.unwrap_or(ControlEnd::Ended);
+    report.control_missing = matches!(control_end, ControlEnd::Missing);
     let control = *control_stats.lock();
     report.bad_control_lines = control.bad_lines();
     report.control = control.subscriber;
@@ -515,7 +530,20 @@ pub async fn run(
         dropped = report.sink.dropped(),
         "runner stopped"
     );
+    if let ControlEnd::Refused(refused) = control_end {
+        anyhow::bail!("the control channel cannot be read: {refused}");
+    }
     Ok(report)
+}
+
+/// How the control channel's reading ended.
+enum ControlEnd {
+    /// It ended (or the runner stopped reading).
+    Ended,
+    /// It was never there: a 404 before the server ever showed it, a setup error.
+    Missing,
+    /// A refused TLS certificate ended it; the error names the URL, the reason and the flag.
+    Refused(String),
 }
 
 /// Acts on one `telemetry_flow` report: records the client's reading (and answers it when it
@@ -635,22 +663,14 @@ async fn closing_message(
     }
 }
 
-/// Reads the control channel into `tx`, keeping `stats` current, until it ends.
+/// Reads the control channel into `tx`, keeping `stats` current, until it ends; says how.
 async fn read_control(
     url: String,
-    reconnect_window: Duration,
-    local_address: Option<IpAddr>,
+    options: SubscriberOptions,
     tx: mpsc::Sender<Map<String, Value>>,
     stats: Arc<parking_lot::Mutex<ReaderStats>>,
-) -> bool {
-    let subscriber = Subscriber::new(
-        url.clone(),
-        SubscriberOptions {
-            reconnect_window,
-            local_address,
-            ..SubscriberOptions::default()
-        },
-    );
+) -> ControlEnd {
+    let subscriber = Subscriber::new(url.clone(), options);
     let mut reader = JsonlReader::new(subscriber, JsonlReaderOptions::default());
     loop {
         // Raw objects: a message of a known type with a wrong shape is still answered (`error`).
@@ -664,7 +684,7 @@ async fn read_control(
             }
             Ok(None) if reader.channel_missing() => {
                 tracing::error!(control = %url, "control channel does not exist (HTTP 404); nothing to answer");
-                return true;
+                return ControlEnd::Missing;
             }
             Ok(None) => {
                 tracing::info!(control = %url, "control channel ended");
@@ -672,11 +692,18 @@ async fn read_control(
             }
             Err(e) => {
                 tracing::error!(control = %url, error = %e, "control subscription failed");
-                return reader.channel_missing();
+                if matches!(e, SubscribeError::Tls { .. }) {
+                    return ControlEnd::Refused(e.to_string());
+                }
+                return if reader.channel_missing() {
+                    ControlEnd::Missing
+                } else {
+                    ControlEnd::Ended
+                };
             }
         }
     }
-    false
+    ControlEnd::Ended
 }
 
 /// Adds the events writer's newly lost lines to the sink's drops, every 100 ms,

@@ -74,6 +74,8 @@ pub struct Args {
     /// (~2.5 s) and end the session.
     #[arg(long, default_value_t = 60.0, value_name = "SECS")]
     pub reconnect_secs: f64,
+    #[command(flatten)]
+    pub tls: super::TrickleTlsArgs,
 }
 
 /// Runs the client until Ctrl-C / SIGTERM, `--duration-secs`, or the end of the events channel,
@@ -89,9 +91,10 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     if let Some(r) = &egress.reporter {
         egress::reload_api_key_on_sighup(r.clone(), args.api_key_file.clone());
     }
+    let trickle_tls = args.tls.client_tls()?;
     if args.create_channels {
-        relay::client::create_channel(&args.control_url).await?;
-        relay::client::create_channel(&args.events_url).await?;
+        relay::client::create_channel_with(&args.control_url, &trickle_tls).await?;
+        relay::client::create_channel_with(&args.events_url, &trickle_tls).await?;
     }
     let events_url = args.events_url.clone();
     let mut config = ClientConfig::new(args.control_url, args.events_url);
@@ -102,6 +105,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     config.max_event_bytes = args.max_event_bytes;
     config.reconnect_window = Duration::try_from_secs_f64(args.reconnect_secs)
         .context("--reconnect-secs takes a number of seconds >= 0, e.g. 60")?;
+    config.trickle_tls = trickle_tls;
     let client = Arc::new(Client::connect(config, egress.sink.clone()));
 
     let signals = super::Signals::install();
@@ -113,7 +117,14 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         let params: Value = serde_json::from_str(params).context(
             "--start-stream takes a JSON object, e.g. '{\"pipeline_id\":\"passthrough\"}'",
         )?;
-        if client.wait_ready(Duration::from_secs(30)).await.is_none() {
+        let ready = tokio::select! {
+            ready = client.wait_ready(Duration::from_secs(30)) => ready,
+            _ = until_events_end(&client) => None,
+        };
+        if let Some(refused) = client.tls_refused() {
+            anyhow::bail!("the events channel cannot be read: {refused}");
+        }
+        if ready.is_none() {
             tracing::warn!("no runner_ready within 30 s; starting the stream anyway");
         }
         client
@@ -123,11 +134,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     }
     let deadline = args.duration_secs.map(Duration::from_secs_f64);
     let watch = client.clone();
-    let ended = async move {
-        while !watch.events_ended() {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    };
+    let ended = async move { until_events_end(&watch).await };
     tokio::select! {
         _ = signals.reached(1) => {}
         _ = ended => {}
@@ -141,6 +148,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         }
     }
     let missing = client.events_missing();
+    let refused = client.tls_refused();
     let counters = client.reporter();
     let client =
         Arc::try_unwrap(client).map_err(|_| anyhow::anyhow!("client still in use at shutdown"))?;
@@ -204,6 +212,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         std::fs::write(&path, json.to_string())
             .with_context(|| format!("cannot write the report to {}", path.display()))?;
     }
+    if let Some(refused) = refused {
+        bail!("the events channel cannot be read: {refused}");
+    }
     if missing {
         bail!(
             "the events channel {events_url} does not exist (HTTP 404), so there was nothing to \
@@ -213,6 +224,13 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// Resolves once the client's events channel has ended.
+async fn until_events_end(client: &Client) {
+    while !client.events_ended() {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 async fn serve_http(

@@ -8,6 +8,9 @@
 //! startup line. Duplicates are remembered in this process (`--dedup memory`, the default) or, for
 //! several collectors behind one load balancer, in a Redis they share (`--dedup
 //! redis://HOST:PORT`). See the `collector` crate for the full contract.
+//!
+//! HTTPS: `--tls-cert FILE --tls-key FILE` (PEM; re-read on SIGHUP, a bad pair refused and the
+//! certificate in service kept). A reporter trusts a private CA with `SCOPE_METRICS_CA_FILE`.
 
 use anyhow::Context as _;
 use collector::redis_dedup::{RedisDedup, RedisDedupConfig};
@@ -63,10 +66,25 @@ pub struct Args {
     /// Seconds between two counter log lines (only when they changed).
     #[arg(long, default_value_t = 10)]
     pub log_interval_secs: u64,
+    /// Serve HTTPS with this certificate chain (PEM, leaf first); needs --tls-key. Re-read on
+    /// SIGHUP.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM: PKCS#8, PKCS#1 or SEC1). Re-read on SIGHUP.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
 }
 
 /// Runs the collector until Ctrl-C / SIGTERM.
 pub async fn run(args: Args) -> anyhow::Result<()> {
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => {
+            let tls = tls::ServerTls::from_pem_files(cert, key, &[b"h2", b"http/1.1"])?;
+            super::reload_tls_on_sighup(tls.clone());
+            Some(tls)
+        }
+        _ => None,
+    };
     let keys = Arc::new(ApiKeys::load(&args.api_keys)?);
     let (spec, why) = match &args.output {
         Some(spec) => (spec.clone(), ""),
@@ -105,9 +123,16 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         })?;
     let addr = listener.local_addr()?;
     logging::say!(
-        "collector: listening on http://{addr}/v1/metrics ({} keys, output {spec}{why}, dedup {dedup_name})",
+        "collector: listening on {}://{addr}/v1/metrics ({} keys, output {spec}{why}, dedup {dedup_name})",
+        if tls.is_some() { "https" } else { "http" },
         keys.len(),
     );
+    if let Some(tls) = &tls {
+        logging::say!(
+            "collector: TLS certificate SHA-256 fingerprint {}",
+            tls.fingerprint()
+        );
+    }
 
     let shutdown = CancellationToken::new();
     super::cancel_on_signal(shutdown.clone());
@@ -131,15 +156,24 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         })
     };
     let stop = shutdown.clone();
+    let stopped = async move { stop.cancelled().await };
     // `GET /metrics` (Prometheus text format) beside `/v1/metrics`, on the same listener.
     let exported = metrics::Metrics::new().with(metrics::collector(collector.clone()));
-    collector
-        .clone()
-        .serve_with(listener, exported.router(), async move {
-            stop.cancelled().await
-        })
-        .await
-        .context("collector server failed")?;
+    match tls {
+        Some(tls) => {
+            collector
+                .clone()
+                .serve_tls_with(listener, exported.router(), tls, stopped)
+                .await
+        }
+        None => {
+            collector
+                .clone()
+                .serve_with(listener, exported.router(), stopped)
+                .await
+        }
+    }
+    .context("collector server failed")?;
     shutdown.cancel();
     let _ = logger.await;
     collector.log_stats();

@@ -8,7 +8,65 @@ pub mod runner;
 pub mod serve;
 pub mod subscribe;
 
+use anyhow::Context as _;
+use std::path::PathBuf;
 use tokio_util::sync::CancellationToken;
+use trickle::client_tls::ClientTls;
+
+/// How the trickle clients of a command treat an `https://` server's certificate. Default: any
+/// certificate is accepted, as the reference clients do (orchestrators serve self-signed ones; the
+/// channel name is the secret), with a one-time warning.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct TrickleTlsArgs {
+    /// Verify https:// trickle servers against this PEM file only: the server's own certificate
+    /// (`serve --tls-cert-out`) or the CA that signed it.
+    #[arg(long, env = "TRICKLE_CA_FILE", value_name = "FILE")]
+    pub trickle_ca: Option<PathBuf>,
+    /// Verify https:// trickle servers against the system's trusted roots (refuses the
+    /// self-signed certificates orchestrators use; pin one with --trickle-ca instead).
+    #[arg(long, conflicts_with = "trickle_ca")]
+    pub trickle_verify_tls: bool,
+}
+
+impl TrickleTlsArgs {
+    /// The trust mode these flags select.
+    pub fn client_tls(&self) -> anyhow::Result<ClientTls> {
+        ClientTls::from_flags(self.trickle_ca.as_deref(), self.trickle_verify_tls)
+            .context("--trickle-ca (TRICKLE_CA_FILE) is unusable")
+    }
+}
+
+/// Re-reads the certificate and key on SIGHUP; a bad pair is refused and the current one kept.
+/// The handler is in place when this returns (before the server listens), so an early SIGHUP
+/// never takes the default action (ending the process).
+pub fn reload_tls_on_sighup(tls: tls::ServerTls) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let Ok(mut hup) = signal(SignalKind::hangup()) else {
+            tracing::warn!("cannot listen for SIGHUP; the TLS certificate will not be reloaded");
+            return;
+        };
+        tokio::spawn(async move {
+            while hup.recv().await.is_some() {
+                match tls.reload() {
+                    Ok(Some(fingerprint)) => {
+                        tracing::info!(%fingerprint, "SIGHUP: TLS certificate reloaded; new connections use it")
+                    }
+                    Ok(None) => tracing::info!(
+                        "SIGHUP: the self-signed certificate was made at start; nothing to reload"
+                    ),
+                    Err(e) => tracing::error!(
+                        error = %e,
+                        "SIGHUP: TLS certificate NOT reloaded; the current one stays in service"
+                    ),
+                }
+            }
+        });
+    }
+    #[cfg(not(unix))]
+    let _ = tls;
+}
 
 /// Cancels `token` on Ctrl-C or SIGTERM, so every command shuts down gracefully and flushes.
 pub fn cancel_on_signal(token: CancellationToken) {

@@ -36,6 +36,8 @@ pub struct Args {
     /// With --jsonl: rotate to a new segment before one grows past this many bytes.
     #[arg(long, default_value_t = 1 << 20)]
     pub max_segment_bytes: usize,
+    #[command(flatten)]
+    pub tls: super::TrickleTlsArgs,
 }
 
 /// Runs `trickle-relay publish`.
@@ -47,6 +49,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         } else {
             "application/octet-stream".to_string()
         },
+        tls: args.tls.client_tls()?,
         ..Default::default()
     };
     let publisher = Publisher::new(&args.url, opts);

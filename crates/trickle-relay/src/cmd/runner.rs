@@ -80,6 +80,8 @@ pub struct Args {
     /// Serve `GET /metrics` (Prometheus text format) on this address; off by default.
     #[arg(long, value_name = "ADDR")]
     pub metrics_listen: Option<SocketAddr>,
+    #[command(flatten)]
+    pub tls: super::TrickleTlsArgs,
 }
 
 /// Runs the runner until the control channel ends or Ctrl-C / SIGTERM.
@@ -103,6 +105,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     config.reconnect_window = Duration::try_from_secs_f64(args.reconnect_secs)
         .context("--reconnect-secs takes a number of seconds >= 0, e.g. 60")?;
     config.started_at = started_at;
+    config.trickle_tls = args.tls.client_tls()?;
     config.flow_control = !args.no_flow_control;
     config.close_wait = Duration::try_from_secs_f64(args.close_wait_secs)
         .context("--close-wait-secs takes a number of seconds >= 0, e.g. 10")?;

@@ -1,10 +1,17 @@
 //! `trickle-relay serve`: run a trickle server until Ctrl-C or SIGTERM, then shut down gracefully.
 //!
 //! Listens on 127.0.0.1:2939 by default (`--listen 0.0.0.0:2939` to serve other hosts).
+//!
+//! HTTPS: `--tls-cert FILE --tls-key FILE` (PEM; both re-read on SIGHUP, a bad pair refused and
+//! the certificate in service kept), or `--tls-self-signed`, which makes a key and certificate at
+//! start for the listen address and `localhost` (plus `--tls-name`), prints its SHA-256
+//! fingerprint and, with `--tls-cert-out FILE`, writes the certificate for clients to pin with
+//! `--trickle-ca FILE`.
 
 use anyhow::Context as _;
 use std::io::Write as _;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 use trickle::server::limits::{raise_open_file_limit, sized_limits, OpenFiles};
 use trickle::server::{Server, ServerConfig};
@@ -39,9 +46,66 @@ pub struct Args {
     /// Run the `_changes` feed channel announcing added and removed channels.
     #[arg(long)]
     pub changes_feed: bool,
+    /// Serve HTTPS with this certificate chain (PEM, leaf first); needs --tls-key. Re-read on
+    /// SIGHUP.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM: PKCS#8, PKCS#1 or SEC1). Re-read on SIGHUP.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Serve HTTPS with a key and certificate made at start for the listen address and
+    /// localhost (and each --tls-name); prints its SHA-256 fingerprint. A new one at every start.
+    #[arg(long, conflicts_with_all = ["tls_cert", "tls_key"])]
+    pub tls_self_signed: bool,
+    /// With --tls-self-signed: write the certificate (PEM) to this file, for clients to pin with
+    /// --trickle-ca FILE.
+    #[arg(long, value_name = "FILE", requires = "tls_self_signed")]
+    pub tls_cert_out: Option<PathBuf>,
+    /// With --tls-self-signed: one more DNS name or IP address the certificate is valid for
+    /// (repeat for more), e.g. the host name clients use.
+    #[arg(long, value_name = "NAME", requires = "tls_self_signed")]
+    pub tls_name: Vec<String>,
     /// Serve `GET /metrics` (Prometheus text format) on this address; off by default.
     #[arg(long, value_name = "ADDR")]
     pub metrics_listen: Option<SocketAddr>,
+}
+
+/// The names a self-signed certificate for `listen` is valid for: its address (loopback for an
+/// unspecified one, which the server URL shows too), `localhost`, and `extra`.
+fn self_signed_names(listen: SocketAddr, extra: &[String]) -> Vec<String> {
+    let ips: Vec<IpAddr> = match listen.ip() {
+        ip if ip.is_unspecified() => vec![
+            IpAddr::from([127, 0, 0, 1]),
+            IpAddr::from(std::net::Ipv6Addr::LOCALHOST),
+        ],
+        ip => vec![ip],
+    };
+    let mut names: Vec<String> = ips.iter().map(IpAddr::to_string).collect();
+    names.push("localhost".into());
+    for name in extra {
+        if !names.contains(name) {
+            names.push(name.clone());
+        }
+    }
+    names
+}
+
+/// The certificate the flags ask for, if any; a self-signed one is written to --tls-cert-out.
+fn server_tls(args: &Args) -> anyhow::Result<Option<tls::ServerTls>> {
+    const ALPN: &[&[u8]] = &[b"http/1.1"];
+    if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
+        return Ok(Some(tls::ServerTls::from_pem_files(cert, key, ALPN)?));
+    }
+    if !args.tls_self_signed {
+        return Ok(None);
+    }
+    let names = self_signed_names(args.listen, &args.tls_name);
+    let tls = tls::ServerTls::self_signed(&names, ALPN)?;
+    if let Some(out) = &args.tls_cert_out {
+        std::fs::write(out, tls.cert_pem())
+            .with_context(|| format!("cannot write --tls-cert-out {}", out.display()))?;
+    }
+    Ok(Some(tls))
 }
 
 /// Runs `trickle-relay serve`.
@@ -57,6 +121,10 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         } else {
             sized_channels
         });
+    let tls = server_tls(&args)?;
+    if let Some(tls) = &tls {
+        super::reload_tls_on_sighup(tls.clone());
+    }
     let config = ServerConfig {
         base_path: args.base_path,
         autocreate: args.autocreate,
@@ -65,6 +133,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         max_connections,
         idle_timeout: Duration::from_secs(args.idle_timeout_secs),
         changes_feed: args.changes_feed,
+        tls: tls.clone(),
         ..ServerConfig::default()
     };
     let server = Server::bind(args.listen, config)
@@ -74,6 +143,15 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     // The URL stays the first line's last word: scripts (and `bench relay`) read it there.
     println!("trickle server listening on {}", server.url());
     println!("{}", limits_line(max_connections, max_channels, &files));
+    if let Some(tls) = tls {
+        println!("TLS certificate SHA-256 fingerprint {}", tls.fingerprint());
+        if let Some(out) = &args.tls_cert_out {
+            println!(
+                "certificate written to {0}; clients pin it with --trickle-ca {0}",
+                out.display()
+            );
+        }
+    }
     let stop_metrics = tokio_util::sync::CancellationToken::new();
     if let Some(addr) = args.metrics_listen {
         let probe = metrics::server(server.channels().clone());

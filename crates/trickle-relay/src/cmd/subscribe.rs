@@ -31,6 +31,8 @@ pub struct Args {
     /// Largest segment accepted (a bigger one is cut and counted).
     #[arg(long, default_value_t = 64 << 20)]
     pub max_segment_bytes: usize,
+    #[command(flatten)]
+    pub tls: super::TrickleTlsArgs,
 }
 
 /// How the subscription stopped.
@@ -56,6 +58,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         SubscriberOptions {
             start_seq: args.from,
             max_segment_bytes: args.max_segment_bytes,
+            tls: args.tls.client_tls()?,
             ..Default::default()
         },
     );

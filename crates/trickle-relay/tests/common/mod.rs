@@ -189,8 +189,12 @@ pub fn tail(path: &Path) -> String {
 }
 
 /// Creates the trickle channel `url` (as an orchestrator would) and fails the test otherwise.
+/// An `https://` server's certificate is not checked (the tests' servers sign their own).
 pub fn create_channel(url: &str) {
-    let status = reqwest::blocking::Client::new()
+    let status = reqwest::blocking::Client::builder()
+        .danger_accept_invalid_certs(true)
+        .build()
+        .expect("HTTP client")
         .post(url)
         .header("Expect-Content", "application/jsonl")
         .send()
@@ -201,9 +205,14 @@ pub fn create_channel(url: &str) {
 
 /// Two fresh channel URLs on the server at `addr`, created: `(control, events)`.
 pub fn create_session_channels(addr: SocketAddr) -> (String, String) {
+    create_session_channels_at(&format!("http://{addr}"))
+}
+
+/// Two fresh channel URLs on the server at `base` (e.g. `https://127.0.0.1:2939`), created.
+pub fn create_session_channels_at(base: &str) -> (String, String) {
     let tag = uuid::Uuid::new_v4().simple().to_string();
-    let control = format!("http://{addr}/{tag}-control");
-    let events = format!("http://{addr}/{tag}-events");
+    let control = format!("{base}/{tag}-control");
+    let events = format!("{base}/{tag}-events");
     create_channel(&control);
     create_channel(&events);
     (control, events)

@@ -1,11 +1,32 @@
 //! Just enough HTTP/1.1 for trickle: request heads (httparse), streamed request bodies
-//! (Content-Length and chunked), fixed responses, and vectored writes for streamed ones.
+//! (Content-Length and chunked), fixed responses, and vectored writes for streamed ones, over
+//! plain TCP or TLS ([`Io`]).
+//!
+//! Message framing follows RFC 9112 strictly, because a server that reads a body's length
+//! differently from a proxy in front of it can be made to take the rest of one request for the
+//! start of another (request smuggling). Each of these is answered 400 and the connection closed,
+//! so nothing sent behind it on that connection is ever served:
+//! - both `Content-Length` and `Transfer-Encoding` (section 6.3, rule 3);
+//! - a `Transfer-Encoding` whose final coding is not `chunked`, or that applies `chunked` twice
+//!   (sections 6.3 rule 4, and 6.1);
+//! - `Transfer-Encoding` in an HTTP/1.0 request (section 6.1);
+//! - a `Content-Length` that is not plain decimal digits (a sign, a list, spaces inside), or
+//!   several that differ (section 6.3, rule 5; RFC 9110 section 8.6);
+//! - a chunk size that is not plain hex digits (section 7.1).
+//!
+//! A coding other than `chunked` before the final `chunked` (e.g. `gzip, chunked`) is one the
+//! server does not implement: 501 and close (section 6.1). A body shorter than its
+//! `Content-Length` when the client closes is incomplete: no answer, the connection is dropped
+//! (section 6.3, rule 6). A request with neither header has no body (rule 7), so what follows
+//! its head is the next request.
 
 use bytes::{Buf, Bytes, BytesMut};
 use std::io::{self, IoSlice};
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
 
 /// Largest request head accepted (request line and headers).
 pub(crate) const MAX_HEAD: usize = 16 * 1024;
@@ -31,22 +52,84 @@ const ZERO_COPY_MIN: usize = 32 * 1024;
 /// The interim response the server repeats while a preconnected POST is idle.
 pub(crate) const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
 
-/// A connection: its two halves and the bytes read but not yet parsed.
+/// An accepted connection's byte stream: plain TCP, or TLS over it.
+pub(crate) enum Io {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for Io {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Io {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Io::Plain(s) => s.is_write_vectored(),
+            Io::Tls(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_flush(cx),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+/// A connection: its stream and the bytes read but not yet parsed. Reads and writes never
+/// overlap (every use goes through `&mut Conn`), so the stream is not split.
 pub(crate) struct Conn {
-    pub(crate) rd: OwnedReadHalf,
-    pub(crate) wr: OwnedWriteHalf,
+    pub(crate) io: Io,
     pub(crate) buf: BytesMut,
     /// Bytes to reserve for the next body read: doubles while reads fill what was reserved.
     body_reserve: usize,
 }
 
 impl Conn {
-    /// Wraps an accepted socket. Its buffer is allocated by the first read, small.
-    pub(crate) fn new(stream: tokio::net::TcpStream) -> Conn {
-        let (rd, wr) = stream.into_split();
+    /// Wraps an accepted stream. Its buffer is allocated by the first read, small.
+    pub(crate) fn new(io: Io) -> Conn {
         Conn {
-            rd,
-            wr,
+            io,
             buf: BytesMut::new(),
             body_reserve: BODY_RESERVE,
         }
@@ -67,7 +150,7 @@ impl Conn {
         if self.buf.capacity() - self.buf.len() < SMALL_SPARE {
             self.buf.reserve(SMALL_RESERVE);
         }
-        self.rd.read_buf(&mut self.buf).await
+        self.io.read_buf(&mut self.buf).await
     }
 
     /// Reads more body bytes. The reservation starts small (a telemetry segment's chunks are
@@ -79,27 +162,30 @@ impl Conn {
             self.buf.reserve(self.body_reserve);
         }
         let offered = self.buf.capacity() - self.buf.len();
-        let n = self.rd.read_buf(&mut self.buf).await?;
+        let n = self.io.read_buf(&mut self.buf).await?;
         if n == offered {
             self.body_reserve = (self.body_reserve * 2).min(READ_RESERVE);
         }
         Ok(n)
     }
 
-    /// Writes all of `bytes`.
+    /// Writes all of `bytes` and flushes them (TLS holds written bytes until flushed).
     pub(crate) async fn write(&mut self, bytes: &[u8]) -> io::Result<()> {
-        self.wr.write_all(bytes).await
+        self.io.write_all(bytes).await?;
+        self.io.flush().await
     }
 
     /// Closes gracefully: FIN our side, then read and drop what the client still sends for a
     /// moment, so that our response is not destroyed by a reset for unread data.
     pub(crate) async fn linger_close(mut self) {
-        let _ = self.wr.shutdown().await;
         let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
+        // Bounded: over TLS the shutdown writes a close_notify, which a peer that does not read
+        // could hold up.
+        let _ = tokio::time::timeout_at(deadline, self.io.shutdown()).await;
         let mut scratch = vec![0u8; 16 * 1024];
         let mut dropped = 0usize;
         while dropped < 4 * 1024 * 1024 {
-            match tokio::time::timeout_at(deadline, self.rd.read(&mut scratch)).await {
+            match tokio::time::timeout_at(deadline, self.io.read(&mut scratch)).await {
                 Ok(Ok(n)) if n > 0 => dropped += n,
                 _ => break,
             }
@@ -217,26 +303,27 @@ fn build_head(req: &httparse::Request<'_, '_>) -> Result<Head, HeadError> {
         reset: false,
     };
     let mut length: Option<u64> = None;
-    let mut chunked = false;
+    // The transfer codings of every Transfer-Encoding header, in order; `None`: no such header.
+    let mut codings: Option<Vec<String>> = None;
     for h in req.headers.iter() {
         let value = String::from_utf8_lossy(h.value);
         let value = value.trim();
         let name = h.name;
         if name.eq_ignore_ascii_case("content-length") {
-            let n: u64 = value
-                .parse()
-                .map_err(|_| HeadError::Bad("invalid Content-Length"))?;
+            let n = parse_content_length(value)?;
             if length.is_some_and(|l| l != n) {
                 return Err(HeadError::Bad("conflicting Content-Length headers"));
             }
             length = Some(n);
         } else if name.eq_ignore_ascii_case("transfer-encoding") {
-            let last = value.rsplit(',').next().unwrap_or("").trim();
-            if last.eq_ignore_ascii_case("chunked") {
-                chunked = true;
-            } else if !value.is_empty() {
-                return Err(HeadError::Unsupported);
-            }
+            // A list; empty elements are ignored (RFC 9110 section 5.6.1).
+            codings.get_or_insert_with(Vec::new).extend(
+                value
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|c| !c.is_empty())
+                    .map(str::to_ascii_lowercase),
+            );
         } else if name.eq_ignore_ascii_case("connection") {
             for token in value.split(',') {
                 let token = token.trim();
@@ -256,15 +343,57 @@ fn build_head(req: &httparse::Request<'_, '_>) -> Result<Head, HeadError> {
             head.reset = !value.is_empty() && value != "0" && !value.eq_ignore_ascii_case("false");
         }
     }
-    head.body = if chunked {
-        BodyKind::Chunked
-    } else {
-        match length {
+    head.body = match codings {
+        Some(codings) => chunked_framing(&codings, length.is_some(), http10)?,
+        None => match length {
             Some(0) | None => BodyKind::None,
             Some(n) => BodyKind::Length(n),
-        }
+        },
     };
     Ok(head)
+}
+
+/// A Content-Length value: decimal digits only (no sign, list or inner space), at most 18 of
+/// them so that it fits in a u64 with room to spare.
+fn parse_content_length(value: &str) -> Result<u64, HeadError> {
+    if value.is_empty() || value.len() > 18 || !value.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(HeadError::Bad("invalid Content-Length"));
+    }
+    value
+        .parse()
+        .map_err(|_| HeadError::Bad("invalid Content-Length"))
+}
+
+/// The framing of a request that has a Transfer-Encoding (see the module docs for the rules).
+fn chunked_framing(
+    codings: &[String],
+    has_length: bool,
+    http10: bool,
+) -> Result<BodyKind, HeadError> {
+    if http10 {
+        return Err(HeadError::Bad(
+            "Transfer-Encoding in an HTTP/1.0 request (RFC 9112 section 6.1)",
+        ));
+    }
+    if has_length {
+        return Err(HeadError::Bad(
+            "both Content-Length and Transfer-Encoding (RFC 9112 section 6.3)",
+        ));
+    }
+    if codings.last().map(String::as_str) != Some("chunked") {
+        return Err(HeadError::Bad(
+            "Transfer-Encoding must end with chunked (RFC 9112 section 6.3)",
+        ));
+    }
+    if codings.iter().filter(|c| *c == "chunked").count() > 1 {
+        return Err(HeadError::Bad(
+            "chunked applied more than once (RFC 9112 section 6.1)",
+        ));
+    }
+    if codings.len() > 1 {
+        return Err(HeadError::Unsupported);
+    }
+    Ok(BodyKind::Chunked)
 }
 
 /// The decoding state of a request body.
@@ -320,12 +449,13 @@ fn take_line(buf: &mut BytesMut) -> io::Result<Option<BytesMut>> {
     }
 }
 
+/// A chunk-size line: hex digits, then optional whitespace and `;extensions` (RFC 9112 7.1).
 fn parse_chunk_size(line: &[u8]) -> io::Result<u64> {
     let digits = line.split(|b| *b == b';').next().unwrap_or(&[]);
     let digits = std::str::from_utf8(digits)
         .map_err(|_| bad("invalid chunk size"))?
-        .trim();
-    if digits.is_empty() || digits.len() > 15 {
+        .trim_end_matches([' ', '\t']);
+    if digits.is_empty() || digits.len() > 15 || !digits.bytes().all(|b| b.is_ascii_hexdigit()) {
         return Err(bad("invalid chunk size"));
     }
     u64::from_str_radix(digits, 16).map_err(|_| bad("invalid chunk size"))
@@ -504,19 +634,19 @@ pub(crate) fn error_response(
     fixed_response(status, &all, body.as_bytes(), close)
 }
 
-/// Writes every slice, looping over partial vectored writes.
+/// Writes every slice, looping over partial vectored writes, then flushes.
 pub(crate) async fn write_all_vectored(
-    wr: &mut OwnedWriteHalf,
+    io: &mut Io,
     mut slices: &mut [IoSlice<'_>],
 ) -> io::Result<()> {
     while !slices.is_empty() {
-        let n = wr.write_vectored(slices).await?;
+        let n = io.write_vectored(slices).await?;
         if n == 0 {
             return Err(io::ErrorKind::WriteZero.into());
         }
         IoSlice::advance_slices(&mut slices, n);
     }
-    Ok(())
+    io.flush().await
 }
 
 #[cfg(test)]
@@ -550,7 +680,7 @@ mod tests {
             s
         });
         let (stream, _) = listener.accept().await.unwrap();
-        let mut conn = Conn::new(stream);
+        let mut conn = Conn::new(Io::Plain(stream));
         assert_eq!(
             conn.buf.capacity(),
             0,

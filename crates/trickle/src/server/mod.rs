@@ -11,7 +11,12 @@
 //! # Ok(()) }
 //! ```
 //!
-//! Modules: `http` (request heads, bodies, responses), `segment` (one growing segment),
+//! Over TLS ([`ServerConfig::tls`]) every route, limit and answer is the same; the handshake is
+//! done in the connection's task, under the first-request deadline, with the certificate in
+//! service when the connection was accepted (so a reload on SIGHUP never disturbs open ones).
+//! A client that speaks plain HTTP to a TLS port is answered in plain text, naming `https://`.
+//!
+//! Modules: `http` (request heads, framing, bodies, responses), `segment` (one growing segment),
 //! `channel` (the five-segment ring and the registry), `routes` (the handlers).
 //!
 //! One addition to the reference: with autocreate, a deleted channel is not created again by a
@@ -31,7 +36,7 @@ mod stats;
 pub use stats::{Refused, RequestCount, ServerStats};
 
 use channel::Registry;
-use http::{error_response, read_head, Conn, HeadError};
+use http::{error_response, read_head, Conn, HeadError, Io};
 use routes::Outcome;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
@@ -69,6 +74,8 @@ pub struct ServerConfig {
     pub keepalive_interval: Duration,
     /// Run the `_changes` feed channel (`{"added":[..]}` / `{"removed":[..]}` segments).
     pub changes_feed: bool,
+    /// Serve HTTPS with this certificate (offer it ALPN `http/1.1`); `None`: plain HTTP.
+    pub tls: Option<tls::ServerTls>,
 }
 
 impl Default for ServerConfig {
@@ -85,6 +92,7 @@ impl Default for ServerConfig {
             idle_timeout: Duration::from_secs(300),
             keepalive_interval: Duration::from_secs(10),
             changes_feed: false,
+            tls: None,
         }
     }
 }
@@ -209,7 +217,12 @@ impl Server {
             ip => ip,
         };
         let url = format!(
-            "http://{}{}",
+            "{}://{}{}",
+            if config.tls.is_some() {
+                "https"
+            } else {
+                "http"
+            },
             SocketAddr::new(shown_ip, local_addr.port()),
             base.trim_end_matches('/')
         );
@@ -231,6 +244,7 @@ impl Server {
             ctx,
             limit,
             config.max_connections,
+            config.tls,
             stop_rx.clone(),
         ));
         let sweeper = tokio::spawn(sweep_loop(registry.clone(), config.idle_timeout, stop_rx));
@@ -314,6 +328,7 @@ async fn accept_loop(
     ctx: Arc<Ctx>,
     limit: Arc<Semaphore>,
     max_connections: usize,
+    tls: Option<tls::ServerTls>,
     stop: watch::Receiver<bool>,
 ) {
     let mut conns = JoinSet::new();
@@ -323,17 +338,21 @@ async fn accept_loop(
             _ = stopped_signal(&mut stopped) => break,
             Some(_) = conns.join_next(), if !conns.is_empty() => {}
             r = listener.accept() => match r {
-                Ok((stream, _)) => match limit.clone().try_acquire_owned() {
-                    Ok(permit) => {
-                        // Numbered here, in accept order, so a DELETE knows which connections came before it.
-                        let serial = ctx.registry.ready();
-                        conns.spawn(serve_conn(stream, ctx.clone(), permit, stop.clone(), serial));
+                Ok((stream, _)) => {
+                    // The certificate in service now; a reload affects only later connections.
+                    let acceptor = tls.as_ref().map(tls::ServerTls::acceptor);
+                    match limit.clone().try_acquire_owned() {
+                        Ok(permit) => {
+                            // Numbered here, in accept order, so a DELETE knows which connections came before it.
+                            let serial = ctx.registry.ready();
+                            conns.spawn(serve_conn(stream, acceptor, ctx.clone(), permit, stop.clone(), serial));
+                        }
+                        Err(_) => {
+                            ctx.registry.counters.refused_connections.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            conns.spawn(reject_conn(stream, acceptor, max_connections));
+                        }
                     }
-                    Err(_) => {
-                        ctx.registry.counters.refused_connections.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        conns.spawn(reject_conn(stream, max_connections));
-                    }
-                },
+                }
                 Err(e) => {
                     // Usually out of file descriptors: back off instead of spinning.
                     tracing::warn!(error = %e, "accept failed");
@@ -354,8 +373,47 @@ async fn accept_loop(
     while conns.join_next().await.is_some() {}
 }
 
-async fn reject_conn(stream: TcpStream, limit: usize) {
-    let mut conn = Conn::new(stream);
+/// The connection's stream: plain, or TLS once the handshake is done. `None` when there is
+/// nothing to serve: the handshake failed or timed out, or the client spoke plain HTTP to a TLS
+/// port (answered here, in plain text).
+async fn open(stream: TcpStream, acceptor: Option<tls::TlsAcceptor>) -> Option<Io> {
+    let Some(acceptor) = acceptor else {
+        return Some(Io::Plain(stream));
+    };
+    let handshake = async {
+        // A TLS record starts with 0x16 (handshake); a letter is a plain HTTP request line.
+        let mut first = [0u8; 1];
+        if matches!(stream.peek(&mut first).await, Ok(1) if first[0].is_ascii_alphabetic()) {
+            let mut conn = Conn::new(Io::Plain(stream));
+            let msg = "this server speaks HTTPS only: use an https:// URL";
+            if conn
+                .write(&error_response(400, &[], msg, true))
+                .await
+                .is_ok()
+            {
+                conn.linger_close().await;
+            }
+            return None;
+        }
+        match acceptor.accept(stream).await {
+            Ok(tls) => Some(Io::Tls(Box::new(tls))),
+            Err(e) => {
+                tracing::debug!(error = %e, "TLS handshake failed");
+                None
+            }
+        }
+    };
+    tokio::time::timeout(FIRST_REQUEST, handshake)
+        .await
+        .ok()
+        .flatten()
+}
+
+async fn reject_conn(stream: TcpStream, acceptor: Option<tls::TlsAcceptor>, limit: usize) {
+    let Some(io) = open(stream, acceptor).await else {
+        return;
+    };
+    let mut conn = Conn::new(io);
     let msg = format!(
         "too many connections (limit {limit}); retry later or raise the server's max_connections"
     );
@@ -370,6 +428,7 @@ async fn reject_conn(stream: TcpStream, limit: usize) {
 
 async fn serve_conn(
     stream: TcpStream,
+    acceptor: Option<tls::TlsAcceptor>,
     ctx: Arc<Ctx>,
     _permit: OwnedSemaphorePermit,
     mut stop: watch::Receiver<bool>,
@@ -377,7 +436,15 @@ async fn serve_conn(
 ) {
     let _ = stream.set_nodelay(true);
     let _open = ctx.registry.counters.connection();
-    let mut conn = Conn::new(stream);
+    let io = tokio::select! {
+        biased;
+        _ = stopped_signal(&mut stop) => return,
+        io = open(stream, acceptor) => match io {
+            Some(io) => io,
+            None => return,
+        },
+    };
+    let mut conn = Conn::new(io);
     let mut wait_for_head = FIRST_REQUEST;
     // When the connection became ready for its next request: accepted, then after each answer
     // (clients reuse keep-alive connections for preconnected requests too).
@@ -401,7 +468,10 @@ async fn serve_conn(
                     HeadError::TooLarge => {
                         (431, "request head too large (limit 16 KiB, 64 headers)")
                     }
-                    HeadError::Unsupported => (501, "unsupported transfer encoding"),
+                    HeadError::Unsupported => (
+                        501,
+                        "unsupported transfer coding: only chunked is implemented",
+                    ),
                     HeadError::Bad(msg) => (400, msg),
                     HeadError::Closed => return,
                 };

@@ -298,7 +298,7 @@ impl Req<'_> {
                     if chunked {
                         iov.push(IoSlice::new(b"\r\n"));
                     }
-                    if write_all_vectored(&mut self.conn.wr, &mut iov)
+                    if write_all_vectored(&mut self.conn.io, &mut iov)
                         .await
                         .is_err()
                     {
