@@ -22,14 +22,15 @@
 //! them); control is answered as usual.
 //!
 //! **Every event accounted for.** The sink numbers the event lines (`seq`); our client reports the
-//! last one it read (`telemetry_flow {read_seq}` on the control channel, a few times a second while
-//! lines flow), and the sink holds its writes to the budget that implies
-//! ([`telemetry::flow`]): overload sheds heartbeats here, counted and reported, rather than the
+//! last one it read (`telemetry_flow {read_seq}` on the control channel, every 10 ms while lines
+//! flow), and the sink never has more written and unread than its credit (2.5 segments,
+//! [`telemetry::flow`]): overload sheds heartbeats here, counted and reported, rather than the
 //! client losing segments in transit ([`RunnerConfig::flow_control`] turns that off).
 //!
 //! When the control channel ends (the client closed it), the client asks to end
 //! (`telemetry_flow {end: true}`), or on shutdown, it stops the stream (media channels deleted),
-//! drains the sink (writing a final `telemetry_dropped` if anything was dropped), announces
+//! drains the sink (as the client reads, flow control holding, up to [`RunnerConfig::close_wait`];
+//! writing a final `telemetry_dropped` if anything was dropped), announces
 //! `telemetry_end {last_seq, reports, dropped_total, lost_downstream_total}`, and, while the control
 //! channel is open and the client reports its reading, waits (up to [`RunnerConfig::close_wait`])
 //! until the client has read the last line: deleting the channel earlier would cut a client still a
@@ -175,12 +176,13 @@ pub struct RunnerConfig {
     /// Local address every channel of the runner connects from (`None`: the system's choice);
     /// see [`trickle::publisher::PublisherOptions::local_address`].
     pub local_address: Option<IpAddr>,
-    /// Hold the telemetry drain to the budget the client's reading implies (`telemetry_flow`
+    /// Hold the telemetry drain to the credit the client's reading leaves (`telemetry_flow`
     /// reports; on by default). Off: the reports are still read (for the end of the session), but
     /// the runner writes as fast as events come and a slow client may lose segments in transit.
     pub flow_control: bool,
-    /// At the end, how long to wait for a client that reports its reading to read the last line
-    /// before the events channel is deleted (default 10 s).
+    /// At the end, how long the queued telemetry is held to the client's reading (then the rest
+    /// goes at once), and then how long to wait for a client that reports its reading to read the
+    /// last line before the events channel is deleted (default 10 s each).
     pub close_wait: Duration,
 }
 

@@ -568,8 +568,13 @@ async fn drain<O: LineOutput>(
                 d
             }
         };
-        // Held: the limit left events queued (the queue sheds heartbeats meanwhile).
-        let held = !matches!(limit, Limit::None) && !shared.queue.is_empty();
+        // Held: the limit, not the queue running dry, ended this batch, and events wait (the
+        // queue sheds heartbeats meanwhile).
+        let held = match limit {
+            Limit::None => false,
+            Limit::Lines(n) => drained.taken >= n && !shared.queue.is_empty(),
+            Limit::Rate(_) => !shared.queue.is_empty(),
+        };
         if shared.flow_enabled {
             trace.maybe_log(now, &shared, next_seq - 1, limit);
         }

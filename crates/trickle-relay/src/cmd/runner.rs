@@ -73,8 +73,9 @@ pub struct Args {
     /// reports them downstream as telemetry_lost_in_transit). For comparisons and tests.
     #[arg(long)]
     pub no_flow_control: bool,
-    /// At the end, wait up to this long for a client that reports its reading to read the last
-    /// event line before the events channel is deleted.
+    /// At the end, hold the queued telemetry to the client's reading for up to this long (then
+    /// write the rest at once), then wait up to this long for a client that reports its reading
+    /// to read the last event line before the events channel is deleted.
     #[arg(long, default_value_t = 10.0, value_name = "SECS")]
     pub close_wait_secs: f64,
     /// Serve `GET /metrics` (Prometheus text format) on this address; off by default.
