@@ -677,9 +677,9 @@ pub(crate) struct Proc {
 }
 
 impl Proc {
-    /// Starts `exe --log warn ARGS` (telemetry opt-outs removed), stdout piped, stderr to
-    /// `DIR/{prefix}-{name}.log` (`prefix` names this run's files, e.g. `run1` or `run1-tls`);
-    /// stdin piped when `stdin`.
+    /// Starts `exe --log warn ARGS` (or `--log $BENCH_CHILD_LOG`; telemetry opt-outs removed),
+    /// stdout piped, stderr to `DIR/{prefix}-{name}.log` (`prefix` names this run's files, e.g.
+    /// `run1` or `run1-tls`); stdin piped when `stdin`.
     pub(crate) fn spawn(
         name: &'static str,
         exe: &Path,
@@ -691,9 +691,12 @@ impl Proc {
         let log = dir.join(format!("{prefix}-{name}.log"));
         let stderr = std::fs::File::create(&log)
             .with_context(|| format!("cannot create {}", log.display()))?;
+        // `BENCH_CHILD_LOG` (an `EnvFilter` directive) traces a run, e.g.
+        // `warn,telemetry::flow=debug` for the runner's flow control every 100 ms.
+        let level = std::env::var("BENCH_CHILD_LOG").unwrap_or_else(|_| "warn".into());
         let child = Command::new(exe)
             .arg("--log")
-            .arg("warn")
+            .arg(level)
             .args(args)
             .env_remove("SCOPE_TELEMETRY_DISABLED")
             .env_remove("DO_NOT_TRACK")

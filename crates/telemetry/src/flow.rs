@@ -1,83 +1,123 @@
-//! Flow control of the runner's telemetry: a budget that keeps the client inside the trickle
-//! server's window, so overload sheds heartbeats at the source instead of losing whole segments
-//! (lifecycle and `error` events with them) in transit.
+//! Flow control of the runner's telemetry: a window of credit that keeps the client inside the
+//! trickle server's window, so overload sheds heartbeats at the source instead of losing whole
+//! segments (lifecycle and `error` events with them) in transit.
 //!
-//! The server keeps the last 5 segments of a channel; a client more than that behind skips
-//! segments. The runner numbers every telemetry line it writes (`seq`); the client tells it, over
-//! the control channel, the last `seq` it has read (`telemetry_flow {read_seq}`, a few times a
-//! second while lines flow). From those reports [`FlowControl`] knows the client's *lag* (lines
-//! written but not yet read) and its read rate, and sets the events budget:
+//! The server keeps the last 5 segments of a channel, and one of them is the publisher's
+//! preconnected next segment: a client reading segment `c` loses what it has not read of it as
+//! soon as the writer opens segment `c + 4`. The runner numbers every telemetry line it writes
+//! (`seq`); the client tells it, over the control channel, the last `seq` it has read
+//! (`telemetry_flow {read_seq}`, every few milliseconds while lines flow). [`FlowControl`]
+//! remembers where each batch of lines ended in the byte stream, so it knows the client's *lag*
+//! in bytes: what was handed to the events writer but not yet read. It lets the drain write only
+//! while that lag stays under [`WINDOW_SEGMENTS`] segments (credit, as TCP's window):
 //!
 //! ```text
-//!   lag <= low                 no budget (write as fast as events come)
-//!   low < lag < high           budget = client rate × (high - lag) / (high - low), at least MIN_BUDGET
-//!   lag >= high, or the client
-//!   silent for SILENT while
-//!   lagging                    MIN_BUDGET
+//!   no report yet (a client that does not speak this, e.g. Scope's)   no limit
+//!   lag < window                                                       write up to the window
+//!   lag >= window, the client reported within SILENT                   write nothing
+//!   lag >= window, the client silent for SILENT (stalled, or gone)     MIN_BUDGET events/s,
+//!                                                                      up to TRICKLE_SEGMENTS
 //! ```
 //!
-//! where `low` is 0.75 segment and `high` 3 segments of lines (the window holds 4 full segments
-//! behind the one being written), converted to lines with the runner's mean line size. A budget
-//! below the client's rate lets it catch up; while the budget holds, the sink's queue fills and
-//! sheds heartbeats first, counted and reported as `telemetry_dropped` as any other drop. A
-//! stalled client (stopped, starved) stops reporting while its lag grows: the budget falls to
-//! [`MIN_BUDGET`], so it finds its lines still in the window when it comes back. A client that
-//! never reports (one that does not speak this, e.g. Scope's) never limits the runner.
+//! The writer's head is then never more than 2.5 segments past the client's read position, so
+//! it stays inside segment `c + 3`, which leaves the client's segment in the server's ring,
+//! with half a segment of slack for lines this sink does not write (answers, log batches). The
+//! credit is a bound on what is *in flight*, not a rate: it is spent on lines handed to the
+//! writer, queued or not, and comes back only with the client's reports, so however deep the
+//! runner's queue, and however bursty its drain, nothing is written that the client cannot read.
+//! While the drain is held, its queue fills and sheds heartbeats first (counted and reported as
+//! `telemetry_dropped`, as any drop). A client silent while at the limit gets a trickle
+//! ([`MIN_BUDGET`]) into part of the slack (up to [`TRICKLE_SEGMENTS`] of lag, never further,
+//! however long the silence), so a client that takes over the channel (reading from its current
+//! segment) sees numbered lines and starts reporting. Lifecycle and `error` events past that wait
+//! in the queue, which never sheds them before heartbeats.
 
+use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-/// The lowest budget (events per second): lifecycle and `error` events keep flowing.
+/// The budget (events per second) for a client silent at the limit: lifecycle and `error`
+/// events keep flowing, and a client that took over starts reporting.
 pub const MIN_BUDGET: f64 = 100.0;
 
-/// A lagging client that has not reported for this long is taken as stalled.
+/// A client at the limit that has not reported for this long is taken as stalled (or gone).
 pub const SILENT: Duration = Duration::from_millis(500);
 
-/// Lag (in segments) below which the runner writes freely.
-const LOW_SEGMENTS: f64 = 0.75;
+/// The credit, in segments of the events writer: how far (in bytes) the writer may be ahead of
+/// the client's read position. The server's ring leaves 3 full segments behind the one written
+/// (the fifth slot is the preconnected next one); half a segment is slack.
+pub const WINDOW_SEGMENTS: f64 = 2.5;
 
-/// Lag (in segments) at which the budget is at its lowest.
-const HIGH_SEGMENTS: f64 = 3.0;
+/// The most a silent client's trickle ([`MIN_BUDGET`]) takes the lag to, in segments: most of the
+/// slack, never all of it.
+pub const TRICKLE_SEGMENTS: f64 = 2.9;
 
-/// The runner's view of one client's reading, and the budget it implies.
+/// The runner's view of one client's reading, and the credit it leaves.
 #[derive(Debug, Clone)]
 pub struct FlowControl {
-    segment_bytes: f64,
+    /// The credit in bytes ([`WINDOW_SEGMENTS`] segments).
+    window_bytes: u64,
+    /// The trickle's limit in bytes ([`TRICKLE_SEGMENTS`] segments).
+    trickle_bytes: u64,
     /// The last report: when, and the `seq` read.
     last: Option<(Instant, u64)>,
-    /// The client's read rate, lines per second (smoothed).
-    rate: f64,
+    /// Batches written and not yet known read: (last `seq` in it, bytes written up to its end).
+    in_flight: VecDeque<(u64, u64)>,
+    /// Bytes written up to the end of the last batch known read (the client's position, at
+    /// least).
+    read_bytes: u64,
+    /// Bytes written in all.
+    written_bytes: u64,
+    /// The last `seq` written.
+    last_seq: u64,
 }
 
 impl FlowControl {
     /// Flow control for an events channel whose writer rotates segments at `segment_bytes`.
     pub fn new(segment_bytes: usize) -> FlowControl {
         FlowControl {
-            segment_bytes: segment_bytes.max(1) as f64,
+            window_bytes: (segment_bytes.max(1) as f64 * WINDOW_SEGMENTS) as u64,
+            trickle_bytes: (segment_bytes.max(1) as f64 * TRICKLE_SEGMENTS) as u64,
             last: None,
-            rate: 0.0,
+            in_flight: VecDeque::new(),
+            read_bytes: 0,
+            written_bytes: 0,
+            last_seq: 0,
+        }
+    }
+
+    /// A batch was handed to the writer: its event lines end at `last_seq`, and it took `bytes`
+    /// (loss report lines included).
+    pub fn wrote(&mut self, last_seq: u64, bytes: u64) {
+        if bytes == 0 {
+            return;
+        }
+        self.written_bytes += bytes;
+        self.last_seq = self.last_seq.max(last_seq);
+        match self.in_flight.back_mut() {
+            // A batch without new event lines (a lone report) extends the one before.
+            Some(back) if back.0 == last_seq => back.1 = self.written_bytes,
+            _ => self.in_flight.push_back((last_seq, self.written_bytes)),
         }
     }
 
     /// The client says it has read every line up to `read_seq`, at `now`.
     pub fn client_read(&mut self, now: Instant, read_seq: u64) {
-        if let Some((at, seq)) = self.last {
-            let dt = now.saturating_duration_since(at).as_secs_f64();
-            if read_seq < seq {
-                // An older report overtaken by a newer one: ignore it.
-                return;
-            }
-            if dt >= 0.01 {
-                let r = (read_seq - seq) as f64 / dt;
-                self.rate = if self.rate == 0.0 {
-                    r
-                } else {
-                    0.5 * self.rate + 0.5 * r
-                };
-            } else if read_seq == seq {
-                return;
-            }
+        if read_seq > self.last_seq {
+            // Not a line of this sink (a report about a previous runner's lines): ignored.
+            return;
+        }
+        if self.last.is_some_and(|(_, seq)| read_seq < seq) {
+            // An older report overtaken by a newer one.
+            return;
         }
         self.last = Some((now, read_seq));
+        while let Some(&(seq, end)) = self.in_flight.front() {
+            if seq > read_seq {
+                break;
+            }
+            self.read_bytes = end;
+            self.in_flight.pop_front();
+        }
     }
 
     /// The last `seq` the client reported, if it ever did.
@@ -85,33 +125,43 @@ impl FlowControl {
         self.last.map(|(_, s)| s)
     }
 
-    /// The client's read rate, lines per second (0 until two reports).
-    pub fn client_rate(&self) -> f64 {
-        self.rate
+    /// Bytes written but not known read (0 before the first report).
+    pub fn lag_bytes(&self) -> u64 {
+        match self.last {
+            Some(_) => self.written_bytes - self.read_bytes,
+            None => 0,
+        }
     }
 
-    /// What may be written now, given the last `seq` written and the mean line size.
-    pub fn limit(&self, now: Instant, last_written: u64, mean_line_bytes: usize) -> Limit {
-        let Some((at, read)) = self.last else {
+    /// The credit left, in bytes (`None`: no report, no limit).
+    pub fn credit_bytes(&self) -> Option<u64> {
+        self.last
+            .map(|_| self.window_bytes.saturating_sub(self.lag_bytes()))
+    }
+
+    /// What may be written now; `line_bytes` is what an event line is expected to take.
+    pub fn limit(&self, now: Instant, line_bytes: usize) -> Limit {
+        let (Some((at, _)), Some(credit)) = (self.last, self.credit_bytes()) else {
             return Limit::None;
         };
-        let lag = last_written.saturating_sub(read) as f64;
-        let per_segment = self.segment_bytes / mean_line_bytes.max(1) as f64;
-        let (low, high) = (LOW_SEGMENTS * per_segment, HIGH_SEGMENTS * per_segment);
-        if lag < low {
-            return Limit::Lines((low - lag).ceil() as usize);
+        let lines = (credit / line_bytes.max(1) as u64) as usize;
+        if lines > 0 {
+            return Limit::Lines(lines);
         }
-        if lag >= high || now.saturating_duration_since(at) >= SILENT {
+        if now.saturating_duration_since(at) >= SILENT
+            && self.lag_bytes() + line_bytes as u64 <= self.trickle_bytes
+        {
             return Limit::Rate(MIN_BUDGET);
         }
-        Limit::Rate((self.rate * (high - lag) / (high - low)).max(MIN_BUDGET))
+        Limit::Lines(0)
     }
 
-    /// The budget (events per second) now, `None` while the client is close enough to write
-    /// freely (see [`FlowControl::limit`]).
-    pub fn budget(&self, now: Instant, last_written: u64, mean_line_bytes: usize) -> Option<f64> {
-        match self.limit(now, last_written, mean_line_bytes) {
+    /// The events budget (events per second) now: `Some(0.0)` while held at the limit,
+    /// [`MIN_BUDGET`] while held for a silent client, `None` while there is credit left.
+    pub fn budget(&self, now: Instant, line_bytes: usize) -> Option<f64> {
+        match self.limit(now, line_bytes) {
             Limit::Rate(r) => Some(r),
+            Limit::Lines(0) => Some(0.0),
             Limit::None | Limit::Lines(_) => None,
         }
     }
@@ -122,7 +172,7 @@ impl FlowControl {
 pub enum Limit {
     /// No report from the client: no limit.
     None,
-    /// This many more lines before the lag reaches the free zone's end.
+    /// This many more event lines (0: held until the client reports).
     Lines(usize),
     /// Held to a budget, events per second.
     Rate(f64),
@@ -173,42 +223,94 @@ mod tests {
     use super::*;
 
     const SEG: usize = 1 << 20;
+    const WINDOW: u64 = (SEG as f64 * WINDOW_SEGMENTS) as u64;
 
     #[test]
-    fn no_reports_no_budget() {
-        let f = FlowControl::new(SEG);
-        assert_eq!(f.budget(Instant::now(), 1_000_000, 500), None);
+    fn no_reports_no_limit() {
+        let mut f = FlowControl::new(SEG);
+        f.wrote(100_000, 50_000_000);
+        assert_eq!(f.limit(Instant::now(), 500), Limit::None);
+        assert_eq!(f.budget(Instant::now(), 500), None);
     }
 
     #[test]
-    fn the_budget_falls_as_the_lag_grows_and_lifts_once_caught_up() {
+    fn the_credit_is_the_window_less_what_was_written_and_not_read() {
         let t0 = Instant::now();
         let mut f = FlowControl::new(SEG);
-        // 2,097 lines of 500 B per segment.
+        // Batches of 1,000 lines of 500 bytes.
+        for b in 1..=4u64 {
+            f.wrote(b * 1000, 500_000);
+        }
         f.client_read(t0, 0);
-        f.client_read(t0 + Duration::from_millis(100), 10_000); // 100,000 lines/s
-        let now = t0 + Duration::from_millis(100);
-        assert_eq!(f.budget(now, 10_500, 500), None, "half a segment behind");
-        let near = f.budget(now, 10_000 + 2_000, 500).unwrap();
-        let far = f.budget(now, 10_000 + 5_000, 500).unwrap();
-        assert!(near < 100_000.0 && far < near, "{near} {far}");
-        assert_eq!(f.budget(now, 10_000 + 7_000, 500), Some(MIN_BUDGET));
-        f.client_read(now + Duration::from_millis(100), 16_900);
+        assert_eq!(f.lag_bytes(), 2_000_000);
         assert_eq!(
-            f.budget(now + Duration::from_millis(100), 17_000, 500),
-            None
+            f.limit(t0, 500),
+            Limit::Lines(((WINDOW - 2_000_000) / 500) as usize)
         );
+        // Read into the third batch: only the first two are known read (the position is a
+        // lower bound, never an overestimate).
+        f.client_read(t0, 2_500);
+        assert_eq!(f.lag_bytes(), 1_000_000);
+        f.client_read(t0, 4_000);
+        assert_eq!(f.lag_bytes(), 0);
+        assert_eq!(f.credit_bytes(), Some(WINDOW));
     }
 
     #[test]
-    fn a_lagging_client_that_stops_reporting_gets_the_minimum() {
+    fn at_the_limit_nothing_goes_until_the_client_reports() {
         let t0 = Instant::now();
         let mut f = FlowControl::new(SEG);
+        f.wrote(1, 500);
         f.client_read(t0, 0);
-        f.client_read(t0 + Duration::from_millis(100), 1_000);
-        let later = t0 + Duration::from_millis(100) + SILENT;
-        assert_eq!(f.budget(later, 3_000, 500), Some(MIN_BUDGET));
-        assert_eq!(f.budget(later, 1_100, 500), None, "not lagging: no limit");
+        f.wrote(WINDOW / 500, WINDOW - 500);
+        assert_eq!(f.limit(t0, 500), Limit::Lines(0));
+        assert_eq!(f.budget(t0, 500), Some(0.0));
+        // However long it stays held while the client reports (older reports change nothing).
+        f.client_read(t0 + Duration::from_millis(400), 0);
+        assert_eq!(
+            f.limit(t0 + Duration::from_millis(800), 500),
+            Limit::Lines(0)
+        );
+        f.client_read(t0 + Duration::from_millis(900), WINDOW / 500);
+        assert_eq!(f.lag_bytes(), 0);
+    }
+
+    #[test]
+    fn a_client_silent_at_the_limit_gets_the_minimum() {
+        let t0 = Instant::now();
+        let mut f = FlowControl::new(SEG);
+        f.wrote(10, 5_000);
+        f.client_read(t0, 10);
+        f.wrote(10 + WINDOW / 500, WINDOW);
+        assert_eq!(f.limit(t0 + SILENT / 2, 500), Limit::Lines(0));
+        assert_eq!(f.limit(t0 + SILENT, 500), Limit::Rate(MIN_BUDGET));
+        // The trickle stops short of the window's end, however long the silence.
+        let trickle = (SEG as f64 * TRICKLE_SEGMENTS) as u64;
+        f.wrote(11 + WINDOW / 500, trickle - WINDOW - 400);
+        assert_eq!(f.limit(t0 + SILENT * 100, 500), Limit::Lines(0));
+    }
+
+    #[test]
+    fn a_report_beyond_what_was_written_is_not_this_sinks_and_is_ignored() {
+        let t0 = Instant::now();
+        let mut f = FlowControl::new(SEG);
+        f.wrote(100, 50_000);
+        // A previous runner's client read up to 90,000 of its own lines.
+        f.client_read(t0, 90_000);
+        assert_eq!(f.read_seq(), None);
+        f.client_read(t0, 50);
+        assert_eq!(f.read_seq(), Some(50));
+        assert_eq!(f.lag_bytes(), 50_000, "batch 1..=100 not read whole yet");
+    }
+
+    #[test]
+    fn a_lone_report_extends_the_batch_before_it() {
+        let t0 = Instant::now();
+        let mut f = FlowControl::new(SEG);
+        f.wrote(10, 5_000);
+        f.wrote(10, 600);
+        f.client_read(t0, 10);
+        assert_eq!(f.lag_bytes(), 0);
     }
 
     #[test]

@@ -318,29 +318,46 @@ async fn failed_writes_are_counted_and_reported_downstream() {
     assert_eq!(check_numbering(&lines), stats.delivered);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stalled_client_holds_the_drain_to_the_minimum_budget_heartbeats_shed_first() {
-    const SEGMENT: usize = 64 << 10;
-    let out = LineCollector::new();
-    let sink = TrickleEventsSink::spawn_on(
+/// A sink with flow control over segments of `segment` bytes, holding while closing for
+/// `close_wait`.
+fn flow_sink(
+    out: &LineCollector,
+    segment: usize,
+    capacity: usize,
+    close_wait: Duration,
+) -> Arc<TrickleEventsSink> {
+    TrickleEventsSink::spawn_on(
         &Handle::current(),
         out.clone(),
         session(),
         TrickleEventsConfig {
-            capacity: 256,
-            flow_segment_bytes: Some(SEGMENT),
+            capacity,
+            flow_segment_bytes: Some(segment),
+            flow_close_wait: close_wait,
             ..TrickleEventsConfig::default()
         },
-    );
+    )
+}
+
+/// Heartbeat `i`, padded to a ~300-byte line.
+fn padded_heartbeat(i: usize) -> Event {
+    Event::from(Envelope::new(
+        "stream_heartbeat",
+        Fields::new().meta("i", i).meta("pad", "x".repeat(200)),
+    ))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_client_holds_the_drain_to_the_minimum_budget_heartbeats_shed_first() {
+    const SEGMENT: usize = 64 << 10;
+    let out = LineCollector::new();
+    let sink = flow_sink(&out, SEGMENT, 256, Duration::from_secs(10));
     // The client has read nothing yet, and then stops reading (stopped, starved...).
     sink.client_read(0);
     let started = std::time::Instant::now();
     let mut lifecycle = 0;
     for i in 0..20_000usize {
-        sink.emit(Event::from(Envelope::new(
-            "stream_heartbeat",
-            Fields::new().meta("i", i).meta("pad", "x".repeat(200)),
-        )));
+        sink.emit(padded_heartbeat(i));
         if i % 400 == 0 {
             lifecycle += 1;
             sink.emit(Event::from(Envelope::new(
@@ -353,15 +370,34 @@ async fn a_stalled_client_holds_the_drain_to_the_minimum_budget_heartbeats_shed_
         }
     }
     let stalled_for = started.elapsed().as_secs_f64();
-    let written = out.len() as f64;
-    assert_eq!(sink.budget(), Some(telemetry::flow::MIN_BUDGET));
-    // At most three quarters of a segment freely (~190 lines here), then the minimum budget, plus
-    // its 50 ms of burst per refill: nowhere near the 5-segment window.
-    let line = out.lines().iter().map(|l| l.len()).sum::<usize>() as f64 / written;
-    let bound = 0.75 * SEGMENT as f64 / line + telemetry::flow::MIN_BUDGET * stalled_for + 10.0;
+    let budget = sink.budget();
     assert!(
-        written <= bound,
-        "{written} lines written to a stalled client in {stalled_for:.2} s (bound {bound:.0})"
+        budget == Some(telemetry::flow::MIN_BUDGET) || budget == Some(0.0),
+        "held: {budget:?}"
+    );
+    // At most the credit (2.5 segments, ~540 lines here) freely, then nothing for 500 ms, then
+    // the minimum budget (plus its 50 ms of burst per refill) up to 2.9 segments: nowhere near
+    // the 5-segment window.
+    let events: Vec<usize> = out
+        .lines()
+        .iter()
+        .filter(|l| l.starts_with(br#"{"type":"telemetry","seq":"#))
+        .map(|l| l.len() + 1)
+        .collect();
+    let bytes = events.iter().sum::<usize>() as f64;
+    let line = bytes / events.len() as f64;
+    let credit = telemetry::flow::WINDOW_SEGMENTS * SEGMENT as f64;
+    let trickle = telemetry::flow::MIN_BUDGET
+        * (stalled_for - telemetry::flow::SILENT.as_secs_f64()).max(0.0)
+        + 10.0;
+    let bound = (credit + (trickle + 1.0) * line)
+        .min(telemetry::flow::TRICKLE_SEGMENTS * SEGMENT as f64 + line);
+    assert!(
+        bytes <= bound,
+        "{} event lines ({bytes:.0} bytes) written to a stalled client in {stalled_for:.2} s \
+         (bound: the credit of {credit:.0} bytes and a trickle of {trickle:.0} lines, at most 2.9 \
+         segments: {bound:.0})",
+        events.len()
     );
     // It catches up: no more limit.
     sink.client_read(sink.transit().last_seq);
@@ -379,6 +415,94 @@ async fn a_stalled_client_holds_the_drain_to_the_minimum_budget_heartbeats_shed_
     assert_eq!(got_lifecycle, lifecycle, "every lifecycle event goes out");
     check_numbering(&lines);
     assert_eq!(sink.budget(), None);
+}
+
+/// Bytes of the numbered event lines in `out` (newlines included).
+fn numbered_bytes(out: &LineCollector) -> usize {
+    out.lines()
+        .iter()
+        .filter(|l| l.starts_with(br#"{"type":"telemetry","seq":"#))
+        .map(|l| l.len() + 1)
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closing_with_a_deep_queue_writes_it_as_the_client_reads_never_past_the_credit() {
+    const SEGMENT: usize = 64 << 10;
+    let out = LineCollector::new();
+    let sink = flow_sink(&out, SEGMENT, 10_000, Duration::from_secs(60));
+    let credit = telemetry::flow::WINDOW_SEGMENTS * SEGMENT as f64;
+    sink.client_read(0);
+    // ~1.5 MB queued (23 segments), then the runner stops: before this change the closing drain
+    // wrote the whole queue at once, far past the client's window.
+    for i in 0..5_000usize {
+        sink.emit(padded_heartbeat(i));
+    }
+    sink.close();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while sink.budget() != Some(0.0) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never held: {:?}",
+            sink.stats()
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let line = numbered_bytes(&out) as f64 / sink.transit().last_seq as f64;
+    assert!(
+        numbered_bytes(&out) as f64 <= credit + line,
+        "closing wrote {} bytes to a client that read nothing (credit {credit})",
+        numbered_bytes(&out)
+    );
+    // The client reads on; every report brings credit back, and the queue goes out whole.
+    let closing = {
+        let sink = sink.clone();
+        tokio::spawn(async move { sink.shutdown().await })
+    };
+    let mut read_bytes = 0usize;
+    while !closing.is_finished() {
+        assert!(std::time::Instant::now() < deadline, "{:?}", sink.stats());
+        let written = numbered_bytes(&out);
+        assert!(
+            (written - read_bytes) as f64 <= credit + line,
+            "{} bytes past the client's position (credit {credit})",
+            written - read_bytes
+        );
+        // The client reads every line written so far (its position: those lines' bytes).
+        let last = sink.transit().last_seq;
+        sink.client_read(last);
+        read_bytes = out
+            .lines()
+            .iter()
+            .filter(|l| l.starts_with(br#"{"type":"telemetry","seq":"#))
+            .take(last as usize)
+            .map(|l| l.len() + 1)
+            .sum();
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let stats = closing.await.unwrap();
+    assert_eq!(
+        (stats.emitted, stats.delivered, stats.dropped()),
+        (5_000, 5_000, 0),
+        "{stats:?}"
+    );
+    assert_eq!(check_numbering(&out.lines()), 5_000);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_released_flow_writes_what_is_queued_at_once() {
+    let out = LineCollector::new();
+    let sink = flow_sink(&out, 64 << 10, 10_000, Duration::from_secs(600));
+    sink.client_read(0);
+    for i in 0..3_000usize {
+        sink.emit(padded_heartbeat(i));
+    }
+    // The client is gone (its control channel ended): nobody will report, nothing to wait for.
+    sink.release_flow();
+    let stats = tokio::time::timeout(Duration::from_secs(20), sink.shutdown())
+        .await
+        .expect("released: the queue goes out without waiting for reports");
+    assert_eq!((stats.delivered, stats.dropped()), (3_000, 0), "{stats:?}");
 }
 
 #[tokio::test]

@@ -8,7 +8,8 @@
 //! `emitted = delivered + dropped + lost in transit`, and every gap the client counted is in its
 //! egress as a `telemetry_lost_in_transit` envelope. With flow control on, the same stalled
 //! client loses nothing: the runner sheds heartbeats instead, and every lifecycle and `error`
-//! event arrives.
+//! event arrives; with a deep runner queue (`--queue-capacity 100000`) the runner holds the
+//! queue to the client's reading even while it stops, so nothing is lost there either.
 
 mod common;
 
@@ -41,6 +42,8 @@ struct Relay {
     ingest: SocketAddr,
     client: Option<Proc>,
     client_http: SocketAddr,
+    /// SIGTERM already sent to the runner ([`Relay::terminate_runner`]).
+    runner_terminated: bool,
 }
 
 impl Relay {
@@ -61,6 +64,7 @@ impl Relay {
             ingest: free_addr(),
             client: None,
             client_http: free_addr(),
+            runner_terminated: false,
         };
         let client_out = r.path("egress.jsonl");
         let client_report = r.path("client.json");
@@ -92,6 +96,16 @@ impl Relay {
         wait_listening(r.client_http);
         r.start_runner(runner_extra);
         r
+    }
+
+    /// [`Relay::start`], then 20 heartbeats through to the client; returns the events channel's
+    /// write head then.
+    fn start_warm(runner_extra: &[&str]) -> (Relay, i64) {
+        let r = Relay::start(runner_extra);
+        r.post(&heartbeats("warm", 20));
+        wait_relayed(&r, 21); // + the runner's runner_ready event
+        let head = r.events_head();
+        (r, head)
     }
 
     fn path(&self, name: &str) -> PathBuf {
@@ -182,6 +196,19 @@ impl Relay {
             .unwrap_or(-1)
     }
 
+    /// Sends the runner SIGTERM (it drains, announces `telemetry_end`, waits for the client);
+    /// [`Relay::finish`] then only waits for it.
+    fn terminate_runner(&mut self) {
+        self.runner.as_ref().expect("runner").terminate();
+        self.runner_terminated = true;
+    }
+
+    /// The current runner's log so far.
+    fn runner_log(&self) -> String {
+        let log = &self.runners.last().expect("a runner").log;
+        std::fs::read_to_string(log).unwrap_or_default()
+    }
+
     fn client_pid(&self) -> u32 {
         self.client.as_ref().expect("client").pid()
     }
@@ -191,7 +218,9 @@ impl Relay {
     /// ends by itself) and reads what everyone saw.
     fn finish(mut self) -> Outcome {
         let mut runner = self.runner.take().expect("runner");
-        runner.terminate();
+        if !self.runner_terminated {
+            runner.terminate();
+        }
         let runner_status = runner.wait(Duration::from_secs(60));
         let mut client = self.client.take().expect("client");
         let client_status = client.wait(Duration::from_secs(60));
@@ -376,6 +405,24 @@ fn event(event_type: &str, tag: &str, i: usize) -> Value {
     e
 }
 
+/// Posts `rounds` of 500 heartbeats (tagged `tag{round}`), each followed by an `error` or a
+/// `pipeline_loaded` event tagged `important`; returns those.
+fn post_burst(r: &Relay, tag: &str, rounds: usize) -> Vec<Value> {
+    let mut important = Vec::new();
+    for round in 0..rounds {
+        r.post(&heartbeats(&format!("{tag}{round}"), 500));
+        let kind = if round % 2 == 0 {
+            "error"
+        } else {
+            "pipeline_loaded"
+        };
+        let e = event(kind, "important", round);
+        r.post(std::slice::from_ref(&e));
+        important.push(e);
+    }
+    important
+}
+
 /// Waits until the client has relayed `n` telemetry envelopes.
 fn wait_relayed(r: &Relay, n: u64) {
     wait_until(
@@ -424,10 +471,7 @@ fn a_client_stalled_out_of_the_window_counts_every_lost_line_and_the_sums_close(
 fn a_server_killed_while_the_client_reads_an_older_segment_loses_only_what_is_counted() {
     let mut flags = vec!["--no-flow-control", "--queue-capacity", "100000"];
     flags.extend_from_slice(SMALL_SEGMENTS);
-    let mut r = Relay::start(&flags);
-    r.post(&heartbeats("warm", 20));
-    wait_relayed(&r, 21);
-    let stopped_at = r.events_head();
+    let (mut r, stopped_at) = Relay::start_warm(&flags);
 
     // The client stops mid-read; the runner writes three more segments past it.
     signal(r.client_pid(), "STOP");
@@ -511,26 +555,12 @@ fn a_runner_restart_is_no_gap() {
 
 #[test]
 fn flow_control_keeps_a_stalled_client_inside_the_window_and_every_lifecycle_and_error_arrives() {
-    let r = Relay::start(&["--events-segment-bytes", "262144"]);
-    r.post(&heartbeats("warm", 20));
-    wait_relayed(&r, 21);
-    let stopped_at = r.events_head();
+    let (r, stopped_at) = Relay::start_warm(&["--events-segment-bytes", "262144"]);
 
     signal(r.client_pid(), "STOP");
     // ~13 MB of heartbeats (50 segments: ten times the window) with lifecycle and error events
     // among them, while the client does not read.
-    let mut important = Vec::new();
-    for round in 0..40 {
-        r.post(&heartbeats(&format!("flood{round}"), 500));
-        let kind = if round % 2 == 0 {
-            "error"
-        } else {
-            "pipeline_loaded"
-        };
-        let e = event(kind, "important", round);
-        r.post(std::slice::from_ref(&e));
-        important.push(e);
-    }
+    let important = post_burst(&r, "flood", 40);
     let head = r.events_head();
     signal(r.client_pid(), "CONT");
     r.post(&heartbeats("after", 20));
@@ -564,6 +594,77 @@ fn flow_control_keeps_a_stalled_client_inside_the_window_and_every_lifecycle_and
         .collect();
     assert_eq!(
         got.len(),
+        important.len(),
+        "every lifecycle and error event\n{}",
+        ctx()
+    );
+}
+
+#[test]
+fn flow_control_with_a_deep_runner_queue_loses_nothing_even_when_the_runner_stops_with_it_full() {
+    // The large queue with which the overload bench lost 32k-40k events a run in transit.
+    let mut flags = vec!["--queue-capacity", "100000"];
+    flags.extend_from_slice(SMALL_SEGMENTS);
+    let (mut r, stopped_at) = Relay::start_warm(&flags);
+
+    // A slow egress under a burst: the client stops reading while ~4 MB (60 segments of 64 KiB,
+    // twelve times the server's window) is queued in the runner, lifecycle and error events
+    // among the heartbeats.
+    signal(r.client_pid(), "STOP");
+    let important = post_burst(&r, "burst", 12);
+    // The runner stops with its queue full and the client still stopped. Its closing drain must
+    // not write the queue past the client's window (it wrote it all at once before).
+    r.terminate_runner();
+    wait_until(
+        "the stopping runner holds its queue to the client's reading",
+        Duration::from_secs(30),
+        || {
+            r.runner_log()
+                .contains("the queued telemetry goes out as the client reads it")
+        },
+    );
+    let head = r.events_head();
+    signal(r.client_pid(), "CONT");
+
+    let out = r.finish();
+    let (delivered, dropped, lost) = out.check_accounting();
+    eprintln!(
+        "delivered {delivered}, dropped {dropped}, lost in transit {lost}; the runner was {} segment(s) ahead when it stopped",
+        head - stopped_at
+    );
+    let ctx = || {
+        format!(
+            "runner {:?}\nclient {}\n{}",
+            out.runners, out.client, out.logs
+        )
+    };
+    assert!(
+        head - stopped_at <= 4,
+        "the runner stayed inside the stopped client's window (5 segments)\n{}",
+        ctx()
+    );
+    assert_eq!(lost, 0, "flow control: nothing lost in transit\n{}", ctx());
+    assert_eq!(out.client("events_skipped_segments"), 0, "{}", ctx());
+    assert_eq!(
+        out.sum("dropped_high"),
+        0,
+        "no lifecycle or error event shed\n{}",
+        ctx()
+    );
+    // The queue held the burst, and the client read all of it once it came back.
+    assert_eq!(
+        (delivered, dropped),
+        (out.sum("emitted"), 0),
+        "the whole queue delivered\n{}",
+        ctx()
+    );
+    let got = out
+        .egressed
+        .iter()
+        .filter(|l| l.contains(r#""tag":"important""#))
+        .count();
+    assert_eq!(
+        got,
         important.len(),
         "every lifecycle and error event\n{}",
         ctx()

@@ -315,6 +315,7 @@ pub async fn run(
             max_poll_interval: Some(config.telemetry_max_poll),
             min_idle: config.telemetry_min_idle,
             flow_segment_bytes: config.flow_control.then_some(config.events_segment_bytes),
+            flow_close_wait: config.close_wait,
             ..TrickleEventsConfig::default()
         },
     );
@@ -462,7 +463,15 @@ pub async fn run(
     let _ = lost_lines.await;
     // Lines lost so far go into the sink's final report.
     fold_lost_lines_once(&events, &sink, &folded);
-    report.sink = sink.shutdown().await;
+    report.sink = drain_sink(
+        &sink,
+        ended,
+        config.flow_control,
+        &mut control_rx,
+        &events,
+        &mut state,
+    )
+    .await;
     report.transit = sink.transit();
     announce_end(&events, &report.transit).await;
     if ended != Ended::ControlClosed {
@@ -556,6 +565,44 @@ async fn flow_reported(
     flow.end
 }
 
+/// Shuts the sink down: what is queued goes out as the client reads it (flow control holds while
+/// closing, up to [`RunnerConfig::close_wait`]), so the client's reports and the control messages
+/// that arrive meanwhile are handled here. With the control channel ended nobody reports any more:
+/// the rest goes out at once.
+async fn drain_sink(
+    sink: &TrickleEventsSink,
+    ended: Ended,
+    flow_control: bool,
+    control_rx: &mut mpsc::Receiver<Map<String, Value>>,
+    events: &JsonlWriter,
+    state: &mut control::StreamState,
+) -> SinkStats {
+    if ended == Ended::ControlClosed {
+        sink.release_flow();
+    } else if flow_control && sink.client_read_seq().is_some() && sink.stats().queued > 0 {
+        tracing::info!(
+            queued = sink.stats().queued,
+            lag_bytes = sink.client_lag_bytes(),
+            "stopping: the queued telemetry goes out as the client reads it (flow control)"
+        );
+    }
+    let shutdown = sink.shutdown();
+    tokio::pin!(shutdown);
+    let mut control_open = ended != Ended::ControlClosed;
+    loop {
+        tokio::select! {
+            stats = &mut shutdown => return stats,
+            msg = control_rx.recv(), if control_open => match msg {
+                Some(msg) => closing_message(msg, sink, events, state).await,
+                None => {
+                    control_open = false;
+                    sink.release_flow();
+                }
+            },
+        }
+    }
+}
+
 /// Writes `telemetry_end`: the last event `seq` and the sink's totals, after its final report.
 async fn announce_end(events: &JsonlWriter, t: &telemetry::sinks::TransitTotals) {
     let end = json!({
@@ -594,13 +641,24 @@ async fn wait_for_client(
         let Some(msg) = msg else {
             return sink.client_read_seq();
         };
-        if let Some(flow) = control::flow_report(&msg) {
-            flow_reported(&flow, sink, events).await;
-        } else {
-            let answer = control::answer(msg, state).await;
-            if let Err(e) = events.write(&answer).await {
-                tracing::warn!(error = %e, "cannot answer on the events channel");
-            }
+        closing_message(msg, sink, events, state).await;
+    }
+}
+
+/// A control message while the runner closes: a `telemetry_flow` report is recorded, anything
+/// else answered.
+async fn closing_message(
+    msg: Map<String, Value>,
+    sink: &TrickleEventsSink,
+    events: &JsonlWriter,
+    state: &mut control::StreamState,
+) {
+    if let Some(flow) = control::flow_report(&msg) {
+        flow_reported(&flow, sink, events).await;
+    } else {
+        let answer = control::answer(msg, state).await;
+        if let Err(e) = events.write(&answer).await {
+            tracing::warn!(error = %e, "cannot answer on the events channel");
         }
     }
 }

@@ -34,9 +34,13 @@
 //! when it closes the channel (`telemetry_end`).
 //!
 //! **Flow control.** With [`TrickleEventsConfig::flow_segment_bytes`] set, the client's reports of
-//! what it has read ([`TrickleEventsSink::client_read`]) set a budget ([`crate::flow`]): the drain
-//! then writes at most that many events per second, and the queue sheds heartbeats first (counted
-//! and reported as any drop) instead of the client losing whole segments in transit.
+//! what it has read ([`TrickleEventsSink::client_read`]) give the drain its credit
+//! ([`crate::flow`]): it never has more than 2.5 segments written and not yet read, and while it is
+//! held its queue sheds heartbeats first (counted and reported as any drop) instead of the client
+//! losing whole segments in transit. That holds while closing too: what is queued at
+//! [`TrickleEventsSink::close`] goes out as the client reads it, until
+//! [`TrickleEventsConfig::flow_close_wait`] has passed or [`TrickleEventsSink::release_flow`] is
+//! called (the client is gone), after which the rest is written at once.
 
 use crate::envelope::{now_ms, Envelope, Event, Fields};
 use crate::flow::{FlowControl, Limit, Tokens};
@@ -103,6 +107,10 @@ pub struct TrickleEventsConfig {
     /// Flow control: the events writer's segment size (what the trickle server's window is made
     /// of). `None` (the default): the client's reports are recorded but never limit the drain.
     pub flow_segment_bytes: Option<usize>,
+    /// Once closed, how long flow control still holds the drain to the client's reading (what is
+    /// queued goes out as the client reads it); after that the rest is written at once.
+    /// Default 10 s.
+    pub flow_close_wait: Duration,
 }
 
 impl Default for TrickleEventsConfig {
@@ -114,6 +122,7 @@ impl Default for TrickleEventsConfig {
             max_poll_interval: None,
             min_idle: DEFAULT_MIN_IDLE,
             flow_segment_bytes: None,
+            flow_close_wait: Duration::from_secs(10),
         }
     }
 }
@@ -173,6 +182,8 @@ struct Shared {
     flow: Mutex<FlowControl>,
     /// Whether reports limit the drain.
     flow_enabled: bool,
+    /// Flow control lifted for good ([`TrickleEventsSink::release_flow`]).
+    flow_released: std::sync::atomic::AtomicBool,
     /// The budget now, events/s × 1000 (`u64::MAX`: none).
     budget_milli: AtomicU64,
 }
@@ -233,6 +244,7 @@ impl TrickleEventsSink {
                 config.flow_segment_bytes.unwrap_or(DEFAULT_FLOW_SEGMENT),
             )),
             flow_enabled: config.flow_segment_bytes.is_some(),
+            flow_released: std::sync::atomic::AtomicBool::new(false),
             budget_milli: AtomicU64::new(u64::MAX),
         });
         let task = handle.spawn(drain(Arc::clone(&shared), output, session, config));
@@ -264,12 +276,25 @@ impl TrickleEventsSink {
             .client_read(Instant::now(), read_seq);
     }
 
+    /// Lifts flow control for good: nobody will report reading any more (the client's control
+    /// channel ended), so what is queued is written at once.
+    pub fn release_flow(&self) {
+        self.shared.flow_released.store(true, Ordering::Relaxed);
+    }
+
+    /// The client's lag: bytes of lines written and not known read (0 before its first report).
+    pub fn client_lag_bytes(&self) -> u64 {
+        self.shared.flow.lock().lag_bytes()
+    }
+
     /// The last `seq` the client reported having read, if it ever reported.
     pub fn client_read_seq(&self) -> Option<u64> {
         self.shared.flow.lock().read_seq()
     }
 
-    /// The events budget in force now (events per second), `None` when unlimited.
+    /// The events budget in force now (events per second): `Some(0.0)` while the drain is held
+    /// until the client reports, [`crate::flow::MIN_BUDGET`] for a silent client, `None` while it
+    /// may write.
     pub fn budget(&self) -> Option<f64> {
         match self.shared.budget_milli.load(Ordering::Relaxed) {
             u64::MAX => None,
@@ -415,6 +440,43 @@ fn write_report_line(buf: &mut Vec<u8>, envelope: &Envelope) -> usize {
     buf.len() - 1
 }
 
+/// Logs the flow control's state every 100 ms at debug level (target `telemetry::flow`), for
+/// tracing a run: the client's position against the writer's, the credit, the queue, the drops.
+#[derive(Default)]
+struct FlowTrace {
+    last: Option<Instant>,
+}
+
+impl FlowTrace {
+    fn maybe_log(&mut self, now: Instant, shared: &Shared, last_seq: u64, limit: Limit) {
+        if !tracing::enabled!(target: "telemetry::flow", tracing::Level::DEBUG)
+            || self
+                .last
+                .is_some_and(|t| now.saturating_duration_since(t) < Duration::from_millis(100))
+        {
+            return;
+        }
+        self.last = Some(now);
+        let (read_seq, lag_bytes) = {
+            let f = shared.flow.lock();
+            (f.read_seq(), f.lag_bytes())
+        };
+        let (high, low) = shared.drop_totals();
+        tracing::debug!(target: "telemetry::flow",
+            last_seq,
+            read_seq = read_seq.unwrap_or(0),
+            lag_bytes,
+            queued = shared.queue.len(),
+            dropped_high = high,
+            dropped_low = low,
+            limit = ?limit,
+            "flow");
+    }
+}
+
+/// Flow control learns where every this many lines of a batch end (see [`FlowControl::wrote`]).
+const FLOW_STEP: usize = 64;
+
 /// Mean size of the event lines written so far (512 before the first).
 fn mean_written(bytes: u64, next_seq: u64) -> usize {
     match next_seq - 1 {
@@ -452,6 +514,8 @@ async fn drain<O: LineOutput>(
     let mut ends: Vec<usize> = Vec::new();
     // Mean line length of the last batch (sizes the next buffer); a heartbeat line is ~490 B.
     let mut mean_line = 512usize;
+    // The longest event line of the last batch: flow control's size of the next lines.
+    let mut longest_line = 0usize;
     let mut warned_drop = false;
     // The last write failed: wait out the poll interval instead of retrying on every event.
     let mut failed_last = false;
@@ -463,23 +527,31 @@ async fn drain<O: LineOutput>(
     // The `seq` of the next event line.
     let mut next_seq: u64 = 1;
     let mut tokens = Tokens::new(Instant::now());
-    // Bytes of the event lines written so far: flow control turns segments into lines with
-    // their mean (the last batch's alone swings with its mix of event types).
+    // Bytes of the event lines written so far: flow control turns its credit into lines with
+    // the larger of their mean and the last batch's longest (a batch of larger events costs more).
     let mut written_bytes: u64 = 0;
+    // When the drain first saw the queue closed: flow control holds for `flow_close_wait` more.
+    let mut closed_at: Option<Instant> = None;
+    let mut trace = FlowTrace::default();
     loop {
-        // The budget the client's reading implies; none once closing (what is queued goes out,
-        // and the runner waits for the client to read it before it ends the channel).
-        let limit = if shared.flow_enabled && !shared.queue.is_closed() {
-            shared.flow.lock().limit(
-                Instant::now(),
-                next_seq - 1,
-                mean_written(written_bytes, next_seq),
-            )
+        let now = Instant::now();
+        if closed_at.is_none() && shared.queue.is_closed() {
+            closed_at = Some(now);
+        }
+        let released = shared.flow_released.load(Ordering::Relaxed)
+            || closed_at
+                .is_some_and(|t| now.saturating_duration_since(t) >= config.flow_close_wait);
+        // The credit the client's reading leaves (closing too: what is queued goes out as the
+        // client reads it, not all at once past its window).
+        let line_bytes = mean_written(written_bytes, next_seq).max(longest_line);
+        let limit = if shared.flow_enabled && !released {
+            shared.flow.lock().limit(now, line_bytes)
         } else {
             Limit::None
         };
         let budget = match limit {
             Limit::Rate(b) => Some(b),
+            Limit::Lines(0) => Some(0.0),
             Limit::None | Limit::Lines(_) => None,
         };
         shared.budget_milli.store(
@@ -490,12 +562,17 @@ async fn drain<O: LineOutput>(
             Limit::None => shared.queue.drain_into(&mut batch),
             Limit::Lines(n) => shared.queue.drain_into_max(&mut batch, n),
             Limit::Rate(b) => {
-                let allowed = tokens.take(Instant::now(), b);
+                let allowed = tokens.take(now, b);
                 let d = shared.queue.drain_into_max(&mut batch, allowed);
                 tokens.give_back(allowed - d.taken);
                 d
             }
         };
+        // Held: the limit left events queued (the queue sheds heartbeats meanwhile).
+        let held = !matches!(limit, Limit::None) && !shared.queue.is_empty();
+        if shared.flow_enabled {
+            trace.maybe_log(now, &shared, next_seq - 1, limit);
+        }
         let lost = output.lines_lost();
         if lost > lost_counted {
             // Their class is unknown: counted as low priority, reported with the sink's own drops.
@@ -537,8 +614,13 @@ async fn drain<O: LineOutput>(
             // One buffer per batch, framed here and handed over whole (no per-line copy or send).
             let mut buf = Vec::with_capacity(batch_capacity(n + 1, mean_line));
             ends.clear();
+            let mut start = 0;
+            longest_line = 0;
             for (i, event) in batch.iter().enumerate() {
-                ends.push(write_line(&mut buf, next_seq + i as u64, event));
+                let end = write_line(&mut buf, next_seq + i as u64, event);
+                longest_line = longest_line.max(end + 1 - start);
+                start = end + 1;
+                ends.push(end);
             }
             if let Some(mean) = buf.len().checked_div(n) {
                 mean_line = mean;
@@ -565,13 +647,33 @@ async fn drain<O: LineOutput>(
                 }
             };
             let delivered = written.min(n);
-            written_bytes += match delivered {
+            let event_bytes = match delivered {
                 0 => 0,
                 d => ends[d - 1] as u64 + 1,
             };
+            written_bytes += event_bytes;
             // Numbers stay without a hole: those of lines the writer refused are used again.
             next_seq += delivered as u64;
             shared.last_seq.store(next_seq - 1, Ordering::Relaxed);
+            // What the client must read before the credit comes back: every line written,
+            // the loss report included.
+            let batch_bytes = match written {
+                0 => 0,
+                w => ends[w - 1] as u64 + 1,
+            };
+            {
+                // Every FLOW_STEP lines a point, so a client reading inside a large batch
+                // gets its credit back as it reads, not at the batch's end.
+                let mut flow = shared.flow.lock();
+                let first = next_seq - delivered as u64;
+                let mut done = 0u64;
+                for i in (FLOW_STEP - 1..delivered.saturating_sub(1)).step_by(FLOW_STEP) {
+                    let end = ends[i] as u64 + 1;
+                    flow.wrote(first + i as u64, end - done);
+                    done = end;
+                }
+                flow.wrote(next_seq - 1, batch_bytes.max(event_bytes) - done);
+            }
             shared
                 .counters
                 .delivered
@@ -596,7 +698,8 @@ async fn drain<O: LineOutput>(
             shared.counters.in_flight.store(0, Ordering::Relaxed);
             batch.clear();
             // After a failed write, wait a poll interval rather than retrying a broken writer at once.
-            if !finished && !failed {
+            // Held, wait for credit (below) rather than drain again at once.
+            if !finished && !failed && !held {
                 continue;
             }
         }
@@ -614,13 +717,14 @@ async fn drain<O: LineOutput>(
             break;
         }
         let wait = reporter.wait_for(totals).map_or(poll, |d| d.min(poll));
-        if let Some(b) = budget.filter(|_| !shared.queue.is_empty()) {
-            // Held to the budget with events waiting: sleep until the next token.
-            let next = tokens
-                .until_next(b)
-                .min(wait)
-                .max(Duration::from_micros(100));
-            tokio::time::sleep(next).await;
+        if held {
+            // Held with events waiting: sleep until the next token, or a poll interval for the
+            // client's next report (not the queue's wake-up, which a full queue fires at once).
+            let next = match budget {
+                Some(b) if b > 0.0 => tokens.until_next(b),
+                _ => min_poll,
+            };
+            tokio::time::sleep(next.min(wait).max(Duration::from_micros(100))).await;
         } else if failed_last || last_batch > SMALL_BATCH {
             // After a failed write, wait the interval out rather than retry per event; in a
             // flood, poll (the wake mark still wakes the drain before the queue overflows).
