@@ -26,7 +26,8 @@ use trickle::server::{random_channel_name, Server, ServerConfig};
 /// Arguments of this benchmark.
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// Benchmark this server (base URL, with autocreate on) instead of an in-process one.
+    /// Benchmark this server (base URL, with autocreate on) instead of an in-process one; an
+    /// `https://` one is accepted with any certificate, as the trickle clients' default mode does.
     #[arg(long)]
     pub server: Option<String>,
     /// Size of the segment streamed in the throughput part, in bytes.
@@ -123,12 +124,22 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             (Some(server), url)
         }
     };
+    // A given https:// server is treated as the trickle clients' default mode treats it (any
+    // certificate: orchestrators' are self-signed); only TLS's cost is measured, not its trust.
+    let given_https = args
+        .server
+        .as_deref()
+        .is_some_and(|u| u.starts_with("https://"));
+    if given_https && args.tls {
+        bail!("--tls compares an in-process HTTPS server with a plain one: leave it out with an https:// --server");
+    }
     let client = reqwest::Client::builder()
         .no_gzip()
         .pool_max_idle_per_host(args.subscribers + 8)
+        .danger_accept_invalid_certs(given_https)
         .build()?;
     let mut targets = vec![Target {
-        label: "plain",
+        label: if given_https { "https" } else { "plain" },
         base,
         client,
         server,
