@@ -156,6 +156,12 @@ impl FlowControl {
         Limit::Lines(0)
     }
 
+    /// Lines of `line_bytes` the trickle may still add before the lag reaches
+    /// [`TRICKLE_SEGMENTS`] (a [`Limit::Rate`] batch takes at most this many).
+    pub fn trickle_lines(&self, line_bytes: usize) -> usize {
+        (self.trickle_bytes.saturating_sub(self.lag_bytes()) / line_bytes.max(1) as u64) as usize
+    }
+
     /// The events budget (events per second) now: `Some(0.0)` while held at the limit,
     /// [`MIN_BUDGET`] while held for a silent client, `None` while there is credit left.
     pub fn budget(&self, now: Instant, line_bytes: usize) -> Option<f64> {
@@ -286,7 +292,9 @@ mod tests {
         assert_eq!(f.limit(t0 + SILENT, 500), Limit::Rate(MIN_BUDGET));
         // The trickle stops short of the window's end, however long the silence.
         let trickle = (SEG as f64 * TRICKLE_SEGMENTS) as u64;
+        assert_eq!(f.trickle_lines(500), ((trickle - WINDOW) / 500) as usize);
         f.wrote(11 + WINDOW / 500, trickle - WINDOW - 400);
+        assert_eq!(f.trickle_lines(500), 0);
         assert_eq!(f.limit(t0 + SILENT * 100, 500), Limit::Lines(0));
     }
 

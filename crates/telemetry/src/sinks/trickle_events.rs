@@ -562,7 +562,9 @@ async fn drain<O: LineOutput>(
             Limit::None => shared.queue.drain_into(&mut batch),
             Limit::Lines(n) => shared.queue.drain_into_max(&mut batch, n),
             Limit::Rate(b) => {
-                let allowed = tokens.take(now, b);
+                // Never past the trickle's end, whatever the bucket holds.
+                let room = shared.flow.lock().trickle_lines(line_bytes);
+                let allowed = tokens.take(now, b).min(room);
                 let d = shared.queue.drain_into_max(&mut batch, allowed);
                 tokens.give_back(allowed - d.taken);
                 d
