@@ -294,9 +294,10 @@ fn one_run(
 }
 
 /// A send buffer too small for a whole batch, so the checked pass sees short writes that end
-/// mid-piece and resume from there.
+/// mid-piece and resume from there. Not smaller than a few loopback segments (64 KiB each): with
+/// 24 KiB, a 256 MiB pass once stalled for good, the receiver never taking the unacked segment.
 fn small_send_buffer(sock: &TcpStream) -> anyhow::Result<()> {
-    let size: libc::c_int = 24 * 1024;
+    let size: libc::c_int = 192 * 1024;
     // SAFETY: a valid socket and a pointer to a c_int of the given length.
     let rc = unsafe {
         libc::setsockopt(
