@@ -20,18 +20,6 @@ async fn within<T>(what: &str, f: impl Future<Output = T>) -> T {
     }
 }
 
-async fn start_server() -> Server {
-    Server::bind(
-        "127.0.0.1:0".parse().unwrap(),
-        ServerConfig {
-            autocreate: true,
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap()
-}
-
 fn fast_publisher() -> PublisherOptions {
     PublisherOptions {
         retry_delay: Duration::from_millis(100),
@@ -112,7 +100,7 @@ async fn wait_progress(rx: &mut watch::Receiver<usize>, at_least: usize) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fifty_segments_round_trip_byte_exact_and_in_order() {
-    let server = start_server().await;
+    let server = common::autocreate_server().await;
     let url = format!("{}/roundtrip", server.url());
     server.channels().create("roundtrip", None).unwrap();
     let (tx, mut rx) = watch::channel(0);
@@ -151,7 +139,7 @@ async fn fifty_segments_round_trip_byte_exact_and_in_order() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn default_subscriber_starts_at_the_segment_being_written() {
-    let server = start_server().await;
+    let server = common::autocreate_server().await;
     let url = format!("{}/live", server.url());
     let mut p = Publisher::new(&url, fast_publisher());
     for seq in 0..3 {
@@ -183,7 +171,7 @@ async fn default_subscriber_starts_at_the_segment_being_written() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subscriber_falling_behind_jumps_to_the_live_edge() {
-    let server = start_server().await;
+    let server = common::autocreate_server().await;
     let url = format!("{}/behind", server.url());
     let mut p = Publisher::new(&url, fast_publisher());
     publish_segment(&mut p, 0).await;
@@ -234,7 +222,7 @@ async fn subscriber_falling_behind_jumps_to_the_live_edge() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jump_to_current_lands_on_the_open_segment_and_reads_it_from_its_start() {
-    let server = start_server().await;
+    let server = common::autocreate_server().await;
     let url = format!("{}/current", server.url());
     let mut p = Publisher::new(&url, fast_publisher());
     for seq in 0..10 {
@@ -278,7 +266,7 @@ async fn jump_to_current_lands_on_the_open_segment_and_reads_it_from_its_start()
 /// closes segment 1, so the readers move on to its segments.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hung_publisher_is_replaced_by_a_reset_publisher() {
-    let server = start_server().await;
+    let server = common::autocreate_server().await;
     let url = format!("{}/hung", server.url());
     let mut p1 = Publisher::new(&url, fast_publisher());
     publish_segment(&mut p1, 0).await;
@@ -323,7 +311,7 @@ async fn hung_publisher_is_replaced_by_a_reset_publisher() {
 /// cuts the POST); a restarted publisher continues and the reader follows it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_publisher_task_and_reset_publisher_continue_the_channel() {
-    let server = start_server().await;
+    let server = common::autocreate_server().await;
     let url = format!("{}/killed", server.url());
     server.channels().create("killed", None).unwrap();
     let (tx, mut rx) = watch::channel(0);
@@ -403,7 +391,7 @@ async fn rebind(addr: std::net::SocketAddr) -> Server {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publisher_and_subscriber_survive_a_server_restart() {
-    let server = start_server().await;
+    let server = common::autocreate_server().await;
     let addr = server.local_addr();
     let url = format!("{}/restart", server.url());
     server.channels().create("restart", None).unwrap();
@@ -451,7 +439,7 @@ async fn publisher_and_subscriber_survive_a_server_restart() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subscriber_ends_on_404_after_the_publisher_closes() {
-    let server = start_server().await;
+    let server = common::autocreate_server().await;
     let url = format!("{}/ending", server.url());
     let mut p = Publisher::new(&url, fast_publisher());
     let mut sub = Subscriber::new(&url, sub_from(0));
@@ -485,7 +473,7 @@ async fn subscriber_ends_on_404_after_the_publisher_closes() {
 /// started) and is then deleted ends its waiting subscriber as an ordinary end: it was there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_channel_deleted_before_its_first_segment_ends_as_an_ordinary_end() {
-    let server = start_server().await;
+    let server = common::autocreate_server().await;
     server.channels().create("empty", None).unwrap();
     let mut sub = Subscriber::new(
         format!("{}/empty", server.url()),
@@ -502,7 +490,7 @@ async fn a_channel_deleted_before_its_first_segment_ends_as_an_ordinary_end() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn per_segment_byte_cap_cuts_only_the_runaway_segment() {
-    let server = start_server().await;
+    let server = common::autocreate_server().await;
     let url = format!("{}/capped", server.url());
     let mut p = Publisher::new(&url, fast_publisher());
     let sizes = [500usize, 5000, 700];
@@ -624,7 +612,7 @@ struct Killable {
 impl Killable {
     /// Serves `addr` (port 0 for any), retrying the bind while the old socket lingers.
     async fn start(addr: std::net::SocketAddr) -> Killable {
-        let server = start_server().await;
+        let server = common::autocreate_server().await;
         let upstream = server.local_addr();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
         let listener = loop {
@@ -779,7 +767,7 @@ async fn outage_past_the_retries_both_reconnect_and_the_broken_segment_resumes_b
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_normal_end_still_ends_a_reconnecting_subscriber_promptly() {
-    let server = start_server().await;
+    let server = common::autocreate_server().await;
     let url = format!("{}/normal-end", server.url());
     let mut p = Publisher::new(&url, reconnecting_publisher(Duration::from_secs(60)));
     let mut sub = Subscriber::new(&url, reconnecting_subscriber(0, Duration::from_secs(60)));
@@ -1195,7 +1183,7 @@ async fn holding_proxy(
 /// way (on a connection accepted before the delete).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_preconnect_the_server_reads_after_the_delete_does_not_bring_the_channel_back() {
-    let server = start_server().await;
+    let server = common::autocreate_server().await;
     let (addr, mut report) = holding_proxy(
         server.local_addr(),
         "POST /late/1 ".into(),

@@ -6,7 +6,9 @@
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use trickle::server::{Server, ServerConfig};
+use trickle::server::Server;
+
+mod common;
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -21,15 +23,7 @@ fn seed(name: &str) -> Vec<u8> {
 
 /// A server (autocreate) with channels `ch` and `victim`.
 async fn start() -> Server {
-    let server = Server::bind(
-        "127.0.0.1:0".parse().unwrap(),
-        ServerConfig {
-            autocreate: true,
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
+    let server = common::autocreate_server().await;
     server.channels().create("ch", None).unwrap();
     server.channels().create("victim", None).unwrap();
     server

@@ -11,8 +11,10 @@ use trickle::jsonl::{
 };
 use trickle::messages::EventMessage;
 use trickle::publisher::{Publisher, PublisherOptions};
-use trickle::server::{Server, ServerConfig};
+use trickle::server::Server;
 use trickle::subscriber::{Subscriber, SubscriberOptions};
+
+mod common;
 
 const LIMIT: Duration = Duration::from_secs(20);
 
@@ -25,15 +27,7 @@ async fn within<T>(what: &str, f: impl Future<Output = T>) -> T {
 
 /// A server with one JSONL channel; returns the channel URL.
 async fn start(name: &str) -> (Server, String) {
-    let server = Server::bind(
-        "127.0.0.1:0".parse().unwrap(),
-        ServerConfig {
-            autocreate: true,
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
+    let server = common::autocreate_server().await;
     server
         .channels()
         .create(name, Some(JSONL_CONTENT_TYPE))

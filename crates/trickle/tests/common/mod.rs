@@ -2,7 +2,20 @@
 #![allow(dead_code)]
 
 use std::time::Duration;
-use trickle::server::{Channels, SegmentInfo};
+use trickle::server::{Channels, SegmentInfo, Server, ServerConfig};
+
+/// A trickle server with autocreate on, on a free loopback port.
+pub async fn autocreate_server() -> Server {
+    Server::bind(
+        "127.0.0.1:0".parse().unwrap(),
+        ServerConfig {
+            autocreate: true,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap()
+}
 
 /// Polls `cond` every 10 ms until it holds; fails the test naming `what` after `limit`.
 pub async fn until(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
